@@ -1,0 +1,24 @@
+# One-command entry points. `make test` works from a fresh clone: it creates .venv if needed.
+PY ?= python3
+VENV ?= .venv
+PIP = $(VENV)/bin/pip
+STAMP = $(VENV)/.trustrl-installed
+
+.PHONY: test install demo clean
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): $(VENV)/bin/python setup.py
+	$(PIP) install -q -e ".[test,hf]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# 8 simulated CPU devices are set in tests/conftest.py before jax is imported.
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

