@@ -1,0 +1,204 @@
+"""Token-level divergences D(mu(.|s_t) || pi(.|s_t)) between the rollout policy mu and pi.
+
+Three estimates, all lower bounds of the exact divergence (any partition of the vocabulary
+can only merge probability mass; triangle inequality for TV, log-sum inequality for KL):
+
+    binary  <=  top-K  <=  exact (full vocabulary)
+
+* binary (PAPER Eq. 13 / 14): the vocabulary collapsed to {sampled token, everything else};
+  needs only the sampled token's log-prob under mu and pi.
+* top-K (Eq. 15 / 16): mu's K most likely tokens (sampled token forced in) plus one "other"
+  bucket; needs mu's top-K ids / log-probs from the sampler and pi's log-probs at those ids.
+* exact: full-vocabulary TV / KL(mu || pi) from two logits arrays whose vocabulary axis may be
+  sharded over a mesh axis; reduced with psum / pmax, the vocabulary is never gathered.
+
+Everything is computed in float32 (or wider if the inputs are wider). ``1 - p`` is computed as
+``-expm1(log p)``: in fp32, ``1 - exp(logp)`` loses ~40% of its value at p = 1 - 1e-7. Rest
+masses are clamped at ``MIN_MASS`` before taking logs.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+MIN_MASS = 1e-12
+
+
+def _f32(x):
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize >= 4 else x.astype(
+        jnp.float32)
+
+
+def log1mexp(logp):
+    """log(1 - exp(logp)) for logp <= 0, accurate at both ends (Maechler 2012).
+
+    Clamped so that a rest mass of exactly 0 gives log(MIN_MASS) rather than -inf.
+    """
+    logp = jnp.minimum(_f32(logp), 0.0)
+    out = jnp.where(logp > -0.6931472, jnp.log(-jnp.expm1(logp)), jnp.log1p(-jnp.exp(logp)))
+    return jnp.maximum(out, jnp.log(MIN_MASS))
+
+
+# --------------------------------------------------------------------------- binary (Eq. 13/14)
+
+def binary_tv(logp, rollout_logp):
+    """Binary TV (Eq. 13): |mu(a_t) - pi(a_t)|, the TV of the two-bucket partition. [B, T]."""
+    return jnp.abs(jnp.exp(_f32(logp)) - jnp.exp(_f32(rollout_logp)))
+
+
+def binary_kl(logp, rollout_logp):
+    """Binary KL(mu || pi) (Eq. 14) at the sampled token. [B, T].
+
+    mu log(mu / pi) + (1 - mu) log((1 - mu) / (1 - pi)), rollout distribution first.
+    """
+    logp, lmu = _f32(logp), _f32(rollout_logp)
+    mu = jnp.exp(lmu)
+    rest_mu = -jnp.expm1(jnp.minimum(lmu, 0.0))
+    kl = mu * (lmu - logp) + rest_mu * (log1mexp(lmu) - log1mexp(logp))
+    return jnp.maximum(kl, 0.0)  # rounding can give -1e-9 for identical inputs
+
+
+# ------------------------------------------------------------------------------ top-K (Eq. 15/16)
+
+def build_topk_set(logp_full, sampled_ids, k: int):
+    """mu's K-set with the sampled token forced in.
+
+    Args:
+      logp_full: [..., V] log-probs of the sampling distribution mu.
+      sampled_ids: [...] sampled token ids.
+      k: set size, 1 <= k <= V.
+    Returns:
+      (ids [..., K] int32, logp [..., K]) sorted by decreasing mu, except that when the sampled
+      token is not among the top K it overwrites the LAST slot (the reference code's rule).
+    """
+    vocab = logp_full.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"top-K size k={k} must be in [1, vocab_size={vocab}]")
+    top_logp, top_ids = jax.lax.top_k(logp_full, k)
+    top_ids = top_ids.astype(jnp.int32)
+    sampled_ids = sampled_ids.astype(jnp.int32)
+    present = jnp.any(top_ids == sampled_ids[..., None], axis=-1)
+    sampled_logp = jnp.take_along_axis(logp_full, sampled_ids[..., None], axis=-1)[..., 0]
+    last_ids = jnp.where(present, top_ids[..., -1], sampled_ids)
+    last_logp = jnp.where(present, top_logp[..., -1], sampled_logp)
+    return (top_ids.at[..., -1].set(last_ids), top_logp.at[..., -1].set(last_logp))
+
+
+def gather_logp(logits, ids):
+    """log softmax(logits) at ``ids``: [..., V], [..., K] -> [..., K] in float32.
+
+    Used by the train step to evaluate pi at mu's top-K ids.
+    """
+    logits = _f32(logits)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return jnp.take_along_axis(logits, ids.astype(jnp.int32), axis=-1) - lse
+
+
+def _bucket_probs(topk_logp):
+    """Probabilities of the K-set tokens and of the 'other' bucket, both >= 0. ([..,K], [..])."""
+    topk_logp = _f32(topk_logp)
+    probs = jnp.exp(topk_logp)
+    set_lse = jax.nn.logsumexp(topk_logp, axis=-1)
+    other = jnp.maximum(-jnp.expm1(jnp.minimum(set_lse, 0.0)), 0.0)
+    return probs, other, set_lse
+
+
+def topk_tv(logp_at_ids, rollout_topk_logp):
+    """Top-K TV (Eq. 15): 1/2 sum over the K-set and the 'other' bucket of |p_mu - p_pi|.
+
+    Args:
+      logp_at_ids: [B, T, K] current policy log-probs at mu's top-K ids.
+      rollout_topk_logp: [B, T, K] mu's log-probs at the same ids.
+    Returns: [B, T].
+    """
+    p_pi, other_pi, _ = _bucket_probs(logp_at_ids)
+    p_mu, other_mu, _ = _bucket_probs(rollout_topk_logp)
+    return 0.5 * (jnp.sum(jnp.abs(p_mu - p_pi), axis=-1) + jnp.abs(other_mu - other_pi))
+
+
+def topk_kl(logp_at_ids, rollout_topk_logp):
+    """Top-K KL(mu || pi) (Eq. 16) over the K-set plus the 'other' bucket. [B, T]."""
+    lpi, lmu = _f32(logp_at_ids), _f32(rollout_topk_logp)
+    _, other_mu, lse_mu = _bucket_probs(lmu)
+    _, _, lse_pi = _bucket_probs(lpi)
+    log_other_mu = log1mexp(lse_mu)
+    log_other_pi = log1mexp(lse_pi)
+    kl = jnp.sum(jnp.exp(lmu) * (lmu - lpi), axis=-1) + other_mu * (log_other_mu - log_other_pi)
+    return jnp.maximum(kl, 0.0)
+
+
+# ------------------------------------------------------------------------- exact (full vocabulary)
+
+def _full_local(logits_mu, logits_pi, kind: str, axis_name):
+    """Per-shard body. With axis_name=None it is the plain single-device computation."""
+
+    def reduce_sum(x):
+        x = jnp.sum(x, axis=-1)
+        return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+    def lse(x):
+        # The max is only a shift for stability: stop_gradient keeps the whole thing
+        # differentiable even though pmax has no derivative rule.
+        m = jax.lax.stop_gradient(jnp.max(x, axis=-1))
+        if axis_name is not None:
+            m = jax.lax.pmax(m, axis_name)
+        return m + jnp.log(reduce_sum(jnp.exp(x - m[..., None])))
+
+    lmu = logits_mu - lse(logits_mu)[..., None]
+    lpi = logits_pi - lse(logits_pi)[..., None]
+    if kind == "tv":
+        return 0.5 * reduce_sum(jnp.abs(jnp.exp(lmu) - jnp.exp(lpi)))
+    return jnp.maximum(reduce_sum(jnp.exp(lmu) * (lmu - lpi)), 0.0)
+
+
+def _full(logits_mu, logits_pi, kind, mesh, vocab_axis, batch_axes):
+    if logits_mu.shape != logits_pi.shape:
+        raise ValueError(f"logits shapes differ: mu {logits_mu.shape} vs pi {logits_pi.shape}")
+    logits_mu, logits_pi = _f32(logits_mu), _f32(logits_pi)
+    if mesh is None:
+        return _full_local(logits_mu, logits_pi, kind, None)
+    if vocab_axis not in mesh.axis_names:
+        raise ValueError(f"vocab_axis {vocab_axis!r} not in mesh axes {mesh.axis_names}")
+    vocab = logits_mu.shape[-1]
+    if vocab % mesh.shape[vocab_axis]:
+        raise ValueError(f"vocab size {vocab} not divisible by mesh axis "
+                         f"{vocab_axis}={mesh.shape[vocab_axis]}")
+    lead = [None] * (logits_mu.ndim - 1)
+    batch_axes = tuple(a for a in (batch_axes or ()) if a in mesh.axis_names)
+    if batch_axes and logits_mu.shape[0] % math.prod(mesh.shape[a] for a in batch_axes) == 0:
+        lead[0] = batch_axes
+    in_spec = P(*lead, vocab_axis)
+    out_spec = P(*lead)
+    fn = jax.shard_map(functools.partial(_full_local, kind=kind, axis_name=vocab_axis),
+                       mesh=mesh, in_specs=(in_spec, in_spec), out_specs=out_spec)
+    return fn(logits_mu, logits_pi)
+
+
+def full_tv(logits_mu, logits_pi, *, mesh=None, vocab_axis="tensor", batch_axes=("data", "fsdp")):
+    """Exact TV(mu, pi) = 1/2 sum_v |mu_v - pi_v| from logits [..., V] -> [...].
+
+    With a mesh, the vocabulary axis is split over ``vocab_axis`` and the leading (batch) axis
+    over ``batch_axes`` when divisible; logsumexp and the sums are psum/pmax reductions, so no
+    device ever holds the full vocabulary of a token.
+    """
+    return _full(logits_mu, logits_pi, "tv", mesh, vocab_axis, batch_axes)
+
+
+def full_kl(logits_mu, logits_pi, *, mesh=None, vocab_axis="tensor", batch_axes=("data", "fsdp")):
+    """Exact KL(mu || pi) = sum_v mu_v (log mu_v - log pi_v) from logits [..., V] -> [...]."""
+    return _full(logits_mu, logits_pi, "kl", mesh, vocab_axis, batch_axes)
+
+
+DIVERGENCES = {
+    "binary_tv": binary_tv,
+    "binary_kl": binary_kl,
+    "topk_tv": topk_tv,
+    "topk_kl": topk_kl,
+    "full_tv": full_tv,
+    "full_kl": full_kl,
+}
