@@ -34,14 +34,19 @@ def _f32(x):
         jnp.float32)
 
 
-def log1mexp(logp):
-    """log(1 - exp(logp)) for logp <= 0, accurate at both ends (Maechler 2012).
-
-    Clamped so that a rest mass of exactly 0 gives log(MIN_MASS) rather than -inf.
-    """
+def _log1mexp_parts(logp):
+    """(p, 1 - p, log(1 - p)) for logp <= 0, sharing the transcendentals."""
     logp = jnp.minimum(_f32(logp), 0.0)
-    out = jnp.where(logp > -0.6931472, jnp.log(-jnp.expm1(logp)), jnp.log1p(-jnp.exp(logp)))
-    return jnp.maximum(out, jnp.log(MIN_MASS))
+    p, rest = jnp.exp(logp), -jnp.expm1(logp)
+    # log(-expm1(x)) near 0 and log1p(-exp(x)) in the tail (Maechler 2012); clamped so that a
+    # rest mass of exactly 0 gives log(MIN_MASS) rather than -inf.
+    log_rest = jnp.where(logp > -0.6931472, jnp.log(rest), jnp.log1p(-p))
+    return p, rest, jnp.maximum(log_rest, math.log(MIN_MASS))
+
+
+def log1mexp(logp):
+    """log(1 - exp(logp)) for logp <= 0, accurate at both ends, clamped at log(MIN_MASS)."""
+    return _log1mexp_parts(logp)[2]
 
 
 # --------------------------------------------------------------------------- binary (Eq. 13/14)
@@ -57,9 +62,8 @@ def binary_kl(logp, rollout_logp):
     mu log(mu / pi) + (1 - mu) log((1 - mu) / (1 - pi)), rollout distribution first.
     """
     logp, lmu = _f32(logp), _f32(rollout_logp)
-    mu = jnp.exp(lmu)
-    rest_mu = -jnp.expm1(jnp.minimum(lmu, 0.0))
-    kl = mu * (lmu - logp) + rest_mu * (log1mexp(lmu) - log1mexp(logp))
+    mu, rest_mu, log_rest_mu = _log1mexp_parts(lmu)
+    kl = mu * (lmu - logp) + rest_mu * (log_rest_mu - log1mexp(logp))
     return jnp.maximum(kl, 0.0)  # rounding can give -1e-9 for identical inputs
 
 
