@@ -1,0 +1,239 @@
+"""Jitted batched sampler with a KV cache that records the behaviour policy mu.
+
+The sampler only needs three pure functions of a policy (``DecodeModel``): allocate a cache,
+prefill a left-padded prompt batch, decode one token. ``trustrl.policy.decode_model`` binds them
+to the Flax model at a chosen rollout precision (default bf16 while the trainer runs fp32: the
+training-inference mismatch is real, as between vLLM and an FSDP trainer).
+
+Shapes are bucketed (prompt length up to a power of two >= ``min_prompt_bucket``; batch and
+max_new_tokens fixed by the config) so the number of compilations is bounded; one compiled
+program runs prefill and a ``lax.while_loop`` decode that exits once every row hit EOS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trustrl import divergences
+from trustrl.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
+
+
+class DecodeModel(NamedTuple):
+    """A policy as seen by the sampler (all pure, closed over the model config).
+
+    init_cache(batch, max_len) -> cache pytree
+    prefill(params, tokens [B, P], positions [B, P], valid [B, P], cache)
+        -> (logits of the last column [B, V] float32, cache)
+    decode(params, tokens [B], positions [B], cache) -> (logits [B, V] float32, cache)
+    """
+    init_cache: Callable[..., Any]
+    prefill: Callable[..., Any]
+    decode: Callable[..., Any]
+    vocab_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0            # 1.0 = off
+    top_k: int = 0                # 0 = off (sampling truncation, not the recorded top-K)
+    greedy: bool = False          # argmax; rollout_logp is then under softmax(logits / T)
+    eos_ids: tuple = ()           # stop-token ids
+    record_topk: int = 20         # K of rollout_topk_ids / rollout_topk_logp (0 = do not record)
+    min_prompt_bucket: int = 16   # prompt lengths are padded up to powers of two from here
+    max_prompt_len: int = 2048    # prompts longer than this are an error
+
+    def validate(self, vocab_size: int):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling (greedy=False), got "
+                             f"{self.temperature}; use greedy=True for argmax decoding")
+        if self.greedy and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (it defines rollout_logp), got "
+                             f"{self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_k <= vocab_size:
+            raise ValueError(f"top_k must be in [0, vocab_size={vocab_size}], got {self.top_k}")
+        if not 0 <= self.record_topk <= vocab_size:
+            raise ValueError(f"record_topk K={self.record_topk} is larger than the vocabulary "
+                             f"({vocab_size}); valid: 0 <= K <= {vocab_size}")
+
+    @property
+    def truncated(self) -> bool:
+        return not self.greedy and (self.top_p < 1.0 or self.top_k > 0)
+
+
+_warned_truncation = False
+
+
+def _warn_truncation_once(cfg: SamplerConfig):
+    global _warned_truncation
+    if cfg.truncated and not _warned_truncation:
+        _warned_truncation = True
+        warnings.warn(
+            f"top_p={cfg.top_p} / top_k={cfg.top_k} truncate the sampling distribution, but "
+            "rollout_logp and the recorded top-K are log-probs under the UNtruncated tempered "
+            "softmax (what the trainer recomputes). The trust-region anchor mu then differs "
+            "from the distribution tokens were drawn from.", stacklevel=3)
+
+
+def prompt_bucket(length: int, cfg: SamplerConfig) -> int:
+    return max(cfg.min_prompt_bucket, 1 << max(0, math.ceil(math.log2(max(length, 1)))))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], width: int):
+    """Left-pads token lists to ``width`` with id 0: (tokens [n, width], mask [n, width])."""
+    toks = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p):
+            toks[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+    return toks, mask
+
+
+def filter_logits(logits, top_p: float, top_k: int):
+    """Sets logits outside the top-k / nucleus (top-p) set to -inf. [B, V] -> [B, V]."""
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep a token if the mass strictly before it is < top_p (the first is always kept)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    return logits
+
+
+class _LoopState(NamedTuple):
+    step: jax.Array
+    logits: jax.Array
+    positions: jax.Array
+    cache: Any
+    done: jax.Array
+    key: jax.Array
+    tokens: jax.Array
+    logp: jax.Array
+    topk_ids: jax.Array
+    topk_logp: jax.Array
+    mask: jax.Array
+
+
+def _generate(params, prompt_tokens, prompt_mask, cache, key, *, model: DecodeModel,
+              cfg: SamplerConfig):
+    b, p = prompt_tokens.shape
+    n, k = cfg.max_new_tokens, max(cfg.record_topk, 1)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+    logits, cache = model.prefill(params, prompt_tokens, positions, prompt_mask, cache)
+    next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
+    eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+
+    def body(s: _LoopState):
+        key, sub = jax.random.split(s.key)
+        logp_full = jax.nn.log_softmax(s.logits.astype(jnp.float32) / cfg.temperature, axis=-1)
+        if cfg.greedy:
+            tok = jnp.argmax(s.logits, axis=-1).astype(jnp.int32)
+        else:
+            filtered = filter_logits(logp_full, cfg.top_p, cfg.top_k)
+            tok = jax.random.categorical(sub, filtered, axis=-1).astype(jnp.int32)
+        tok_logp = jnp.take_along_axis(logp_full, tok[:, None], axis=-1)[:, 0]
+        live = ~s.done
+        livef = live.astype(jnp.float32)
+        tok = jnp.where(live, tok, 0)
+        upd = lambda buf, val: jax.lax.dynamic_update_index_in_dim(buf, val, s.step, axis=1)
+        state = s._replace(
+            tokens=upd(s.tokens, tok), logp=upd(s.logp, tok_logp * livef),
+            mask=upd(s.mask, live.astype(jnp.int32)))
+        if cfg.record_topk:
+            ids, lp = divergences.build_topk_set(logp_full, tok, cfg.record_topk)
+            state = state._replace(topk_ids=upd(s.topk_ids, jnp.where(live[:, None], ids, 0)),
+                                   topk_logp=upd(s.topk_logp, lp * livef[:, None]))
+        done = s.done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        logits, cache = model.decode(params, tok, s.positions, s.cache)
+        return state._replace(step=s.step + 1, logits=logits, positions=s.positions + 1,
+                              cache=cache, done=done, key=key)
+
+    def cond(s: _LoopState):
+        return (s.step < n) & ~jnp.all(s.done)
+
+    init = _LoopState(
+        step=jnp.int32(0), logits=logits, positions=next_pos, cache=cache,
+        done=jnp.zeros((b,), bool), key=key, tokens=jnp.zeros((b, n), jnp.int32),
+        logp=jnp.zeros((b, n), jnp.float32), topk_ids=jnp.zeros((b, n, k), jnp.int32),
+        topk_logp=jnp.zeros((b, n, k), jnp.float32), mask=jnp.zeros((b, n), jnp.int32))
+    s = jax.lax.while_loop(cond, body, init)
+    finish = jnp.where(s.done, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32)
+    return (s.tokens, s.mask, s.logp, s.topk_ids, s.topk_logp, finish), s.cache
+
+
+class Sampler:
+    """Batched generation of groups of responses; returns a Rollout record.
+
+    >>> sampler = Sampler(decode_model, SamplerConfig(max_new_tokens=32, eos_ids=(2,)))
+    >>> rollout = sampler.generate(params, [[5, 6, 7], [8]], group_size=4, key=key)
+    """
+
+    def __init__(self, model: DecodeModel, cfg: SamplerConfig, *, batch_sharding=None):
+        cfg.validate(model.vocab_size)
+        self.model, self.cfg = model, cfg
+        self._batch_sharding = batch_sharding
+        # The KV cache is allocated once per (batch, length) bucket and donated to every call,
+        # which hands it back: XLA updates it in place, no per-iteration reallocation. Stale
+        # entries from the previous call are never attended (the model masks unwritten slots).
+        self._run = jax.jit(functools.partial(_generate, model=model, cfg=cfg),
+                            donate_argnums=(3,))
+        self._caches = {}
+
+    def num_compilations(self) -> int:
+        """Distinct compiled shapes so far (the bucketing keeps this small)."""
+        return self._run._cache_size()
+
+    def generate(self, params, prompts: Sequence[Sequence[int]], group_size: int, key) -> Rollout:
+        cfg = self.cfg
+        if not prompts:
+            raise ValueError("no prompts given")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        for i, pr in enumerate(prompts):
+            if len(pr) == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            if len(pr) > cfg.max_prompt_len:
+                raise ValueError(f"prompt {i} has {len(pr)} tokens, longer than max_prompt_len="
+                                 f"{cfg.max_prompt_len} (the KV cache size is max_prompt_len "
+                                 "bucket + max_new_tokens)")
+            if min(pr) < 0 or max(pr) >= self.model.vocab_size:
+                raise ValueError(f"prompt {i} has token ids outside [0, "
+                                 f"{self.model.vocab_size})")
+        _warn_truncation_once(cfg)
+        width = prompt_bucket(max(len(p) for p in prompts), cfg)
+        expanded = [p for p in prompts for _ in range(group_size)]
+        toks, mask = left_pad(expanded, width)
+        b = len(expanded)
+        cache_key = (b, width + cfg.max_new_tokens)
+        cache = self._caches.pop(cache_key, None)
+        if cache is None:
+            cache = self.model.init_cache(*cache_key)
+        toks, mask = jnp.asarray(toks), jnp.asarray(mask)
+        if self._batch_sharding is not None:
+            toks, mask = (jax.device_put(x, self._batch_sharding) for x in (toks, mask))
+        out, self._caches[cache_key] = self._run(params, toks, mask, cache, key)
+        tokens, rmask, logp, topk_ids, topk_logp, finish = out
+        if not cfg.record_topk:
+            topk_ids = topk_logp = None
+        return Rollout(
+            prompt_tokens=toks, prompt_mask=mask, response_tokens=tokens, response_mask=rmask,
+            rollout_logp=logp, rollout_topk_ids=topk_ids, rollout_topk_logp=topk_logp,
+            finish_reason=finish,
+            group_index=jnp.repeat(jnp.arange(len(prompts), dtype=jnp.int32), group_size))
