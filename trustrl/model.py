@@ -1,0 +1,487 @@
+"""Decoder-only transformer for the Llama 3, Qwen2 / Qwen2.5 and Qwen3 families (flax.linen).
+
+One block: ``x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x))`` with rotary positions (RoPE, optional
+Llama 3 frequency scaling), grouped-query attention, Qwen2's q/k/v biases and Qwen3's per-head q/k
+RMSNorm. The public API is pure functions of ``(params, config, ...)``; ``params`` is a plain
+nested dict of arrays (no flax metadata boxes), so optax and orbax see ordinary pytrees. The
+logical axis names live only at init time: ``param_shardings`` / ``init_params`` turn them into
+``NamedSharding``s through ``trustrl.sharding.LOGICAL_RULES``.
+
+Padding and position convention (the sampler and the trainer rely on it)
+-----------------------------------------------------------------------
+* A batch is a dense grid of token slots ``tokens [B, T]`` with ``valid [B, T]`` (1 = real token).
+  Prompts are LEFT-padded, so every row's next token goes into the same column; responses that
+  stop early are right-padded. Pad slots are never attended to as keys; their own outputs are
+  finite garbage that the caller masks out.
+* ``positions [B, T]`` int32 are the RoPE positions, normally ``positions_from_mask(valid)`` =
+  ``max(cumsum(valid) - 1, 0)``: the first real token of every row sits at position 0 however much
+  padding precedes it (what Hugging Face derives from an attention mask). A left-padded row thus
+  gives the same logits as the unpadded row.
+* Causality is by slot (column) order, not by position value.
+* KV cache (``init_cache``): fixed ``max_len`` slots per row plus a per-slot validity mask and one
+  shared write column ``index``. ``prefill`` empties the cache and writes the T prompt columns at
+  slots 0..T-1; each ``decode_step`` writes the next column (the same column for every row, its
+  own position per row). Keys are stored already rotated, so decode only needs the new token's
+  position. Slots never written, or written as padding, are masked, so one cache buffer can be
+  donated and reused across sampler calls without clearing its keys / values.
+
+Precision: parameters are stored in ``param_dtype`` and cast to the compute ``dtype``; RMSNorm
+statistics, RoPE angles, the attention softmax and the vocabulary head accumulate in float32, and
+logits are always returned in float32. The KV cache follows the compute dtype unless told otherwise
+(the sampler runs bf16 while the trainer runs fp32: that mismatch is deliberate).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from trustrl import sharding as sharding_lib
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1 RoPE frequency scaling (Hugging Face ``rope_type: llama3``)."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and precision. Frozen and hashable, so it can be a static jit argument."""
+    vocab_size: int
+    hidden_size: int  # model width E
+    intermediate_size: int  # SwiGLU hidden width F
+    num_layers: int
+    num_heads: int  # query heads H
+    num_kv_heads: int  # key / value heads K (GQA: H % K == 0)
+    head_dim: int  # D
+    family: str = "llama"  # llama | qwen2 (q/k/v biases) | qwen3 (q/k RMSNorm per head)
+    rope_theta: float = 10000.0
+    rope_scaling: Llama3RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False  # output head = embedding matrix
+    max_position_embeddings: int = 4096  # only written to an exported config.json
+    param_dtype: str = "float32"  # storage dtype of the parameters
+    dtype: str = "float32"  # compute dtype of activations (and of the KV cache by default)
+    remat: bool = False  # rematerialise each layer in the backward pass (nn.remat)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; valid: {FAMILIES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ValueError(f"{name} must be 'float32' or 'bfloat16', got "
+                                 f"{getattr(self, name)!r}")
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.family == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.family == "qwen3"
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 256, family: str = "llama", **overrides) -> ModelConfig:
+        """2 layers, width 64, 4 query / 2 kv heads: fast on CPU, still exercises GQA."""
+        fields = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, family=family)
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def tiny_shardable(cls, vocab_size: int = 256, family: str = "llama", **overrides):
+        """Like ``tiny`` but with 8 query / 4 kv heads, so every tensor axis divides a 4-way mesh."""
+        return cls.tiny(vocab_size, family, num_heads=8, num_kv_heads=4, head_dim=8, **overrides)
+
+    @classmethod
+    def smollm2_135m(cls, **overrides) -> ModelConfig:
+        """SmolLM2-135M(-Instruct) architecture (Llama, tied embeddings)."""
+        fields = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                      num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192)
+        return cls(**{**fields, **overrides})
+
+
+class KVCache(NamedTuple):
+    """Preallocated attention cache: a pytree of fixed-shape arrays (donate-able under jit).
+
+    k, v: one [B, S, K, D] array per layer (keys stored after RoPE); valid: [B, S] bool, slot holds
+    a real token; index: int32 scalar, next column to write.
+    """
+    k: tuple
+    v: tuple
+    valid: jax.Array
+    index: jax.Array
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _param(module: nn.Module, name: str, init, shape, axes):
+    """A parameter created with logical axis names, returned cast to the compute dtype."""
+    c = module.config
+    value = module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                         jnp.dtype(c.param_dtype))
+    return jnp.asarray(value, c.compute_dtype)
+
+
+_normal = nn.initializers.normal(0.02)  # Hugging Face's initializer_range default
+
+
+def _dense(x, kernel, in_ndim: int = 1, out_dtype=None):
+    """``x [..., *in] @ kernel [*in, *out] -> [..., *out]`` as one 2-D matmul.
+
+    Measured with benchmarks/model_forward.py (--no_flatten runs einsums instead) on a shared
+    2-core CPU, fp32: forward+backward tokens/s 14.2k vs 12.7k (tiny, 8x128) and 181 vs 165
+    (SmolLM2-135M, 4x128) in favour of flattening, forward 517 vs 611 against it: within the
+    noise of the shared machine. XLA canonicalises einsums into the same GEMMs, so the gain is
+    small either way; we keep the 2-D form for the training path (fwd+bwd), where it did no worse.
+    """
+    in_shape, out_shape = kernel.shape[:in_ndim], kernel.shape[in_ndim:]
+    lead = x.shape[:x.ndim - in_ndim]
+    if not FLATTEN_MATMULS:
+        letters = "abcdefgh"
+        xs, ins, outs = letters[:len(lead)], "ij"[:in_ndim], "xyz"[:len(out_shape)]
+        return jnp.einsum(f"{xs}{ins},{ins}{outs}->{xs}{outs}", x, kernel,
+                          preferred_element_type=out_dtype)
+    y = jnp.dot(x.reshape(-1, math.prod(in_shape)), kernel.reshape(math.prod(in_shape), -1),
+                preferred_element_type=out_dtype)
+    return y.reshape(*lead, *out_shape)
+
+
+FLATTEN_MATMULS = True  # module switch, only so the benchmark can measure the alternative
+
+
+class RMSNorm(nn.Module):
+    """Hugging Face's RMSNorm: statistics in float32, scale applied after casting back."""
+    config: ModelConfig
+    dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", nn.initializers.ones, (self.dim,), ("norm",))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
+                                + self.config.rms_norm_eps)
+        return scale * y.astype(self.config.compute_dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies [D/2] (float32), with the Llama 3 scaling when configured.
+
+    Same float32 arithmetic as transformers' ``_compute_llama3_parameters`` so angles match.
+    """
+    d = config.head_dim
+    inv_freq = (1.0 / (np.float32(config.rope_theta)
+                       ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
+    inv_freq = inv_freq.astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(s.factor), inv_freq)
+    smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+              / (s.high_freq_factor - s.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rope_cos_sin(positions, config: ModelConfig):
+    """cos, sin [B, T, D] for positions [B, T]; angles in float32, then the compute dtype."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(config))
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(config.compute_dtype), jnp.sin(angles).astype(config.compute_dtype)
+
+
+def _apply_rope(x, cos, sin):
+    """x [B, T, N, D]; the half-split ("rotate_half") convention of Hugging Face checkpoints."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention, optionally reading / writing one layer of a KV cache."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+        """x [B, T, E]; mask [B, T, S] bool (S = T, or the cache length); cache_kv ([B,S,K,D] x2)."""
+        c = self.config
+        e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        wq = _param(self, "q_proj", _normal, (e, h, d), ("embed", "heads", "kv"))
+        wk = _param(self, "k_proj", _normal, (e, k, d), ("embed", "heads", "kv"))
+        wv = _param(self, "v_proj", _normal, (e, k, d), ("embed", "heads", "kv"))
+        wo = _param(self, "o_proj", _normal, (h, d, e), ("heads", "kv", "embed"))
+        q, key, val = _dense(x, wq), _dense(x, wk), _dense(x, wv)  # [B, T, N, D]
+        if c.qkv_bias:  # Qwen2: biases on q, k, v (not o)
+            q = q + _param(self, "q_bias", nn.initializers.zeros, (h, d), ("heads", "kv"))
+            key = key + _param(self, "k_bias", nn.initializers.zeros, (k, d), ("heads", "kv"))
+            val = val + _param(self, "v_bias", nn.initializers.zeros, (k, d), ("heads", "kv"))
+        if c.qk_norm:  # Qwen3: RMSNorm over each head's D features, before RoPE
+            q = RMSNorm(c, d, name="q_norm")(q)
+            key = RMSNorm(c, d, name="k_norm")(key)
+        q, key = _apply_rope(q, cos, sin), _apply_rope(key, cos, sin)
+
+        if cache_kv is not None:
+            k_cache, v_cache = cache_kv
+            k_cache = jax.lax.dynamic_update_slice(k_cache, key.astype(k_cache.dtype),
+                                                   (0, index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, val.astype(v_cache.dtype),
+                                                   (0, index, 0, 0))
+            cache_kv = (k_cache, v_cache)
+            key, val = k_cache.astype(c.compute_dtype), v_cache.astype(c.compute_dtype)
+
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, k, h // k, d)  # query heads grouped by the kv head they share
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32)
+        scores = scores * (d ** -0.5)
+        # A finite fill (not -inf) keeps fully masked rows (pad queries) NaN-free.
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, val).reshape(b, t, h, d)
+        return _dense(out, wo, in_ndim=2), cache_kv
+
+
+class Mlp(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        e, f = c.hidden_size, c.intermediate_size
+        gate = _param(self, "gate_proj", _normal, (e, f), ("embed", "mlp"))
+        up = _param(self, "up_proj", _normal, (e, f), ("embed", "mlp"))
+        down = _param(self, "down_proj", _normal, (f, e), ("mlp", "embed"))
+        return _dense(nn.silu(_dense(x, gate)) * _dense(x, up), down)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+        c = self.config
+        h, cache_kv = Attention(c, name="attn")(RMSNorm(c, c.hidden_size, name="input_norm")(x),
+                                                cos, sin, mask, cache_kv, index)
+        x = _constrain_hidden(x + h)
+        x = x + Mlp(c, name="mlp")(RMSNorm(c, c.hidden_size, name="post_attn_norm")(x))
+        return _constrain_hidden(x), cache_kv
+
+
+def _constrain_hidden(x):
+    """Pins [B, T, E] activations to batch-sharded / replicated-embed when a mesh is set.
+
+    Without this, propagation on an fsdp mesh may shard activations along E like the weights.
+    A no-op outside ``jax.set_mesh`` (or when the batch does not divide the batch axes).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(sharding_lib.BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    n = math.prod(mesh.shape[a] for a in sharding_lib.BATCH_AXES)
+    if n == 1 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(sharding_lib.BATCH_AXES, None, None))
+
+
+class Transformer(nn.Module):
+    """Trunk (``__call__`` -> final-normed hidden states) and vocabulary head (``logits``)."""
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embedding = _param(self, "embedding", _normal, (c.vocab_size, c.hidden_size),
+                                ("vocab", "embed"))
+        block = nn.remat(Block) if c.remat else Block
+        self.layers = [block(c) for _ in range(c.num_layers)]  # named layers_0, layers_1, ...
+        self.final_norm = RMSNorm(c, c.hidden_size)
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(self, "lm_head", _normal, (c.hidden_size, c.vocab_size),
+                                  ("embed", "vocab"))
+
+    def __call__(self, tokens, positions, valid, cache: KVCache | None = None):
+        """tokens, positions, valid [B, T] -> (hidden [B, T, E] compute dtype, cache)."""
+        t = tokens.shape[1]
+        x = _constrain_hidden(jnp.take(self.embedding, tokens, axis=0))
+        cos, sin = _rope_cos_sin(positions, self.config)
+        q_cols = jnp.arange(t)
+        if cache is None:
+            key_valid, k_cols = valid.astype(bool), q_cols
+        else:
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool),
+                                                     (0, cache.index))
+            k_cols, q_cols = jnp.arange(key_valid.shape[1]), q_cols + cache.index
+        mask = key_valid[:, None, :] & (k_cols[None, None, :] <= q_cols[None, :, None])
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = layer(x, cos, sin, mask, kv, None if cache is None else cache.index)
+            if cache is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        if cache is not None:
+            cache = KVCache(tuple(new_k), tuple(new_v), key_valid, cache.index + t)
+        return self.final_norm(x), cache
+
+    def logits(self, hidden):
+        """hidden [..., E] -> logits [..., V] float32 (accumulated in float32)."""
+        w = self.embedding.T if self.config.tie_word_embeddings else self.lm_head
+        return _dense(hidden, w, out_dtype=jnp.float32)
+
+    def init_all(self, tokens):
+        """Touches every parameter (trunk and head); used only by init."""
+        ones = jnp.ones_like(tokens)
+        return self.logits(self(tokens, jnp.cumsum(ones, 1) - 1, ones)[0])
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def positions_from_mask(valid):
+    """RoPE positions [B, T] int32 for a (left-)padded validity mask: first real token -> 0."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def forward(params, config: ModelConfig, tokens, positions, valid):
+    """The trunk: tokens, positions, valid [B, T] -> final-normed hidden states [B, T, E]."""
+    return Transformer(config).apply({"params": params}, tokens, positions, valid)[0]
+
+
+def lm_head(params, config: ModelConfig, hidden):
+    """Vocabulary head: hidden [..., E] -> logits [..., V] float32."""
+    return Transformer(config).apply({"params": params}, hidden, method=Transformer.logits)
+
+
+def forward_logits(params, config: ModelConfig, tokens, positions, valid):
+    """``lm_head(forward(...))``: logits [B, T, V] float32 (position t predicts token t+1)."""
+    return lm_head(params, config, forward(params, config, tokens, positions, valid))
+
+
+def token_logp_and_entropy(logits, targets):
+    """Per-token log-prob of ``targets`` and the entropy of the distribution.
+
+    logits [..., V] (any float dtype; a float32 log_softmax is taken), targets [...] int ->
+    (logp [...] float32, entropy [...] float32). log pi(y) = z_y - logsumexp(z);
+    H = -sum_v pi(v) log pi(v).
+    """
+    logp_full = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jnp.take_along_axis(logp_full, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_full) * logp_full, axis=-1)
+    return logp, entropy
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty KV cache for ``batch`` rows of ``max_len`` slots (dtype: compute dtype)."""
+    dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(zeros(), zeros(), jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def reset_cache(cache: KVCache) -> KVCache:
+    """Marks every slot empty; keys and values are left as garbage (they are masked)."""
+    return cache._replace(valid=jnp.zeros_like(cache.valid), index=jnp.zeros_like(cache.index))
+
+
+def _extend(params, config: ModelConfig, tokens, positions, valid, cache: KVCache):
+    """Runs [B, T] new columns against the cache, writing them at ``cache.index``."""
+    return Transformer(config).apply({"params": params}, tokens, positions, valid, cache)
+
+
+def prefill(params, config: ModelConfig, tokens, positions, valid, cache: KVCache):
+    """Starts new sequences: empties ``cache`` (any previous contents), writes the prompt at column 0.
+
+    tokens, positions, valid [B, T] (left-padded) -> (logits of the LAST column [B, V] float32,
+    cache). With left padding the last column is every row's last real token, so these are the
+    next-token logits. ``cache`` needs T + (number of decode steps) slots; writes past the end are
+    not checked (XLA clamps the index).
+    """
+    hidden, cache = _extend(params, config, tokens, positions, valid, reset_cache(cache))
+    return lm_head(params, config, hidden[:, -1]), cache
+
+
+def decode_step(params, config: ModelConfig, tokens, positions, cache: KVCache):
+    """Appends one token per row: tokens, positions [B] -> (logits [B, V] float32, cache)."""
+    tokens, positions = tokens[:, None], positions[:, None]
+    hidden, cache = _extend(params, config, tokens, positions, jnp.ones_like(tokens, bool), cache)
+    return lm_head(params, config, hidden[:, 0]), cache
+
+
+# ----------------------------------------------------------------------------- sharded init
+
+
+def _init_boxed(config: ModelConfig, rng):
+    """Parameters still wrapped in flax's LogicallyPartitioned boxes (for their axis names)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Transformer(config).init(rng, tokens, method=Transformer.init_all)["params"]
+
+
+def _is_box(x):
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def param_logical_axes(config: ModelConfig):
+    """Pytree (same structure as params) of logical axis-name tuples, e.g. ('embed', 'mlp')."""
+    abstract = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))
+    return jax.tree.map(lambda b: tuple(b.names), abstract, is_leaf=_is_box)
+
+
+def param_shapes(config: ModelConfig):
+    """Pytree of jax.ShapeDtypeStruct for the (unboxed) params; no computation."""
+    return jax.eval_shape(lambda: nn.meta.unbox(_init_boxed(config, jax.random.key(0))))
+
+
+def param_shardings(config: ModelConfig, mesh, rules=sharding_lib.LOGICAL_RULES):
+    """Pytree of NamedSharding for the params (what the train step's jit needs).
+
+    Logical names go through ``rules``. A dimension that its mesh axes do not divide (e.g. 9 heads
+    on a 4-way tensor axis) is replicated instead, so any checkpoint loads on any mesh.
+    """
+    shapes = param_shapes(config)
+
+    def to_sharding(names, shape):
+        spec = sharding_lib.logical_to_spec(names, rules)
+        dims = []
+        for size, axes in zip(shape.shape, tuple(spec) + (None,) * (len(shape.shape) - len(spec))):
+            flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            dims.append(axes if size % math.prod(mesh.shape[a] for a in flat) == 0 else None)
+        return NamedSharding(mesh, P(*dims))
+
+    return jax.tree.map(to_sharding, param_logical_axes(config), shapes,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init_params(config: ModelConfig, rng, mesh=None, rules=sharding_lib.LOGICAL_RULES):
+    """Random parameters (plain pytree), created directly with their shardings when ``mesh``.
+
+    jax.eval_shape(init) -> logical specs -> jax.jit(init, out_shardings=...): every device only
+    ever materialises its own shard.
+    """
+    init = lambda key: nn.meta.unbox(_init_boxed(config, key))
+    if mesh is None:
+        return jax.jit(init)(rng)
+    return jax.jit(init, out_shardings=param_shardings(config, mesh, rules))(rng)
