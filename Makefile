@@ -16,6 +16,10 @@ $(STAMP): $(VENV)/bin/python setup.py
 
 install: $(STAMP)
 
+# The embedded default: DPPO-Binary-TV on synthetic addition, tiny model, CPU, a few minutes.
+demo: $(STAMP)
+	$(VENV)/bin/python -m trustrl.main --config=configs/default.py --workdir=workdirs/default
+
 # 8 simulated CPU devices are set in tests/conftest.py before jax is imported.
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests

@@ -225,6 +225,11 @@ class Sampler:
         cache = self._caches.pop(cache_key, None)
         if cache is None:
             cache = self.model.init_cache(*cache_key)
+            if self._batch_sharding is not None:  # batch-sharded like the prompts, scalars replicated
+                mesh, spec = self._batch_sharding.mesh, self._batch_sharding.spec
+                cache = jax.tree.map(lambda x: jax.device_put(x, jax.sharding.NamedSharding(
+                    mesh, jax.sharding.PartitionSpec(*spec[:1], *[None] * (x.ndim - 1))
+                    if x.ndim else jax.sharding.PartitionSpec())), cache)
         toks, mask = jnp.asarray(toks), jnp.asarray(mask)
         if self._batch_sharding is not None:
             toks, mask = (jax.device_put(x, self._batch_sharding) for x in (toks, mask))

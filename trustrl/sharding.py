@@ -91,3 +91,17 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules=LOGICAL
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a [batch, ...] array: batch over data+fsdp, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def cpu_sync(tree):
+    """Blocks until ``tree`` is computed, on the CPU backend only.
+
+    XLA:CPU runs each simulated device on a small shared thread pool and its collectives block
+    a worker while waiting: with several sharded programs queued by async dispatch (2 cores,
+    8 devices) the devices of program N+1 can occupy every worker while program N's all-reduce
+    still waits for its last participant, a deadlock that XLA aborts after 40 s. Syncing after
+    each step keeps one program in flight; on TPU / GPU dispatch stays asynchronous.
+    """
+    if jax.default_backend() == "cpu":
+        jax.block_until_ready(tree)
+    return tree

@@ -205,12 +205,14 @@ def render_chat_template(template: str, messages: Sequence[dict], **context) -> 
 def train_bpe(texts: Iterable[str], vocab_size: int,
               special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS, *, min_frequency: int = 2,
               eos_token: str | None = "<|endoftext|>", chat_template: str | None = None,
-              save_dir: os.PathLike | None = None) -> Tokenizer:
+              save_dir: os.PathLike | None = None, split_digits: bool = False) -> Tokenizer:
     """Trains a byte-level BPE tokenizer (GPT-2 style, no prefix space) on texts.
 
     Ids 0..len(special_tokens)-1 are the special tokens, then the 256 byte symbols, then merges, so
     any string round-trips. Raises if the corpus is too small to reach vocab_size exactly.
     chat_template: a name from FALLBACK_TEMPLATES or a jinja2 string stored in the config.
+    split_digits: every digit is its own token (as in Llama 3 / Qwen), so arithmetic is learned
+    digit by digit instead of as a lookup table of merged numbers.
     """
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
@@ -223,7 +225,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int,
     if eos_token is not None and eos_token not in special_tokens:
         raise ValueError(f"eos_token {eos_token!r} must be one of special_tokens {special_tokens}.")
     tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits
+        else byte_level)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,

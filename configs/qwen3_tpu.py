@@ -1,0 +1,53 @@
+r"""Qwen3-8B-Base with DPPO-Binary-TV on DAPO-Math-17k, laid out for a TPU v5p-64 pod slice.
+
+Documented, not run in this repository (no TPU here). Follows the paper's scaling runs
+(sec. 5, Table 1): lr 1e-6, delta 0.2 (TV), IS cap C = 5, 256 prompts x 16 samples, bf16
+training and bf16 rollout. Eval: the held-out split of the training set (an AIME eval
+needs a second task, not wired in yet).
+
+Layout: 32 chips (v5p-64 = 32 chips, 64 cores); mesh data=1, fsdp=8, tensor=4. Parameters and
+optimizer state are FSDP-sharded over 8, attention heads / MLP / vocabulary over 4 (the exact
+full-vocabulary divergence then reduces over the 4-way tensor axis). Launch on every worker:
+
+    bash launch/tpu_pod.sh NAME ZONE configs/qwen3_tpu.py gs://BUCKET/runs/qwen3_8b_dppo
+
+Before launching: put the HF checkpoint (config.json + safetensors) and the DAPO parquet on
+every worker's local disk (or a mounted bucket) and set model.hf_dir / task.manual_dir.
+"""
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = default.get_config("default")
+    c.mesh = dict(data=1, fsdp=8, tensor=4)
+    c.model.hf_dir = "/mnt/models/Qwen3-8B-Base"
+    c.model.param_dtype = "float32"  # master weights
+    c.model.dtype = "bfloat16"  # the paper trains in bf16
+    c.model.remat = True
+    c.tokenizer.path = ""
+    c.task.name = "dapo_math"
+    c.task.manual_dir = "/mnt/data/dapo-math-17k"
+    c.task.template = "chat"
+    c.warmstart.steps = 0
+    c.rollout.prompts_per_iter = 256
+    c.rollout.group_size = 16
+    c.rollout.max_new_tokens = 16384
+    c.rollout.dtype = "bfloat16"
+    c.loss.method = "dppo_binary_tv"
+    c.loss.delta_low = c.loss.delta_high = 0.2
+    c.loss.is_cap = 5.0
+    c.loss.agg = "token-mean"
+    c.optim.learning_rate = 1e-6
+    c.optim.warmup_steps = 10
+    c.optim.weight_decay = 0.1
+    c.train.iterations = 300
+    c.train.minibatches = 4
+    c.eval.every = 25
+    c.eval.num_prompts = 256  # held-out prompts
+    c.eval.k = 32  # avg@32 / pass@32
+    c.checkpoint.every = 10
+    c.checkpoint.max_to_keep = 3
+    return c

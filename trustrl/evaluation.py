@@ -1,0 +1,56 @@
+"""Held-out evaluation: greedy pass@1, and pass@k / maj@k from k samples per prompt.
+
+pass@k uses the unbiased estimator of Chen et al. (2021) with n = k samples (then simply
+"any correct"); maj@k is the accuracy of the most frequent extracted answer.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import jax
+import numpy as np
+
+
+def pass_at_k(correct: np.ndarray, k: int) -> float:
+    """correct: [num_prompts, n] booleans. Unbiased pass@k averaged over prompts."""
+    n = correct.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n={n}, got k={k}")
+    c = correct.sum(1)
+    # 1 - C(n - c, k) / C(n, k), computed as a product to stay exact for small n
+    fail = np.ones(len(c))
+    for i in range(k):
+        fail *= np.clip((n - c - i) / (n - i), 0, None)
+    return float(np.mean(1 - fail))
+
+
+def majority_at_k(answers: list[list[str | None]], truth_ok) -> float:
+    """answers[p]: extracted answers of prompt p; truth_ok(p, answer) -> bool."""
+    hits = []
+    for p, ans in enumerate(answers):
+        votes = Counter(a for a in ans if a is not None)
+        hits.append(bool(votes) and truth_ok(p, votes.most_common(1)[0][0]))
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def evaluate(run, params_roll, key, cfg) -> dict:
+    env = run.env
+    examples = env.eval_examples(cfg.eval.num_prompts)
+    prompts = env.encode_prompts(examples)
+    answers = [ex["answer"] for ex in examples]
+    greedy = run.eval_greedy.generate(params_roll, prompts, 1, key)
+    rew_g = env.score(env.decode_responses(greedy), answers)
+    out = {"eval/pass@1": float(np.mean(rew_g >= env.correct_threshold))}
+    k = cfg.eval.k
+    if k > 1:
+        sampled = run.sampler.generate(params_roll, prompts, k, jax.random.fold_in(key, 1))
+        texts = env.decode_responses(sampled)
+        rew = env.score(texts, [a for a in answers for _ in range(k)])
+        correct = (rew >= env.correct_threshold).reshape(len(examples), k)
+        extracted = [env.extract_answer(t) for t in texts]
+        grouped = [extracted[i * k:(i + 1) * k] for i in range(len(examples))]
+        out[f"eval/pass@{k}"] = pass_at_k(correct, k)
+        out[f"eval/maj@{k}"] = majority_at_k(
+            grouped, lambda p, a: env.answer_matches(a, answers[p]))
+        out["eval/sampled_reward_mean"] = float(rew.mean())
+    return out

@@ -1,0 +1,162 @@
+"""Builds everything a run needs from its config: mesh, tokenizer, data, model, optimizer,
+samplers and the jitted phase functions. ``train.py`` only composes what ``build`` returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trustrl import data, hf, policy, rewards, sharding, train_step as ts, warmstart
+from trustrl.model import ModelConfig, init_params
+from trustrl.sampler import Sampler, SamplerConfig
+from trustrl.tokenizer import Tokenizer, train_bpe
+
+
+@dataclasses.dataclass
+class TaskEnv:
+    """Text side of a task: prompts -> token ids, response ids -> text -> rewards."""
+    tokenizer: Tokenizer
+    task: str
+    template: str
+    train: Any                     # random-access sequence of example dicts
+    test: Any
+    correct: float = 1.0
+    wrong: float = 0.0
+
+    @property
+    def prefix(self) -> str:
+        return data.response_prefix(self.template)
+
+    @property
+    def correct_threshold(self) -> float:
+        return (self.correct + self.wrong) / 2 if self.correct > self.wrong else self.correct
+
+    def prompt_text(self, example) -> str:
+        return data.format_prompt(example, self.template, self.tokenizer)
+
+    def encode_prompts(self, examples) -> list[list[int]]:
+        return [self.tokenizer.encode(self.prompt_text(ex)) for ex in examples]
+
+    def decode_responses(self, rollout) -> list[str]:
+        toks = np.asarray(rollout.response_tokens)
+        mask = np.asarray(rollout.response_mask).astype(bool)
+        return self.tokenizer.decode_batch([t[m].tolist() for t, m in zip(toks, mask)],
+                                           skip_special_tokens=True)
+
+    def score(self, texts, answers) -> np.ndarray:
+        return rewards.score(self.task, texts, answers, correct=self.correct, wrong=self.wrong,
+                             prefix=self.prefix)
+
+    def eval_examples(self, n: int) -> list[dict]:
+        return [self.test[i] for i in range(min(n, len(self.test)))]
+
+    def extract_answer(self, text: str):
+        return rewards.extract_answer(self.prefix + text)
+
+    def answer_matches(self, answer: str, gold: str) -> bool:
+        return bool(rewards.get_reward_fn(self.task)(f"Answer: {answer}", gold))
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: Any
+    mesh: Any
+    env: TaskEnv
+    model_cfg: ModelConfig
+    rollout_cfg: ModelConfig
+    state: ts.TrainState
+    key: jax.Array
+    prompt_iter: data.PromptIterator
+    sampler: Sampler
+    eval_greedy: Sampler
+    rollout_params: Callable
+    score: Callable
+    train_step: Callable
+
+
+def _tokenizer(cfg, workdir: str, train_examples) -> Tokenizer:
+    """The run's tokenizer: from a path / the model dir, or a byte-level BPE trained on the task
+    text (saved in the workdir so a resumed run uses the identical vocabulary)."""
+    path = cfg.tokenizer.path or cfg.model.hf_dir
+    if path:
+        return Tokenizer.from_dir(path)
+    saved = os.path.join(workdir, "tokenizer")
+    if os.path.exists(os.path.join(saved, "tokenizer.json")):
+        return Tokenizer.from_dir(saved)
+    texts = [f"{ex['prompt']} {ex['answer']}" for ex in train_examples]
+    texts += [data.format_prompt(ex, "plain") for ex in train_examples[:64]]
+    return train_bpe(texts, cfg.tokenizer.vocab_size, save_dir=saved,
+                     split_digits=cfg.tokenizer.split_digits)
+
+
+def model_config(cfg, vocab_size: int) -> ModelConfig:
+    m = cfg.model
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
+        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+
+
+def _sampler_cfg(cfg, tokenizer, *, greedy: bool) -> SamplerConfig:
+    eos = tuple(i for i in (tokenizer.eos_id,) if i is not None)
+    return SamplerConfig(
+        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+        top_p=1.0 if greedy else cfg.rollout.top_p, top_k=0 if greedy else cfg.rollout.top_k,
+        greedy=greedy, eos_ids=eos, record_topk=0 if greedy else cfg.rollout.record_topk)
+
+
+def build(cfg, workdir: str) -> Run:
+    mesh = sharding.make_mesh(cfg.mesh)
+    data_dir = cfg.task.data_dir or os.path.join(workdir, "data")
+    train_ex = data.load_examples(cfg.task, "train", data_dir, seed=cfg.seed)
+    test_ex = data.load_examples(cfg.task, "test", data_dir, seed=cfg.seed)
+    tokenizer = _tokenizer(cfg, workdir, [train_ex[i] for i in range(min(len(train_ex), 5000))])
+    env = TaskEnv(tokenizer, cfg.task.name, cfg.task.template, train_ex, test_ex,
+                  cfg.task.reward_correct, cfg.task.reward_wrong)
+
+    key = jax.random.key(cfg.seed)
+    k_init, key = jax.random.split(key)
+    if cfg.model.hf_dir:
+        model_cfg, params = hf.load_hf_dir(cfg.model.hf_dir, mesh=mesh,
+                                           param_dtype=cfg.model.param_dtype,
+                                           dtype=cfg.model.dtype, remat=cfg.model.remat)
+    else:
+        model_cfg = model_config(cfg, tokenizer.vocab_size)
+        params = init_params(model_cfg, k_init, mesh)
+    if cfg.warmstart.steps > 0:
+        params = warmstart.warm_start(cfg, env, model_cfg, params, mesh)
+
+    total_steps = cfg.train.iterations * cfg.train.epochs * cfg.train.minibatches
+    tx = ts.make_optimizer(cfg.optim, total_steps)
+    state = jax.jit(lambda p: ts.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                            opt_state=tx.init(p),
+                                            skipped=jnp.zeros((), jnp.int32)))(params)
+
+    roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype)
+    batch_sharding = sharding.batch_sharding(mesh)
+    sampler = Sampler(policy.decode_model(roll_cfg), _sampler_cfg(cfg, tokenizer, greedy=False),
+                      batch_sharding=batch_sharding)
+    eval_greedy = Sampler(policy.decode_model(roll_cfg), _sampler_cfg(cfg, tokenizer, greedy=True),
+                          batch_sharding=batch_sharding)
+    temperature = float(cfg.rollout.temperature)
+    step = jax.jit(functools.partial(ts.train_step, model_cfg=model_cfg, loss_cfg=cfg.loss, tx=tx,
+                                     mesh=mesh, rollout_model_cfg=roll_cfg,
+                                     temperature=temperature),
+                   donate_argnums=(0,))
+    return Run(
+        cfg=cfg, mesh=mesh, env=env, model_cfg=model_cfg, rollout_cfg=roll_cfg, state=state,
+        key=key,
+        prompt_iter=data.PromptIterator(train_ex, cfg.rollout.prompts_per_iter, seed=cfg.seed),
+        sampler=sampler, eval_greedy=eval_greedy,
+        # a copy even when the dtypes agree: train_step donates the state the params live in
+        rollout_params=jax.jit(lambda p: jax.tree.map(
+            jnp.copy, policy.cast_params(p, roll_cfg))),
+        score=jax.jit(functools.partial(ts.score, model_cfg=model_cfg, temperature=temperature)),
+        train_step=step)

@@ -1,0 +1,141 @@
+"""The RL loop: rollout (mu) -> rewards -> advantages -> scoring -> updates -> log / eval / save.
+
+Everything heavy is a jitted function from trustrl.sampler / trustrl.train_step; this file is
+the plain Python loop that composes them (read it top to bottom).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trustrl import advantages as adv_lib
+from trustrl import checkpoint as ckpt_lib
+from trustrl import evaluation, experiment, losses, sharding, train_step as ts
+from trustrl.metrics import MetricWriter
+from trustrl.rollout import FINISH_LENGTH, mismatch_stats, validate
+
+
+def _rewards(env, rollout, examples, group_size, cfg):
+    texts = env.decode_responses(rollout)
+    answers = [ex["answer"] for ex in examples for _ in range(group_size)]
+    rewards = env.score(texts, answers)
+    if cfg.rollout.overlong == "penalty":
+        rewards = np.where(np.asarray(rollout.finish_reason) == FINISH_LENGTH,
+                           cfg.rollout.overlong_penalty, rewards)
+    return rewards.astype(np.float32)
+
+
+def _collect(env, sampler, params_roll, prompt_iter, key, cfg):
+    """Samples one iteration's groups; with dynamic sampling, keeps only groups whose rewards
+    differ and refills (a bounded number of rounds) to a fixed batch size."""
+    g, n = cfg.rollout.group_size, cfg.rollout.prompts_per_iter
+    kept_ex, kept_r, kept_rew = [], [], []
+    for round_ in range(1 + (cfg.rollout.max_refill_rounds if cfg.rollout.dynamic_sampling else 0)):
+        examples = next(prompt_iter)
+        key, sub = jax.random.split(key)
+        r = sampler.generate(params_roll, env.encode_prompts(examples), g, sub)
+        rew = _rewards(env, r, examples, g, cfg)
+        if not cfg.rollout.dynamic_sampling:
+            return r, examples, rew, {}
+        informative = rew.reshape(-1, g).std(axis=1) > 0
+        for i in np.flatnonzero(informative):
+            kept_ex.append(examples[i])
+            kept_r.append(jax.tree.map(lambda x: np.asarray(x)[i * g:(i + 1) * g], r))
+            kept_rew.append(rew[i * g:(i + 1) * g])
+        if len(kept_ex) >= n:
+            break
+    if len(kept_ex) < n:  # not enough informative groups: top up with the last round's groups
+        for i in np.flatnonzero(~informative)[: n - len(kept_ex)]:
+            kept_ex.append(examples[i])
+            kept_r.append(jax.tree.map(lambda x: np.asarray(x)[i * g:(i + 1) * g], r))
+            kept_rew.append(rew[i * g:(i + 1) * g])
+    r = jax.tree.map(lambda *xs: jnp.concatenate(xs[:n]), *kept_r)
+    r = r.replace(group_index=jnp.repeat(jnp.arange(n, dtype=jnp.int32), g))
+    return r, kept_ex[:n], np.concatenate(kept_rew[:n]), {"rollout/refill_rounds": round_}
+
+
+def train(cfg, workdir: str):
+    """Runs (or resumes) cfg in workdir. Returns (final TrainState, last iteration's metrics)."""
+    os.makedirs(workdir, exist_ok=True)
+    run = experiment.build(cfg, workdir)  # mesh, tokenizer, data, model, optimizer, samplers
+    env, mesh = run.env, run.mesh
+    ckpt = ckpt_lib.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
+    state, key, start = run.state, run.key, 0
+    if ckpt.latest_step() is not None:
+        state, host = ckpt.restore(state)
+        key = jax.random.wrap_key_data(jnp.asarray(np.asarray(host["key"], np.uint32)))
+        start = host["iteration"]
+        run.prompt_iter.restore(host["data"])
+        print(f"resumed from {ckpt.directory} at iteration {start}")
+    writer = MetricWriter(workdir, cfg.log.tensorboard)
+    g = cfg.rollout.group_size
+    need_old = cfg.loss.method in losses._NEEDS_OLD_LOGP
+    bar = None
+    if cfg.log.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.train.iterations, initial=start, desc="rl", dynamic_ncols=True)
+    metrics = {}
+    for it in range(start, cfg.train.iterations):
+        t0 = time.perf_counter()
+        key, k_roll, k_perm, k_eval = jax.random.split(key, 4)
+        params_roll = sharding.cpu_sync(run.rollout_params(state.params))
+        r, examples, rewards, extra = _collect(env, run.sampler, params_roll, run.prompt_iter,
+                                               k_roll, cfg)
+        validate(r, run.model_cfg.vocab_size)
+        if cfg.rollout.overlong == "filter":
+            r = r.replace(response_mask=r.response_mask * (r.finish_reason != FINISH_LENGTH)[:, None])
+        t_roll = time.perf_counter()
+        advantages = adv_lib.compute_advantages(rewards, g, cfg.loss.advantage)
+        batch = ts.rollout_batch(r, advantages)
+        old_logp = None
+        if cfg.train.score_pass or need_old:
+            old_logp = sharding.cpu_sync(run.score(state.params, batch))
+            metrics = dict(mismatch_stats(old_logp, r.rollout_logp, r.response_mask))
+            if need_old:
+                batch["old_logp"] = old_logp
+        else:
+            metrics = {}
+        t_score = time.perf_counter()
+        step_metrics = []
+        bsz = batch["tokens"].shape[0]
+        for epoch in range(cfg.train.epochs):
+            perm = np.asarray(jax.random.permutation(jax.random.fold_in(k_perm, epoch), bsz))
+            for idx in np.array_split(perm, cfg.train.minibatches):
+                mb = sharding.cpu_sync(jax.tree.map(lambda x: x[idx], batch))
+                state, m = sharding.cpu_sync(run.train_step(state, mb, params_roll))
+                step_metrics.append(m)
+        jax.block_until_ready(state)
+        t_update = time.perf_counter()
+        metrics.update({k: np.mean([float(m[k]) for m in step_metrics]) for k in step_metrics[0]})
+        metrics["train/skipped"] = float(sum(float(m["train/skipped"]) for m in step_metrics))
+        n_resp = np.asarray(r.response_mask).sum(1)
+        n_tok = int(n_resp.sum())
+        metrics.update({
+            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            "response/length_mean": float(n_resp.mean()),
+            "response/truncated_frac": float((np.asarray(r.finish_reason) == FINISH_LENGTH).mean()),
+            "time/rollout_s": t_roll - t0, "time/score_s": t_score - t_roll,
+            "time/update_s": t_update - t_score, "time/iteration_s": t_update - t0,
+            "time/tokens_per_s": n_tok / max(t_update - t0, 1e-9),
+            "train/optimizer_steps": int(state.step), "train/skipped_total": int(state.skipped),
+            **extra})
+        last = it + 1 == cfg.train.iterations
+        if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or last):
+            metrics.update(evaluation.evaluate(run, params_roll, k_eval, cfg))
+        writer.write(it + 1, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                            mismatch=f"{metrics.get('rollout/mismatch_mean', float('nan')):.1e}")
+        if (cfg.checkpoint.every and (it + 1) % cfg.checkpoint.every == 0) or last:
+            ckpt.save(it + 1, state, {"iteration": it + 1, "data": run.prompt_iter.state(),
+                                      "key": np.asarray(jax.random.key_data(key)).tolist()})
+    if bar is not None:
+        bar.close()
+    writer.close()
+    ckpt.close()
+    return state, metrics

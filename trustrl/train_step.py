@@ -1,0 +1,125 @@
+"""The jitted, sharded, buffer-donating update and scoring functions.
+
+One module-level pure function per phase:
+    score(params, batch)                      -> pi_old log-probs at the rollout parameters
+    train_step(state, batch, rollout_params)  -> (state, metrics)
+Batches are dicts of [b, ...] arrays built from a Rollout (see ``rollout_batch``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from trustrl import divergences, losses, policy
+from trustrl.rollout import Rollout
+
+TOPK_METHODS = ("dppo_topk_tv", "dppo_topk_kl")
+FULL_METHODS = ("dppo_full_tv", "dppo_full_kl")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array          # optimizer steps taken (int32)
+    params: Any
+    opt_state: Any
+    skipped: jax.Array       # updates skipped because the loss or gradient was non-finite
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+    """AdamW, global-norm clipping, and a linear warmup (step k of W uses lr * (k + 1) / W, so
+    the first step already moves) followed by a constant learning rate."""
+    del total_steps  # constant after warmup; kept for schedules that decay
+    lr, warmup = float(optim_cfg.learning_rate), max(int(optim_cfg.warmup_steps), 1)
+    schedule = lambda count: lr * jnp.minimum(1.0, (count + 1) / warmup)
+    chain = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
+    chain.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
+                             weight_decay=optim_cfg.weight_decay))
+    return optax.chain(*chain)
+
+
+def rollout_batch(r: Rollout, advantages, old_logp=None) -> dict:
+    """The arrays train_step consumes, all with a leading batch axis."""
+    batch = dict(tokens=r.tokens, valid=r.valid_mask, positions=r.positions,
+                 response_tokens=r.response_tokens, response_mask=r.response_mask,
+                 rollout_logp=r.rollout_logp, advantages=jnp.asarray(advantages, jnp.float32))
+    if r.rollout_topk_ids is not None:
+        batch.update(topk_ids=r.rollout_topk_ids, topk_logp=r.rollout_topk_logp)
+    if old_logp is not None:
+        batch["old_logp"] = old_logp
+    return batch
+
+
+def _response_logits(params, model_cfg, batch, temperature):
+    n = batch["response_tokens"].shape[1]
+    return policy.response_logits(params, model_cfg, batch["tokens"], batch["positions"],
+                                  batch["valid"], num_response=n, temperature=temperature)
+
+
+def token_logp_entropy(logits, tokens):
+    logp_full = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jnp.take_along_axis(logp_full, tokens[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_full) * logp_full, axis=-1)
+    return logp_full, logp, entropy
+
+
+def score(params, batch, *, model_cfg, temperature: float = 1.0):
+    """Trainer-precision log-probs of the sampled tokens: pi_old at the rollout parameters."""
+    logits = _response_logits(params, model_cfg, batch, temperature)
+    return token_logp_entropy(logits, batch["response_tokens"])[1]
+
+
+def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, loss_cfg, tx,
+               mesh=None, rollout_model_cfg=None, temperature: float = 1.0):
+    """One optimizer step on a minibatch. Non-finite loss or gradient: update skipped.
+
+    Logits are divided by the sampling temperature, so pi is measured on the same tempered
+    distribution rollout_logp (mu) was recorded under.
+    """
+    method = loss_cfg.method
+    mask = batch["response_mask"]
+
+    def loss_fn(params):
+        logits = _response_logits(params, model_cfg, batch, temperature)
+        logp_full, logp, entropy = token_logp_entropy(logits, batch["response_tokens"])
+        divergence = None
+        if method in TOPK_METHODS:
+            at_ids = jnp.take_along_axis(logp_full, batch["topk_ids"], axis=-1)
+            fn = divergences.topk_tv if method.endswith("tv") else divergences.topk_kl
+            divergence = fn(jax.lax.stop_gradient(at_ids), batch["topk_logp"])
+        elif method in FULL_METHODS:
+            # mu's whole distribution is recomputed from the frozen rollout parameters at the
+            # rollout precision (storing V floats per token is "memory-prohibitive").
+            mu_logits = _response_logits(rollout_params, rollout_model_cfg, batch, temperature)
+            fn = divergences.full_tv if method.endswith("tv") else divergences.full_kl
+            divergence = fn(mu_logits.astype(jnp.float32), jax.lax.stop_gradient(logits),
+                            mesh=mesh if mesh is not None and mesh.shape["tensor"] > 1 else None)
+        elif method == "trm_seq":
+            fn = getattr(divergences, loss_cfg.trm_divergence)
+            divergence = fn(jax.lax.stop_gradient(logp), batch["rollout_logp"])
+        loss, metrics = losses.policy_loss(
+            logp, batch["rollout_logp"], batch["advantages"], mask, method=method,
+            delta_low=loss_cfg.delta_low, delta_high=loss_cfg.delta_high,
+            is_cap=loss_cfg.is_cap, agg=loss_cfg.agg, old_logp=batch.get("old_logp"),
+            divergence=divergence, alpha=loss_cfg.alpha if method.startswith("relax") else None)
+        maskf = mask.astype(jnp.float32)
+        metrics["train/entropy"] = jnp.sum(entropy * maskf) / jnp.maximum(maskf.sum(), 1.0)
+        return loss, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(
+        step=state.step + finite.astype(jnp.int32),
+        params=keep_old(params, state.params),
+        opt_state=keep_old(opt_state, state.opt_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32))
+    metrics.update({"train/grad_norm": grad_norm, "train/skipped": (~finite).astype(jnp.float32)})
+    return new_state, metrics

@@ -1,0 +1,141 @@
+"""Supervised warm start: a few hundred next-token steps on worked examples before RL.
+
+A randomly initialised tiny model never produces a correct answer, so RL from scratch has no
+signal. The warm start trains on (formatted prompt, " answer<eos>") pairs with the loss on the
+answer tokens only, then stops early on purpose: the base policy should solve a fraction of the
+problems, leaving room for RL. The result is cached under ``warmstart.cache_dir`` keyed by
+everything it depends on (model, tokenizer vocabulary, task, warm-start settings, seed), so every
+run of a sweep starts from the identical base without paying for it again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from trustrl import policy, sharding
+from trustrl.model import token_logp_and_entropy
+
+
+def cache_key(cfg, env, model_cfg) -> str:
+    vocab = env.tokenizer.backend.to_str()
+    blob = json.dumps({"model": repr(model_cfg), "task": cfg.task.to_dict(),
+                       "warmstart": {k: v for k, v in cfg.warmstart.items() if k != "cache_dir"},
+                       "hf_dir": cfg.model.hf_dir, "seed": cfg.seed,
+                       "vocab": hashlib.sha256(vocab.encode()).hexdigest()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def encode_pairs(env, examples):
+    """(prompt ids, answer ids + eos) per example."""
+    eos = env.tokenizer.eos_id
+    if eos is None:
+        raise ValueError("the warm start needs a tokenizer with an eos token")
+    prompts = env.encode_prompts(examples)
+    answers = [env.tokenizer.encode(" " + ex["answer"]) + [eos] for ex in examples]
+    return prompts, answers
+
+
+def make_batch(prompts, answers):
+    """Left-padded prompts [B, P] + right-padded answers [B, N] in the Rollout layout."""
+    p = max(map(len, prompts))
+    n = max(map(len, answers))
+    b = len(prompts)
+    ptok, pmask = np.zeros((b, p), np.int32), np.zeros((b, p), np.int32)
+    rtok, rmask = np.zeros((b, n), np.int32), np.zeros((b, n), np.float32)
+    for i, (pr, an) in enumerate(zip(prompts, answers)):
+        ptok[i, p - len(pr):], pmask[i, p - len(pr):] = pr, 1
+        rtok[i, :len(an)], rmask[i, :len(an)] = an, 1
+    tokens = np.concatenate([ptok, rtok], 1)
+    valid = np.concatenate([pmask, np.ones_like(rtok)], 1)
+    positions = np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32)
+    return dict(tokens=tokens, valid=valid, positions=positions, response_tokens=rtok,
+                response_mask=rmask)
+
+
+def sft_loss(params, model_cfg, batch):
+    n = batch["response_tokens"].shape[1]
+    logits = policy.response_logits(params, model_cfg, batch["tokens"], batch["positions"],
+                                    batch["valid"], num_response=n)
+    logp, _ = token_logp_and_entropy(logits, batch["response_tokens"])
+    m = batch["response_mask"]
+    return -jnp.sum(logp * m) / jnp.maximum(m.sum(), 1.0)
+
+
+def train_sft(params, model_cfg, env, examples, *, steps, batch_size, learning_rate, seed, mesh):
+    """``steps`` AdamW steps (cosine decay, warmup 10%) on random batches of ``examples``."""
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 10, 1), steps),
+        weight_decay=0.0))
+    opt_state = jax.jit(tx.init)(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(sft_loss)(params, model_cfg, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    prompts, answers = encode_pairs(env, examples)
+    p_len, a_len = max(map(len, prompts)), max(map(len, answers))
+    rng = np.random.default_rng(seed)
+    shard = sharding.batch_sharding(mesh)
+    losses = []
+    for _ in range(steps):
+        idx = rng.integers(0, len(examples), batch_size)
+        # pad every batch to the global maxima: one compiled shape for the whole warm start
+        batch = make_batch([prompts[i] for i in idx], [answers[i] for i in idx])
+        batch = _pad_to(batch, p_len, a_len)
+        batch = jax.tree.map(lambda x: jax.device_put(x, shard), batch)
+        params, opt_state, loss = sharding.cpu_sync(step(params, opt_state, batch))
+        losses.append(loss)
+    return params, [float(x) for x in losses]
+
+
+def _pad_to(batch, p_len, a_len):
+    """Left-pads the prompt part to p_len and right-pads the response part to a_len."""
+    p = batch["tokens"].shape[1] - batch["response_tokens"].shape[1]
+    n = batch["response_tokens"].shape[1]
+    lp, rn = p_len - p, a_len - n
+    out = {}
+    for k in ("tokens", "valid"):
+        x = batch[k]
+        right_fill = 1 if k == "valid" else 0
+        out[k] = np.concatenate([np.zeros((x.shape[0], lp), x.dtype), x,
+                                 np.full((x.shape[0], rn), right_fill, x.dtype)], 1)
+    out["positions"] = np.maximum(np.cumsum(out["valid"], 1) - 1, 0).astype(np.int32)
+    out["response_tokens"] = np.pad(batch["response_tokens"], ((0, 0), (0, rn)))
+    out["response_mask"] = np.pad(batch["response_mask"], ((0, 0), (0, rn)))
+    return out
+
+
+def warm_start(cfg, env, model_cfg, params, mesh):
+    """Returns warm-started params, loading them from the cache when present."""
+    ws = cfg.warmstart
+    path = None
+    if ws.cache_dir:
+        path = os.path.join(ws.cache_dir, f"warmstart-{cache_key(cfg, env, model_cfg)}.msgpack")
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                host = flax.serialization.msgpack_restore(f.read())
+            print(f"warm start: loaded {path}")
+            return jax.tree.map(lambda x, ref: jax.device_put(np.asarray(x, ref.dtype),
+                                                              ref.sharding), host, params)
+    examples = [env.train[i] for i in range(len(env.train))]
+    params, losses = train_sft(params, model_cfg, env, examples, steps=ws.steps,
+                               batch_size=ws.batch_size, learning_rate=ws.learning_rate,
+                               seed=cfg.seed, mesh=mesh)
+    print(f"warm start: {ws.steps} steps, loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f}")
+    if path is not None:
+        os.makedirs(ws.cache_dir, exist_ok=True)
+        blob = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, params))
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)  # atomic: a half-written cache entry is never read
+    return params
