@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/pip
 STAMP = $(VENV)/.trustrl-installed
+BASE_STAMP = $(VENV)/.trustrl-base-installed
 
 .PHONY: test install demo clean
 
@@ -14,10 +15,14 @@ $(STAMP): $(VENV)/bin/python setup.py
 	$(PIP) install -q -e ".[test,hf]"
 	touch $(STAMP)
 
+$(BASE_STAMP): $(VENV)/bin/python setup.py
+	$(PIP) install -q -e .
+	touch $(BASE_STAMP)
+
 install: $(STAMP)
 
 # The embedded default: DPPO-Binary-TV on synthetic addition, tiny model, CPU, a few minutes.
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(VENV)/bin/python -m trustrl.main --config=configs/default.py --workdir=workdirs/default
 
 # 8 simulated CPU devices are set in tests/conftest.py before jax is imported.

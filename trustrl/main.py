@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:variant].",
@@ -20,6 +20,9 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax / tfds INFO lines drown the progress bar
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
     if _MULTIHOST.value:
         import jax
         jax.distributed.initialize()

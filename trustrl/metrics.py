@@ -41,7 +41,7 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+                    self._tb.add_scalar(k.replace("@", "_at_"), v, step)
             self._tb.flush()
 
     def close(self):
