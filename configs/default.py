@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant not in VALID_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid: {VALID_VARIANTS}")
     c = ml_collections.ConfigDict()
-    c.seed = 0  # one seed for init, data order and sampling
+    c.seed = 0  # RL seed: prompt order, sampling (and init when there is no warm start)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)  # mesh axis sizes; one -1 is filled in
 
     c.model = ml_collections.ConfigDict()
@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.operations = "+"  # arithmetic operators to sample from
     c.task.num_train = 20000  # synthetic training problems
     c.task.num_test = 256  # held-out problems for eval
+    c.task.seed = 0  # problem generation and train / test split (shared by all RL seeds)
     c.task.data_dir = ""  # where the tfds array_record dataset is built (empty: workdir/data)
     c.task.manual_dir = ""  # downloaded files for math sets
     c.task.template = "plain"  # plain | chat
@@ -65,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmstart.batch_size = 64  # sequences per supervised step
     c.warmstart.learning_rate = 3e-3  # peak AdamW learning rate
     c.warmstart.cache_dir = "workdirs/cache"  # warm starts are keyed by config and reused
+    c.warmstart.seed = 0  # init + batch order of the warm start (shared by all RL seeds)
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.prompts_per_iter = 32  # prompts sampled per iteration

@@ -68,29 +68,36 @@ def main(argv=None):
             print(" ".join(c))
         return 0
     os.makedirs(args.workdir, exist_ok=True)
+    failed = run_commands(cmds, args.parallel)
+    if failed:
+        print(f"{len(failed)} run(s) failed; see their log.txt: {failed}")
+        return 1
+    return 0
+
+
+def run_commands(cmds, parallel: int = 1) -> list[str]:
+    """Runs trustrl.main commands, ``parallel`` at a time, each logging to WORKDIR/log.txt.
+    Returns the workdirs of the runs that failed."""
     pending, running, failed = list(cmds), [], []
     while pending or running:
-        while pending and len(running) < args.parallel:
+        while pending and len(running) < parallel:
             cmd = pending.pop(0)
-            wd = cmd[4].split("=", 1)[1]
+            wd = next(c for c in cmd if c.startswith("--workdir=")).split("=", 1)[1]
             os.makedirs(wd, exist_ok=True)
             log = open(os.path.join(wd, "log.txt"), "a")
-            print(f"start {wd}")
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
-                            wd, log))
+            print(f"start {wd}", flush=True)
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), wd, log))
         time.sleep(1)
         for item in list(running):
             proc, wd, log = item
             if proc.poll() is not None:
                 running.remove(item)
                 log.close()
-                print(f"{'done' if proc.returncode == 0 else 'FAILED'} {wd} (rc {proc.returncode})")
+                print(f"{'done' if proc.returncode == 0 else 'FAILED'} {wd} (rc {proc.returncode})",
+                      flush=True)
                 if proc.returncode:
                     failed.append(wd)
-    if failed:
-        print(f"{len(failed)} run(s) failed; see their log.txt: {failed}")
-        return 1
-    return 0
+    return failed
 
 
 if __name__ == "__main__":

@@ -115,14 +115,16 @@ def _sampler_cfg(cfg, tokenizer, *, greedy: bool) -> SamplerConfig:
 def build(cfg, workdir: str) -> Run:
     mesh = sharding.make_mesh(cfg.mesh)
     data_dir = cfg.task.data_dir or os.path.join(workdir, "data")
-    train_ex = data.load_examples(cfg.task, "train", data_dir, seed=cfg.seed)
-    test_ex = data.load_examples(cfg.task, "test", data_dir, seed=cfg.seed)
+    train_ex = data.load_examples(cfg.task, "train", data_dir, seed=cfg.task.seed)
+    test_ex = data.load_examples(cfg.task, "test", data_dir, seed=cfg.task.seed)
     tokenizer = _tokenizer(cfg, workdir, [train_ex[i] for i in range(min(len(train_ex), 5000))])
     env = TaskEnv(tokenizer, cfg.task.name, cfg.task.template, train_ex, test_ex,
                   cfg.task.reward_correct, cfg.task.reward_wrong)
 
     key = jax.random.key(cfg.seed)
     k_init, key = jax.random.split(key)
+    if cfg.warmstart.steps > 0:  # the warm-started base is shared by every RL seed
+        k_init = jax.random.key(cfg.warmstart.seed)
     if cfg.model.hf_dir:
         model_cfg, params = hf.load_hf_dir(cfg.model.hf_dir, mesh=mesh,
                                            param_dtype=cfg.model.param_dtype,

@@ -27,7 +27,7 @@ def cache_key(cfg, env, model_cfg) -> str:
     vocab = env.tokenizer.backend.to_str()
     blob = json.dumps({"model": repr(model_cfg), "task": cfg.task.to_dict(),
                        "warmstart": {k: v for k, v in cfg.warmstart.items() if k != "cache_dir"},
-                       "hf_dir": cfg.model.hf_dir, "seed": cfg.seed,
+                       "hf_dir": cfg.model.hf_dir,
                        "vocab": hashlib.sha256(vocab.encode()).hexdigest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -129,7 +129,7 @@ def warm_start(cfg, env, model_cfg, params, mesh):
     examples = [env.train[i] for i in range(len(env.train))]
     params, losses = train_sft(params, model_cfg, env, examples, steps=ws.steps,
                                batch_size=ws.batch_size, learning_rate=ws.learning_rate,
-                               seed=cfg.seed, mesh=mesh)
+                               seed=ws.seed, mesh=mesh)
     print(f"warm start: {ws.steps} steps, loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f}")
     if path is not None:
         os.makedirs(ws.cache_dir, exist_ok=True)

@@ -1,0 +1,137 @@
+r"""The laptop-scale sanity study (configs/sanity.py): run every method x seed, then summarise.
+
+    python launch/sanity.py --workdir=workdirs/sanity [--parallel=2] [--small] [--analyze_only]
+        [--out=docs]
+
+Runs configs/sanity.py's get_sweep() through launch/sweep.py (runs already finished are skipped
+by resuming), then writes OUT/results_table.md (final / best training reward, collapse
+iteration, iterations to reach the reward threshold, held-out pass@1, mismatch, masked fraction,
+wall time; mean +- spread over seeds) and OUT/sanity_plots/*.png via trustrl.plot.
+``--small`` is the CI-sized variant (tiny model, 3 iterations, 1 seed of two methods).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from launch import sweep  # noqa: E402
+from trustrl import plot  # noqa: E402
+from trustrl.metrics import read_jsonl  # noqa: E402
+
+CONFIG = "configs/sanity.py"
+THRESHOLD = 0.85  # training reward (10-iteration mean) counted as "reached"
+WINDOW = 10
+
+
+def smooth(y, w=WINDOW):
+    y = np.asarray(y, float)
+    return np.array([y[max(0, i - w + 1):i + 1].mean() for i in range(len(y))])
+
+
+def collapse_iteration(steps, reward, mismatch_max):
+    """First iteration after the best 10-iteration mean where the mean falls below half the best
+    and stays there to the end, with max (pi - mu) above its early level. None if no collapse."""
+    s = smooth(reward)
+    best = int(np.argmax(s))
+    below = s < 0.5 * s[best]
+    for i in range(best + 1, len(s)):
+        if below[i:].all():
+            early = np.nanmean(mismatch_max[:WINDOW]) if len(mismatch_max) else np.nan
+            late = np.nanmean(mismatch_max[i:]) if len(mismatch_max) else np.nan
+            return int(steps[i]) if not late <= early else None
+    return None
+
+
+def summarise(run_dir: str) -> dict:
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    steps = np.array([r["step"] for r in rows])
+    reward = np.array([r["reward/mean"] for r in rows])
+    mm_max = np.array([r.get("rollout/mismatch_max", np.nan) for r in rows])
+    s = smooth(reward)
+    reach = np.flatnonzero(s >= THRESHOLD)
+    evals = [r["eval/pass@1"] for r in rows if "eval/pass@1" in r]
+    return {
+        "final": float(s[-1]), "best": float(s.max()),
+        "collapse": collapse_iteration(steps, reward, mm_max),
+        "reach": int(steps[reach[0]]) if reach.size else None,
+        "eval_final": evals[-1] if evals else np.nan,
+        "mismatch_mean": float(np.nanmean([r.get("rollout/mismatch_mean", np.nan) for r in rows])),
+        "mismatch_max": float(np.nanmax(mm_max)) if np.isfinite(mm_max).any() else np.nan,
+        "masked": float(np.nanmean([r.get("loss/masked_frac", np.nan) for r in rows])),
+        "wall_s": float(sum(r.get("time/iteration_s", 0.0) for r in rows)),
+        "iterations": int(steps[-1]),
+    }
+
+
+def _fmt(values, digits=3):
+    vals = [v for v in values if v is not None and np.isfinite(v)]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{np.mean(vals):.{digits}f} ± {np.std(vals):.{digits}f}"
+
+
+def table(root: str, entries) -> str:
+    groups = defaultdict(list)
+    for e in entries:
+        d = os.path.join(root, sweep.run_name(e))
+        if os.path.exists(os.path.join(d, "metrics.jsonl")):
+            groups[e["config_arg"]].append(summarise(d))
+    lines = [
+        f"| method | seeds | final reward | best reward | collapsed (iteration) | reached "
+        f"{THRESHOLD} at | held-out pass@1 | mean abs(pi-mu) | max (pi-mu) | masked frac | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in groups.items():
+        collapses = [r["collapse"] for r in runs]
+        reaches = [r["reach"] for r in runs]
+        lines.append(
+            f"| {name} | {len(runs)} | {_fmt([r['final'] for r in runs])} | "
+            f"{_fmt([r['best'] for r in runs])} | "
+            f"{sum(c is not None for c in collapses)}/{len(runs)} "
+            f"{[c for c in collapses if c is not None] or ''} | "
+            f"{sum(x is not None for x in reaches)}/{len(runs)} "
+            f"{_fmt([x for x in reaches if x is not None], 0)} | "
+            f"{_fmt([r['eval_final'] for r in runs])} | "
+            f"{_fmt([r['mismatch_mean'] for r in runs], 5)} | "
+            f"{_fmt([r['mismatch_max'] for r in runs])} | {_fmt([r['masked'] for r in runs], 4)} | "
+            f"{_fmt([r['wall_s'] for r in runs], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="workdirs/sanity")
+    p.add_argument("--out", default="docs")
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--small", action="store_true", help="CI-sized variant")
+    p.add_argument("--analyze_only", action="store_true")
+    a = p.parse_args(argv)
+    entries = sweep.load_sweep(CONFIG)
+    if a.small:
+        entries = [{"config_arg": n, "seed": 0} for n in ("dppo_binary_tv", "pg_is")]
+    if not a.analyze_only:
+        cmds = sweep.commands(CONFIG, entries, a.workdir, "small" if a.small else "")
+        failed = sweep.run_commands(cmds, a.parallel)
+        if failed:
+            print(f"{len(failed)} run(s) failed; see their log.txt: {failed}")
+            return 1
+    os.makedirs(a.out, exist_ok=True)
+    text = table(a.workdir, entries)
+    with open(os.path.join(a.out, "results_table.md"), "w") as f:
+        f.write(text)
+    print(text)
+    dirs = [os.path.join(a.workdir, sweep.run_name(e)) for e in entries]
+    dirs = [d for d in dirs if os.path.exists(os.path.join(d, "metrics.jsonl"))]
+    plot.plot_runs(dirs, os.path.join(a.out, "sanity_plots"), group_seeds=True, smooth=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
