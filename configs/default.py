@@ -62,7 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.reward_wrong = 0.0  # reward of a wrong / malformed answer
 
     c.warmstart = ml_collections.ConfigDict()
-    c.warmstart.steps = 400  # supervised steps on worked examples before RL (0: none)
+    c.warmstart.steps = 1500  # max supervised steps on worked examples before RL (0: none)
+    c.warmstart.target_loss = 0.15  # stop once the answer-token loss is below this (0: never)
     c.warmstart.batch_size = 64  # sequences per supervised step
     c.warmstart.learning_rate = 3e-3  # peak AdamW learning rate
     c.warmstart.cache_dir = "workdirs/cache"  # warm starts are keyed by config and reused
