@@ -12,8 +12,8 @@ Runs the real training loop (trustrl.train.train) for a few iterations of
 and prints the median over iterations 2.. (iteration 1 includes compilation) of each phase,
 its share of the iteration, and generated response tokens per second of the whole iteration.
 
-Measured 2026-11-26, 2 CPU cores (no GPU), default mesh data=8 (simulated devices):
-(see the table in the issue note / docs; rerun to reproduce)
+Runs on whatever devices jax sees (by default 1 CPU device, like `make demo`; set XLA_FLAGS=
+--xla_force_host_platform_device_count=8 to profile the 8-way simulated mesh instead).
 """
 from __future__ import annotations
 
@@ -22,9 +22,6 @@ import os
 import sys
 import tempfile
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
