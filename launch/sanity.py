@@ -124,7 +124,7 @@ def main(argv=None):
             return 1
     os.makedirs(a.out, exist_ok=True)
     text = table(a.workdir, entries)
-    with open(os.path.join(a.out, "results_table.md"), "w") as f:
+    with open(os.path.join(a.out, "results_table.md"), "w") as f:  # pasted into results.md
         f.write(text)
     print(text)
     dirs = [os.path.join(a.workdir, sweep.run_name(e)) for e in entries]
