@@ -15,23 +15,52 @@ its bf16 rollout precision (policy.rollout_config(cfg, "bfloat16") + cast_params
 column. trustrl: policy.decode_model + Sampler (one jitted program: prefill + while-loop decode
 with a donated KV cache, record_topk=0 like plain generate). transformers: model.generate with
 its default dynamic cache and sdpa attention, under torch.no_grad.
-Tokens/s = batch * new_tokens / best wall time (of --repeats interleaved calls) of one whole generate call (prefill included).
+Tokens/s = batch * new_tokens / the best wall time (of --repeats interleaved calls) of one whole
+generate call, prefill included.
 Compile time is EXCLUDED from trustrl's timing: every sampler is warmed up once on the same
 shapes before the timed calls (transformers gets one warm-up call too).
 
-Measured on the 2-core x86 CPU VM, no GPU (jax 0.10.2, torch 2.13.0, transformers 5.24.0,
-2 threads, median of 3; other jobs shared the cores, so ~10% differences are noise):
+Measured on the 2-core x86 CPU VM (AMD EPYC, AVX-512 with BF16; no GPU), jax 0.10.2, torch
+2.13.0, transformers 5.24.0, 2 threads each, best of 3 (tiny: 9) interleaved calls, at a quiet
+moment (load average 0.5 -> 1.7 during the run):
 
-    2026-11-26, load average 1.1-1.6 (this benchmark alone), best of 1 (tiny: 3):
     model                      | batch | transformers fp32 tok/s | trustrl fp32 |  ratio | trustrl bf16 |  ratio
-    tiny (4L, d=128, V=512)    |     1 |                    1038 |         9037 |  8.71x |         8732 |  8.41x
-    tiny (4L, d=128, V=512)    |    32 |                   16547 |        36061 |  2.18x |        21233 |  1.28x
-    smollm2-135m               |     1 |                      21 |           56 |  2.60x |           54 |  2.51x
-    smollm2-135m               |    32 |                     243 |          480 |  1.98x |          679 |  2.79x
+    tiny (4L, d=128, V=512)    |     1 |                    1150 |        11115 |  9.66x |         9207 |  8.00x
+    tiny (4L, d=128, V=512)    |    32 |                   19445 |        46377 |  2.39x |        22772 |  1.17x
+    smollm2-135m               |     1 |                      26 |           64 |  2.47x |           64 |  2.48x
+    smollm2-135m               |    32 |                     310 |          564 |  1.82x |          745 |  2.40x
 
-The ">= 3x transformers at batch 32" goal is NOT met (2.0-2.8x for SmolLM2, 2.2x for the tiny
-model in fp32). At batch 32 both sides are GEMM-bound on 2 cores; trustrl's lead comes from one
-compiled while-loop (no per-token Python / dispatch) and an in-place heads-first KV cache.
+An earlier run of the same code (load average 1.1-1.6, best of 1, tiny: 3) gave ratios fp32 / bf16
+of 8.71x / 8.41x and 2.18x / 1.28x (tiny, batch 1 / 32), 2.60x / 2.51x and 1.98x / 2.79x (SmolLM2,
+batch 1 / 32): run-to-run spread on this shared VM is about +-15%.
+
+The >= 3x goal at batch 32 is NOT met (2.4x tiny, 1.8x fp32 / 2.4x bf16 SmolLM2). SmolLM2 at batch
+32 is bound by its GEMMs: a decode step is 8.6 GFLOP of 32-row matmuls, and at the 130-150
+GFLOP/s that XLA:CPU reaches for those on these 2 cores in fp32 (about 210 at 512 rows) that alone
+is 57-66 ms, i.e. essentially the whole measured 57 ms fp32 step (bf16: 43 ms; torch: 103 ms); no
+sampler change can triple that. trustrl's lead comes from one compiled while-loop (no per-token
+Python / dispatch) and an in-place, heads-first KV cache. What was fixed on the way
+(trustrl/model.py; A/B in one process, same machine, quiet):
+  * bf16 matmuls accumulated in bf16 and hit a slow XLA:CPU path (20-50 GFLOP/s); now bf16 x bf16
+    -> f32 (oneDNN, 130-240 GFLOP/s) then rounded, and the tied vocab head contracts the embedding
+    directly instead of jnp.dot(h, embedding.T) (126 -> 12 ms per call at batch 32 in bf16);
+  * the KV cache was [B, S, K, D], and XLA copied every layer's whole cache into [B, K, D, S] /
+    [B, K, S, D] for the attention dots at every decode step; it is now stored [B, K, S, D] and
+    decode attention reads it in place (fp32 attention 26 -> 13 ms per step, SmolLM2 batch 32).
+  SmolLM2 batch 32: fp32 518 -> 549 tok/s, bf16 525 -> 731; tiny batch 32: fp32 30.4k -> 45.7k,
+  bf16 17.4k -> 21.8k; batch 1 unchanged for SmolLM2 (60 tok/s), tiny 12.1k -> 10.4k (+14 us/step).
+  (Under load the fp32 gain was larger: 112 -> 82 ms per step, the removed copies being memory
+  traffic.) The KV cache is updated in place (donated, dynamic-update-slice in the loop). Decode
+  attention still spans the whole cache (prompt bucket + max_new_tokens slots): SmolLM2 batch 32
+  pays ~10 ms (fp32) / 13 ms (bf16) per step for 144 slots against 16; splitting the loop into
+  phases with growing static windows would save about a third of that for several times the
+  compile time, so it was left out. bf16 is slower than fp32 on the tiny model (conversions
+  dominate at width 128).
+
+On a LOADED machine (other jobs on the 2 cores) transformers' numbers collapse (torch's OpenMP
+threads stall at every parallel region: SmolLM2 batch 32 took 2-4 s per step with 2 threads, 0.22
+s with 1) while XLA's pool degrades gracefully, so the ratios balloon (20x and more were seen);
+the script warns when the load average is above half the core count. Trust only idle-machine runs.
 """
 from __future__ import annotations
 
@@ -137,7 +166,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", default=None,
                    help="comma-separated batch sizes (default 1,32; --quick: 1,4)")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch threads; the default matches XLA:CPU, which uses every core")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     if args.quick:

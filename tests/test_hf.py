@@ -191,7 +191,7 @@ def test_wrong_shape_and_missing_tensor(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_parity(smollm2_dir):
-    """Real SmolLM2-135M weights (the conftest fixture builds them with trustrl.tools.get_smollm2)."""
+    """Real SmolLM2-135M weights (conftest.py builds them with trustrl.tools.get_smollm2)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     path = str(smollm2_dir)

@@ -37,9 +37,8 @@ def _perturbed(params, seed=1):
         for x, k in zip(leaves, keys)])
 
 
-def _tiny(family="llama", shardable=False, **overrides):
-    make = M.ModelConfig.tiny_shardable if shardable else M.ModelConfig.tiny
-    cfg = make(V, family, **overrides)
+def _tiny(family="llama", **overrides):
+    cfg = M.ModelConfig.tiny(V, family, **overrides)
     return cfg, _perturbed(M.init_params(cfg, jax.random.key(0)))
 
 
@@ -82,7 +81,7 @@ def _masked_absmax(a, b, mask):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b)) * np.asarray(mask)))
 
 
-# ----------------------------------------------------------------------------- vs transformers
+# --------------------------------------------------------------------------------- vs transformers
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
@@ -139,7 +138,7 @@ def test_greedy_equals_transformers_generate_smollm2(smollm2_dir):
     assert "robot" in text.lower(), text
 
 
-# ----------------------------------------------------------------------------- vs the trainer
+# ---------------------------------------------------------------------------------- vs the trainer
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
@@ -209,7 +208,7 @@ def test_rollout_logp_vs_trainer_smollm2(smollm2_dir):
     assert stats["rollout/mismatch_max"] < 0.3 and stats["rollout/mismatch_min"] > -0.3, stats
 
 
-# ----------------------------------------------------------------------------- sharding, buckets, EOS
+# -------------------------------------------------------------------------- sharding, buckets, EOS
 
 
 @pytest.mark.parametrize("axes", [{"data": 2, "fsdp": 1, "tensor": 4},

@@ -238,7 +238,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
-        """x [B, T, E]; mask [B, T, S] bool (S = T, or the cache length); cache_kv ([B,S,K,D] x2)."""
+        """x [B, T, E]; mask [B, T, S] bool (S = T, or the cache length); cache_kv ([B,K,S,D] x2)."""
         c = self.config
         e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         wq = _param(self, "q_proj", _normal, (e, h, d), ("embed", "heads", "kv"))
