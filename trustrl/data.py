@@ -41,7 +41,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from trustrl import tasks
+from trustrl import rewards, tasks
 
 log = logging.getLogger(__name__)
 
@@ -387,20 +387,13 @@ def gsm8k_answer(solution: str) -> str | None:
     return answer.replace(",", "") if _THOUSANDS.fullmatch(answer) else answer
 
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BOXED_BARE = re.compile(r"\\boxed ([^$\s]+)")  # `\boxed 8$`: up to a space or "$"
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last balanced \\boxed{...} / \\fbox{...} (or `\\boxed 5`) in text, or None."""
-    best = None
-    for m in _BOXED.finditer(text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            best = (m.start(), text[m.end():i - 1])
+    spans = list(rewards.boxed_spans(text))  # in order of position
+    best = spans[-1] if spans else None
     for m in _BOXED_BARE.finditer(text):
         if best is None or m.start() > best[0]:
             best = (m.start(), m.group(1).rstrip("."))

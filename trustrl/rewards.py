@@ -28,7 +28,7 @@ _ANSWER_LINE = re.compile(r"answer\s*:", re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
-def _boxed_spans(text: str):
+def boxed_spans(text: str):
     """(start, content) of every \\boxed{...} with balanced braces; unbalanced ones are skipped."""
     for m in _BOXED.finditer(text):
         depth, i = 1, m.end()
@@ -47,7 +47,7 @@ def extract_answer(text: str) -> str | None:
     """
     if not isinstance(text, str):
         return None
-    candidates = [(start, content) for start, content in _boxed_spans(text)]
+    candidates = [(start, content) for start, content in boxed_spans(text)]
     lines = list(_ANSWER_LINE.finditer(text))
     if lines:
         m = lines[-1]
