@@ -60,6 +60,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.template = "plain"  # plain | chat
     c.task.reward_correct = 1.0  # reward of a correct answer
     c.task.reward_wrong = 0.0  # reward of a wrong / malformed answer
+    # Long-tailed filler (trustrl.tasks): worked answers say filler_min..filler_max pseudo-words
+    # from a Zipf(filler_zipf) law over a filler_words lexicon before "Answer: x" (0 = none).
+    c.task.filler_words = 0
+    c.task.filler_zipf = 1.1
+    c.task.filler_min = 4
+    c.task.filler_max = 12
+    # Keep only training problems the base solves at a rate in [solve_band_low, solve_band_high]
+    # over filter_samples rollout samples each, from the first filter_pool problems (0 = off).
+    c.task.filter_samples = 0
+    c.task.filter_pool = 2048
+    c.task.solve_band_low = 0.2
+    c.task.solve_band_high = 0.8
 
     c.warmstart = ml_collections.ConfigDict()
     c.warmstart.steps = 1500  # max supervised steps on worked examples before RL (0: none)

@@ -1,14 +1,19 @@
 r"""The paper's sanity test (sec. 5) at laptop scale: which methods stay stable under a real
 bf16 rollout / fp32 trainer mismatch. ``--config=configs/sanity.py:NAME[,small]``.
 
-Setup (shared by every run; only the loss differs):
-  * task: synthetic 2-digit addition (configs/default.py), base policy = the cached 400-step
-    supervised warm start (greedy pass@1 ~0.84, T=1 training reward ~0.75);
+Setup (shared by every run; only the loss and, for the controls, the rollout dtype differ):
+  * task: synthetic 2-digit addition whose worked answers first say 1-5 filler pseudo-words
+    drawn from a Zipf(1.1) law over a 3,000-word lexicon (trustrl.tasks), then "Answer: x". The
+    byte-level BPE has 3,072 tokens, so the policy samples from a long-tailed vocabulary at
+    every filler step, as an LLM does in a reasoning trace; the reward reads only the answer;
+  * base: the cached supervised warm start (3,000 steps, answer-part loss ~0.19), then the
+    training set is filtered to problems the base solves 20-80% of the time (8 samples each, of
+    the first 1,024 problems; trustrl.filtering);
   * rollout bf16 (weights, activations, KV cache) vs trainer fp32 at equal parameters: the
     natural mismatch of two code paths, no artificial noise;
-  * 32 prompts x 8 responses per iteration (the paper: 64 x 8; halved for CPU time), 4 gradient
-    steps per iteration as in the paper, one learning rate for every method (2e-4: on the
-    default pilot 5e-4 degraded DPPO itself, 1e-4 barely moved in 60 iterations);
+  * PROMPTS_PER_ITER x 8 responses per iteration (the paper: 64 x 8; halved for CPU time), 4
+    gradient steps per iteration as in the paper, one learning rate for every method
+    (LEARNING_RATE, chosen on a pilot with the pg_is_fp32 control, docs/results.md);
   * NAME from SANITY_METHODS; the *_fp32 controls roll out in fp32 (no mismatch).
 Collapse (defined before running): after its best 10-iteration mean training reward, a run's
 10-iteration mean falls below half of that best and stays there to the end, with max (pi - mu)
@@ -27,6 +32,9 @@ SANITY_METHODS = {
     "pg_is_fp32": ("pg_is", "float32"),
     "dppo_binary_tv_fp32": ("dppo_binary_tv", "float32"),
 }
+LEARNING_RATE = 2e-4
+PROMPTS_PER_ITER = 32
+ITERATIONS = 100
 CORE = ("dppo_binary_tv", "dppo_binary_kl", "grpo_clip_higher", "pg_is", "pg_tis", "minirl")
 
 
@@ -39,25 +47,44 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     paper_name, rollout_dtype = SANITY_METHODS[name]
     c = methods.get_config(paper_name + (",tiny" if variant == "small" else ""))
     c.rollout.dtype = rollout_dtype
-    c.optim.learning_rate = 2e-4
+    c.optim.learning_rate = LEARNING_RATE
     c.train.minibatches = 4
     c.log.progress = False
+    # long-tailed vocabulary: filler pseudo-words before the answer, a 4k-token BPE
+    c.task.filler_words = 3000
+    c.task.filler_zipf = 1.1
+    c.task.filler_min = 1
+    c.task.filler_max = 5
+    # base = warm start, then keep the problems it solves 20-80% of the time (8 samples each)
+    c.task.filter_samples = 8
+    c.task.solve_band_low = 0.2
+    c.task.solve_band_high = 0.8
     if variant == "small":
+        c.tokenizer.vocab_size = 400
+        c.task.filler_words = 50
+        c.task.filter_pool = 16
+        c.task.solve_band_low = 0.0  # the 2-step tiny warm start solves nothing
         c.train.iterations = 3
         c.rollout.prompts_per_iter = 4
         c.rollout.group_size = 4
+        c.rollout.max_new_tokens = 8
     else:
-        c.train.iterations = 150
-        c.eval.every = 50
+        c.tokenizer.vocab_size = 3072
+        c.task.filter_pool = 1024
+        c.warmstart.steps = 3000
+        c.rollout.max_new_tokens = 24
+        c.rollout.prompts_per_iter = PROMPTS_PER_ITER
+        c.train.iterations = ITERATIONS
+        c.eval.every = 25
+        c.eval.num_prompts = 64
+        c.eval.k = 4
         c.checkpoint.every = 50
     return c
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:
-    """3 seeds for the core six, 1 for the rest and the fp32 controls."""
+    """3 seeds for the core six, 1 for the rest and the fp32 controls; seed 0 of every run first
+    (a study cut short still covers every method)."""
     del arg
-    runs = []
-    for name in SANITY_METHODS:
-        for seed in range(3 if name in CORE else 1):
-            runs.append({"config_arg": name, "seed": seed})
-    return runs
+    return [{"config_arg": name, "seed": seed} for seed in range(3)
+            for name in SANITY_METHODS if seed == 0 or name in CORE]

@@ -5,7 +5,7 @@ r"""The laptop-scale sanity study (configs/sanity.py): run every method x seed, 
 
 Runs configs/sanity.py's get_sweep() through launch/sweep.py (runs already finished are skipped
 by resuming), then writes OUT/results_table.md (final / best training reward, collapse
-iteration, iterations to reach the reward threshold, held-out pass@1, mismatch, masked fraction,
+iteration, iterations to reach the reward threshold, held-out reward, mismatch, masked fraction,
 wall time; mean +- spread over seeds) and OUT/sanity_plots/*.png via trustrl.plot.
 ``--small`` is the CI-sized variant (tiny model, 3 iterations, 1 seed of two methods).
 """
@@ -25,7 +25,7 @@ from trustrl import plot  # noqa: E402
 from trustrl.metrics import read_jsonl  # noqa: E402
 
 CONFIG = "configs/sanity.py"
-THRESHOLD = 0.85  # training reward (10-iteration mean) counted as "reached"
+THRESHOLD = 0.9  # training reward (10-iteration mean) counted as "reached"
 WINDOW = 10
 
 
@@ -48,14 +48,18 @@ def collapse_iteration(steps, reward, mismatch_max):
     return None
 
 
-def summarise(run_dir: str) -> dict:
+def summarise(run_dir: str, max_step: int | None = None) -> dict:
+    """One run's table entries, over its iterations up to max_step (all when None)."""
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    rows = [r for r in rows if max_step is None or r["step"] <= max_step]
     steps = np.array([r["step"] for r in rows])
     reward = np.array([r["reward/mean"] for r in rows])
     mm_max = np.array([r.get("rollout/mismatch_max", np.nan) for r in rows])
     s = smooth(reward)
     reach = np.flatnonzero(s >= THRESHOLD)
-    evals = [r["eval/pass@1"] for r in rows if "eval/pass@1" in r]
+    # held-out reward: T=1 samples on the test prompts (greedy pass@1 is also logged, but greedy
+    # decoding of filler text is degenerate, so it is not the policy being trained)
+    evals = [r["eval/sampled_reward_mean"] for r in rows if "eval/sampled_reward_mean" in r]
     return {
         "final": float(s[-1]), "best": float(s.max()),
         "collapse": collapse_iteration(steps, reward, mm_max),
@@ -78,15 +82,15 @@ def _fmt(values, digits=3):
     return f"{np.mean(vals):.{digits}f} ± {np.std(vals):.{digits}f}"
 
 
-def table(root: str, entries) -> str:
+def table(root: str, entries, max_step: int | None = None) -> str:
     groups = defaultdict(list)
     for e in entries:
         d = os.path.join(root, sweep.run_name(e))
         if os.path.exists(os.path.join(d, "metrics.jsonl")):
-            groups[e["config_arg"]].append(summarise(d))
+            groups[e["config_arg"]].append(summarise(d, max_step))
     lines = [
         f"| method | seeds | final reward | best reward | collapsed (iteration) | reached "
-        f"{THRESHOLD} at | held-out pass@1 | mean abs(pi-mu) | max (pi-mu) | masked frac | wall s |",
+        f"{THRESHOLD} at | held-out reward | mean abs(pi-mu) | max (pi-mu) | masked frac | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in groups.items():
         collapses = [r["collapse"] for r in runs]
@@ -112,6 +116,8 @@ def main(argv=None):
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--small", action="store_true", help="CI-sized variant")
     p.add_argument("--analyze_only", action="store_true")
+    p.add_argument("--max_iteration", type=int, default=None,
+                   help="summarise every run over its first N iterations (default: all)")
     a = p.parse_args(argv)
     entries = sweep.load_sweep(CONFIG)
     if a.small:
@@ -123,7 +129,7 @@ def main(argv=None):
             print(f"{len(failed)} run(s) failed; see their log.txt: {failed}")
             return 1
     os.makedirs(a.out, exist_ok=True)
-    text = table(a.workdir, entries)
+    text = table(a.workdir, entries, a.max_iteration)
     with open(os.path.join(a.out, "results_table.md"), "w") as f:  # pasted into results.md
         f.write(text)
     print(text)

@@ -60,3 +60,16 @@ def validate(cfg):
     if cfg.warmstart.steps and cfg.model.hf_dir:
         raise ValueError("warmstart.steps > 0 with model.hf_dir: the warm start is for models "
                          "trained from scratch; set warmstart.steps=0 for a pretrained model")
+    t = cfg.task
+    _positive("task.filler_words", t.filler_words, allow_zero=True)
+    if t.filler_words:
+        _positive("task.filler_zipf", t.filler_zipf)
+        if not 0 <= t.filler_min <= t.filler_max:
+            raise ValueError(f"need 0 <= task.filler_min <= task.filler_max, got "
+                             f"{t.filler_min}, {t.filler_max}")
+    _positive("task.filter_samples", t.filter_samples, allow_zero=True)
+    if t.filter_samples:
+        _positive("task.filter_pool", t.filter_pool)
+        if not 0 <= t.solve_band_low <= t.solve_band_high <= 1:
+            raise ValueError(f"need 0 <= task.solve_band_low <= task.solve_band_high <= 1, got "
+                             f"{t.solve_band_low}, {t.solve_band_high}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any, Callable
 
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trustrl import data, hf, policy, rewards, sharding, train_step as ts, warmstart
+from trustrl import data, filtering, hf, policy, rewards, sharding, tasks, train_step as ts, warmstart
 from trustrl.model import ModelConfig, init_params
 from trustrl.sampler import Sampler, SamplerConfig
 from trustrl.tokenizer import Tokenizer, train_bpe
@@ -91,6 +92,10 @@ def _tokenizer(cfg, workdir: str, train_examples) -> Tokenizer:
         return Tokenizer.from_dir(saved)
     texts = [f"{ex['prompt']} {ex['answer']}" for ex in train_examples]
     texts += [data.format_prompt(ex, "plain") for ex in train_examples[:64]]
+    filler = tasks.filler_config(cfg.task)
+    if filler is not None:  # the long tail of the vocabulary comes from the filler text
+        rng = np.random.default_rng([cfg.task.seed, 5])
+        texts += [" " + tasks.filler_text(rng, **filler) + "\nAnswer:" for _ in range(20000)]
     return train_bpe(texts, cfg.tokenizer.vocab_size, save_dir=saved,
                      split_digits=cfg.tokenizer.split_digits)
 
@@ -110,6 +115,19 @@ def _sampler_cfg(cfg, tokenizer, *, greedy: bool) -> SamplerConfig:
         max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
         top_p=1.0 if greedy else cfg.rollout.top_p, top_k=0 if greedy else cfg.rollout.top_k,
         greedy=greedy, eos_ids=eos, record_topk=0 if greedy else cfg.rollout.record_topk)
+
+
+def _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir):
+    """The training problems of this run: all, or those in the base's solve band."""
+    if not cfg.task.filter_samples:
+        return env.train
+    warm_key = warmstart.cache_key(cfg, env, model_cfg)
+    info = filtering.filter_train(cfg, env, model_cfg, _sampler_cfg(cfg, tokenizer, greedy=False),
+                                  params, mesh, warm_key)
+    with open(os.path.join(workdir, "filter.json"), "w") as f:  # what this run trained on
+        json.dump({k: v for k, v in info.items() if k != "rates"}, f)
+    env.train = [env.train[i] for i in info["kept"]]
+    return env.train
 
 
 def build(cfg, workdir: str) -> Run:
@@ -140,6 +158,8 @@ def build(cfg, workdir: str) -> Run:
     state = jax.jit(lambda p: ts.TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                             opt_state=tx.init(p),
                                             skipped=jnp.zeros((), jnp.int32)))(params)
+
+    train_ex = _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir)
 
     roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype)
     batch_sharding = sharding.batch_sharding(mesh)

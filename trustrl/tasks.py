@@ -237,3 +237,54 @@ def generate_splits(task: str, *, difficulty: int, num_train: int, num_test: int
         out[split] = [{"id": f"{task}-{split}-{i:0{width}d}", "prompt": ex["prompt"],
                        "answer": ex["answer"], "task": task} for i, ex in enumerate(examples)]
     return out
+
+
+# --- long-tailed filler ----------------------------------------------------------------------------
+# Reasoning traces of real models are mostly free text over a large vocabulary with a long tail of
+# rare tokens; the paper's argument (the ratio is noisy on rare tokens) is about exactly those.
+# A synthetic task gets the same shape from "filler": before its answer, the worked example says a
+# few pseudo-words drawn from a Zipf law over a fixed lexicon. The reward ignores the filler, so it
+# is reward-irrelevant text the policy must still generate, as in a real reasoning trace.
+
+_ONSETS = ("", "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "st", "tr")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
+
+
+def make_lexicon(size: int, seed: int = 0) -> list[str]:
+    """``size`` distinct pronounceable lowercase pseudo-words (1-4 syllables), deterministic in
+    (size, seed); index 0 is the most frequent under `filler_text`'s Zipf law."""
+    if size < 1:
+        raise ValueError(f"lexicon size must be >= 1, got {size}")
+    rng = np.random.default_rng([seed, 7])
+    words, seen = [], set()
+    while len(words) < size:
+        n_syl = int(rng.integers(1, 5))
+        w = "".join(_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
+                    for _ in range(n_syl))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    words.sort(key=len)  # short words frequent, long ones rare (as in natural text)
+    return words
+
+
+def filler_text(rng: np.random.Generator, lexicon: list[str], *, zipf: float, min_words: int,
+                max_words: int) -> str:
+    """Between min_words and max_words pseudo-words, word i drawn with probability ~ (i+1)^-zipf."""
+    if not 0 <= min_words <= max_words:
+        raise ValueError(f"need 0 <= min_words <= max_words, got {min_words}, {max_words}")
+    p = np.arange(1, len(lexicon) + 1, dtype=np.float64) ** -float(zipf)
+    n = int(rng.integers(min_words, max_words + 1))
+    return " ".join(lexicon[i] for i in rng.choice(len(lexicon), size=n, p=p / p.sum()))
+
+
+def filler_config(task_cfg):
+    """The filler keyword arguments of a task config (``filler_words`` lexicon size, 0 = none,
+    ``filler_zipf``, ``filler_min`` / ``filler_max`` words), or None when it has no filler."""
+    n = int(task_cfg.get("filler_words", 0))
+    if n == 0:
+        return None
+    if n < 0:
+        raise ValueError(f"task.filler_words must be >= 0 (0 = no filler), got {n}")
+    return dict(lexicon=make_lexicon(n, int(task_cfg.seed)), zipf=float(task_cfg.filler_zipf),
+                min_words=int(task_cfg.filler_min), max_words=int(task_cfg.filler_max))

@@ -1,8 +1,9 @@
 """Supervised warm start: a few hundred next-token steps on worked examples before RL.
 
 A randomly initialised tiny model never produces a correct answer, so RL from scratch has no
-signal. The warm start trains on (formatted prompt, " answer<eos>") pairs with the loss on the
-answer tokens only, then stops early on purpose: the base policy should solve a fraction of the
+signal. The warm start trains on (formatted prompt, " answer<eos>") pairs (with task filler:
+" <filler words>\nAnswer: answer<eos>") with the loss on the response tokens, then stops early,
+on the loss of the answer part, on purpose: the base policy should solve a fraction of the
 problems, leaving room for RL. The result is cached under ``warmstart.cache_dir`` keyed by
 everything it depends on (model, tokenizer vocabulary, task, warm-start settings, seed), so every
 run of a sweep starts from the identical base without paying for it again.
@@ -19,59 +20,84 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trustrl import policy, sharding
+from trustrl import policy, sharding, tasks
 from trustrl.model import token_logp_and_entropy
 
 
 def cache_key(cfg, env, model_cfg) -> str:
     vocab = env.tokenizer.backend.to_str()
-    blob = json.dumps({"model": repr(model_cfg), "task": cfg.task.to_dict(),
+    task = {k: v for k, v in cfg.task.to_dict().items()  # the training-set filter runs after
+            if not k.startswith(("filter_", "solve_band_"))}
+    blob = json.dumps({"model": repr(model_cfg), "task": task,
                        "warmstart": {k: v for k, v in cfg.warmstart.items() if k != "cache_dir"},
                        "hf_dir": cfg.model.hf_dir,
                        "vocab": hashlib.sha256(vocab.encode()).hexdigest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def encode_pairs(env, examples):
-    """(prompt ids, answer ids + eos) per example."""
+def encode_pairs(env, examples, filler=None, seed: int = 0):
+    """(prompt ids, worked-answer ids + eos, where the answer part starts) per example.
+
+    Without filler the worked answer is " <answer>". With ``filler`` (a trustrl.tasks filler
+    config: lexicon, zipf, min_words, max_words) it is " <filler words>\nAnswer: <answer>": the
+    filler is drawn per example from ``seed``; the start index marks the answer part, on which
+    the warm start's stopping loss is measured (the filler is irreducibly random)."""
     eos = env.tokenizer.eos_id
     if eos is None:
         raise ValueError("the warm start needs a tokenizer with an eos token")
     prompts = env.encode_prompts(examples)
-    answers = [env.tokenizer.encode(" " + ex["answer"]) + [eos] for ex in examples]
-    return prompts, answers
+    rng = np.random.default_rng([seed, 3])
+    answers, starts = [], []
+    for ex in examples:
+        head = []
+        if filler is not None:
+            head = env.tokenizer.encode(" " + tasks.filler_text(rng, **filler))
+            tail = env.tokenizer.encode("\nAnswer: " + ex["answer"]) + [eos]
+        else:
+            tail = env.tokenizer.encode(" " + ex["answer"]) + [eos]
+        answers.append(head + tail)
+        starts.append(len(head))
+    return prompts, answers, starts
 
 
-def make_batch(prompts, answers):
-    """Left-padded prompts [B, P] + right-padded answers [B, N] in the Rollout layout."""
+def make_batch(prompts, answers, starts=None):
+    """Left-padded prompts [B, P] + right-padded answers [B, N] in the Rollout layout;
+    ``answer_mask`` marks the tokens from ``starts`` (default 0) on."""
     p = max(map(len, prompts))
     n = max(map(len, answers))
     b = len(prompts)
+    starts = starts or [0] * b
     ptok, pmask = np.zeros((b, p), np.int32), np.zeros((b, p), np.int32)
     rtok, rmask = np.zeros((b, n), np.int32), np.zeros((b, n), np.float32)
-    for i, (pr, an) in enumerate(zip(prompts, answers)):
+    amask = np.zeros((b, n), np.float32)
+    for i, (pr, an, st) in enumerate(zip(prompts, answers, starts)):
         ptok[i, p - len(pr):], pmask[i, p - len(pr):] = pr, 1
         rtok[i, :len(an)], rmask[i, :len(an)] = an, 1
+        amask[i, st:len(an)] = 1
     tokens = np.concatenate([ptok, rtok], 1)
     valid = np.concatenate([pmask, np.ones_like(rtok)], 1)
     positions = np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32)
     return dict(tokens=tokens, valid=valid, positions=positions, response_tokens=rtok,
-                response_mask=rmask)
+                response_mask=rmask, answer_mask=amask)
 
 
 def sft_loss(params, model_cfg, batch):
+    """Mean NLL over all worked-answer tokens (the training loss) and, as aux, over the answer
+    part only (the stopping criterion)."""
     n = batch["response_tokens"].shape[1]
     logits = policy.response_logits(params, model_cfg, batch["tokens"], batch["positions"],
                                     batch["valid"], num_response=n)
     logp, _ = token_logp_and_entropy(logits, batch["response_tokens"])
-    m = batch["response_mask"]
-    return -jnp.sum(logp * m) / jnp.maximum(m.sum(), 1.0)
+    m, a = batch["response_mask"], batch["answer_mask"]
+    return (-jnp.sum(logp * m) / jnp.maximum(m.sum(), 1.0),
+            -jnp.sum(logp * a) / jnp.maximum(a.sum(), 1.0))
 
 
 def train_sft(params, model_cfg, env, examples, *, steps, batch_size, learning_rate, seed, mesh,
-              target_loss: float = 0.0):
+              target_loss: float = 0.0, filler=None):
     """Up to ``steps`` AdamW steps (warmup 10%, then constant) on random batches of ``examples``;
-    stops early once the mean loss of the last 20 steps is below ``target_loss`` (0: never).
+    stops early once the mean answer-part loss of the last 20 steps is below ``target_loss``
+    (0: never). Returns (params, answer-part losses).
 
     Stopping on the loss rather than a step count gives a base of the same quality whatever the
     initialisation: small models learn arithmetic in a sharp phase transition whose step varies
@@ -84,11 +110,12 @@ def train_sft(params, model_cfg, env, examples, *, steps, batch_size, learning_r
 
     @jax.jit
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(sft_loss)(params, model_cfg, batch)
+        (_, answer_loss), grads = jax.value_and_grad(sft_loss, has_aux=True)(
+            params, model_cfg, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, answer_loss
 
-    prompts, answers = encode_pairs(env, examples)
+    prompts, answers, starts = encode_pairs(env, examples, filler, seed)
     p_len, a_len = max(map(len, prompts)), max(map(len, answers))
     rng = np.random.default_rng(seed)
     shard = sharding.batch_sharding(mesh)
@@ -96,11 +123,15 @@ def train_sft(params, model_cfg, env, examples, *, steps, batch_size, learning_r
     for _ in range(steps):
         idx = rng.integers(0, len(examples), batch_size)
         # pad every batch to the global maxima: one compiled shape for the whole warm start
-        batch = make_batch([prompts[i] for i in idx], [answers[i] for i in idx])
+        batch = make_batch([prompts[i] for i in idx], [answers[i] for i in idx],
+                           [starts[i] for i in idx])
         batch = _pad_to(batch, p_len, a_len)
         batch = jax.tree.map(lambda x: jax.device_put(x, shard), batch)
         params, opt_state, loss = sharding.cpu_sync(step(params, opt_state, batch))
         losses.append(float(loss))
+        if len(losses) % 250 == 0:
+            print(f"warm start: step {len(losses)}, answer loss {np.mean(losses[-20:]):.3f}",
+                  flush=True)
         if target_loss > 0 and len(losses) >= 20 and np.mean(losses[-20:]) < target_loss:
             break
     return params, losses
@@ -119,7 +150,8 @@ def _pad_to(batch, p_len, a_len):
                                  np.full((x.shape[0], rn), right_fill, x.dtype)], 1)
     out["positions"] = np.maximum(np.cumsum(out["valid"], 1) - 1, 0).astype(np.int32)
     out["response_tokens"] = np.pad(batch["response_tokens"], ((0, 0), (0, rn)))
-    out["response_mask"] = np.pad(batch["response_mask"], ((0, 0), (0, rn)))
+    for k in ("response_mask", "answer_mask"):
+        out[k] = np.pad(batch[k], ((0, 0), (0, rn)))
     return out
 
 
@@ -138,7 +170,8 @@ def warm_start(cfg, env, model_cfg, params, mesh):
     examples = [env.train[i] for i in range(len(env.train))]
     params, losses = train_sft(params, model_cfg, env, examples, steps=ws.steps,
                                batch_size=ws.batch_size, learning_rate=ws.learning_rate,
-                               seed=ws.seed, mesh=mesh, target_loss=ws.target_loss)
+                               seed=ws.seed, mesh=mesh, target_loss=ws.target_loss,
+                               filler=tasks.filler_config(cfg.task))
     print(f"warm start: {len(losses)} steps, loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f}")
     if path is not None:
         os.makedirs(ws.cache_dir, exist_ok=True)

@@ -1,0 +1,160 @@
+"""The sanity-study pieces: long-tailed filler, solve-band filtering, the --small study."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import sanity
+from trustrl import config_validation, filtering, rewards, tasks, warmstart
+from trustrl.tokenizer import train_bpe
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_lexicon_is_deterministic_distinct_and_short_words_first():
+    lex = tasks.make_lexicon(500, seed=3)
+    assert lex == tasks.make_lexicon(500, seed=3) and lex != tasks.make_lexicon(500, seed=4)
+    assert len(set(lex)) == 500 and all(w.isalpha() and w.islower() for w in lex)
+    assert [len(w) for w in lex] == sorted(len(w) for w in lex)
+    with pytest.raises(ValueError, match="size"):
+        tasks.make_lexicon(0)
+
+
+def test_filler_follows_the_zipf_law_and_length_bounds():
+    lex = tasks.make_lexicon(200)
+    rng = np.random.default_rng(0)
+    texts = [tasks.filler_text(rng, lex, zipf=1.1, min_words=2, max_words=5) for _ in range(3000)]
+    lengths = [len(t.split()) for t in texts]
+    assert min(lengths) == 2 and max(lengths) == 5
+    counts = np.bincount([lex.index(w) for t in texts for w in t.split()], minlength=200)
+    # P(i) ~ (i+1)^-1.1: word 0 vs word 9 is 10^1.1 = 12.6x
+    assert 9 < counts[0] / counts[9] < 17
+    assert (counts == 0).sum() < 60  # the tail is visited, not cut off
+    with pytest.raises(ValueError, match="min_words"):
+        tasks.filler_text(rng, lex, zipf=1.1, min_words=3, max_words=2)
+
+
+class _Env:
+    """Just enough of experiment.TaskEnv for the warm-start encoder."""
+    def __init__(self, tok):
+        self.tokenizer = tok
+
+    def encode_prompts(self, examples):
+        return [self.tokenizer.encode(f"Question: {ex['prompt']}\nAnswer:") for ex in examples]
+
+
+def test_worked_answers_with_filler_parse_to_the_answer_and_mark_the_answer_part():
+    lex = tasks.make_lexicon(100)
+    rng = np.random.default_rng(1)
+    corpus = [tasks.filler_text(rng, lex, zipf=1.1, min_words=2, max_words=6) +
+              f"\nAnswer: {i}" for i in range(500)]
+    tok = train_bpe(corpus, 400, split_digits=True)
+    env = _Env(tok)
+    examples = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(20)]
+    filler = dict(lexicon=lex, zipf=1.1, min_words=2, max_words=6)
+    prompts, answers, starts = warmstart.encode_pairs(env, examples, filler, seed=0)
+    again = warmstart.encode_pairs(env, examples, filler, seed=0)
+    assert answers == again[1] and answers != warmstart.encode_pairs(env, examples, filler, 1)[1]
+    eos = tok.eos_id
+    for ex, ans, st in zip(examples, answers, starts):
+        assert ans[-1] == eos and 0 < st < len(ans)
+        head = tok.decode(ans[:st])
+        tail = tok.decode(ans[st:], skip_special_tokens=True)
+        assert 2 <= len(head.split()) <= 6 and all(w in lex for w in head.split())
+        assert tail == f"\nAnswer: {ex['answer']}"
+        text = tok.decode(ans, skip_special_tokens=True)
+        # scored as the trainer scores it: the prompt's "Answer:" prefix + the response
+        assert rewards.extract_answer("Answer:" + text) == ex["answer"]
+    batch = warmstart.make_batch(prompts[:3], answers[:3], starts[:3])
+    for i in range(3):
+        am, rm = batch["answer_mask"][i], batch["response_mask"][i]
+        assert am.sum() == len(answers[i]) - starts[i] and rm.sum() == len(answers[i])
+        assert np.all(am <= rm) and am[starts[i]] == 1 and am[starts[i] - 1] == 0
+    plain = warmstart.encode_pairs(env, examples[:2])
+    assert plain[2] == [0, 0] and tok.decode(plain[1][0], skip_special_tokens=True) == " 1"
+
+
+class _FakeRollout:
+    def __init__(self, texts):
+        self.texts = texts
+
+
+class _FakeSampler:
+    """Response j of example "n" is correct iff j < n: example n's solve rate is n / samples."""
+    calls = 0
+
+    def generate(self, params, prompts, samples, key):
+        _FakeSampler.calls += 1
+        texts = []
+        for p in prompts:
+            n = int(p[0])
+            texts += [" ok" if j < n else " no" for j in range(samples)]
+        return _FakeRollout(texts)
+
+
+class _FakeEnv:
+    correct_threshold = 0.5
+
+    def encode_prompts(self, examples):
+        return [[int(ex["answer"])] for ex in examples]
+
+    def decode_responses(self, rollout):
+        return rollout.texts
+
+    def score(self, texts, answers):
+        return np.array([t == " ok" for t in texts], float)
+
+
+def test_solve_rates_count_correct_samples_per_problem_across_padded_chunks():
+    import jax
+    examples = [{"answer": str(n)} for n in (0, 1, 4, 3, 2)]
+    _FakeSampler.calls = 0
+    rates = filtering.solve_rates(_FakeEnv(), _FakeSampler(), None, examples, 4,
+                                  jax.random.key(0), chunk=3)
+    np.testing.assert_allclose(rates, [0, 0.25, 1.0, 0.75, 0.5])
+    assert _FakeSampler.calls == 2
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("task.filler_words", -1, "filler_words"),
+    ("task.filler_min", 9, "filler_min"),
+    ("task.filter_samples", -2, "filter_samples"),
+    ("task.solve_band_low", 0.9, "solve_band_low"),
+])
+def test_sanity_config_errors(field, value, needle):
+    cfg = sanity.get_config("pg_is")
+    config_validation.validate(cfg)
+    node = cfg
+    *path, last = field.split(".")
+    for p in path:
+        node = node[p]
+    node[last] = value
+    with pytest.raises(ValueError, match=needle):
+        config_validation.validate(cfg)
+    with pytest.raises(ValueError, match="dppo_binary_tv"):
+        sanity.get_config("dppo")
+
+
+def test_small_sanity_study_end_to_end(tmp_path):
+    """`launch/sanity.py --small` (what CI runs): filler, filtering, bf16 rollout, table, plots."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "launch/sanity.py", "--small", "--parallel=2",
+                          f"--workdir={tmp_path / 'runs'}", f"--out={tmp_path / 'out'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    table = (tmp_path / "out" / "results_table.md").read_text()
+    rows = [ln for ln in table.splitlines() if ln.startswith("| dppo_binary_tv |")
+            or ln.startswith("| pg_is |")]
+    assert len(rows) == 2
+    plots = os.listdir(tmp_path / "out" / "sanity_plots")
+    assert "reward_mean.png" in plots and "rollout_mismatch_mean.png" in plots
+    info = json.loads((tmp_path / "runs" / "pg_is_seed0" / "filter.json").read_text())
+    assert 0 < len(info["kept"]) <= 16
+    rows = [json.loads(ln) for ln in
+            (tmp_path / "runs" / "pg_is_seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(np.isfinite(r["rollout/mismatch_mean"]) for r in rows)
+    assert rows[-1]["rollout/mismatch_mean"] > 0  # a bf16 rollout vs the fp32 trainer
