@@ -124,7 +124,8 @@ def main(argv=None):
         entries = [{"config_arg": n, "seed": 0} for n in ("dppo_binary_tv", "pg_is")]
     if not a.analyze_only:
         cmds = sweep.commands(CONFIG, entries, a.workdir, "small" if a.small else "")
-        failed = sweep.run_commands(cmds, a.parallel)
+        # the first run alone builds the shared warm start and filter cache; then the rest
+        failed = sweep.run_commands(cmds[:1], 1) + sweep.run_commands(cmds[1:], a.parallel)
         if failed:
             print(f"{len(failed)} run(s) failed; see their log.txt: {failed}")
             return 1
