@@ -17,7 +17,8 @@ Setup (shared by every run; only the loss and, for the controls, the rollout dty
   * NAME from SANITY_METHODS; the *_fp32 controls roll out in fp32 (no mismatch).
 Collapse (defined before running): after its best 10-iteration mean training reward, a run's
 10-iteration mean falls below half of that best and stays there to the end, with max (pi - mu)
-growing. "small" is the CI-sized variant (tiny model, 3 iterations).
+growing. "small" is the CI-sized variant (tiny model, 3 iterations); "stress" the follow-up
+with a larger step per iteration (STRESS_* below).
 
     python launch/sanity.py --workdir=workdirs/sanity            # the study + docs/results.md
 """
@@ -35,6 +36,13 @@ SANITY_METHODS = {
 LEARNING_RATE = 2e-4
 PROMPTS_PER_ITER = 32
 ITERATIONS = 100
+# "stress" variant (a follow-up, launch/sanity.py --stress): 2.5x the learning rate (on the
+# pilot it made even the fp32 pg_is control dip) and 8 optimizer steps per iteration instead of 4
+# (later minibatches further off-policy), for STRESS_METHODS.
+STRESS_LEARNING_RATE = 5e-4
+STRESS_MINIBATCHES = 8
+STRESS_METHODS = ("dppo_binary_tv", "pg_is", "dppo_binary_tv_fp32", "pg_is_fp32")
+VARIANTS = ("", "small", "stress")
 CORE = ("dppo_binary_tv", "dppo_binary_kl", "grpo_clip_higher", "pg_is", "pg_tis", "minirl")
 
 
@@ -42,15 +50,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     name, _, variant = (arg or "dppo_binary_tv").partition(",")
     if name not in SANITY_METHODS:
         raise ValueError(f"unknown sanity run {name!r}; valid: {sorted(SANITY_METHODS)}")
-    if variant not in ("", "small"):
-        raise ValueError(f"unknown variant {variant!r}; valid: '' or 'small'")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid: {list(VARIANTS)}")
     paper_name, rollout_dtype = SANITY_METHODS[name]
     c = methods.get_config(paper_name + (",tiny" if variant == "small" else ""))
     c.rollout.dtype = rollout_dtype
     c.optim.learning_rate = LEARNING_RATE
     c.train.minibatches = 4
     c.log.progress = False
-    # long-tailed vocabulary: filler pseudo-words before the answer, a 4k-token BPE
+    if variant == "stress":  # the follow-up: a larger step per iteration, same for every method
+        c.optim.learning_rate = STRESS_LEARNING_RATE
+        c.train.minibatches = STRESS_MINIBATCHES
+    # long-tailed vocabulary: filler pseudo-words before the answer, a 3k-token BPE
     c.task.filler_words = 3000
     c.task.filler_zipf = 1.1
     c.task.filler_min = 1

@@ -115,15 +115,26 @@ def main(argv=None):
     p.add_argument("--out", default="docs")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--small", action="store_true", help="CI-sized variant")
+    p.add_argument("--stress", action="store_true",
+                   help="the follow-up with a larger step per iteration (configs/sanity.py "
+                        "STRESS_*): runs in WORKDIR_stress, writes OUT/stress_table.md and "
+                        "OUT/stress_plots")
     p.add_argument("--analyze_only", action="store_true")
     p.add_argument("--max_iteration", type=int, default=None,
                    help="summarise every run over its first N iterations (default: all)")
     a = p.parse_args(argv)
     entries = sweep.load_sweep(CONFIG)
+    variant, table_name, plots_name = "", "results_table.md", "sanity_plots"
     if a.small:
+        variant = "small"
         entries = [{"config_arg": n, "seed": 0} for n in ("dppo_binary_tv", "pg_is")]
+    elif a.stress:
+        from configs import sanity as sanity_cfg
+        variant, table_name, plots_name = "stress", "stress_table.md", "stress_plots"
+        entries = [{"config_arg": n, "seed": 0} for n in sanity_cfg.STRESS_METHODS]
+        a.workdir = a.workdir.rstrip("/") + "_stress"
     if not a.analyze_only:
-        cmds = sweep.commands(CONFIG, entries, a.workdir, "small" if a.small else "")
+        cmds = sweep.commands(CONFIG, entries, a.workdir, variant)
         # the first run alone builds the shared warm start and filter cache; then the rest
         failed = sweep.run_commands(cmds[:1], 1) + sweep.run_commands(cmds[1:], a.parallel)
         if failed:
@@ -131,12 +142,12 @@ def main(argv=None):
             return 1
     os.makedirs(a.out, exist_ok=True)
     text = table(a.workdir, entries, a.max_iteration)
-    with open(os.path.join(a.out, "results_table.md"), "w") as f:  # pasted into results.md
+    with open(os.path.join(a.out, table_name), "w") as f:  # pasted into results.md
         f.write(text)
     print(text)
     dirs = [os.path.join(a.workdir, sweep.run_name(e)) for e in entries]
     dirs = [d for d in dirs if os.path.exists(os.path.join(d, "metrics.jsonl"))]
-    plot.plot_runs(dirs, os.path.join(a.out, "sanity_plots"), group_seeds=True, smooth=5)
+    plot.plot_runs(dirs, os.path.join(a.out, plots_name), group_seeds=True, smooth=5)
     return 0
 
 
