@@ -109,6 +109,36 @@ def table(root: str, entries, max_step: int | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mismatch_profile(workdir: str, batches: int = 4, small: bool = False) -> str:
+    """Where the bf16 / fp32 mismatch sits: `batches` rollout batches of the base policy (before
+    any RL update), bucketed by the rollout probability mu of each sampled token, for the bf16
+    rollout and the fp32 control. Returns a markdown table."""
+    import jax
+    from configs import sanity as sanity_cfg
+    from trustrl import experiment, rollout, train_step as ts
+
+    lines = ["| rollout | mu bucket | tokens | share | mean abs(pi-mu) | mean abs(log pi/mu) | "
+             "max ratio |", "|---|---|---|---|---|---|---|"]
+    for name in ("pg_is", "pg_is_fp32"):
+        cfg = sanity_cfg.get_config(name + (",small" if small else ""))
+        run = experiment.build(cfg, os.path.join(workdir, name))
+        params_roll = run.rollout_params(run.state.params)
+        key, logps = run.key, []
+        for _ in range(batches):
+            key, sub = jax.random.split(key)
+            prompts = run.env.encode_prompts(next(run.prompt_iter))
+            r = run.sampler.generate(params_roll, prompts, cfg.rollout.group_size, sub)
+            batch = ts.rollout_batch(r, np.zeros(r.response_tokens.shape[0], np.float32))
+            logps.append((np.asarray(run.score(run.state.params, batch)),
+                          np.asarray(r.rollout_logp), np.asarray(r.response_mask)))
+        stacked = [np.concatenate([x[i] for x in logps]) for i in range(3)]
+        for b in rollout.mismatch_by_mu(*stacked):
+            lines.append(f"| {cfg.rollout.dtype} | [{b['mu_low']}, {b['mu_high']}) | "
+                         f"{b['tokens']} | {b['share']:.3f} | {b['mean_abs_diff']:.2e} | "
+                         f"{b['mean_abs_log_ratio']:.2e} | {b['max_ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="workdirs/sanity")
@@ -122,7 +152,17 @@ def main(argv=None):
     p.add_argument("--analyze_only", action="store_true")
     p.add_argument("--max_iteration", type=int, default=None,
                    help="summarise every run over its first N iterations (default: all)")
+    p.add_argument("--mismatch_profile", action="store_true",
+                   help="only profile the base policy's bf16 / fp32 mismatch by mu bucket "
+                        "(WORKDIR_profile, OUT/mismatch_profile.md)")
     a = p.parse_args(argv)
+    if a.mismatch_profile:
+        text = mismatch_profile(a.workdir.rstrip("/") + "_profile", small=a.small)
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "mismatch_profile.md"), "w") as f:
+            f.write(text)
+        print(text)
+        return 0
     entries = sweep.load_sweep(CONFIG)
     variant, table_name, plots_name = "", "results_table.md", "sanity_plots"
     if a.small:

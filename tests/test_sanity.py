@@ -158,3 +158,38 @@ def test_small_sanity_study_end_to_end(tmp_path):
             (tmp_path / "runs" / "pg_is_seed0" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(np.isfinite(r["rollout/mismatch_mean"]) for r in rows)
     assert rows[-1]["rollout/mismatch_mean"] > 0  # a bf16 rollout vs the fp32 trainer
+
+
+def test_mismatch_by_mu_buckets_hand_values():
+    from trustrl.rollout import mismatch_by_mu
+    mu = np.array([[0.005, 0.05, 0.3, 0.9], [0.02, 1.0, 0.5, 0.7]])
+    pi = np.array([[0.010, 0.05, 0.3, 0.8], [0.01, 1.0, 0.6, 0.7]])
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]])  # 0.7 is padding
+    out = mismatch_by_mu(np.log(pi), np.log(mu), mask)
+    assert [b["tokens"] for b in out] == [1, 2, 1, 3]  # mu = 0.5 and 1.0 land in the top bucket
+    assert sum(b["share"] for b in out) == pytest.approx(1.0)
+    assert out[0]["max_ratio"] == pytest.approx(2.0) and out[0]["mean_abs_diff"] == pytest.approx(0.005)
+    assert out[1]["max_ratio"] == pytest.approx(2.0)  # mu 0.02 -> pi 0.01
+    assert out[1]["mean_abs_log_ratio"] == pytest.approx(np.log(2) / 2)
+    assert out[2]["max_ratio"] == pytest.approx(1.0)
+    assert out[3]["mean_abs_diff"] == pytest.approx((0.1 + 0 + 0.1) / 3)
+    assert out[3]["max_ratio"] == pytest.approx(1.2)
+
+
+def test_mismatch_profile_small(tmp_path):
+    """`launch/sanity.py --mismatch_profile --small`: a bf16 rollout mismatches, fp32 ~does not."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "launch/sanity.py", "--mismatch_profile", "--small",
+                          f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'out'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [ln.split("|")[1:-1] for ln in
+            (tmp_path / "out" / "mismatch_profile.md").read_text().splitlines()[2:]]
+    by_dtype = {}
+    for r in rows:
+        if int(r[2]) > 0:
+            by_dtype.setdefault(r[0].strip(), []).append(float(r[5]))  # mean abs log ratio
+    assert set(by_dtype) == {"bfloat16", "float32"}
+    assert max(by_dtype["bfloat16"]) > 1e-5  # bf16 rounding is visible (~4e-4 here)
+    assert max(by_dtype["float32"]) < min(by_dtype["bfloat16"]) / 100

@@ -127,3 +127,26 @@ def mismatch_stats(trainer_logp, rollout_logp, mask) -> dict:
         "rollout/logp_absdiff_max": jnp.where(has, jnp.max(jnp.abs(
             jnp.asarray(trainer_logp) - jnp.asarray(rollout_logp)) * mask), 0.),
     }
+
+
+MU_BUCKETS = (0.0, 0.01, 0.1, 0.5, 1.0)
+
+
+def mismatch_by_mu(trainer_logp, rollout_logp, mask, edges=MU_BUCKETS) -> list[dict]:
+    """The mismatch per bucket of the rollout probability mu of the sampled token (host numpy):
+    per bucket [lo, hi), the share of tokens, mean |pi - mu|, mean |log pi - log mu| and the
+    largest ratio max(pi/mu, mu/pi). Shows where the ratio is noisy (the paper: rare tokens)."""
+    lp, lm = np.asarray(trainer_logp, np.float64), np.asarray(rollout_logp, np.float64)
+    m = np.asarray(mask) > 0
+    lp, lm = lp[m], lm[m]
+    mu = np.exp(lm)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (mu >= lo) & ((mu < hi) if hi < edges[-1] else (mu <= hi))
+        d = lp[sel] - lm[sel]
+        out.append({"mu_low": lo, "mu_high": hi, "tokens": int(sel.sum()),
+                    "share": float(sel.mean()) if sel.size else 0.0,
+                    "mean_abs_diff": float(np.abs(np.exp(lp[sel]) - mu[sel]).mean()) if d.size else np.nan,
+                    "mean_abs_log_ratio": float(np.abs(d).mean()) if d.size else np.nan,
+                    "max_ratio": float(np.exp(np.abs(d).max())) if d.size else np.nan})
+    return out
