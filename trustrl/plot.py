@@ -16,7 +16,8 @@ import numpy as np
 from trustrl.metrics import read_jsonl
 
 DEFAULT_METRICS = (
-    "reward/mean", "eval/pass@1", "rollout/mismatch_mean", "rollout/mismatch_max",
+    "reward/mean", "eval/pass@1", "eval/sampled_reward_mean", "rollout/mismatch_mean",
+    "rollout/mismatch_max",
     "rollout/mismatch_min", "loss/masked_frac", "loss/masked_frac_pos", "loss/masked_frac_neg",
     "train/entropy", "response/length_mean", "loss/div_mean", "train/grad_norm",
 )
