@@ -18,6 +18,13 @@ SMOLLM2_ENV = "TRUSTRL_SMOLLM2_DIR"
 SMOLLM2_CACHE = pathlib.Path(__file__).resolve().parents[1] / "assets" / "smollm2-135m"
 
 
+@pytest.fixture
+def subprocess_env():
+    """The environment for `python -m trustrl.main` / launcher subprocesses: this process's, with
+    the 8 simulated CPU devices set above (the children import jax themselves)."""
+    return dict(os.environ)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (still run in CI)")
 

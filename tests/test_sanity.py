@@ -138,14 +138,16 @@ def test_sanity_config_errors(field, value, needle):
         sanity.get_config("dppo")
 
 
-def test_small_sanity_study_end_to_end(tmp_path):
-    """`launch/sanity.py --small` (what CI runs): filler, filtering, bf16 rollout, table, plots."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "launch/sanity.py", "--small", "--parallel=2",
-                          f"--workdir={tmp_path / 'runs'}", f"--out={tmp_path / 'out'}"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def _run_launcher(env, *args):
+    out = subprocess.run([sys.executable, "launch/sanity.py", *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_small_sanity_study_end_to_end(tmp_path, subprocess_env):
+    """`launch/sanity.py --small` (what CI runs): filler, filtering, bf16 rollout, table, plots."""
+    _run_launcher(subprocess_env, "--small", "--parallel=2", f"--workdir={tmp_path / 'runs'}",
+                  f"--out={tmp_path / 'out'}")
     table = (tmp_path / "out" / "results_table.md").read_text()
     rows = [ln for ln in table.splitlines() if ln.startswith("| dppo_binary_tv |")
             or ln.startswith("| pg_is |")]
@@ -176,14 +178,10 @@ def test_mismatch_by_mu_buckets_hand_values():
     assert out[3]["max_ratio"] == pytest.approx(1.2)
 
 
-def test_mismatch_profile_small(tmp_path):
+def test_mismatch_profile_small(tmp_path, subprocess_env):
     """`launch/sanity.py --mismatch_profile --small`: a bf16 rollout mismatches, fp32 ~does not."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "launch/sanity.py", "--mismatch_profile", "--small",
-                          f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'out'}"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _run_launcher(subprocess_env, "--mismatch_profile", "--small", f"--workdir={tmp_path / 'w'}",
+                  f"--out={tmp_path / 'out'}")
     rows = [ln.split("|")[1:-1] for ln in
             (tmp_path / "out" / "mismatch_profile.md").read_text().splitlines()[2:]]
     by_dtype = {}

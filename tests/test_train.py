@@ -16,13 +16,6 @@ from trustrl.metrics import read_jsonl
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 def tiny(**overrides):
     c = default.get_config("tiny")
     for k, v in overrides.items():
@@ -34,13 +27,13 @@ def tiny(**overrides):
     return c
 
 
-def test_entry_point_one_iteration_on_2x4_mesh(tmp_path):
+def test_entry_point_one_iteration_on_2x4_mesh(tmp_path, subprocess_env):
     wd = tmp_path / "run"
     out = subprocess.run(
         [sys.executable, "-m", "trustrl.main", "--config=configs/default.py:tiny",
          f"--workdir={wd}", "--config.train.iterations=1", "--config.loss.method=dppo_binary_kl",
          "--config.loss.delta_low=0.05", "--config.loss.delta_high=0.05"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = read_jsonl(str(wd / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1]
@@ -180,13 +173,13 @@ def test_every_shipped_config_validates():
         default.get_config("huge")
 
 
-def test_cli_rejects_typos_and_bad_values(tmp_path):
+def test_cli_rejects_typos_and_bad_values(tmp_path, subprocess_env):
     base = [sys.executable, "-m", "trustrl.main", "--config=configs/default.py:tiny",
             f"--workdir={tmp_path}"]
-    typo = subprocess.run(base + ["--config.loss.methd=ppo_clip"], cwd=REPO, env=_env(),
+    typo = subprocess.run(base + ["--config.loss.methd=ppo_clip"], cwd=REPO, env=subprocess_env,
                           capture_output=True, text=True, timeout=120)
     assert typo.returncode != 0 and "methd" in typo.stderr
-    bad = subprocess.run(base + ["--config.loss.method=nope"], cwd=REPO, env=_env(),
+    bad = subprocess.run(base + ["--config.loss.method=nope"], cwd=REPO, env=subprocess_env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "dppo_binary_tv" in bad.stderr and "nope" in bad.stderr
     assert not (tmp_path / "checkpoints").exists()  # nothing was written
