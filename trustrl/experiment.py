@@ -118,16 +118,15 @@ def _sampler_cfg(cfg, tokenizer, *, greedy: bool) -> SamplerConfig:
 
 
 def _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir):
-    """The training problems of this run: all, or those in the base's solve band."""
+    """Narrows env.train to the problems in the base's solve band (when task.filter_samples)."""
     if not cfg.task.filter_samples:
-        return env.train
+        return
     warm_key = warmstart.cache_key(cfg, env, model_cfg)
     info = filtering.filter_train(cfg, env, model_cfg, _sampler_cfg(cfg, tokenizer, greedy=False),
                                   params, mesh, warm_key)
     with open(os.path.join(workdir, "filter.json"), "w") as f:  # what this run trained on
         json.dump({k: v for k, v in info.items() if k != "rates"}, f)
     env.train = [env.train[i] for i in info["kept"]]
-    return env.train
 
 
 def build(cfg, workdir: str) -> Run:
@@ -159,7 +158,7 @@ def build(cfg, workdir: str) -> Run:
                                             opt_state=tx.init(p),
                                             skipped=jnp.zeros((), jnp.int32)))(params)
 
-    train_ex = _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir)
+    _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir)
 
     roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -175,7 +174,7 @@ def build(cfg, workdir: str) -> Run:
     return Run(
         cfg=cfg, mesh=mesh, env=env, model_cfg=model_cfg, rollout_cfg=roll_cfg, state=state,
         key=key,
-        prompt_iter=data.PromptIterator(train_ex, cfg.rollout.prompts_per_iter, seed=cfg.seed),
+        prompt_iter=data.PromptIterator(env.train, cfg.rollout.prompts_per_iter, seed=cfg.seed),
         sampler=sampler, eval_greedy=eval_greedy,
         # a copy even when the dtypes agree: train_step donates the state the params live in
         rollout_params=jax.jit(lambda p: jax.tree.map(

@@ -20,6 +20,7 @@ whenever the problem space allows it (it fails loudly when it does not).
 from __future__ import annotations
 
 import fractions
+import functools
 import re
 
 import numpy as np
@@ -273,9 +274,18 @@ def filler_text(rng: np.random.Generator, lexicon: list[str], *, zipf: float, mi
     """Between min_words and max_words pseudo-words, word i drawn with probability ~ (i+1)^-zipf."""
     if not 0 <= min_words <= max_words:
         raise ValueError(f"need 0 <= min_words <= max_words, got {min_words}, {max_words}")
-    p = np.arange(1, len(lexicon) + 1, dtype=np.float64) ** -float(zipf)
     n = int(rng.integers(min_words, max_words + 1))
-    return " ".join(lexicon[i] for i in rng.choice(len(lexicon), size=n, p=p / p.sum()))
+    p = _zipf_probs(len(lexicon), float(zipf))
+    return " ".join(lexicon[i] for i in rng.choice(len(lexicon), size=n, p=p))
+
+
+@functools.lru_cache(maxsize=8)
+def _zipf_probs(size: int, zipf: float) -> np.ndarray:
+    """P(i) ~ (i+1)^-zipf over `size` items; computed once per (size, zipf), not per draw."""
+    p = np.arange(1, size + 1, dtype=np.float64) ** -zipf
+    p /= p.sum()
+    p.setflags(write=False)
+    return p
 
 
 def filler_config(task_cfg):
