@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common  # noqa: E402  (puts the repository root on sys.path)
 from trustrl import hf  # noqa: E402
 from trustrl import model as M  # noqa: E402
 
@@ -123,24 +124,18 @@ def main(argv=None):
     M.FLATTEN_MATMULS = not args.no_flatten
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        # The CPU default experiment's model shape (configs/default.py), tied embeddings.
-        cfg = M.ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4,
-                            num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True)
-        if args.quick:
-            cfg = M.ModelConfig.tiny(vocab_size=64)
-        params = M.init_params(cfg, jax.random.key(0))
-        hf.save_hf_dir(params, cfg, os.path.join(tmp, "tiny"))
+        cfg = bench_common.default_shape(args.quick)
+        params = bench_common.export_random(cfg, os.path.join(tmp, "tiny"))
         batch, seq = (2, 16) if args.quick else (8, 128)
-        rows.append(run_row(f"tiny ({cfg.num_layers}L, d={cfg.hidden_size}, V={cfg.vocab_size})",
-                            cfg, params, os.path.join(tmp, "tiny"), batch, seq, args))
+        rows.append(run_row(bench_common.label(cfg), cfg, params, os.path.join(tmp, "tiny"),
+                            batch, seq, args))
 
         if args.smollm2_dir:
             cfg, params = hf.load_hf_dir(args.smollm2_dir)
             rows.append(run_row("smollm2-135m", cfg, params, args.smollm2_dir, 4, 128, args))
         elif args.smollm2_random:
             cfg = M.ModelConfig.smollm2_135m()
-            params = M.init_params(cfg, jax.random.key(0))
-            hf.save_hf_dir(params, cfg, os.path.join(tmp, "smollm2"))
+            params = bench_common.export_random(cfg, os.path.join(tmp, "smollm2"))
             rows.append(run_row("smollm2-135m (random w)", cfg, params,
                                 os.path.join(tmp, "smollm2"), 4, 128, args))
         else:

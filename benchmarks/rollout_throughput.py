@@ -73,7 +73,8 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common  # noqa: E402  (puts the repository root on sys.path)
 from trustrl import hf, policy  # noqa: E402
 from trustrl import model as M  # noqa: E402
 from trustrl.sampler import Sampler, SamplerConfig  # noqa: E402
@@ -185,16 +186,10 @@ def main(argv=None):
               "Run on an idle machine.", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        # The CPU default experiment's model shape (configs/default.py), tied embeddings.
-        cfg = M.ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4,
-                            num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True)
-        if args.quick:
-            cfg = M.ModelConfig.tiny(vocab_size=64)
-        params = M.init_params(cfg, jax.random.key(0))
-        hf.save_hf_dir(params, cfg, os.path.join(tmp, "tiny"))
-        rows += run_model(f"tiny ({cfg.num_layers}L, d={cfg.hidden_size}, V={cfg.vocab_size})",
-                          cfg, params, os.path.join(tmp, "tiny"), batches, args,
-                          3 * args.repeats)  # short calls: more repeats
+        cfg = bench_common.default_shape(args.quick)
+        params = bench_common.export_random(cfg, os.path.join(tmp, "tiny"))
+        rows += run_model(bench_common.label(cfg), cfg, params, os.path.join(tmp, "tiny"),
+                          batches, args, 3 * args.repeats)  # short calls: more repeats
     if args.smollm2_dir and not args.quick:
         cfg, params = hf.load_hf_dir(args.smollm2_dir)
         rows += run_model("smollm2-135m", cfg, params, args.smollm2_dir, batches, args,
