@@ -1,13 +1,30 @@
-"""Start-up validation of a run config: every bad value fails with the valid choices."""
+"""Start-up checks of a run, before anything is written: every bad value fails with a ValueError
+that names the field and the valid choices.
+
+* ``validate(cfg)``: the config alone (types, ranges, choices, fields that must agree).
+* ``check_environment(cfg, workdir)``: what the config points at on this host (devices for the
+  mesh, model / tokenizer / data directories, the workdir). Reads only.
+* ``check_resume(cfg, workdir)``: a workdir with checkpoints may only be resumed with the config
+  recorded by its first run (``workdir/config.json``, see ``record_config``), up to the fields in
+  ``OPERATIONAL`` and a longer ``train.iterations``.
+"""
 from __future__ import annotations
 
+import json
 import math
+import os
 
 from trustrl import advantages, losses
 
 DTYPES = ("float32", "bfloat16")
 OVERLONG = ("none", "filter", "penalty")
 TEMPLATES = ("plain", "chat")
+CONFIG_FILE = "config.json"
+CHANGES_FILE = "config_changes.jsonl"
+# Fields that change how a run is operated, not what it computes: they may differ on resume.
+# (mesh: the checkpoint is restored into the new layout; only rounding can differ.)
+OPERATIONAL = ("log.", "mesh.", "eval.every", "checkpoint.every", "checkpoint.max_to_keep",
+               "task.data_dir", "warmstart.cache_dir")
 
 
 def _choice(name, value, valid):
@@ -15,61 +32,335 @@ def _choice(name, value, valid):
         raise ValueError(f"{name}={value!r} is not valid; choose one of {list(valid)}")
 
 
-def _positive(name, value, allow_zero=False):
-    ok = value >= 0 if allow_zero else value > 0
-    if not (isinstance(value, (int, float)) and ok):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+def _get(cfg, name):
+    node = cfg
+    for part in name.split("."):
+        if part not in node:
+            raise ValueError(f"the config has no field {name!r}")
+        node = node[part]
+    return node
+
+
+def _int(cfg, name, low=None):
+    """cfg[name] must be an int (not a bool, not a float such as 2.5) and >= low."""
+    v = _get(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    if low is not None and v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v}")
+    return v
+
+
+def _float(cfg, name, low=None, high=None, *, open_low=False, open_high=False, inf_ok=False):
+    """cfg[name] must be a finite number (inf too when inf_ok) in the given interval."""
+    v = _get(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be a number, got {v!r} ({type(v).__name__})")
+    if math.isnan(v) or (math.isinf(v) and not inf_ok):
+        raise ValueError(f"{name} must be finite, got {v}")
+    below = low is not None and (v <= low if open_low else v < low)
+    above = high is not None and (v >= high if open_high else v > high)
+    if below or above:
+        lo = "(-inf" if low is None else f"{'(' if open_low else '['}{low}"
+        hi = "inf)" if high is None else f"{high}{')' if open_high else ']'}"
+        raise ValueError(f"{name} must be in {lo}, {hi}, got {v}")
+    return v
+
+
+def _typed(cfg, names, kind):
+    for name in names:
+        v = _get(cfg, name)
+        if not isinstance(v, kind):
+            raise ValueError(f"{name} must be a {kind.__name__}, got {v!r} ({type(v).__name__})")
 
 
 def validate(cfg):
-    from trustrl import rewards  # the task registry
+    """Checks the config alone; raises ValueError naming the first bad field."""
+    from trustrl import data, rewards  # the dataset and task registries
     _choice("loss.method", cfg.loss.method, losses.METHODS)
     _choice("loss.agg", cfg.loss.agg, losses.AGGREGATIONS)
     _choice("loss.advantage", cfg.loss.advantage, tuple(advantages.ADVANTAGE_FNS))
     _choice("loss.trm_divergence", cfg.loss.trm_divergence, ("binary_tv", "binary_kl"))
-    for k in ("delta_low", "delta_high", "is_cap"):
-        _positive(f"loss.{k}", cfg.loss[k])
-    if cfg.loss.method.startswith("relax") and not 0 < cfg.loss.alpha <= 1:
-        raise ValueError(f"loss.alpha must be in (0, 1] for {cfg.loss.method}, got {cfg.loss.alpha}")
-    if cfg.loss.method in ("dppo_topk_tv", "dppo_topk_kl") and cfg.rollout.record_topk < 1:
-        raise ValueError(f"{cfg.loss.method} needs rollout.record_topk >= 1 (K of mu's top-K)")
+    for k in ("delta_low", "delta_high"):
+        _float(cfg, f"loss.{k}", 0, open_low=True)
+    _float(cfg, "loss.is_cap", 0, open_low=True, inf_ok=True)
+    if cfg.loss.method.startswith("relax"):
+        _float(cfg, "loss.alpha", 0, 1, open_low=True)
     _choice("rollout.dtype", cfg.rollout.dtype, DTYPES)
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("model.param_dtype", cfg.model.param_dtype, DTYPES)
     _choice("rollout.overlong", cfg.rollout.overlong, OVERLONG)
     _choice("task.template", cfg.task.template, TEMPLATES)
     _choice("task.name", cfg.task.name, tuple(rewards.TASKS))
-    for k in ("prompts_per_iter", "group_size", "max_new_tokens", "temperature"):
-        _positive(f"rollout.{k}", cfg.rollout[k])
-    for k in ("iterations", "epochs", "minibatches"):
-        _positive(f"train.{k}", cfg.train[k])
-    _positive("optim.learning_rate", cfg.optim.learning_rate)
-    _positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
-    batch = cfg.rollout.prompts_per_iter * cfg.rollout.group_size
-    if batch % cfg.train.minibatches:
-        raise ValueError(f"prompts_per_iter * group_size = {batch} is not divisible by "
-                         f"train.minibatches={cfg.train.minibatches}")
-    sizes = [cfg.mesh[a] for a in ("data", "fsdp", "tensor")]
-    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes must be positive with at most one -1, got {dict(cfg.mesh)}")
-    if not math.isfinite(cfg.loss.delta_low) or not math.isfinite(cfg.loss.delta_high):
-        raise ValueError("loss.delta_low / delta_high must be finite")
-    if not cfg.task.reward_correct > cfg.task.reward_wrong:
-        raise ValueError(f"task.reward_correct ({cfg.task.reward_correct}) must be greater than "
-                         f"task.reward_wrong ({cfg.task.reward_wrong})")
-    if cfg.warmstart.steps and cfg.model.hf_dir:
-        raise ValueError("warmstart.steps > 0 with model.hf_dir: the warm start is for models "
-                         "trained from scratch; set warmstart.steps=0 for a pretrained model")
+    _typed(cfg, ("model.hf_dir", "tokenizer.path", "task.operations", "task.data_dir",
+                 "task.manual_dir", "warmstart.cache_dir"), str)
+    _typed(cfg, ("model.tie_word_embeddings", "model.remat", "tokenizer.split_digits",
+                 "rollout.dynamic_sampling", "train.score_pass", "log.tensorboard",
+                 "log.progress"), bool)
+
+    for k in ("seed", "task.seed", "warmstart.seed"):  # numpy / tfds seeds are non-negative
+        _int(cfg, k, 0)
+    if not cfg.model.hf_dir:  # built from these fields (a pretrained model brings its own)
+        for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                  "head_dim"):
+            _int(cfg, f"model.{k}", 1)
+        _float(cfg, "model.rope_theta", 0, open_low=True)
+    if not (cfg.tokenizer.path or cfg.model.hf_dir):
+        _int(cfg, "tokenizer.vocab_size", 1)
+
     t = cfg.task
-    _positive("task.filler_words", t.filler_words, allow_zero=True)
+    if t.name in data.MATH_DATASETS:
+        if not t.manual_dir:
+            raise ValueError(f"task.name={t.name!r} reads downloaded files: set task.manual_dir "
+                             f"to their directory (layout: {data.MATH_LAYOUTS[t.name]})")
+        _int(cfg, "task.num_test", 0)  # the held-out size when the files have no test split
+    else:
+        _int(cfg, "task.difficulty", 1)
+        _int(cfg, "task.num_train", 1)
+        _int(cfg, "task.num_test", 1)  # the held-out problems every eval reads
+    _float(cfg, "task.reward_correct")
+    _float(cfg, "task.reward_wrong")
+    if not t.reward_correct > t.reward_wrong:
+        raise ValueError(f"task.reward_correct ({t.reward_correct}) must be greater than "
+                         f"task.reward_wrong ({t.reward_wrong})")
+    _int(cfg, "task.filler_words", 0)
     if t.filler_words:
-        _positive("task.filler_zipf", t.filler_zipf)
+        _float(cfg, "task.filler_zipf", 0, open_low=True)
+        _int(cfg, "task.filler_min", 0)
+        _int(cfg, "task.filler_max", 0)
         if not 0 <= t.filler_min <= t.filler_max:
             raise ValueError(f"need 0 <= task.filler_min <= task.filler_max, got "
                              f"{t.filler_min}, {t.filler_max}")
-    _positive("task.filter_samples", t.filter_samples, allow_zero=True)
+    _int(cfg, "task.filter_samples", 0)
     if t.filter_samples:
-        _positive("task.filter_pool", t.filter_pool)
+        _int(cfg, "task.filter_pool", 1)
+        _float(cfg, "task.solve_band_low")
+        _float(cfg, "task.solve_band_high")
         if not 0 <= t.solve_band_low <= t.solve_band_high <= 1:
             raise ValueError(f"need 0 <= task.solve_band_low <= task.solve_band_high <= 1, got "
                              f"{t.solve_band_low}, {t.solve_band_high}")
+
+    w = cfg.warmstart
+    _int(cfg, "warmstart.steps", 0)
+    if w.steps and cfg.model.hf_dir:
+        raise ValueError("warmstart.steps > 0 with model.hf_dir: the warm start is for models "
+                         "trained from scratch; set warmstart.steps=0 for a pretrained model")
+    if w.steps:
+        _int(cfg, "warmstart.batch_size", 1)
+        _float(cfg, "warmstart.learning_rate", 0, open_low=True)
+        _float(cfg, "warmstart.target_loss", 0)
+
+    r = cfg.rollout
+    for k in ("prompts_per_iter", "max_new_tokens"):
+        _int(cfg, f"rollout.{k}", 1)
+    _int(cfg, "rollout.group_size", 1)
+    if r.group_size < 2:  # every advantage in ADVANTAGE_FNS is relative to the group
+        why = ("rloo's leave-one-out baseline divides by group_size - 1"
+               if cfg.loss.advantage == "rloo" else
+               "the advantage is relative to the group's other responses, so groups of 1 have "
+               "zero advantages and give no gradient")
+        raise ValueError(f"rollout.group_size must be >= 2 with loss.advantage="
+                         f"{cfg.loss.advantage!r}, got {r.group_size}: {why}")
+    _float(cfg, "rollout.temperature", 0, open_low=True)
+    _float(cfg, "rollout.top_p", 0, 1, open_low=True)
+    _int(cfg, "rollout.top_k", 0)
+    _int(cfg, "rollout.record_topk", 0)
+    if cfg.loss.method in ("dppo_topk_tv", "dppo_topk_kl") and r.record_topk < 1:
+        raise ValueError(f"{cfg.loss.method} needs rollout.record_topk >= 1 (K of mu's top-K)")
+    _int(cfg, "rollout.max_refill_rounds", 0)
+    if r.overlong == "penalty":
+        _float(cfg, "rollout.overlong_penalty")
+
+    _float(cfg, "optim.learning_rate", 0, open_low=True)
+    _int(cfg, "optim.warmup_steps", 0)
+    _float(cfg, "optim.b1", 0, 1, open_high=True)
+    _float(cfg, "optim.b2", 0, 1, open_high=True)
+    _float(cfg, "optim.weight_decay", 0)
+    _float(cfg, "optim.grad_clip", 0)
+
+    for k in ("iterations", "epochs", "minibatches"):
+        _int(cfg, f"train.{k}", 1)
+    batch = r.prompts_per_iter * r.group_size
+    if batch % cfg.train.minibatches:
+        raise ValueError(f"prompts_per_iter * group_size = {batch} is not divisible by "
+                         f"train.minibatches={cfg.train.minibatches}")
+    _int(cfg, "eval.every", 0)
+    if cfg.eval.every:
+        _int(cfg, "eval.num_prompts", 1)
+        _int(cfg, "eval.k", 1)
+    _int(cfg, "checkpoint.every", 0)
+    # 0 would keep no checkpoint: a rerun would silently start over and append to metrics.jsonl
+    _int(cfg, "checkpoint.max_to_keep", 1)
+
+    sizes = [_get(cfg, f"mesh.{a}") for a in ("data", "fsdp", "tensor")]
+    if (any(isinstance(s, bool) or not isinstance(s, int) for s in sizes)
+            or sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes)):
+        raise ValueError(f"mesh sizes must be positive ints with at most one -1, got "
+                         f"{dict(cfg.mesh)}")
+
+
+def check_environment(cfg, workdir: str, devices=None):
+    """Checks what cfg points at on this host: the mesh against the devices (jax.devices() by
+    default), model.hf_dir, tokenizer.path, the task files, and the workdir. Writes nothing."""
+    import jax
+
+    from trustrl import data, sharding
+    devices = jax.devices() if devices is None else devices
+    try:
+        sharding.make_mesh(cfg.mesh, devices)
+    except ValueError as e:
+        raise ValueError(f"mesh does not fit the {len(devices)} available devices: {e}") from None
+    if cfg.model.hf_dir:
+        d = cfg.model.hf_dir
+        if not os.path.isdir(d):
+            raise ValueError(f"model.hf_dir={d!r} is not a directory (build one with "
+                             f"`python -m trustrl.tools.get_smollm2 DIR`, or set model.hf_dir='' "
+                             f"to train a model from scratch)")
+        missing = [f for f in ("config.json",) if not os.path.isfile(os.path.join(d, f))]
+        if not any(os.path.isfile(os.path.join(d, f))
+                   for f in ("model.safetensors", "model.safetensors.index.json")):
+            missing.append("model.safetensors (or model.safetensors.index.json)")
+        if missing:
+            raise ValueError(f"model.hf_dir={d!r} is not a Hugging Face model directory: "
+                             f"missing {', '.join(missing)}")
+    tok = cfg.tokenizer.path or cfg.model.hf_dir
+    if tok and not os.path.isfile(os.path.join(tok, "tokenizer.json")):
+        field = "tokenizer.path" if cfg.tokenizer.path else "model.hf_dir"
+        raise ValueError(f"{field}={tok!r} has no tokenizer.json (trustrl loads fast-tokenizer "
+                         f"directories)")
+    t = cfg.task
+    if t.name in data.MATH_DATASETS:
+        try:
+            files = data.find_math_files(t.name, t.manual_dir)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"task.manual_dir={t.manual_dir!r}: {e}") from None
+        if "train" not in files:
+            raise ValueError(f"task.name={t.name!r}: the files in task.manual_dir="
+                             f"{t.manual_dir!r} hold only a test split (an evaluation set); "
+                             f"train on another dataset")
+        if "test" not in files and t.num_test < 1:
+            raise ValueError(f"task.num_test must be >= 1: the files in task.manual_dir="
+                             f"{t.manual_dir!r} have no test split, so task.num_test problems "
+                             f"are held out of train for eval")
+    _check_workdir(workdir)
+
+
+def _check_workdir(workdir: str):
+    if not workdir:
+        raise ValueError("--workdir is empty")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir!r} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--workdir={workdir!r} cannot be created: {parent!r} is not a directory")
+    target = workdir if os.path.isdir(workdir) else parent
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir={workdir!r}: {target!r} is not writable")
+
+
+def latest_checkpoint(workdir: str):
+    """The latest checkpointed iteration in workdir, or None. Creates nothing."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    import orbax.checkpoint as ocp
+    steps = ocp.path.step.checkpoint_steps(directory)  # finalized steps only, as Orbax restores
+    return max(steps) if steps else None
+
+
+def flatten(cfg) -> dict:
+    """{"loss.method": ..., ...} of a ConfigDict (or nested dict), values as JSON reads them."""
+    nested = json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg))
+    out = {}
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                out[prefix + k] = v
+    walk("", nested)
+    return out
+
+
+_ABSENT = "<absent>"
+
+
+def config_changes(old: dict, new: dict):
+    """(semantic, operational) lists of (field, old, new) between two flat configs. A longer
+    train.iterations is operational; a shorter one is semantic (the run would stop early)."""
+    semantic, operational = [], []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
+        if a == b:
+            continue
+        extends = (k == "train.iterations" and isinstance(a, int) and isinstance(b, int)
+                   and b > a)
+        (operational if extends or k.startswith(OPERATIONAL) else semantic).append((k, a, b))
+    return semantic, operational
+
+
+def _describe(changes) -> str:
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
+
+
+def check_resume(cfg, workdir: str, allow_changes: bool = False):
+    """Compares cfg with the config recorded in a workdir that has checkpoints.
+
+    Returns (notices to print, semantic changes accepted by allow_changes, the checkpointed
+    iteration or None). Raises ValueError listing every semantic change (old -> new) unless
+    allow_changes.
+    """
+    step = latest_checkpoint(workdir)
+    if step is None:
+        return [], [], None
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return [f"notice: {workdir} has checkpoints (iteration {step}) but no {CONFIG_FILE} "
+                f"(a run from before configs were recorded): resuming without checking that the "
+                f"config matches, and recording this one"], [], step
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}, the config of the run being resumed: {e}") from None
+    semantic, operational = config_changes(flatten(old), flatten(cfg))
+    notices = []
+    for k, a, b in operational:
+        if k == "train.iterations":
+            mult = cfg.train.epochs * cfg.train.minibatches
+            notices.append(
+                f"notice: extending the run from {a} to {b} iterations (resuming at iteration "
+                f"{step}); the optimizer's total steps change from {a * mult} to {b * mult}, "
+                f"so a learning-rate schedule over them (trustrl.train_step.make_optimizer) "
+                f"changes from the resumed step on")
+    others = [c for c in operational if c[0] != "train.iterations"]
+    if others:
+        notices.append(f"notice: resuming with changed operational fields: {_describe(others)}")
+    if semantic and not allow_changes:
+        raise ValueError(
+            f"--workdir={workdir!r} has checkpoints (iteration {step}) of a run with a different "
+            f"config ({path}): {_describe(semantic)}; rerun with the recorded values, use a new "
+            f"--workdir, or pass --allow_config_change to continue with the new config")
+    if semantic:
+        notices.append(f"warning: continuing the run from iteration {step} with a changed config "
+                       f"(--allow_config_change): {_describe(semantic)}; recorded in "
+                       f"{os.path.join(workdir, CHANGES_FILE)}")
+    return notices, semantic, step
+
+
+def record_config(cfg, workdir: str, changes=(), step=None):
+    """Writes workdir/config.json atomically (tmp file + os.replace); appends accepted semantic
+    changes, with the iteration they start at, to workdir/config_changes.jsonl."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    if changes:
+        with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
+            f.write(json.dumps({"iteration": step,
+                                "changes": {k: [a, b] for k, a, b in changes}}) + "\n")

@@ -1,53 +1,159 @@
 """Command line: ``python -m trustrl.main --config=configs/default.py[:variant] --workdir=DIR``.
 
 Any config field can be overridden, e.g. ``--config.loss.method=dppo_binary_kl``. The config is
-locked (a typo in a field name fails) and validated before anything runs.
+locked (a typo in a field name fails) and checked before anything is written: every bad flag,
+field or value exits with status 2 and one ``invalid config: ...`` (or ``usage: ...``) line, and
+the workdir is not created. Rerunning in a workdir with checkpoints resumes it, only with the
+config it recorded (``DIR/config.json``), up to operational fields and a longer
+``train.iterations``; ``--allow_config_change`` continues with other changes, listing them.
 """
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import os
+import re
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
+
+USAGE = ("usage: python -m trustrl.main --config=FILE[:VARIANT] --workdir=DIR "
+         "[--config.FIELD=VALUE ...] [--allow_config_change] [--multihost]")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it has checkpoints).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first "
                                "(TPU pods / multi-host GPU; see launch/tpu_pod.sh).")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir although fields that change the run's "
+    "semantics differ from its recorded config.json (the changes are printed and logged).")
+
+
+def _fail(message: str):
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_spec(argv):
+    """The value of --config in argv, or None."""
+    for i, arg in enumerate(argv):
+        m = re.fullmatch(r"--?config(?:=(.*))?", arg)
+        if m:
+            return m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv)
+                                                              else None)
+    return None
+
+
+def _load_config(spec: str):
+    """Loads FILE[:ARG] as config_flags does, raising ValueError with a one-line message."""
+    path, sep, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ValueError(f"--config: config file {path!r} not found")
+    try:
+        module_spec = importlib.util.spec_from_file_location("trustrl_cli_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(*([arg] if sep else []))
+    except Exception as e:  # noqa: BLE001  (any failure of user config code is reported)
+        what = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+        raise ValueError(f"--config={spec}: {what}{e}") from None
+
+
+_PARSERS = {int: flags.IntegerParser(), float: flags.FloatParser(),
+            bool: flags.BooleanParser()}
+
+
+def describe_parse_error(argv, error) -> str:
+    """One line naming what in argv made flag parsing fail (the config file or variant, the
+    unknown field with the valid ones, or the field whose value has the wrong type)."""
+    spec = _config_spec(argv)
+    if spec is None:
+        return f"{USAGE}: --config is required"
+    try:
+        cfg = _load_config(spec)
+    except ValueError as e:
+        return f"invalid config: {e}"
+    for arg in argv[1:]:
+        m = re.fullmatch(r"--?(no)?config\.([^=]+)(?:=(.*))?", arg)
+        if not m:
+            continue
+        negated, field, value = m.groups()
+        node, walked = cfg, "config"
+        for part in field.split("."):
+            if not isinstance(node, ConfigDict) or part not in node:
+                fields = sorted(node.keys()) if isinstance(node, ConfigDict) else []
+                close = difflib.get_close_matches(part, fields, n=1)
+                hint = f" (did you mean {walked}.{close[0]}?)" if close else ""
+                valid = (f"; fields of {walked}: {', '.join(fields)}" if fields else
+                         f" ({walked} is a value of type {type(node).__name__}, not a group)")
+                return f"invalid config: unknown field config.{field}{hint}{valid}"
+            node, walked = node[part], f"{walked}.{part}"
+        kind = type(node)
+        if value is not None and kind in _PARSERS and not negated:
+            try:
+                _PARSERS[kind].parse(value)
+            except (TypeError, ValueError):
+                return (f"invalid config: config.{field} must be {'an' if kind is int else 'a'} "
+                        f"{kind.__name__}, got {value!r}")
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, flags.UnrecognizedFlagError):
+        return f"{USAGE}: {message}"
+    return f"invalid config: {message}"
+
+
+def _parse_flags(argv):
+    """absl flag parsing whose every failure exits 2 with one line, no traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        _fail(describe_parse_error(argv, e))
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _fail(f"{USAGE}: unexpected arguments {argv[1:]}")
+    cfg, wd = _CONFIG.value, _WORKDIR.value
+    if not isinstance(cfg, ConfigDict):  # config_flags defers a missing file's error
+        _fail(describe_parse_error(sys.argv, ValueError("--config did not load a ConfigDict")))
+    if not wd:
+        _fail(f"{USAGE}: --workdir is required")
     logging.set_verbosity(logging.WARNING)  # Orbax / tfds INFO lines drown the progress bar
-    import tensorflow_datasets as tfds
-    tfds.disable_progress_bar()
     if _MULTIHOST.value:
         import jax
-        jax.distributed.initialize()
-    from trustrl import config_validation, train
-    cfg = _CONFIG.value
+        jax.distributed.initialize()  # before check_environment counts the devices
+    from trustrl import config_validation as cv
     try:
-        config_validation.validate(cfg)
+        cv.validate(cfg)
+        cv.check_environment(cfg, wd)
+        notices, changes, step = cv.check_resume(cfg, wd, allow_changes=_ALLOW_CHANGE.value)
     except ValueError as e:
-        print(f"invalid config: {e}", file=sys.stderr)
-        sys.exit(2)
-    wd = _WORKDIR.value
+        _fail(f"invalid config: {e}")
+    for line in notices:
+        print(line)
+    import jax
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+    from trustrl import train
+    if jax.process_index() == 0:
+        os.makedirs(wd, exist_ok=True)
+        cv.record_config(cfg, wd, changes, step)
     train.train(cfg, wd)
     from trustrl import metrics, plot
     rows = metrics.read_jsonl(f"{wd}/metrics.jsonl")
     plot.plot_runs([wd], f"{wd}/plots")
-    first, last = rows[0], rows[-1]
+    trained = [r for r in rows if "reward/mean" in r]  # (a step-0 row holds only the base's eval)
     evals = [r for r in rows if "eval/pass@1" in r]
-    print(f"training reward: {first['reward/mean']:.3f} (iteration {first['step']}) -> "
-          f"{last['reward/mean']:.3f} (iteration {last['step']})")
+    if trained:
+        print(f"training reward: {trained[0]['reward/mean']:.3f} (iteration "
+              f"{trained[0]['step']}) -> {trained[-1]['reward/mean']:.3f} (iteration "
+              f"{trained[-1]['step']})")
     if evals:
-        print(f"held-out greedy pass@1: {evals[0]['eval/pass@1']:.3f} -> "
-              f"{evals[-1]['eval/pass@1']:.3f}")
+        print(f"held-out greedy pass@1: {evals[0]['eval/pass@1']:.3f} (step {evals[0]['step']}) "
+              f"-> {evals[-1]['eval/pass@1']:.3f} (step {evals[-1]['step']})")
     print(f"metrics: {wd}/metrics.jsonl  tensorboard: {wd}/tb  plots: {wd}/plots/*.png")
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
