@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -88,16 +89,40 @@ def _tokenizer(cfg, workdir: str, train_examples) -> Tokenizer:
     if path:
         return Tokenizer.from_dir(path)
     saved = os.path.join(workdir, "tokenizer")
-    if os.path.exists(os.path.join(saved, "tokenizer.json")):
-        return Tokenizer.from_dir(saved)
+    tokenizer = _saved_tokenizer(saved, cfg.tokenizer.vocab_size)
+    if tokenizer is not None:
+        return tokenizer
     texts = [f"{ex['prompt']} {ex['answer']}" for ex in train_examples]
     texts += [data.format_prompt(ex, "plain") for ex in train_examples[:64]]
     filler = tasks.filler_config(cfg.task)
     if filler is not None:  # the long tail of the vocabulary comes from the filler text
         rng = np.random.default_rng([cfg.task.seed, 5])
         texts += [" " + tasks.filler_text(rng, **filler) + "\nAnswer:" for _ in range(20000)]
-    return train_bpe(texts, cfg.tokenizer.vocab_size, save_dir=saved,
+    return train_bpe(texts, cfg.tokenizer.vocab_size,
+                     save_dir=saved if jax.process_index() == 0 else None,
                      split_digits=cfg.tokenizer.split_digits)
+
+
+def _saved_tokenizer(saved: str, vocab_size: int) -> Tokenizer | None:
+    """The trained tokenizer a previous start of the run saved, or None if there is none or it
+    is incomplete (a kill during an older, non-atomic save): then it is deleted and trained
+    again, which gives the identical vocabulary (BPE training is deterministic in its input)."""
+    if not os.path.exists(saved):
+        return None
+    try:
+        tokenizer = Tokenizer.from_dir(saved)
+        if tokenizer.eos_id is None:  # without it the warm start and sampler have no stop token
+            raise ValueError(f"{saved}/tokenizer_config.json names no eos_token of the vocabulary")
+    except (OSError, ValueError) as e:
+        print(f"tokenizer: {saved} is incomplete, training it again: {e}", flush=True)
+        if jax.process_index() == 0:
+            shutil.rmtree(saved)
+        return None
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"{saved} has {tokenizer.vocab_size} tokens but tokenizer.vocab_size="
+                         f"{vocab_size}: this workdir was started with another vocabulary; use "
+                         f"a new workdir (or delete {saved} if the workdir has no checkpoints)")
+    return tokenizer
 
 
 def model_config(cfg, vocab_size: int) -> ModelConfig:

@@ -1,15 +1,23 @@
 """Per-iteration metrics: JSONL (one object per line) and TensorBoard event files.
 
-Only process 0 writes (multi-host runs compute the same metrics on every host).
+Only process 0 writes (multi-host runs compute the same metrics on every host). metrics.jsonl is
+kept consistent with the checkpoints: each row is appended and fsynced in one write (a failed
+write is truncated away), and a (re)opened MetricWriter repairs the file atomically: a partial
+last line (a kill, a full disk) is dropped and so are rows past the resumed iteration, which the
+run replays. TensorBoard event files are append-only and left as they are: after a resume they
+may hold a replayed step twice (TensorBoard draws both points).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import warnings
 
 import jax
 import numpy as np
+
+from trustrl import durable
 
 
 def to_python(metrics: dict) -> dict:
@@ -21,13 +29,65 @@ def to_python(metrics: dict) -> dict:
     return out
 
 
+def _parse(line: bytes):
+    """(row, None) for a valid row, else (None, why)."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"not JSON ({e})"
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        return None, "not an object with an integer 'step'"
+    return row, None
+
+
+def _scan(path: str):
+    """(rows as (row, raw line), problems as (line number, why)) of a metrics file."""
+    with open(path, "rb") as f:
+        chunks = f.read().split(b"\n")
+    tail = chunks.pop()  # b"" when the file ends with a newline, else an unterminated last line
+    rows, problems = [], []
+    for n, raw in enumerate(chunks + ([tail] if tail.strip() else []), start=1):
+        if not raw.strip():
+            continue
+        row, why = _parse(raw)
+        if row is None:
+            partial = n == len(chunks) + 1
+            problems.append((n, ("partial last line, " if partial else "") + why))
+        else:
+            rows.append((row, raw))
+    return rows, problems
+
+
+def repair_jsonl(path: str, resume_step: int | None = None) -> dict:
+    """Rewrites metrics.jsonl (atomically) without unreadable lines and, when ``resume_step`` is
+    given, without rows whose step exceeds it (the resumed run writes them again).
+
+    Returns {"unreadable": [(line number, why)], "replayed": number of rows dropped}; prints what
+    it dropped. Nothing is rewritten when nothing is dropped."""
+    rows, problems = _scan(path)
+    kept = [raw for row, raw in rows if resume_step is None or row["step"] <= resume_step]
+    replayed = len(rows) - len(kept)
+    if problems or replayed:
+        durable.atomic_write(path, b"".join(raw + b"\n" for raw in kept))
+        for n, why in problems:
+            print(f"metrics: dropped line {n} of {path}: {why}", flush=True)
+        if replayed:
+            print(f"metrics: dropped {replayed} rows of {path} after step {resume_step} "
+                  f"(the resumed run writes them again)", flush=True)
+    return {"unreadable": problems, "replayed": replayed}
+
+
 class MetricWriter:
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int | None = None):
+        """resume_step: the iteration the run continues from (0 for a fresh start); the existing
+        metrics.jsonl is repaired first (see repair_jsonl). None: only unreadable lines go."""
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
+            if os.path.exists(self.path):
+                repair_jsonl(self.path, resume_step)
             if tensorboard:
                 from tensorboardX import SummaryWriter
                 self._tb = SummaryWriter(os.path.join(workdir, "tb"))
@@ -36,13 +96,32 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {"step": int(step), **to_python(metrics)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append((json.dumps(row) + "\n").encode("utf-8"))
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k.replace("@", "_at_"), v, step)
             self._tb.flush()
+
+    def _append(self, line: bytes):
+        # One unbuffered write + fsync; on failure (a full disk) cut the file back to its old
+        # length so that no partial row is left for the next run to trip over.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as e:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                raise durable.storage_error(e, self.path, "append a row to") from e
+        finally:
+            os.close(fd)
 
     def close(self):
         if self._tb is not None:
@@ -50,12 +129,13 @@ class MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """Reads metrics.jsonl; a later row for the same step (a resumed run) replaces the earlier."""
-    rows = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                row = json.loads(line)
-                rows[row["step"]] = row
+    """Reads metrics.jsonl; a later row for the same step (a resumed run) replaces the earlier.
+
+    Unreadable lines (a partial row from a killed run) are skipped with a warning naming the
+    file and line numbers."""
+    raw_rows, problems = _scan(path)
+    if problems:
+        warnings.warn(f"{path}: skipped {len(problems)} unreadable line(s): " + "; ".join(
+            f"line {n}: {why}" for n, why in problems), stacklevel=2)
+    rows = {row["step"]: row for row, _ in raw_rows}
     return [rows[k] for k in sorted(rows)]

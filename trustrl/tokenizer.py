@@ -14,9 +14,12 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 from typing import Iterable, Sequence
 
 import tokenizers
+
+from trustrl import durable
 
 # Templates for tokenizers that ship none. Used only when asked for by name: silently guessing a
 # format would produce prompts the model was never trained on.
@@ -66,23 +69,52 @@ class Tokenizer:
                 f"No tokenizer.json in {path} (found: {present}). trustrl loads fast-tokenizer "
                 f"directories only; convert a slow tokenizer with transformers first.")
         config = {}
-        if (path / "tokenizer_config.json").is_file():
-            config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config_file = path / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{config_file} is not valid JSON ({e}); an interrupted write "
+                                 f"leaves it truncated: restore or rebuild the file") from e
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_file} holds a {type(config).__name__}, not an object")
         if config.get("chat_template") is None and (path / "chat_template.jinja").is_file():
             config["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(tokenizers.Tokenizer.from_file(str(tok_file)), config)
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # the Rust parser raises a bare Exception
+            raise ValueError(f"{tok_file} cannot be loaded ({e}); an interrupted write leaves it "
+                             f"truncated: restore or rebuild the file") from e
+        return cls(backend, config)
 
     def save(self, path: os.PathLike) -> pathlib.Path:
-        """Writes tokenizer.json + tokenizer_config.json (loadable by from_dir and transformers)."""
+        """Writes tokenizer.json + tokenizer_config.json (loadable by from_dir and transformers).
+
+        Crash-safe: a new directory is written beside its final name and renamed into place, so
+        it exists only complete; into an existing directory (e.g. a model's) each file is written
+        to a temporary name and replaced, so no file is ever left truncated."""
         path = pathlib.Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path / "tokenizer.json"))
         config = dict(self.config)
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         config.setdefault("clean_up_tokenization_spaces", False)
         config["chat_template"] = self.chat_template
-        (path / "tokenizer_config.json").write_text(
-            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        files = {"tokenizer.json": self.backend.to_str(pretty=True),
+                 "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n"}
+        if path.is_dir():
+            for name, text in files.items():
+                durable.atomic_write(path / name, text)
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed save of this same pid
+        tmp.mkdir()
+        try:
+            for name, text in files.items():
+                durable.atomic_write(tmp / name, text)
+            os.rename(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        durable.fsync_dir(path.parent)
         return path
 
     # --- vocabulary -------------------------------------------------------------------------------

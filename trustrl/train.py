@@ -14,7 +14,7 @@ import numpy as np
 
 from trustrl import advantages as adv_lib
 from trustrl import checkpoint as ckpt_lib
-from trustrl import evaluation, experiment, losses, sharding, train_step as ts
+from trustrl import durable, evaluation, experiment, losses, sharding, train_step as ts
 from trustrl.metrics import MetricWriter
 from trustrl.rollout import FINISH_LENGTH, mismatch_stats, validate
 
@@ -58,9 +58,19 @@ def _collect(env, sampler, params_roll, prompt_iter, key, cfg):
     return r, kept_ex[:n], np.concatenate(kept_rew[:n]), {"rollout/refill_rounds": round_}
 
 
+def _check_storage(cfg, workdir: str):
+    """Fails before any expensive work when a directory the run writes is read-only or full."""
+    dirs = {workdir: "workdir", os.path.join(workdir, "checkpoints"): "checkpoint directory"}
+    if cfg.warmstart.steps > 0 and cfg.warmstart.cache_dir:
+        dirs[cfg.warmstart.cache_dir] = "warmstart.cache_dir"
+    for path, what in dirs.items():
+        durable.check_writable(path, what)
+        durable.check_free_space(path, durable.MIN_FREE_BYTES, f"the run's outputs ({what})")
+
+
 def train(cfg, workdir: str):
     """Runs (or resumes) cfg in workdir. Returns (final TrainState, last iteration's metrics)."""
-    os.makedirs(workdir, exist_ok=True)
+    _check_storage(cfg, workdir)
     run = experiment.build(cfg, workdir)  # mesh, tokenizer, data, model, optimizer, samplers
     env, mesh = run.env, run.mesh
     ckpt = ckpt_lib.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
@@ -71,7 +81,8 @@ def train(cfg, workdir: str):
         start = host["iteration"]
         run.prompt_iter.restore(host["data"])
         print(f"resumed from {ckpt.directory} at iteration {start}")
-    writer = MetricWriter(workdir, cfg.log.tensorboard)
+    ckpt.check_space(state)
+    writer = MetricWriter(workdir, cfg.log.tensorboard, resume_step=start)  # drops replayed rows
     g = cfg.rollout.group_size
     need_old = cfg.loss.method in losses._NEEDS_OLD_LOGP
     bar = None

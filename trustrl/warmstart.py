@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trustrl import policy, sharding, tasks
+from trustrl import durable, policy, sharding, tasks
 from trustrl.model import token_logp_and_entropy
 
 
@@ -28,10 +28,12 @@ def cache_key(cfg, env, model_cfg) -> str:
     vocab = env.tokenizer.backend.to_str()
     task = {k: v for k, v in cfg.task.to_dict().items()  # the training-set filter runs after
             if not k.startswith(("filter_", "solve_band_"))}
+    tok = env.tokenizer  # the special ids live in tokenizer_config.json, not in the vocab
     blob = json.dumps({"model": repr(model_cfg), "task": task,
                        "warmstart": {k: v for k, v in cfg.warmstart.items() if k != "cache_dir"},
                        "hf_dir": cfg.model.hf_dir,
-                       "vocab": hashlib.sha256(vocab.encode()).hexdigest()}, sort_keys=True)
+                       "vocab": hashlib.sha256(vocab.encode()).hexdigest(),
+                       "special_ids": [tok.bos_id, tok.eos_id, tok.pad_id]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -158,15 +160,16 @@ def _pad_to(batch, p_len, a_len):
 def warm_start(cfg, env, model_cfg, params, mesh):
     """Returns warm-started params, loading them from the cache when present."""
     ws = cfg.warmstart
+    if env.tokenizer.eos_id is None:  # checked before the cache: a cached base would hide it
+        raise ValueError("the warm start needs a tokenizer with an eos token (eos_token in "
+                         "tokenizer_config.json); this one has none")
     path = None
     if ws.cache_dir:
         path = os.path.join(ws.cache_dir, f"warmstart-{cache_key(cfg, env, model_cfg)}.msgpack")
         if os.path.exists(path):
-            with open(path, "rb") as f:
-                host = flax.serialization.msgpack_restore(f.read())
-            print(f"warm start: loaded {path}")
-            return jax.tree.map(lambda x, ref: jax.device_put(np.asarray(x, ref.dtype),
-                                                              ref.sharding), host, params)
+            cached = _load_cached(path, params)
+            if cached is not None:
+                return cached
     examples = [env.train[i] for i in range(len(env.train))]
     params, losses = train_sft(params, model_cfg, env, examples, steps=ws.steps,
                                batch_size=ws.batch_size, learning_rate=ws.learning_rate,
@@ -176,8 +179,28 @@ def warm_start(cfg, env, model_cfg, params, mesh):
     if path is not None:
         os.makedirs(ws.cache_dir, exist_ok=True)
         blob = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, params))
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)  # atomic: a half-written cache entry is never read
+        durable.atomic_write(path, blob)  # a half-written cache entry is never read
     return params
+
+
+def _load_cached(path, params):
+    """The cached params placed like ``params``, or None (reported) when the file is unreadable
+    or does not match params' tree and shapes: the caller trains the warm start again."""
+    try:
+        with open(path, "rb") as f:
+            host = flax.serialization.msgpack_restore(f.read())
+        host = flax.serialization.from_state_dict(params, host)
+        bad = [jax.tree_util.keystr(k) for (k, x), ref in zip(
+            jax.tree_util.tree_leaves_with_path(host), jax.tree.leaves(params))
+            if np.shape(x) != ref.shape]
+        if bad:
+            raise ValueError(f"shapes differ from the model's at {', '.join(bad[:3])}")
+        if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(host)):
+            raise ValueError("it holds non-finite values")
+    except Exception as e:  # noqa: BLE001 - msgpack / flax raise assorted types for bad bytes
+        print(f"warm start: ignoring cache {path}, training again: {type(e).__name__}: {e}",
+              flush=True)
+        return None
+    print(f"warm start: loaded {path}")
+    return jax.tree.map(lambda x, ref: jax.device_put(np.asarray(x, ref.dtype), ref.sharding),
+                        host, params)
