@@ -83,7 +83,7 @@ def test_cache_dtype_follows_compute_dtype():
     assert M.init_cache(cfg, 2, 8).k[0].dtype == jnp.bfloat16
     assert M.init_cache(cfg, 2, 8, dtype="float32").v[1].dtype == jnp.float32
     params = M.init_params(cfg, jax.random.key(0))
-    assert params["layers_0"]["mlp"]["up_proj"].dtype == jnp.float32
+    assert params["layers"]["mlp"]["up_proj"].dtype == jnp.float32  # scanned: [L, E, F]
     tokens = jnp.ones((2, 4), jnp.int32)
     hidden = jax.jit(M.forward, static_argnums=1)(params, cfg, tokens,
                                                  M.positions_from_mask(tokens), tokens)
@@ -96,14 +96,15 @@ def test_sharded_forward_equals_unsharded(axes):
     mesh = make_mesh(axes)
     cfg = M.ModelConfig.tiny_shardable(V, "qwen3")
     params = M.init_params(cfg, jax.random.key(0), mesh=mesh)
-    # created sharded: heads / mlp / vocab over tensor, embed over fsdp
-    assert params["layers_0"]["attn"]["q_proj"].sharding.spec == P("fsdp", "tensor", None)
-    assert params["layers_1"]["mlp"]["down_proj"].sharding.spec == P("tensor", "fsdp")
+    # created sharded: heads / mlp / vocab over tensor, embed over fsdp, the stacked layer axis
+    # replicated
+    assert params["layers"]["attn"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert params["layers"]["mlp"]["down_proj"].sharding.spec == P(None, "tensor", "fsdp")
     assert params["embedding"].sharding.spec == P("tensor", "fsdp")
-    shard_shape = params["layers_0"]["mlp"]["gate_proj"].addressable_shards[0].data.shape
-    assert shard_shape == (64 // axes["fsdp"], 128 // 4)
-    assert params["layers_0"]["mlp"]["gate_proj"].sharding == (
-        M.param_shardings(cfg, mesh)["layers_0"]["mlp"]["gate_proj"])
+    shard_shape = params["layers"]["mlp"]["gate_proj"].addressable_shards[0].data.shape
+    assert shard_shape == (2, 64 // axes["fsdp"], 128 // 4)
+    assert params["layers"]["mlp"]["gate_proj"].sharding == (
+        M.param_shardings(cfg, mesh)["layers"]["mlp"]["gate_proj"])
 
     params = _perturbed(params)
     local = jax.device_get(params)
@@ -121,12 +122,12 @@ def test_indivisible_dimension_is_replicated():
     mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
     cfg = M.ModelConfig.tiny(V, num_heads=6, num_kv_heads=3)  # 6 and 3 heads: not 4-divisible
     shardings = M.param_shardings(cfg, mesh)
-    assert shardings["layers_0"]["attn"]["k_proj"].spec == P("fsdp", None, None)
-    assert shardings["layers_0"]["mlp"]["up_proj"].spec == P("fsdp", "tensor")
+    assert shardings["layers"]["attn"]["k_proj"].spec == P(None, "fsdp", None, None)
+    assert shardings["layers"]["mlp"]["up_proj"].spec == P(None, "fsdp", "tensor")
 
 
 def test_remat_matches_plain_value_and_grad():
-    cfg = M.ModelConfig.tiny(V, "qwen2")
+    cfg = M.ModelConfig.tiny(V, "qwen2", remat=False)
     params = _perturbed(M.init_params(cfg, jax.random.key(0)))
     tokens, valid = _left_padded(lengths=(6, 12))
     positions = M.positions_from_mask(valid)

@@ -18,6 +18,14 @@ Padding and position convention (the sampler and the trainer rely on it)
   padding precedes it (what Hugging Face derives from an attention mask). A left-padded row thus
   gives the same logits as the unpadded row.
 * Causality is by slot (column) order, not by position value.
+* Attention (``trustrl.attention``): the training forward and ``prefill`` run the backend named by
+  ``attention`` ("auto": blockwise online softmax for long sequences, cuDNN / splash on GPU /
+  TPU); ``decode_step`` attends one query against the cache with the einsum reference.
+* Layers: with ``scan_layers`` (default) the decoder is one ``nn.scan`` over parameters stacked
+  on a leading "layers" axis (``params["layers"]["attn"]["q_proj"]`` is [L, E, H, D]), each layer
+  rematerialised by the ``remat`` policy; ``scan_layers=False`` is the unrolled reference
+  (``params["layers_0"]``, ...). ``stack_layers`` / ``unstack_layers`` convert between the two
+  (Hugging Face import / export and the KV-cache path, which runs the layers unrolled).
 * KV cache (``init_cache``): fixed ``max_len`` slots per row plus a per-slot validity mask and one
   shared write column ``index``. ``prefill`` empties the cache and writes the T prompt columns at
   slots 0..T-1; each ``decode_step`` writes the next column (the same column for every row, its
@@ -43,9 +51,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from trustrl import attention as attention_lib
 from trustrl import sharding as sharding_lib
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+# Rematerialisation of each layer in the backward pass. "none": keep every activation; "full":
+# keep only each layer's input and recompute the rest; "dots": also keep the outputs of the
+# weight matmuls (jax.checkpoint_policies.dots_with_no_batch_dims_saveable; not the attention's
+# batched score matmuls). A bool is accepted for older configs: True -> "full", False -> "none".
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +89,22 @@ class ModelConfig:
     max_position_embeddings: int = 4096  # only written to an exported config.json
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations (and of the KV cache by default)
-    remat: bool = False  # rematerialise each layer in the backward pass (nn.remat)
+    remat: str = "full"  # per-layer rematerialisation policy: REMAT_POLICIES (or a bool)
+    attention: str = "auto"  # attention backend: trustrl.attention.BACKENDS
+    attention_block_size: int = 512  # blockwise backend: query / key tile length
+    scan_layers: bool = True  # one nn.scan over stacked layers (False: unrolled reference)
 
     def __post_init__(self):
+        if isinstance(self.remat, (bool, np.bool_)):  # older configs: remat = True / False
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; valid: {REMAT_POLICIES} "
+                             "(or a bool: True = 'full', False = 'none')")
+        if self.attention not in attention_lib.BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention!r}; valid: "
+                             f"{attention_lib.BACKENDS}")
+        if int(self.attention_block_size) < 1:
+            raise ValueError(f"attention_block_size must be >= 1, got {self.attention_block_size}")
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; valid: {FAMILIES}")
         if self.num_heads % self.num_kv_heads:
@@ -237,8 +264,13 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
-        """x [B, T, E]; mask [B, T, S] bool (S = T, or the cache length); cache_kv ([B,K,S,D] x2)."""
+    def __call__(self, x, cos, sin, valid, mask=None, cache_kv=None, index=None):
+        """x [B, T, E]; valid [B, T]; cache_kv ([B, K, S, D] x2) written at column ``index``.
+
+        ``mask`` [B, T, S] None: causal self-attention over the T new columns (training, and a
+        prefill into an emptied cache) through the configured backend. Otherwise the new columns
+        attend the cache under ``mask`` with the einsum reference (decode).
+        """
         c = self.config
         e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         wq = _param(self, "q_proj", _normal, (e, h, d), ("embed", "heads", "kv"))
@@ -254,36 +286,33 @@ class Attention(nn.Module):
             q = RMSNorm(c, d, name="q_norm")(q)
             key = RMSNorm(c, d, name="k_norm")(key)
         q, key = _apply_rope(q, cos, sin), _apply_rope(key, cos, sin)
-
         b, t = q.shape[:2]
-        q = q.reshape(b, t, k, h // k, d)  # query heads grouped by the kv head they share
-        # A finite fill (not -inf) keeps fully masked rows (pad queries) NaN-free.
-        fill = jnp.finfo(jnp.float32).min
-        if cache_kv is None:
-            scores = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32)
-            scores = jnp.where(mask[:, None, None], scores * (d ** -0.5), fill)
-            probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, val)
-            return _dense(out.reshape(b, t, h, d), wo, in_ndim=2), None
 
-        k_cache, v_cache = cache_kv  # [B, K, S, D]
-        k_cache = jax.lax.dynamic_update_slice(
-            k_cache, key.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, index, 0))
-        v_cache = jax.lax.dynamic_update_slice(
-            v_cache, val.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
+        if cache_kv is not None:
+            k_cache, v_cache = cache_kv  # [B, K, S, D]
+            k_cache = jax.lax.dynamic_update_slice(
+                k_cache, key.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, index, 0))
+            v_cache = jax.lax.dynamic_update_slice(
+                v_cache, val.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
+            cache_kv = (k_cache, v_cache)
+        if mask is None:
+            out = attention_lib.attend(q, key, val, valid, backend=c.attention,
+                                       block_size=c.attention_block_size)
+            return _dense(out, wo, in_ndim=2), cache_kv
+
         key, val = k_cache.astype(c.compute_dtype), v_cache.astype(c.compute_dtype)
         if t == 1:  # decode: no length-1 query axis, so XLA reads the cache without a copy
-            scores = jnp.einsum("bkgd,bksd->bkgs", q[:, 0], key,
-                                preferred_element_type=jnp.float32)
-            scores = jnp.where(mask[:, 0, None, None], scores * (d ** -0.5), fill)
+            qg = q[:, 0].reshape(b, k, h // k, d)
+            scores = jnp.einsum("bkgd,bksd->bkgs", qg, key, preferred_element_type=jnp.float32)
+            # A finite fill (not -inf) keeps fully masked rows NaN-free.
+            scores = jnp.where(mask[:, 0, None, None], scores * (d ** -0.5),
+                               jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
-            out = jnp.einsum("bkgs,bksd->bkgd", probs, val)[:, None]
+            out = jnp.einsum("bkgs,bksd->bkgd", probs, val).reshape(b, 1, h, d)
         else:
-            scores = jnp.einsum("btkgd,bksd->bkgts", q, key, preferred_element_type=jnp.float32)
-            scores = jnp.where(mask[:, None, None], scores * (d ** -0.5), fill)
-            probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
-            out = jnp.einsum("bkgts,bksd->btkgd", probs, val)
-        return _dense(out.reshape(b, t, h, d), wo, in_ndim=2), (k_cache, v_cache)
+            out = attention_lib.masked_attention(q, key.transpose(0, 2, 1, 3),
+                                                 val.transpose(0, 2, 1, 3), mask)
+        return _dense(out, wo, in_ndim=2), cache_kv
 
 
 class Mlp(nn.Module):
@@ -304,10 +333,11 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+    def __call__(self, x, cos, sin, valid, mask=None, cache_kv=None, index=None):
+        """-> (x, cache_kv); with cache_kv None this is also ``nn.scan``'s (carry, outputs)."""
         c = self.config
         h, cache_kv = Attention(c, name="attn")(RMSNorm(c, c.hidden_size, name="input_norm")(x),
-                                                cos, sin, mask, cache_kv, index)
+                                                cos, sin, valid, mask, cache_kv, index)
         x = _constrain_hidden(x + h)
         x = x + Mlp(c, name="mlp")(RMSNorm(c, c.hidden_size, name="post_attn_norm")(x))
         return _constrain_hidden(x), cache_kv
@@ -336,35 +366,56 @@ class Transformer(nn.Module):
         c = self.config
         self.embedding = _param(self, "embedding", _normal, (c.vocab_size, c.hidden_size),
                                 ("vocab", "embed"))
-        block = nn.remat(Block) if c.remat else Block
-        self.layers = [block(c) for _ in range(c.num_layers)]  # named layers_0, layers_1, ...
+        policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+        if c.scan_layers:  # one "layers" module whose parameters have a leading [L] axis
+            # prevent_cse=False is safe (and faster) inside scan, as the jax.checkpoint docs say.
+            block = (Block if c.remat == "none"
+                     else nn.remat(Block, policy=policy[c.remat], prevent_cse=False))
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 3, length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(c)
+        else:
+            block = Block if c.remat == "none" else nn.remat(Block, policy=policy[c.remat])
+            self.layers = [block(c) for _ in range(c.num_layers)]  # layers_0, layers_1, ...
         self.final_norm = RMSNorm(c, c.hidden_size)
         if not c.tie_word_embeddings:
             self.lm_head = _param(self, "lm_head", _normal, (c.hidden_size, c.vocab_size),
                                   ("embed", "vocab"))
 
-    def __call__(self, tokens, positions, valid, cache: KVCache | None = None):
-        """tokens, positions, valid [B, T] -> (hidden [B, T, E] compute dtype, cache)."""
+    def __call__(self, tokens, positions, valid, cache: KVCache | None = None,
+                 fresh: bool = False):
+        """tokens, positions, valid [B, T] -> (hidden [B, T, E] compute dtype, cache).
+
+        ``fresh``: the cache was just emptied, so the new columns only attend each other (a
+        prefill runs the configured attention backend instead of the masked reference).
+        """
         t = tokens.shape[1]
+        valid = valid.astype(bool)
         x = _constrain_hidden(jnp.take(self.embedding, tokens, axis=0))
         cos, sin = _rope_cos_sin(positions, self.config)
-        q_cols = jnp.arange(t)
         if cache is None:
-            key_valid, k_cols = valid.astype(bool), q_cols
-        else:
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool),
-                                                     (0, cache.index))
-            k_cols, q_cols = jnp.arange(key_valid.shape[1]), q_cols + cache.index
-        mask = key_valid[:, None, :] & (k_cols[None, None, :] <= q_cols[None, :, None])
+            if self.config.scan_layers:
+                x, _ = self.layers(x, cos, sin, valid)
+            else:
+                for layer in self.layers:
+                    x, _ = layer(x, cos, sin, valid)
+            return self.final_norm(x), None
+
+        if self.config.scan_layers:
+            raise ValueError("the KV-cache path runs unrolled layers: call model.prefill / "
+                             "decode_step, which unstack the scanned parameters")
+        key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+        mask = None
+        if not fresh:
+            k_cols, q_cols = jnp.arange(key_valid.shape[1]), jnp.arange(t) + cache.index
+            mask = key_valid[:, None, :] & (k_cols[None, None, :] <= q_cols[None, :, None])
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, cos, sin, mask, kv, None if cache is None else cache.index)
-            if cache is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        if cache is not None:
-            cache = KVCache(tuple(new_k), tuple(new_v), key_valid, cache.index + t)
+            x, kv = layer(x, cos, sin, valid, mask, (cache.k[i], cache.v[i]), cache.index)
+            new_k.append(kv[0])
+            new_v.append(kv[1])
+        cache = KVCache(tuple(new_k), tuple(new_v), key_valid, cache.index + t)
         return self.final_norm(x), cache
 
     def logits(self, hidden):
@@ -434,9 +485,52 @@ def reset_cache(cache: KVCache) -> KVCache:
     return cache._replace(valid=jnp.zeros_like(cache.valid), index=jnp.zeros_like(cache.index))
 
 
-def _extend(params, config: ModelConfig, tokens, positions, valid, cache: KVCache):
-    """Runs [B, T] new columns against the cache, writing them at ``cache.index``."""
-    return Transformer(config).apply({"params": params}, tokens, positions, valid, cache)
+def unrolled_config(config: ModelConfig) -> ModelConfig:
+    """The same model with unrolled layers (``params["layers_0"]``, ...)."""
+    return dataclasses.replace(config, scan_layers=False)
+
+
+def unstack_layers(params, config: ModelConfig):
+    """Stacked ``params["layers"]`` [L, ...] -> ``layers_0`` .. ``layers_{L-1}`` (a no-op for an
+    unrolled config). Works on jax arrays (under jit: slices) and on host numpy arrays."""
+    if not config.scan_layers:
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(config.num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
+def stack_layers(params, config: ModelConfig, mesh=None, rules=sharding_lib.LOGICAL_RULES):
+    """Unrolled ``layers_i`` params -> the stacked layout of a ``scan_layers`` config (a no-op
+    otherwise), placed with ``param_shardings(config, mesh)`` when ``mesh`` is given. The inputs
+    are donated, so the peak is the unrolled copy plus one stacked copy, briefly."""
+    if not config.scan_layers:
+        return params
+    names = [f"layers_{i}" for i in range(config.num_layers)]
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"stack_layers: params lack {missing[:3]} for num_layers="
+                       f"{config.num_layers}")
+
+    def stack(tree):
+        out = {k: v for k, v in tree.items() if k not in names}
+        out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[n] for n in names])
+        return out
+
+    shardings = None if mesh is None else param_shardings(config, mesh, rules)
+    return jax.jit(stack, out_shardings=shardings, donate_argnums=0)(params)
+
+
+def _extend(params, config: ModelConfig, tokens, positions, valid, cache: KVCache,
+            fresh: bool = False):
+    """Runs [B, T] new columns against the cache, writing them at ``cache.index``.
+
+    The cache path always runs the layers unrolled: the cache stays one [B, K, S, D] buffer per
+    layer (batch-major, updated in place), which a scan over layers would copy every step.
+    """
+    params, config = unstack_layers(params, config), unrolled_config(config)
+    return Transformer(config).apply({"params": params}, tokens, positions, valid, cache, fresh)
 
 
 def prefill(params, config: ModelConfig, tokens, positions, valid, cache: KVCache):
@@ -447,7 +541,8 @@ def prefill(params, config: ModelConfig, tokens, positions, valid, cache: KVCach
     next-token logits. ``cache`` needs T + (number of decode steps) slots; writes past the end are
     not checked (XLA clamps the index).
     """
-    hidden, cache = _extend(params, config, tokens, positions, valid, reset_cache(cache))
+    hidden, cache = _extend(params, config, tokens, positions, valid, reset_cache(cache),
+                            fresh=True)
     return lm_head(params, config, hidden[:, -1]), cache
 
 

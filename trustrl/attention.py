@@ -1,0 +1,290 @@
+"""Causal self-attention with key padding and grouped-query heads, behind one function.
+
+    out = attention.attend(q, k, v, valid, backend="auto", block_size=512)
+
+q [B, T, H, D], k / v [B, T, K, D] (H % K == 0; K/V are never repeated to H heads), valid [B, T]
+bool (1 = real token; prompts left-padded, responses right-padded). Query t attends key s iff
+``s <= t`` (by column) and ``valid[:, s]``. Outputs of pad queries are finite garbage (the caller
+masks them); every backend agrees on the real queries, in value and in gradient.
+
+Backends (``BACKENDS``):
+* ``xla``: the reference. Full [B, K, G, T, S] float32 scores and probabilities, kept by autodiff
+  for the backward pass: O(T^2) memory per layer.
+* ``blockwise``: flash-style online softmax in pure JAX (any platform, CPU included). Tiles of
+  ``block_size`` queries x keys, tiles above the diagonal skipped; a custom VJP stores only the
+  output and the row log-sum-exp (O(T)) and recomputes each tile's probabilities backwards.
+* ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, bf16 / fp16). cuDNN
+  only knows right padding (sequence lengths), so each row is rotated to put its first real
+  token at column 0 and rotated back; this needs each row's real tokens to be contiguous (true
+  for every batch trustrl builds). A row that is not gets NaN outputs (never a silent wrong
+  answer), which the train step reports as a skipped update.
+* ``splash``: the Pallas TPU splash-attention kernel shipped with jax, with segment ids for the
+  padding (pad = segment 0, real = 1); runs on CPU in Pallas interpret mode (tests only: slow).
+* ``auto``: ``resolve`` picks per platform and length (see ``AUTO_XLA_MAX_LEN``).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BACKENDS = ("auto", "xla", "blockwise", "cudnn", "splash")
+
+# On CPU "auto" uses the xla reference up to this many columns and blockwise beyond. Measured
+# with benchmarks/train_memory.py --speed (2-core shared CPU, see docs/performance.md): at 512
+# columns the two run at the same speed, past 1,024 blockwise is faster and its memory linear.
+AUTO_XLA_MAX_LEN = 512
+
+
+def resolve(backend: str, length: int, dtype, platform: str | None = None) -> str:
+    """The concrete backend for ``backend`` (maybe "auto") at ``length`` columns."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; valid: {BACKENDS}")
+    if backend != "auto":
+        return backend
+    platform = jax.default_backend() if platform is None else platform
+    if platform == "tpu":
+        return "splash"
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    if platform == "cpu" and length <= AUTO_XLA_MAX_LEN:
+        return "xla"
+    return "blockwise"
+
+
+def attend(q, k, v, valid, *, backend: str = "auto", block_size: int = 512):
+    """Causal GQA self-attention: q [B, T, H, D], k, v [B, T, K, D], valid [B, T] -> [B, T, H, D]."""
+    b, t, h, d = q.shape
+    nk = k.shape[2]
+    if k.shape != (b, t, nk, d) or v.shape != k.shape or h % nk:
+        raise ValueError(f"attend needs q [B, T, H, D] and k, v [B, T, K, D] with H % K == 0; "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+    if valid.shape != (b, t):
+        raise ValueError(f"valid must be [B, T] = {(b, t)}, got {valid.shape}")
+    name = resolve(backend, t, q.dtype)
+    valid = valid.astype(bool)
+    if name == "xla":
+        return xla_attention(q, k, v, valid)
+    if name == "blockwise":
+        return blockwise_attention(q, k, v, valid, block_size)
+    if name == "cudnn":
+        return cudnn_attention(q, k, v, valid)
+    return splash_attention(q, k, v, valid, interpret=jax.default_backend() != "tpu")
+
+
+def causal_mask(valid):
+    """[B, T, T] bool: query t may attend key s (s <= t and valid[s])."""
+    cols = jnp.arange(valid.shape[1])
+    return valid.astype(bool)[:, None, :] & (cols[None, None, :] <= cols[None, :, None])
+
+
+def masked_attention(q, k, v, mask):
+    """The einsum reference against an explicit mask [B, T, S] (S may be a KV-cache length).
+
+    q [B, T, H, D], k, v [B, S, K, D]. Scores and softmax in float32; probabilities cast to the
+    compute dtype for the value matmul. A finite fill (not -inf) keeps fully masked rows (pad
+    queries) NaN-free.
+    """
+    b, t, h, d = q.shape
+    nk = k.shape[2]
+    qg = q.reshape(b, t, nk, h // nk, d)  # query heads grouped by the kv head they share
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * (d ** -0.5), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+def xla_attention(q, k, v, valid):
+    return masked_attention(q, k, v, causal_mask(valid))
+
+
+# ----------------------------------------------------------------------------- blockwise
+
+
+def blockwise_attention(q, k, v, valid, block_size: int = 512):
+    """Online-softmax tiles with a recomputing custom VJP; nothing [T, T] is ever stored."""
+    if block_size < 1:
+        raise ValueError(f"attention block_size must be >= 1, got {block_size}")
+    b, t, h, d = q.shape
+    nk = k.shape[2]
+    bs = min(block_size, t)
+    pad = -t % bs
+    if pad:  # padded keys are invalid; padded queries are dropped
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    out = _flash(q.reshape(b, t + pad, nk, h // nk, d), k, v, valid, bs)
+    return out[:, :t].reshape(b, t, h, d)
+
+
+def _tile_mask(valid_j, i, j, bs):
+    """[B, 1, 1, bs, bs]: key valid and key column <= query column, for query tile i, key tile j."""
+    q_cols = i * bs + jnp.arange(bs)
+    k_cols = j * bs + jnp.arange(bs)
+    causal = k_cols[None, :] <= q_cols[:, None]
+    return valid_j[:, None, None, None, :] & causal[None, None, None]
+
+
+def _tiles(x, bs):
+    """[B, T, ...] -> [B, n, bs, ...]."""
+    return x.reshape(x.shape[0], x.shape[1] // bs, bs, *x.shape[2:])
+
+
+def _flash_forward(q, k, v, valid, bs):
+    """-> out [B, T, K, G, D] (q's dtype), lse [B, n, K, G, bs] float32 (+inf for empty rows)."""
+    d = q.shape[-1]
+    scale = d ** -0.5
+    qt, kt, vt, valt = _tiles(q, bs), _tiles(k, bs), _tiles(v, bs), _tiles(valid, bs)
+    n = qt.shape[1]
+
+    def q_tile(i):
+        qi = qt[:, i]  # [B, bs, K, G, D]
+        shape = (qi.shape[0], qi.shape[2], qi.shape[3], bs)  # [B, K, G, bs]
+
+        def body(j, carry):
+            m, l, acc = carry
+            s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kt[:, j],
+                           preferred_element_type=jnp.float32) * scale
+            s = jnp.where(_tile_mask(valt[:, j], i, j, bs), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no (-inf) - (-inf)
+            p = jnp.exp(s - m_safe[..., None])
+            corr = jnp.exp(m - m_safe)
+            acc = acc * corr[..., None] + jnp.einsum(
+                "bkgqs,bskd->bkgqd", p.astype(vt.dtype), vt[:, j],
+                preferred_element_type=jnp.float32)
+            return m_new, l * corr + p.sum(-1), acc
+
+        init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros((*shape, d), jnp.float32))
+        # Causal: key tiles 0..i only. A dynamic trip count is fine: the VJP is ours.
+        m, l, acc = jax.lax.fori_loop(0, i + 1, body, init)
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+        return jnp.einsum("bkgqd->bqkgd", out).astype(q.dtype), lse
+
+    out, lse = jax.lax.map(q_tile, jnp.arange(n))  # [n, B, bs, K, G, D], [n, B, K, G, bs]
+    out = jnp.moveaxis(out, 0, 1).reshape(q.shape)
+    return out, jnp.moveaxis(lse, 0, 1)
+
+
+def _flash_backward(q, k, v, valid, out, lse, g, bs):
+    d = q.shape[-1]
+    scale = d ** -0.5
+    qt, kt, vt, valt, dot_ = (_tiles(x, bs) for x in (q, k, v, valid, g))
+    n = qt.shape[1]
+    # D_i = sum_d dO * O per query (FlashAttention-2's rowsum term), tiled like lse.
+    delta = jnp.einsum("bnqkgd,bnqkgd->bnkgq", dot_.astype(jnp.float32),
+                       _tiles(out, bs).astype(jnp.float32))
+
+    def k_tile(dq, j):
+        kj, vj = kt[:, j], vt[:, j]
+
+        def body(i, carry):
+            dk, dv, dq = carry
+            qi, doi = qt[:, i], dot_[:, i]
+            s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj,
+                           preferred_element_type=jnp.float32) * scale
+            p = jnp.where(_tile_mask(valt[:, j], i, j, bs),
+                          jnp.exp(s - lse[:, i][..., None]), 0.0)
+            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(g.dtype), doi,
+                                 preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bqkgd,bskd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta[:, i][..., None])).astype(q.dtype)
+            dq_i = jnp.einsum("bkgqs,bskd->bqkgd", ds, kj, preferred_element_type=jnp.float32)
+            dq = dq.at[:, i].add(dq_i * scale)
+            dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qi,
+                                 preferred_element_type=jnp.float32) * scale
+            return dk, dv, dq
+
+        zeros = jnp.zeros(kj.shape, jnp.float32)
+        dk, dv, dq = jax.lax.fori_loop(j, n, body, (zeros, zeros, dq))  # query tiles i >= j
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(k_tile, jnp.zeros(qt.shape, jnp.float32), jnp.arange(n))
+    dk, dv = (jnp.moveaxis(x, 0, 1).reshape(k.shape) for x in (dk, dv))
+    return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, valid, bs):
+    return _flash_forward(q, k, v, valid, bs)[0]
+
+
+def _flash_fwd(q, k, v, valid, bs):
+    out, lse = _flash_forward(q, k, v, valid, bs)
+    return out, (q, k, v, valid, out, lse)
+
+
+def _flash_bwd(bs, res, g):
+    q, k, v, valid, out, lse = res
+    dq, dk, dv = _flash_backward(q, k, v, valid, out, lse, g, bs)
+    return dq, dk, dv, np.zeros(valid.shape, jax.dtypes.float0)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- cuDNN
+
+
+def _left_pads(valid):
+    """Per row: the number of pad columns before the first real token, and whether the real
+    tokens are contiguous (at most one pad -> real transition and one real -> pad)."""
+    v = valid.astype(jnp.int32)
+    first = jnp.argmax(v, axis=1)  # 0 for an all-pad row: nothing to rotate
+    edges = jnp.sum(jnp.abs(jnp.diff(v, axis=1)), axis=1) + v[:, 0]
+    return first.astype(jnp.int32), edges <= 2
+
+
+def _rotate(x, shift):
+    """Row b of x [B, T, ...] rotated left by shift[b] columns."""
+    cols = (jnp.arange(x.shape[1])[None, :] + shift[:, None]) % x.shape[1]
+    return jnp.take_along_axis(x, cols.reshape(*cols.shape, *([1] * (x.ndim - 2))), axis=1)
+
+
+def cudnn_attention(q, k, v, valid, *, implementation: str = "cudnn"):
+    """Left padding turned into right padding, then cuDNN's PADDING_CAUSAL flash attention.
+
+    ``implementation="xla"`` runs the same wrapper through jax's XLA attention (the CPU test).
+    """
+    shift, contiguous = _left_pads(valid)
+    lengths = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    qr, kr, vr = (_rotate(x, shift) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(qr, kr, vr, is_causal=True, query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    out = _rotate(out, (out.shape[1] - shift) % out.shape[1])
+    # A row with a hole in its real tokens would be attended wrongly: make that loud.
+    return jnp.where(contiguous[:, None, None, None], out, jnp.nan).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- splash (TPU)
+
+
+def splash_attention(q, k, v, valid, *, interpret: bool = False, block_size: int = 128):
+    """The Pallas splash kernel (MQA form per kv head, so K/V are never repeated)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (splash_attention_kernel as sk,
+                                                                  splash_attention_mask as sm)
+    b, t, h, d = q.shape
+    nk = k.shape[2]
+    bs = block_size  # the kernel needs multiples of 128 lanes, whatever T is
+    pad = -t % bs
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    tp = t + pad
+    mask = sm.MultiHeadMask([sm.CausalMask((tp, tp)) for _ in range(h // nk)])
+    sizes = sk.BlockSizes(block_q=bs, block_kv=bs, block_kv_compute=bs, block_q_dkv=bs,
+                          block_kv_dkv=bs, block_kv_dkv_compute=bs, block_q_dq=bs, block_kv_dq=bs)
+    kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    seg = sk.SegmentIds(q=valid.astype(jnp.int32), kv=valid.astype(jnp.int32))
+    # kernel(q [G, T, D], k [T, D], v [T, D], segment_ids); the kernel applies no scale.
+    qs = (q * (d ** -0.5)).astype(q.dtype).reshape(b, tp, nk, h // nk, d).transpose(0, 2, 3, 1, 4)
+    ks, vs = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
+    per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over kv heads
+    out = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(qs, ks, vs, seg)  # [B, K, G, T, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, d)[:, :t].astype(q.dtype)
