@@ -217,6 +217,17 @@ def test_rows_past_the_resumed_iteration_are_dropped(tmp_path, capsys):
     assert path.read_bytes() == before and capsys.readouterr().out == ""  # nothing to repair
 
 
+def test_complete_row_without_newline_is_kept_and_terminated(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _rows(path, [1])
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 2}))  # killed between the row and its newline
+    w = MetricWriter(str(tmp_path), tensorboard=False, resume_step=2)
+    w.write(3, {"reward/mean": 0.3})
+    w.close()
+    assert [r["step"] for r in read_jsonl(str(path))] == [1, 2, 3]  # 3 not glued onto 2
+
+
 def test_read_jsonl_reports_a_corrupt_middle_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     _rows(path, [1, 2])

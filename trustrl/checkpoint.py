@@ -178,7 +178,10 @@ class Checkpointer:
                 print(f"checkpoint: step {s} in {self.directory} cannot be restored: {why}",
                       flush=True)
                 failed.append((s, why))
-                self.manager.close()  # a failed restore can leave Orbax's executor unusable
+                try:  # a failed restore can leave Orbax's executor unusable: start afresh
+                    self.manager.close()
+                except Exception:  # noqa: BLE001 - the broken manager is dropped either way
+                    pass
                 self.manager = self._make_manager()
                 continue
             if failed:

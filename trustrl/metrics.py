@@ -41,7 +41,8 @@ def _parse(line: bytes):
 
 
 def _scan(path: str):
-    """(rows as (row, raw line), problems as (line number, why)) of a metrics file."""
+    """(rows as (row, raw line), problems as (line number, why), whether the file ends with a
+    newline) of a metrics file."""
     with open(path, "rb") as f:
         chunks = f.read().split(b"\n")
     tail = chunks.pop()  # b"" when the file ends with a newline, else an unterminated last line
@@ -55,7 +56,7 @@ def _scan(path: str):
             problems.append((n, ("partial last line, " if partial else "") + why))
         else:
             rows.append((row, raw))
-    return rows, problems
+    return rows, problems, not tail.strip()
 
 
 def repair_jsonl(path: str, resume_step: int | None = None) -> dict:
@@ -64,10 +65,10 @@ def repair_jsonl(path: str, resume_step: int | None = None) -> dict:
 
     Returns {"unreadable": [(line number, why)], "replayed": number of rows dropped}; prints what
     it dropped. Nothing is rewritten when nothing is dropped."""
-    rows, problems = _scan(path)
+    rows, problems, terminated = _scan(path)
     kept = [raw for row, raw in rows if resume_step is None or row["step"] <= resume_step]
     replayed = len(rows) - len(kept)
-    if problems or replayed:
+    if problems or replayed or not terminated:  # a complete unterminated row gets its newline
         durable.atomic_write(path, b"".join(raw + b"\n" for raw in kept))
         for n, why in problems:
             print(f"metrics: dropped line {n} of {path}: {why}", flush=True)
@@ -133,7 +134,7 @@ def read_jsonl(path: str) -> list[dict]:
 
     Unreadable lines (a partial row from a killed run) are skipped with a warning naming the
     file and line numbers."""
-    raw_rows, problems = _scan(path)
+    raw_rows, problems, _ = _scan(path)
     if problems:
         warnings.warn(f"{path}: skipped {len(problems)} unreadable line(s): " + "; ".join(
             f"line {n}: {why}" for n, why in problems), stacklevel=2)
