@@ -42,7 +42,8 @@ def _main(args, env, timeout=600):
      ["unknown field config.loss.methd", "did you mean config.loss.method?", "agg, alpha"]),
     ([TINY, "--config.optim.learning_rate=abc"],
      ["config.optim.learning_rate must be a float, got 'abc'"]),
-    ([TINY, "--config.train.iterations=2.5"], ["config.train.iterations must be an int, got '2.5'"]),
+    ([TINY, "--config.train.iterations=2.5"],
+     ["config.train.iterations must be an int, got '2.5'"]),
     (["--config=configs/default.py:nope"], ["unknown variant 'nope'", "'default', 'tiny'"]),
     (["--config=configs/nope.py"], ["config file 'configs/nope.py' not found"]),
     ([TINY, "--workdirr=x"], ["usage:", "Unknown command line flag 'workdirr'"]),
@@ -163,7 +164,7 @@ def test_model_tokenizer_and_data_paths_are_checked(tmp_path):
     with pytest.raises(ValueError, match="no source files found"):
         cv.check_environment(tiny(**gsm), wd)
     (empty / "train.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
-    with pytest.raises(ValueError, match="task.num_test must be >= 1: the files in task.manual_dir"):
+    with pytest.raises(ValueError, match="task.num_test must be >= 1: the files in task.manual"):
         cv.check_environment(tiny(**gsm, **{"task.num_test": 0}), wd)
     cv.check_environment(tiny(**gsm), wd)  # train only, 16 held out
     assert not os.path.exists(wd)
