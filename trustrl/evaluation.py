@@ -40,7 +40,9 @@ def evaluate(run, params_roll, key, cfg) -> dict:
     answers = [ex["answer"] for ex in examples]
     greedy = run.eval_greedy.generate(params_roll, prompts, 1, key)
     rew_g = env.score(env.decode_responses(greedy), answers)
-    out = {"eval/pass@1": float(np.mean(rew_g >= env.correct_threshold))}
+    # num_prompts lets readers give each score its sampling error (trustrl.summary)
+    out = {"eval/pass@1": float(np.mean(rew_g >= env.correct_threshold)),
+           "eval/num_prompts": len(examples)}
     k = cfg.eval.k
     if k > 1:
         sampled = run.sampler.generate(params_roll, prompts, k, jax.random.fold_in(key, 1))
@@ -53,4 +55,9 @@ def evaluate(run, params_roll, key, cfg) -> dict:
         out[f"eval/maj@{k}"] = majority_at_k(
             grouped, lambda p, a: env.answer_matches(a, answers[p]))
         out["eval/sampled_reward_mean"] = float(rew.mean())
+        # prompts are the independent units (a prompt's k samples are correlated): the standard
+        # error of the mean over prompts of each prompt's mean reward
+        per_prompt = rew.reshape(len(examples), k).mean(1)
+        out["eval/sampled_reward_se"] = float(per_prompt.std(ddof=1) / np.sqrt(len(examples))
+                                              if len(examples) > 1 else np.nan)
     return out
