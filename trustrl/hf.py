@@ -22,7 +22,7 @@ import shutil
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from trustrl import sharding as sharding_lib
@@ -44,14 +44,35 @@ _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # ----------------------------------------------------------------------------- config.json
 
 
-def config_from_hf(hf: dict, *, param_dtype="float32", dtype="float32",
-                   remat=False) -> ModelConfig:
-    """ModelConfig from a parsed config.json. Unsupported variants fail with the reason."""
+def _architecture(hf: dict, source: str) -> str:
+    """The supported architecture of ``hf``: from ``architectures``, or, when that is absent,
+    from ``model_type`` (as transformers' Auto classes do; they never read ``architectures``)."""
     archs = hf.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
     arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None and not archs:
+        by_type = {mt: a for a, (_, mt) in ARCHITECTURES.items()}
+        arch = by_type.get(hf.get("model_type"))
     if arch is None:
-        raise ValueError(f"unsupported architecture {archs or hf.get('model_type')!r}; "
-                         f"supported: {sorted(ARCHITECTURES)}")
+        what = (f"architecture {archs!r}" if archs else
+                f"model_type {hf.get('model_type')!r} (no 'architectures' given)")
+        raise ValueError(f"unsupported {what} in {source}; supported: {sorted(ARCHITECTURES)} "
+                         f"(model_type {sorted(mt for _, mt in ARCHITECTURES.values())})")
+    return arch
+
+
+def _required(hf: dict, key: str, source: str):
+    if hf.get(key) is None:
+        raise KeyError(f"{source} has no {key!r}, which the model needs")
+    return hf[key]
+
+
+def config_from_hf(hf: dict, *, param_dtype="float32", dtype="float32",
+                   remat=False, source: str = "config.json") -> ModelConfig:
+    """ModelConfig from a parsed config.json. Unsupported variants fail with the reason;
+    errors name ``source`` (the file) and the key."""
+    arch = _architecture(hf, source)
     family = ARCHITECTURES[arch][0]
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError(f"{arch} with attention_bias / mlp_bias is not supported")
@@ -70,18 +91,31 @@ def config_from_hf(hf: dict, *, param_dtype="float32", dtype="float32",
     if rope_type == "default":
         scaling = None
     elif rope_type == "llama3":
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in rope]
+        if missing:
+            raise KeyError(f"llama3 rope_scaling / rope_parameters in {source} lack {missing}")
+        # transformers (standardize_rope_params) defaults it to max_position_embeddings. When that
+        # is absent too, transformers takes its class default, which our 4096 below need not
+        # match: then one of the two must be given.
+        original = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        if original is None:
+            raise KeyError(f"llama3 rope_scaling / rope_parameters in {source} need "
+                           "original_max_position_embeddings (or max_position_embeddings, "
+                           "its fallback)")
         scaling = Llama3RopeScaling(
             factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
             high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+            original_max_position_embeddings=int(original))
     else:
         raise ValueError(f"rope type {rope_type!r} is not supported; supported: default, llama3")
 
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or _HEAD_DIM_DEFAULT.get(family, hf["hidden_size"] // heads)
+    req = {k: _required(hf, k, source) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                  "num_hidden_layers", "num_attention_heads")}
+    heads = req["num_attention_heads"]
+    head_dim = hf.get("head_dim") or _HEAD_DIM_DEFAULT.get(family, req["hidden_size"] // heads)
     return ModelConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        vocab_size=req["vocab_size"], hidden_size=req["hidden_size"],
+        intermediate_size=req["intermediate_size"], num_layers=req["num_hidden_layers"],
         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
         family=family, rope_theta=float(theta), rope_scaling=scaling,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
@@ -184,31 +218,61 @@ def _set(tree, path, value):
 # ----------------------------------------------------------------------------- load / save
 
 
+def _read_json(file: str) -> dict:
+    with open(file) as f:
+        try:
+            out = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(out).__name__}")
+    return out
+
+
+def _shard_error(file: str, shards: list[str], e: Exception, what: str = "",
+                 hint: str = "; the file is truncated or corrupt (re-download it)") -> ValueError:
+    which = f" (shard {shards.index(file) + 1} of {len(shards)})" if len(shards) > 1 else ""
+    return ValueError(f"cannot read {what}safetensors file {file}{which}: {e}{hint}")
+
+
+def _open_safetensors(file: str, shards: list[str]):
+    """safe_open(file) (it parses the header), read errors naming the file and its shard."""
+    try:
+        return safe_open(file, "np")
+    except (SafetensorError, OSError) as e:
+        raise _shard_error(file, shards, e) from e
+
+
 def _weight_files(path: str) -> dict[str, str]:
     """HF tensor name -> safetensors file, from the index or the single model.safetensors."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map' (tensor name -> file)")
         files = {name: os.path.join(path, file) for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             if not os.path.exists(file):
                 raise FileNotFoundError(f"{file} is listed in {index} but does not exist")
         return files
     if os.path.exists(single):
-        with safe_open(single, "np") as f:
+        with _open_safetensors(single, [single]) as f:
             return {name: single for name in f.keys()}
-    raise FileNotFoundError(f"no weights in {path}: expected {single} or {index}")
+    others = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".gguf")))
+    hint = f" (found {others}: only safetensors are read, convert them)" if others else ""
+    raise FileNotFoundError(f"no weights in {path}: expected {single} or {index}{hint}")
 
 
 def read_config(path: str, **kwargs) -> ModelConfig:
     """ModelConfig from ``path``/config.json (kwargs: param_dtype, dtype, remat)."""
     cfg_file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        why = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise FileNotFoundError(f"no Hugging Face config at {cfg_file}: {path} {why}")
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"no Hugging Face config at {cfg_file}")
-    with open(cfg_file) as f:
-        return config_from_hf(json.load(f), **kwargs)
+    return config_from_hf(_read_json(cfg_file), source=cfg_file, **kwargs)
 
 
 def load_hf_dir(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES,
@@ -237,12 +301,16 @@ def load_hf_dir(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES,
     np_dtype = _DTYPES[param_dtype]
     params: dict = {}
     handles = {}
+    shards = sorted(set(files.values()))
     try:
         for name, (ppath, kind) in names.items():
             file = files[name]
             if file not in handles:
-                handles[file] = safe_open(file, "np").__enter__()
-            w = handles[file].get_tensor(name)
+                handles[file] = _open_safetensors(file, shards).__enter__()
+            try:
+                w = handles[file].get_tensor(name)
+            except (SafetensorError, OSError) as e:
+                raise _shard_error(file, shards, e, f"tensor {name} from ", hint="") from e
             shape = _get(shapes, ppath).shape
             if tuple(w.shape) != _hf_shape(kind, shape):
                 raise ValueError(f"tensor {name} in {file} has shape {tuple(w.shape)}, expected "

@@ -39,6 +39,24 @@ class DecodeModel(NamedTuple):
     vocab_size: int
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
+        x, (bool, np.bool_))
+
+
+def _check_int(name: str, value, low: int):
+    # bool is an int subclass in Python: True would silently mean 1
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r} "
+                        f"({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     max_new_tokens: int = 64
@@ -51,26 +69,92 @@ class SamplerConfig:
     min_prompt_bucket: int = 16   # prompt lengths are padded up to powers of two from here
     max_prompt_len: int = 2048    # prompts longer than this are an error
 
-    def validate(self, vocab_size: int):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.greedy and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling (greedy=False), got "
-                             f"{self.temperature}; use greedy=True for argmax decoding")
-        if self.greedy and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (it defines rollout_logp), got "
-                             f"{self.temperature}")
+    def __post_init__(self):
+        """Checks every field that does not depend on the vocabulary (``validate`` does the
+        rest); ``eos_ids`` may be given as one int or any sequence and is stored as a tuple."""
+        for name, low in (("max_new_tokens", 1), ("top_k", 0), ("record_topk", 0),
+                          ("min_prompt_bucket", 1), ("max_prompt_len", 1)):
+            _check_int(name, getattr(self, name), low)
+        if not isinstance(self.greedy, (bool, np.bool_)):
+            raise TypeError(f"greedy must be a bool, got {self.greedy!r}")
+        for name, valid in (("temperature", "> 0"), ("top_p", "in (0, 1]")):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number {valid}, got {value!r}")
+        if not self.temperature > 0:
+            why = ("when sampling (greedy=False)" if not self.greedy
+                   else "(it defines rollout_logp)")
+            hint = "; use greedy=True for argmax decoding" if not self.greedy else ""
+            raise ValueError(f"temperature must be > 0 {why}, got {self.temperature}{hint}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.top_k <= vocab_size:
+        eos = self.eos_ids
+        eos = (eos,) if _is_int(eos) else eos
+        if isinstance(eos, (str, bytes)) or not isinstance(eos, (Sequence, np.ndarray)):
+            raise TypeError(f"eos_ids must be an int or a sequence of ints, got {eos!r}")
+        for e in eos:
+            _check_int("eos_ids", e, 0)
+        object.__setattr__(self, "eos_ids", tuple(int(e) for e in eos))  # frozen dataclass
+
+    def validate(self, vocab_size: int):
+        """The checks that need the model's vocabulary size."""
+        if not self.top_k <= vocab_size:
             raise ValueError(f"top_k must be in [0, vocab_size={vocab_size}], got {self.top_k}")
-        if not 0 <= self.record_topk <= vocab_size:
+        if not self.record_topk <= vocab_size:
             raise ValueError(f"record_topk K={self.record_topk} is larger than the vocabulary "
                              f"({vocab_size}); valid: 0 <= K <= {vocab_size}")
+        bad = [e for e in self.eos_ids if e >= vocab_size]
+        if bad:
+            raise ValueError(f"eos_ids {bad} are outside the vocabulary: valid ids are "
+                             f"[0, {vocab_size}) (vocab_size={vocab_size})")
 
     @property
     def truncated(self) -> bool:
         return not self.greedy and (self.top_p < 1.0 or self.top_k > 0)
+
+
+def as_prompt_list(prompts, vocab_size: int, max_prompt_len: int) -> list[np.ndarray]:
+    """Checks prompts and returns them as 1-D int arrays. ``prompts``: a sequence of token-id
+    sequences (lists, tuples, 1-D integer arrays) or a 2-D integer array of equal-length
+    prompts (one per row). Token ids must be integers in [0, vocab_size)."""
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if prompts.ndim != 2:
+            raise ValueError(f"a prompt array must be 2-D [num_prompts, length], got shape "
+                             f"{prompts.shape}; pass a list of prompts for unequal lengths")
+        prompts = list(np.asarray(prompts))
+    elif isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a sequence of token-id sequences (or a 2-D int "
+                        f"array), got {type(prompts).__name__}; tokenize text first")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    out = []
+    for i, pr in enumerate(prompts):
+        if isinstance(pr, (str, bytes)):
+            raise TypeError(f"prompt {i} is a {type(pr).__name__}, not token ids; tokenize it")
+        try:
+            arr = np.asarray(pr)
+        except ValueError as e:  # ragged nesting
+            raise ValueError(f"prompt {i} is not a flat sequence of token ids: {e}") from e
+        if arr.ndim != 1:
+            raise ValueError(f"prompt {i} must be a flat sequence of token ids, got shape "
+                             f"{arr.shape}")
+        if arr.size == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        # Floats are refused even when integral: they point to an upstream bug, and float32
+        # cannot represent every id of a large vocabulary (above 2**24).
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"prompt {i} has token ids of dtype {arr.dtype}; token ids must be "
+                            "integers (floats are not rounded)")
+        if arr.size > max_prompt_len:
+            raise ValueError(f"prompt {i} has {arr.size} tokens, longer than max_prompt_len="
+                             f"{max_prompt_len} (the KV cache size is max_prompt_len "
+                             "bucket + max_new_tokens)")
+        if arr.min() < 0 or arr.max() >= vocab_size:
+            bad = arr[(arr < 0) | (arr >= vocab_size)]
+            raise ValueError(f"prompt {i} has token ids {bad[:5].tolist()} outside [0, "
+                             f"{vocab_size}) (vocab_size={vocab_size})")
+        out.append(arr.astype(np.int32))
+    return out
 
 
 _warned_truncation = False
@@ -201,21 +285,10 @@ class Sampler:
         return self._run._cache_size()
 
     def generate(self, params, prompts: Sequence[Sequence[int]], group_size: int, key) -> Rollout:
+        """``prompts``: token-id lists or a 2-D int array (see ``as_prompt_list``)."""
         cfg = self.cfg
-        if not prompts:
-            raise ValueError("no prompts given")
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
-        for i, pr in enumerate(prompts):
-            if len(pr) == 0:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if len(pr) > cfg.max_prompt_len:
-                raise ValueError(f"prompt {i} has {len(pr)} tokens, longer than max_prompt_len="
-                                 f"{cfg.max_prompt_len} (the KV cache size is max_prompt_len "
-                                 "bucket + max_new_tokens)")
-            if min(pr) < 0 or max(pr) >= self.model.vocab_size:
-                raise ValueError(f"prompt {i} has token ids outside [0, "
-                                 f"{self.model.vocab_size})")
+        prompts = as_prompt_list(prompts, self.model.vocab_size, cfg.max_prompt_len)
+        _check_int("group_size", group_size, 1)
         _warn_truncation_once(cfg)
         width = prompt_bucket(max(len(p) for p in prompts), cfg)
         expanded = [p for p in prompts for _ in range(group_size)]
