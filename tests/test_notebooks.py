@@ -160,7 +160,7 @@ def test_compare_methods_notebook(tmp_path, monkeypatch):
     assert {"reward/mean", "rollout/mismatch_mean", "loss/masked_frac"} <= set(res["curves"])
     deltas = np.asarray(res["deltas"])
     assert np.all(np.diff(deltas) > 0)
-    assert res["max_abs_diff_direct"] == 0.0  # the notebook's own numpy check of the loss
+    assert res["max_abs_diff_direct"] < 1e-6  # the notebook's own check (one token = 1/n)
 
     # Recompute every DPPO sweep from the saved batch, independently of trustrl.
     b = dict(np.load(res["batch_path"]))

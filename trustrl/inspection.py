@@ -71,7 +71,8 @@ def token_rows(batch: dict, blocked, side, decode_token) -> list[dict]:
 
 
 def show_table(rows: list[dict], columns=None, max_rows: int = 40):
-    """A pandas DataFrame when pandas is installed (rendered by the notebook), else plain text."""
+    """A pandas DataFrame when pandas is installed (the notebook renders it); without pandas the
+    table is printed as plain text and None is returned."""
     columns = columns or ["seq", "pos", "token", "mu", "pi", "tv", "adv", "blocked", "side"]
     rows = rows[:max_rows]
     try:
@@ -82,7 +83,8 @@ def show_table(rows: list[dict], columns=None, max_rows: int = 40):
         cells = [[fmt(r[c]) for c in columns] for r in rows]
         widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
         line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
-        return "\n".join([line(columns)] + [line(row) for row in cells])
+        print("\n".join([line(columns)] + [line(row) for row in cells]))
+        return None
     return pd.DataFrame(rows, columns=columns)
 
 
