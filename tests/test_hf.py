@@ -129,7 +129,7 @@ def test_sharded_index_loads_straight_into_a_mesh(tmp_path):
     mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
     cfg2, loaded = hf.load_hf_dir(str(tmp_path), mesh=mesh)
     assert cfg2 == cfg
-    assert loaded["layers_0"]["attn"]["q_proj"].sharding.spec == P("fsdp", "tensor", None)
+    assert loaded["layers"]["attn"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
     assert loaded["embedding"].sharding.spec == P("tensor", "fsdp")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(params))
 

@@ -217,7 +217,7 @@ def test_sharded_equals_unsharded(axes):
     mesh = make_mesh(axes)
     cfg = M.ModelConfig.tiny_shardable(V, "qwen3")
     params = _perturbed(M.init_params(cfg, jax.random.key(0), mesh=mesh))
-    assert params["layers_0"]["attn"]["q_proj"].sharding.spec == P("fsdp", "tensor", None)
+    assert params["layers"]["attn"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
     local = jax.device_get(params)
     prompts, scfg = _prompts((5, 2, 9, 1)), SamplerConfig(max_new_tokens=12, greedy=True,
                                                           record_topk=3)

@@ -1,0 +1,149 @@
+"""One prepared GPU check: forward+backward tokens/s and MFU vs transformers + sdpa, train-step memory.
+
+Run on a lent GPU (all of it fits in ~8 minutes on one H100 / H200-class device):
+    python benchmarks/gpu_check.py                 # Qwen3-0.6B shape, 8 x 1,024 and 2 x 8,192
+    python benchmarks/gpu_check.py --quick         # tiny shapes, any backend (the CPU test)
+
+trustrl: jax.jit(value_and_grad) of the mean response log-prob through the real decoder (bf16
+compute, fp32 master weights; attention "auto" = cuDNN on GPU, remat "full", scanned layers) with
+random weights. torch: transformers' Qwen3ForCausalLM (attn_implementation="sdpa") under
+torch.autocast(bfloat16), fp32 weights, cross_entropy(logits).backward(); skipped (with the reason
+printed) when torch / transformers are not installed or have no CUDA on a GPU run. Tokens/s =
+batch * length / median step time; MFU = 6 * N_params_matmul * tokens/s (+ the causal attention
+term 6 * L * T * H * D per token) / peak bf16 FLOP/s (--peak_tflops, default 989: H100 / H200
+SXM dense). Memory: the compiled train step's temp + argument + output bytes
+(memory_analysis) and, on GPU, the device's peak_bytes_in_use after the steps.
+
+Results: not measured in the session that wrote this script (no GPU was lent to it); see
+docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks import train_memory  # noqa: E402
+from trustrl import model as M  # noqa: E402
+
+
+def matmul_flops_per_token(cfg: M.ModelConfig, length: int) -> float:
+    """Forward+backward FLOPs per token: 6 x matmul parameters + causal attention (QK^T, PV)."""
+    e, h, k, d, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                     cfg.intermediate_size)
+    per_layer = e * (h + 2 * k) * d + h * d * e + 3 * e * f
+    dense = cfg.num_layers * per_layer + e * cfg.vocab_size
+    attention = cfg.num_layers * 2 * 2 * h * d * length / 2  # causal: half the [T, T] tiles
+    return 6 * dense + 3 * attention
+
+
+def _median_time(fn, steps: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_trustrl(cfg: M.ModelConfig, batch: int, length: int, steps: int) -> dict:
+    params = M.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, length)), jnp.int32)
+    valid = jnp.ones_like(tokens)
+    positions = M.positions_from_mask(valid)
+
+    def loss(p):
+        logits = M.forward_logits(p, cfg, tokens[:, :-1], positions[:, :-1], valid[:, :-1])
+        return -jnp.mean(M.token_logp_and_entropy(logits, tokens[:, 1:])[0])
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    sec = _median_time(lambda: jax.block_until_ready(grad(params)), steps)
+    return dict(tok_s=batch * length / sec, sec=sec)
+
+
+def bench_torch(cfg: M.ModelConfig, batch: int, length: int, steps: int, device: str):
+    """transformers + sdpa under bf16 autocast; None and a reason when it cannot run."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        return None, f"torch reference skipped: {e.name} is not installed"
+    if device == "cuda" and not torch.cuda.is_available():
+        return None, "torch reference skipped: torch has no CUDA device"
+    hf_cfg = transformers.Qwen3Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, tie_word_embeddings=cfg.tie_word_embeddings,
+        max_position_embeddings=max(length, 64), attn_implementation="sdpa")
+    model = transformers.Qwen3ForCausalLM(hf_cfg).to(device)
+    ids = torch.randint(0, cfg.vocab_size, (batch, length), device=device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            logits = model(ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                                 ids[:, 1:].flatten())
+        loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    sec = _median_time(step, steps)
+    return dict(tok_s=batch * length / sec, sec=sec), None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--peak_tflops", type=float, default=989.0, help="peak bf16 TFLOP/s")
+    args = p.parse_args(argv)
+    on_gpu = jax.default_backend() == "gpu"
+    if args.quick:
+        cfg = train_memory.tiny()
+        shapes, mem_shape, steps = [(2, 32), (1, 96)], (1, 32, 64), 2
+    else:
+        cfg = train_memory.qwen3_06b()
+        shapes, mem_shape, steps = [(8, 1024), (2, 8192)], (1, 1024, 7168), args.steps
+    device = "cuda" if on_gpu else "cpu"
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
+          f"attention {cfg.attention} -> "
+          f"{M.attention_lib.resolve(cfg.attention, shapes[0][1], cfg.compute_dtype)}", flush=True)
+    rows = []
+    print("| batch x length | trustrl tok/s | MFU | torch+sdpa tok/s | MFU | ratio |")
+    print("|---|---|---|---|---|---|")
+    for b, t in shapes:
+        ours = bench_trustrl(cfg, b, t, steps)
+        theirs, why = bench_torch(cfg, b, t, steps, device)
+        flops = matmul_flops_per_token(cfg, t)
+        mfu = lambda r: r["tok_s"] * flops / (args.peak_tflops * 1e12)
+        row = dict(shape=(b, t), trustrl=ours, torch=theirs, mfu=mfu(ours))
+        if theirs is None:
+            print(f"| {b} x {t} | {ours['tok_s']:.0f} | {mfu(ours):.1%} | - | - | - |")
+            print(why)
+        else:
+            print(f"| {b} x {t} | {ours['tok_s']:.0f} | {mfu(ours):.1%} | {theirs['tok_s']:.0f} | "
+                  f"{mfu(theirs):.1%} | {ours['tok_s'] / theirs['tok_s']:.2f}x |")
+        rows.append(row)
+    mem = train_memory.measure_train_step(cfg, mem_shape)
+    print(f"train step {mem_shape[0]} x ({mem_shape[1]} + {mem_shape[2]}): compiled temp "
+          f"{mem['temp']:.2f} GiB, total {mem['total']:.2f} GiB, compile {mem['compile_s']:.1f} s")
+    stats = jax.devices()[0].memory_stats() if on_gpu else None
+    if stats:
+        print(f"device peak_bytes_in_use {stats.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB")
+    return dict(rows=rows, memory=mem)
+
+
+if __name__ == "__main__":
+    main()

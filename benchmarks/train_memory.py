@@ -1,0 +1,179 @@
+"""Compiled memory and compile time of the real train step, per attention backend and remat policy.
+
+Run:
+    python benchmarks/train_memory.py                # Qwen3-0.6B shape, the two lengths below
+    python benchmarks/train_memory.py --small        # tiny shapes, seconds (the test runs this)
+    python benchmarks/train_memory.py --only=1x16384 # one of the two shapes
+
+What is measured: ``jax.jit(trustrl.train_step.train_step, donate_argnums=0)`` (dppo_binary_tv,
+fp32 master weights, bf16 compute, AdamW + clipping, as configs/qwen3_tpu.py) lowered on ABSTRACT
+params / optimizer state / batch (jax.ShapeDtypeStruct: nothing is allocated) and compiled for
+one CPU device; ``compiled.memory_analysis()`` gives temp + argument + output bytes (the donated
+state's outputs alias its arguments, so "total" counts alias bytes once). Shapes: Qwen3-0.6B
+(28 layers, d=1024, 16 q / 8 kv heads of 128, ffn 3072, vocab 151,936, tied embeddings) at
+16 x (512 prompt + 512 response) and 1 x (1,024 + 15,360). Rows: each attention backend usable
+on CPU ("cudnn" needs a GPU; "splash" compiles on CPU only in Pallas interpret mode, which is
+not the kernel a TPU runs, so it is not measured here) x remat policy, scanned layers, against
+today's path (xla attention, unrolled layers, no remat) compiled in the same run; ratios are
+baseline / row. "head" is the vocabulary head alone (lm_head + float32 log_softmax / entropy,
+forward + backward at the same token count): the part of the remainder a fused, chunked head
+(a later issue) removes.
+
+Measured 2026-12-01 on the shared 2-core x86 CPU VM (jax 0.10.2; ~6 other engineers' jobs on the
+cores, so compile times are inflated and noisy; memory is exact): see docs/performance.md for the
+table (copied below when the run finished).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from trustrl import model as M  # noqa: E402
+from trustrl import train_step as ts  # noqa: E402
+
+GiB = 2 ** 30
+
+
+def qwen3_06b(**overrides) -> M.ModelConfig:
+    fields = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
+                  num_heads=16, num_kv_heads=8, head_dim=128, family="qwen3",
+                  rope_theta=1000000.0, tie_word_embeddings=True, param_dtype="float32",
+                  dtype="bfloat16")
+    return M.ModelConfig(**{**fields, **overrides})
+
+
+def tiny(**overrides) -> M.ModelConfig:
+    return M.ModelConfig.tiny(256, "qwen3", param_dtype="float32", dtype="bfloat16",
+                              **{"num_layers": 3, **overrides})
+
+
+def loss_config():
+    return ml_collections.ConfigDict(dict(
+        method="dppo_binary_tv", delta_low=0.2, delta_high=0.2, is_cap=float("inf"),
+        agg="token-mean", alpha=0.1, trm_divergence="binary_tv"))
+
+
+def optimizer():
+    return ts.make_optimizer(ml_collections.ConfigDict(dict(
+        learning_rate=1e-6, warmup_steps=10, b1=0.9, b2=0.999, weight_decay=0.1,
+        grad_clip=1.0)), 1)
+
+
+def abstract_batch(batch: int, prompt: int, response: int) -> dict:
+    """What train_step.rollout_batch builds, as shapes only."""
+    t = prompt + response
+    i32, f32 = jnp.int32, jnp.float32
+    s = jax.ShapeDtypeStruct
+    return dict(tokens=s((batch, t), i32), valid=s((batch, t), i32), positions=s((batch, t), i32),
+                response_tokens=s((batch, response), i32),
+                response_mask=s((batch, response), i32),
+                rollout_logp=s((batch, response), f32), advantages=s((batch,), f32))
+
+
+def abstract_state(cfg: M.ModelConfig, tx):
+    params = M.param_shapes(cfg)
+    return ts.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                         opt_state=jax.eval_shape(tx.init, params),
+                         skipped=jax.ShapeDtypeStruct((), jnp.int32))
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    total = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+             - m.alias_size_in_bytes)
+    return dict(temp=m.temp_size_in_bytes / GiB, args=m.argument_size_in_bytes / GiB,
+                out=m.output_size_in_bytes / GiB, total=total / GiB)
+
+
+def measure_train_step(cfg: M.ModelConfig, shape) -> dict:
+    """Lowers and compiles the real train step on abstract inputs; no array is allocated."""
+    tx = optimizer()
+    step = jax.jit(functools.partial(ts.train_step, model_cfg=cfg, loss_cfg=loss_config(), tx=tx),
+                   donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = step.lower(abstract_state(cfg, tx), abstract_batch(*shape), None).compile()
+    return dict(_memory(compiled), compile_s=time.perf_counter() - t0)
+
+
+def measure_head(cfg: M.ModelConfig, shape) -> dict:
+    """The vocabulary head alone: lm_head + log_softmax / entropy, forward and backward."""
+    b, _, n = shape
+    params = M.param_shapes(cfg)
+    hidden = jax.ShapeDtypeStruct((b, n, cfg.hidden_size), cfg.compute_dtype)
+    targets = jax.ShapeDtypeStruct((b, n), jnp.int32)
+
+    def loss(params, hidden, targets):
+        _, logp, ent = ts.token_logp_entropy(M.lm_head(params, cfg, hidden), targets)
+        return jnp.mean(logp) + jnp.mean(ent)
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, hidden, targets).compile()
+    return dict(_memory(compiled), compile_s=time.perf_counter() - t0)
+
+
+# (label, ModelConfig overrides). The first row is today's path, the baseline of the ratios.
+VARIANTS = (
+    ("xla, unrolled, remat none (today)", dict(attention="xla", scan_layers=False, remat="none")),
+    ("xla, scan, remat full", dict(attention="xla", remat="full")),
+    ("blockwise, scan, remat none", dict(attention="blockwise", remat="none")),
+    ("blockwise, scan, remat dots", dict(attention="blockwise", remat="dots")),
+    ("blockwise, scan, remat full", dict(attention="blockwise", remat="full")),
+    ("blockwise, unrolled, remat full", dict(attention="blockwise", scan_layers=False,
+                                             remat="full")),
+)
+# ModelConfig's defaults (attention "auto", scan, remat "full") are the "blockwise, scan, remat
+# full" row at both lengths on CPU (auto picks blockwise past AUTO_XLA_MAX_LEN columns).
+SHAPES = {"1x16384": (1, 1024, 15360), "16x1024": (16, 512, 512)}
+SMALL_SHAPES = {"4x64": (4, 32, 32), "1x256": (1, 64, 192)}
+
+
+def run(make_cfg, shapes, variants=VARIANTS, log=print):
+    """Prints the table; returns {shape: [(label, result dict)]}."""
+    results = {}
+    log("| shape | variant | temp GiB | args GiB | out GiB | total GiB | vs today | "
+        "compile s | vs today |")
+    log("|---|---|---|---|---|---|---|---|---|")
+    for name, shape in shapes.items():
+        rows = []
+        for label, overrides in variants:
+            rows.append((label, measure_train_step(make_cfg(**overrides), shape)))
+            r, base = rows[-1][1], rows[0][1]
+            log(f"| {name} | {label} | {r['temp']:.2f} | {r['args']:.2f} | {r['out']:.2f} | "
+                f"{r['total']:.2f} | {base['total'] / r['total']:.2f}x | {r['compile_s']:.1f} | "
+                f"{base['compile_s'] / r['compile_s']:.2f}x |")
+        head = measure_head(make_cfg(), shape)
+        rows.append(("head only", head))
+        log(f"| {name} | head only (fwd+bwd) | {head['temp']:.2f} | {head['args']:.2f} | "
+            f"{head['out']:.2f} | {head['total']:.2f} | - | {head['compile_s']:.1f} | - |")
+        results[name] = rows
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="tiny model and lengths (seconds)")
+    p.add_argument("--only", default="", help=f"one shape of {sorted(SHAPES)}")
+    args = p.parse_args(argv)
+    shapes = SMALL_SHAPES if args.small else SHAPES
+    if args.only:
+        if args.only not in shapes:
+            raise SystemExit(f"--only={args.only!r}: valid: {sorted(shapes)}")
+        shapes = {args.only: shapes[args.only]}
+    make_cfg = tiny if args.small else qwen3_06b
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
+          f"{len(jax.devices())} device(s); model {'tiny' if args.small else 'Qwen3-0.6B'}",
+          flush=True)
+    return run(make_cfg, shapes, log=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":
+    main()
