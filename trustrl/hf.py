@@ -26,7 +26,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from trustrl import sharding as sharding_lib
-from trustrl.model import Llama3RopeScaling, ModelConfig, param_shapes, param_shardings
+from trustrl.model import (Llama3RopeScaling, ModelConfig, param_shapes, param_shardings,
+                           stack_layers, unrolled_config, unstack_layers)
 
 # architecture name in config.json -> (model family, model_type)
 ARCHITECTURES = {
@@ -69,7 +70,7 @@ def _required(hf: dict, key: str, source: str):
 
 
 def config_from_hf(hf: dict, *, param_dtype="float32", dtype="float32",
-                   remat=False, source: str = "config.json") -> ModelConfig:
+                   remat=ModelConfig.remat, source: str = "config.json") -> ModelConfig:
     """ModelConfig from a parsed config.json. Unsupported variants fail with the reason;
     errors name ``source`` (the file) and the key."""
     arch = _architecture(hf, source)
@@ -276,7 +277,7 @@ def read_config(path: str, **kwargs) -> ModelConfig:
 
 
 def load_hf_dir(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES,
-                param_dtype="float32", dtype="float32", remat=False):
+                param_dtype="float32", dtype="float32", remat=ModelConfig.remat):
     """Loads a local HF directory -> (ModelConfig, params), params sharded over ``mesh``.
 
     Without a mesh, params land on the default device. Errors name the missing file or tensor,
@@ -296,8 +297,11 @@ def load_hf_dir(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES,
         raise ValueError(f"checkpoint in {path} has tensors the config does not use "
                          f"(wrong num_hidden_layers / architecture?): {sorted(unused)[:5]}")
 
-    shapes = param_shapes(config)
-    shardings = param_shardings(config, mesh, rules) if mesh is not None else None
+    # Read in the unrolled layout (tensor_map's layers_i paths); stacked at the end when the
+    # config scans its layers.
+    flat_cfg = unrolled_config(config)
+    shapes = param_shapes(flat_cfg)
+    shardings = param_shardings(flat_cfg, mesh, rules) if mesh is not None else None
     np_dtype = _DTYPES[param_dtype]
     params: dict = {}
     handles = {}
@@ -325,16 +329,17 @@ def load_hf_dir(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES,
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)
-    return config, params
+    return config, stack_layers(params, config, mesh, rules)
 
 
 def save_hf_dir(params, config: ModelConfig, path: str, *, copy_from: str | None = None):
     """Writes config.json + model.safetensors (in ``config.param_dtype``) that transformers loads.
 
     ``copy_from``: a HF directory whose tokenizer / generation files are copied alongside.
-    Gathers one tensor at a time to the host (fine up to a few billion parameters).
+    Gathers the parameters to the host (fine up to a few billion parameters).
     """
     os.makedirs(path, exist_ok=True)
+    params = unstack_layers(jax.device_get(params), config)  # host views layers_i of [L, ...]
     tensors = {}
     for name, (ppath, kind) in tensor_map(config).items():
         x = np.asarray(jax.device_get(_get(params, ppath)))
