@@ -62,3 +62,45 @@ def test_rollout_throughput_quick_tiny(capsys):
         assert all(math.isfinite(v) and v > 0 for v in (hf_tps, fp32_tps, bf16_tps))
         assert fp32_ratio == pytest.approx(fp32_tps / hf_tps)
         assert bf16_ratio == pytest.approx(bf16_tps / hf_tps)
+
+
+def _load_bench(name):
+    spec = importlib.util.spec_from_file_location(f"trustrl_bench_{name}",
+                                                  BENCH.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_memory_small(capsys):
+    """benchmarks/train_memory.py on a tiny model: today's path vs blockwise + scan + remat."""
+    bench = _load_bench("train_memory")
+    variants = (bench.VARIANTS[0], ("blockwise, scan, remat full",
+                                    dict(attention="blockwise", remat="full")))
+    out = bench.run(bench.tiny, {"1x256": bench.SMALL_SHAPES["1x256"]}, variants=variants)
+    printed = capsys.readouterr().out
+    assert "| 1x256 | blockwise, scan, remat full |" in printed and "head only" in printed
+    (_, today), (_, efficient), (label, head) = out["1x256"]
+    assert label == "head only"
+    for r in (today, efficient, head):
+        assert r["total"] > 0 and r["compile_s"] > 0
+        assert r["total"] <= r["temp"] + r["args"] + r["out"] + 1e-9
+    # the parameters + AdamW state are the same; only temporaries shrink
+    assert math.isclose(efficient["args"], today["args"], rel_tol=1e-6)
+    assert efficient["temp"] < today["temp"]
+
+
+def test_gpu_check_quick_cpu(capsys):
+    """benchmarks/gpu_check.py --quick runs on CPU; the torch side is skipped cleanly if absent."""
+    bench = _load_bench("gpu_check")
+    out = bench.main(["--quick"])
+    printed = capsys.readouterr().out
+    assert "| batch x length | trustrl tok/s |" in printed and "train step 1 x (32 + 64)" in printed
+    assert len(out["rows"]) == 2
+    for row in out["rows"]:
+        assert row["trustrl"]["tok_s"] > 0 and 0 < row["mfu"] < 1
+        if row["torch"] is None:
+            assert "torch reference skipped" in printed
+        else:
+            assert row["torch"]["tok_s"] > 0
+    assert out["memory"]["temp"] > 0
