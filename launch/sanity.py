@@ -52,14 +52,15 @@ def summarise(run_dir: str, max_step: int | None = None) -> dict:
     """One run's table entries, over its iterations up to max_step (all when None)."""
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     rows = [r for r in rows if max_step is None or r["step"] <= max_step]
+    # held-out reward: T=1 samples on the test prompts (greedy pass@1 is also logged, but greedy
+    # decoding of filler text is degenerate, so it is not the policy being trained)
+    evals = [r["eval/sampled_reward_mean"] for r in rows if "eval/sampled_reward_mean" in r]
+    rows = [r for r in rows if "reward/mean" in r]  # the step-0 row holds only the base's eval
     steps = np.array([r["step"] for r in rows])
     reward = np.array([r["reward/mean"] for r in rows])
     mm_max = np.array([r.get("rollout/mismatch_max", np.nan) for r in rows])
     s = smooth(reward)
     reach = np.flatnonzero(s >= THRESHOLD)
-    # held-out reward: T=1 samples on the test prompts (greedy pass@1 is also logged, but greedy
-    # decoding of filler text is degenerate, so it is not the policy being trained)
-    evals = [r["eval/sampled_reward_mean"] for r in rows if "eval/sampled_reward_mean" in r]
     return {
         "final": float(s[-1]), "best": float(s.max()),
         "collapse": collapse_iteration(steps, reward, mm_max),

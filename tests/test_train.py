@@ -36,8 +36,9 @@ def test_entry_point_one_iteration_on_2x4_mesh(tmp_path, subprocess_env):
         cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = read_jsonl(str(wd / "metrics.jsonl"))
-    assert [r["step"] for r in rows] == [1]
-    row = rows[0]
+    assert [r["step"] for r in rows] == [0, 1]  # step 0: the base's eval, before any update
+    assert "eval/pass@1" in rows[0] and "reward/mean" not in rows[0]
+    row = rows[1]
     for key in ("reward/mean", "rollout/mismatch_mean", "rollout/mismatch_max",
                 "loss/masked_frac", "loss/masked_frac_pos", "loss/masked_frac_neg",
                 "loss/div_mean", "loss/is_weight_mean", "train/grad_norm", "train/entropy",

@@ -85,6 +85,11 @@ def train(cfg, workdir: str):
     writer = MetricWriter(workdir, cfg.log.tensorboard, resume_step=start)  # drops replayed rows
     g = cfg.rollout.group_size
     need_old = cfg.loss.method in losses._NEEDS_OLD_LOGP
+    if start == 0 and cfg.eval.every:
+        # step 0: the base before any update, the reference of every later eval. Its key is
+        # folded off the run's key (not split from it), so the RL trajectory is unchanged.
+        base = sharding.cpu_sync(run.rollout_params(state.params))
+        writer.write(0, evaluation.evaluate(run, base, jax.random.fold_in(key, 0), cfg))
     bar = None
     if cfg.log.progress:
         from tqdm import tqdm
