@@ -67,7 +67,9 @@ def test_short_runs_missing_fields_and_non_finite_are_reported():
     s = summary.summarize(rows, window=10)
     assert s["window"] == 3 and s["train"]["first"]["steps"] == (1, 3)
     text = summary.format_summary(s)
-    assert "no evals in this run" in text
+    assert "fewer than two evals in this run" in text
+    one = _rows([0.5, 0.6], {0: (0.8, 0.6, 0.03)})  # a single eval: no change to report
+    assert summary.summarize(one)["eval"] == {}
     assert "WARNING non-finite values: [(2, 'reward/mean')]" in text
     # an old run: first eval at iteration 25, no eval/num_prompts -> no standard error
     old = [{"step": 25, "reward/mean": 0.5, "eval/pass@1": 0.9},

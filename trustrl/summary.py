@@ -76,7 +76,7 @@ def summarize(rows: list[dict], window: int = WINDOW) -> dict:
     out["train"]["change"] = _change(out["train"]["first"], out["train"]["last"])
     for key in ("eval/pass@1", "eval/sampled_reward_mean"):
         evals = [r for r in rows if isinstance(r.get(key), (int, float))]
-        if len(evals) >= 1:
+        if len(evals) >= 2:  # one eval has no change to report
             before, after = _eval_point(evals[0], key), _eval_point(evals[-1], key)
             out["eval"][key] = {"before": before, "after": after, "change": _change(before, after)}
     return out
@@ -113,7 +113,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"{name} ({n}): {_pm(b)} ({when}) -> {_pm(a)} (iteration "
                      f"{a['step']}); change {_signed(e['change'])}")
     if not s["eval"]:
-        lines.append("held-out: no evals in this run (eval.every = 0)")
+        lines.append("held-out: fewer than two evals in this run (eval.every = 0, or it stopped "
+                     "before its second eval): no change to report")
     if s["non_finite"]:
         lines.append(f"WARNING non-finite values: {s['non_finite'][:5]}"
                      + (f" and {len(s['non_finite']) - 5} more" if len(s["non_finite"]) > 5
