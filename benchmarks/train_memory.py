@@ -20,8 +20,19 @@ forward + backward at the same token count): the part of the remainder a fused, 
 (a later issue) removes.
 
 Measured 2026-12-01 on the shared 2-core x86 CPU VM (jax 0.10.2; ~6 other engineers' jobs on the
-cores, so compile times are inflated and noisy; memory is exact): see docs/performance.md for the
-table (copied below when the run finished).
+cores, load ~15, so compile times are inflated several-fold; memory is exact), 1 x (1,024 + 15,360):
+
+    variant                              | total GiB | vs today | compile s | vs today
+    xla, unrolled, remat none (today)    |   1432.69 |    1.00x |     572.3 |    1.00x
+    xla, scan, remat full                |     86.08 |   16.64x |     131.7 |    4.35x
+    blockwise, scan, remat none          |    118.48 |   12.09x |     142.3 |    4.02x
+    blockwise, scan, remat dots          |     66.89 |   21.42x |     139.5 |    4.10x
+    blockwise, scan, remat full (default)|     47.64 |   30.07x |      78.9 |    7.25x
+    blockwise, unrolled, remat full      |     98.22 |   14.59x |     524.2 |    1.09x
+    head only (fwd+bwd)                  |     29.00 |        - |       2.8 |        -
+
+Goals met: <= 64 GiB at 16k, compile <= 1/3 of unrolled. The 16 x (512 + 512) rows did not
+finish in that session. Full table with temp / args / out: docs/performance.md.
 """
 from __future__ import annotations
 
