@@ -45,7 +45,8 @@ def _loss(params, cfg, tokens, valid):
     positions = M.positions_from_mask(valid)
     logits = M.forward_logits(params, cfg, tokens[:, :-1], positions[:, :-1], valid[:, :-1])
     logp, _ = M.token_logp_and_entropy(logits, tokens[:, 1:])
-    return -jnp.sum(logp * valid[:, 1:])
+    # Only real positions predicting real tokens: a pad query's output is backend-specific garbage.
+    return -jnp.sum(logp * valid[:, 1:] * valid[:, :-1])
 
 
 _value_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
