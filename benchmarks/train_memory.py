@@ -76,7 +76,7 @@ def loss_config():
 def optimizer():
     return ts.make_optimizer(ml_collections.ConfigDict(dict(
         learning_rate=1e-6, warmup_steps=10, b1=0.9, b2=0.999, weight_decay=0.1,
-        grad_clip=1.0)), 1)
+        grad_clip=1.0, schedule="constant", final_lr_frac=1.0)), 1)
 
 
 def abstract_batch(batch: int, prompt: int, response: int) -> dict:

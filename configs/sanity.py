@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = methods.get_config(paper_name + (",tiny" if variant == "small" else ""))
     c.rollout.dtype = rollout_dtype
     c.optim.learning_rate = LEARNING_RATE
+    c.optim.schedule = "constant"  # the study's recipe, fixed before the demo's was retuned
     c.train.minibatches = 4
     c.log.progress = False
     if variant == "stress":  # the follow-up: a larger step per iteration, same for every method
@@ -83,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.tokenizer.vocab_size = 3072
         c.task.filter_pool = 1024
         c.warmstart.steps = 3000
+        c.warmstart.target_loss = 0.15  # as in the study (the default's fixed-step rule came later)
         c.rollout.max_new_tokens = 24
         c.rollout.prompts_per_iter = PROMPTS_PER_ITER
         c.train.iterations = ITERATIONS

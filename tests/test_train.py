@@ -197,3 +197,22 @@ def test_sweep_launcher_dry_run():
     assert any("--config=configs/methods.py:pg_tis,tiny" in ln and "--config.seed=2" in ln
                and "/tmp/sw/pg_tis_seed2" in ln and ln.endswith("--config.train.iterations=3")
                for ln in lines)
+
+
+def test_learning_rate_schedules_hand_values():
+    import ml_collections
+    base = dict(learning_rate=1.0, warmup_steps=4, final_lr_frac=0.1)
+    const = ts.learning_rate_schedule(ml_collections.ConfigDict(dict(base, schedule="constant")),
+                                      104)
+    cos = ts.learning_rate_schedule(ml_collections.ConfigDict(dict(base, schedule="cosine")), 104)
+    # warmup: step k of 4 uses (k + 1) / 4 in both
+    for k in range(4):
+        assert float(const(k)) == pytest.approx((k + 1) / 4)
+        assert float(cos(k)) == pytest.approx((k + 1) / 4)
+    assert float(const(103)) == pytest.approx(1.0)
+    # cosine over the 100 steps after warmup: half-way 0.1 + 0.9 * 0.5, last step 0.1
+    assert float(cos(53)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 0.5)))
+    assert float(cos(103)) == pytest.approx(0.1)
+    assert float(cos(500)) == pytest.approx(0.1)  # held at the floor past the end
+    with pytest.raises(ValueError, match=r"optim.schedule='linear' is not valid; choose one of"):
+        ts.learning_rate_schedule(ml_collections.ConfigDict(dict(base, schedule="linear")), 10)

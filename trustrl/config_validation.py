@@ -14,7 +14,7 @@ import json
 import math
 import os
 
-from trustrl import advantages, losses
+from trustrl import advantages, losses, train_step
 
 DTYPES = ("float32", "bfloat16")
 OVERLONG = ("none", "filter", "penalty")
@@ -177,6 +177,8 @@ def validate(cfg):
     _float(cfg, "optim.b2", 0, 1, open_high=True)
     _float(cfg, "optim.weight_decay", 0)
     _float(cfg, "optim.grad_clip", 0)
+    _choice("optim.schedule", cfg.optim.schedule, train_step.SCHEDULES)
+    _float(cfg, "optim.final_lr_frac", 0, 1)
 
     for k in ("iterations", "epochs", "minibatches"):
         _int(cfg, f"train.{k}", 1)
