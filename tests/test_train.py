@@ -48,7 +48,7 @@ def test_entry_point_one_iteration_on_2x4_mesh(tmp_path, subprocess_env):
     assert row["train/optimizer_steps"] == 2  # minibatches=2, epochs=1
     assert (wd / "checkpoints" / "1").is_dir()
     assert any(p.suffix == ".png" for p in (wd / "plots").iterdir())
-    assert "training reward:" in out.stdout
+    assert "training reward, mean ± s.e. over" in out.stdout
 
 
 def _params_np(state):

@@ -139,19 +139,17 @@ def main(argv):
     if jax.process_index() == 0:
         os.makedirs(wd, exist_ok=True)
         cv.record_config(cfg, wd, changes, step)
-    train.train(cfg, wd)
-    from trustrl import metrics, plot
+    from trustrl.checkpoint import CheckpointError
+    from trustrl.durable import StorageError
+    try:
+        train.train(cfg, wd)
+    except (StorageError, CheckpointError) as e:  # already one clear line naming the path
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    from trustrl import metrics, plot, summary
     rows = metrics.read_jsonl(f"{wd}/metrics.jsonl")
     plot.plot_runs([wd], f"{wd}/plots")
-    trained = [r for r in rows if "reward/mean" in r]  # (a step-0 row holds only the base's eval)
-    evals = [r for r in rows if "eval/pass@1" in r]
-    if trained:
-        print(f"training reward: {trained[0]['reward/mean']:.3f} (iteration "
-              f"{trained[0]['step']}) -> {trained[-1]['reward/mean']:.3f} (iteration "
-              f"{trained[-1]['step']})")
-    if evals:
-        print(f"held-out greedy pass@1: {evals[0]['eval/pass@1']:.3f} (step {evals[0]['step']}) "
-              f"-> {evals[-1]['eval/pass@1']:.3f} (step {evals[-1]['step']})")
+    summary.print_summary(rows)
     print(f"metrics: {wd}/metrics.jsonl  tensorboard: {wd}/tb  plots: {wd}/plots/*.png")
 
 
