@@ -4,8 +4,10 @@ VENV ?= .venv
 PIP = $(VENV)/bin/pip
 STAMP = $(VENV)/.trustrl-installed
 BASE_STAMP = $(VENV)/.trustrl-base-installed
+LATEST_VENV ?= .venv-latest
+PY312 ?=
 
-.PHONY: test install demo sanity clean
+.PHONY: test install demo sanity clean test-latest install-latest
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -33,7 +35,22 @@ sanity: $(BASE_STAMP)
 
 # 8 simulated CPU devices are set in tests/conftest.py before jax is imported.
 test: $(STAMP)
+	$(VENV)/bin/python .ci/versions.py
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
+# The newest stack: Python 3.12 (jax >= 0.11 needs it; PY312=... overrides the search in
+# .ci/find-python), the newest releases setup.py allows, no torch / transformers (their parity
+# tests skip). Re-resolved on every run: --upgrade-strategy eager moves every dependency up.
+$(LATEST_VENV)/bin/python:
+	py="$(PY312)"; [ -n "$$py" ] || py="$$(.ci/find-python 3.12)" && "$$py" -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+
+install-latest: $(LATEST_VENV)/bin/python
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test-core,hf]"
+
+test-latest: install-latest
+	$(LATEST_VENV)/bin/python .ci/versions.py
+	$(LATEST_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -rs tests
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) *.egg-info

@@ -2,6 +2,7 @@
 import contextlib
 import os
 import pathlib
+import re
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -27,6 +28,20 @@ def subprocess_env():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (still run in CI)")
+
+
+# pytest.importorskip's reason when the torch / transformers parity references are not installed.
+_TORCH_ABSENT = re.compile(r"could not import '(torch|transformers)'")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line that .ci/run counts: skips for absent torch / transformers (the 3.12 leg installs
+    neither; the 3.11 leg must have none) apart from skips for any other reason."""
+    reasons = [str(r.longrepr[2] if isinstance(r.longrepr, tuple) else r.longrepr)
+               for r in terminalreporter.stats.get("skipped", [])]
+    torch_absent = sum(bool(_TORCH_ABSENT.search(reason)) for reason in reasons)
+    terminalreporter.write_line(f"skips: {torch_absent} skipped (torch absent), "
+                                f"{len(reasons) - torch_absent} skipped (other reasons)")
 
 
 @contextlib.contextmanager

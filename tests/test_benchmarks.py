@@ -51,6 +51,8 @@ ROLLOUT_BENCH = BENCH.parent / "rollout_throughput.py"
 
 def test_rollout_throughput_quick_tiny(capsys):
     """benchmarks/rollout_throughput.py --quick: tiny config, 8 new tokens, one batch of 2."""
+    pytest.importorskip("torch")  # its baseline is transformers' generate
+    pytest.importorskip("transformers")
     spec = importlib.util.spec_from_file_location("trustrl_bench_rollout", ROLLOUT_BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

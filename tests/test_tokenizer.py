@@ -81,7 +81,7 @@ def test_train_bpe_round_trip(bpe_dir, name):
 
 
 def test_train_bpe_save_load_matches_transformers(bpe_dir):
-    from transformers import AutoTokenizer
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
 
     path, tok = bpe_dir
     loaded = tk.Tokenizer.from_dir(path)
@@ -111,7 +111,7 @@ def test_train_bpe_errors():
 @pytest.mark.parametrize("chat", range(len(CHATS)))
 @pytest.mark.parametrize("gen", [True, False])
 def test_chat_template_matches_transformers(bpe_dir, chat, gen):
-    from transformers import AutoTokenizer
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
 
     path, _ = bpe_dir
     ours = tk.Tokenizer.from_dir(path)
@@ -155,7 +155,7 @@ def test_from_dir_missing_tokenizer_json(tmp_path):
 @pytest.mark.parametrize("chat", range(len(CHATS)))
 def test_smollm2_chat_template_matches_transformers(chat, smollm2_dir):
     """Built once per session by the conftest fixture (python -m trustrl.tools.get_smollm2)."""
-    from transformers import AutoTokenizer
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
 
     path = smollm2_dir
     ours = tk.Tokenizer.from_dir(path)
@@ -197,7 +197,7 @@ def test_qwen_round_trip(qwen, name):
 
 
 def test_qwen_matches_transformers_qwen2_tokenizer(qwen):
-    from transformers import AutoTokenizer
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(qwen_vocab.default_dir()))
     for text in list(TEXTS.values()) + ["<|im_start|>user\nhi<|im_end|>\n<think>\n\n</think>"]:
