@@ -29,17 +29,22 @@ CHATS = [
 
 
 def _perturbed(params, seed=1):
-    """Random init has unit norms / zero biases: perturb everything so bugs cannot hide."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    """Random init has unit norms / zero biases: perturb everything so bugs cannot hide (norm
+    scales and biases, vectors per layer, by more than the matrices)."""
+    paths, tree = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed), len(paths))
+
+    def per_layer_ndim(path, x):  # stacked (scanned) layer params carry a leading layer axis
+        return x.ndim - (getattr(path[0], "key", None) == "layers")
+
     return jax.tree.unflatten(tree, [
-        x + (0.2 if x.ndim == 1 else 0.05) * jax.random.normal(k, x.shape, x.dtype)
-        for x, k in zip(leaves, keys)])
+        x + (0.2 if per_layer_ndim(path, x) == 1 else 0.05) * jax.random.normal(k, x.shape, x.dtype)
+        for (path, x), k in zip(paths, keys)])
 
 
-def _tiny(family="llama", **overrides):
+def _tiny(family="llama", perturb_seed=1, **overrides):
     cfg = M.ModelConfig.tiny(V, family, **overrides)
-    return cfg, _perturbed(M.init_params(cfg, jax.random.key(0)))
+    return cfg, _perturbed(M.init_params(cfg, jax.random.key(0)), perturb_seed)
 
 
 def _prompts(lengths, seed=0, vocab=V):
@@ -87,7 +92,9 @@ def _masked_absmax(a, b, mask):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_greedy_equals_transformers_generate_tiny(family, tmp_path):
     """Token for token, left-padded prompts of different lengths in one batch, fp32 both."""
-    overrides = {"qwen3": dict(tie_word_embeddings=True), "llama": dict(
+    # (qwen3, tied: perturbation seed 3, since seeds 1-2 give a random model that repeats each
+    # row's first token, which would make the parity check trivial; the guard below checks it)
+    overrides = {"qwen3": dict(tie_word_embeddings=True, perturb_seed=3), "llama": dict(
         rope_scaling=M.Llama3RopeScaling(8.0, 1.0, 4.0, original_max_position_embeddings=16))}
     cfg, params = _tiny(family, **overrides.get(family, {}))
     hf.save_hf_dir(params, cfg, str(tmp_path))
