@@ -213,6 +213,7 @@ def test_config_changes_classifies_fields():
     assert gone == [("task.extra", 1, "<absent>")]
 
 
+@pytest.mark.slow
 def test_resume_checks_the_recorded_config(tmp_path, subprocess_env):
     """One real tiny run (1 iteration) through the entry point, then reruns in its workdir."""
     wd = tmp_path / "run"

@@ -401,6 +401,7 @@ def test_full_disk_fails_before_any_work(tmp_path, monkeypatch):
 
 # --- end to end ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_run_recovers_from_damaged_checkpoint_metrics_and_tokenizer(tmp_path, capsys):
     """A 2-iteration run; then its latest checkpoint, metrics tail and tokenizer config are
     damaged; the rerun (3 iterations) falls back to step 1, replays 2 and 3, and ends clean."""

@@ -205,7 +205,9 @@ def test_real_model_notebook(tmp_path, monkeypatch, smollm2_dir):
             assert b.shape == t.shape == f.shape == (res["n_tokens"],)
             assert np.all(np.isfinite(b) & np.isfinite(t) & np.isfinite(f)), (name, kind)
             assert np.all(b >= 0), (name, kind)
-            tol = lambda x: 1e-6 + 1e-4 * np.abs(x)
+            # float32 sums over the 49,152-token vocabulary: ~1e-6 absolute rounding seen on
+            # jax 0.12's CPU code (binary KL of a near-zero move exceeded exact KL by 1.3e-6)
+            tol = lambda x: 5e-6 + 1e-4 * np.abs(x)
             assert np.all(b <= t + tol(t)), (name, kind, np.max(b - t))
             assert np.all(t <= f + tol(f)), (name, kind, np.max(t - f))
             if kind == "tv":

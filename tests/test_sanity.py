@@ -158,7 +158,9 @@ def test_small_sanity_study_end_to_end(tmp_path, subprocess_env):
     assert 0 < len(info["kept"]) <= 16
     rows = [json.loads(ln) for ln in
             (tmp_path / "runs" / "pg_is_seed0" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(np.isfinite(r["rollout/mismatch_mean"]) for r in rows)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # step 0: the base's eval before RL
+    rows = rows[1:]
+    assert all(np.isfinite(r["rollout/mismatch_mean"]) for r in rows)
     assert rows[-1]["rollout/mismatch_mean"] > 0  # a bf16 rollout vs the fp32 trainer
 
 
