@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launch.sweep import run_commands  # noqa: E402
+from launch.sweep import run_commands, split_passthrough  # noqa: E402
 from trustrl import summary  # noqa: E402
 from trustrl.metrics import read_jsonl  # noqa: E402
 
@@ -85,11 +85,7 @@ def table(names, rows) -> str:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    passthrough = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, passthrough = argv[:i], argv[i + 1:]
+    argv, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--parallel", type=int, default=2)

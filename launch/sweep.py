@@ -47,12 +47,16 @@ def commands(config_path, entries, workdir, variant="", passthrough=()):
     return out
 
 
+def split_passthrough(argv):
+    """(own arguments, arguments after "--" that are passed on to every run)."""
+    if "--" not in argv:
+        return list(argv), []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    passthrough = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, passthrough = argv[:i], argv[i + 1:]
+    argv, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="config file with get_sweep()")
     p.add_argument("--workdir", required=True, help="root directory of the runs")

@@ -17,22 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
 from trustrl import checkpoint as ckpt_lib
 from trustrl import durable, experiment, tasks, train, warmstart
 from trustrl import tokenizer as tk
 from trustrl.metrics import MetricWriter, read_jsonl
 
+from test_train import tiny  # the tiny config with dotted overrides
 
-def tiny(**overrides):
-    c = default.get_config("tiny")
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

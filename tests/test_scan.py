@@ -13,24 +13,9 @@ from trustrl import hf
 from trustrl import model as M
 from trustrl.sharding import make_mesh
 
+from test_model import _left_padded, _perturbed  # the same tiny inputs as the model tests
+
 V = 128
-
-
-def _left_padded(seed=0, lengths=(9, 5, 12), width=12):
-    rng = np.random.default_rng(seed)
-    tokens = np.zeros((len(lengths), width), np.int32)
-    valid = np.zeros((len(lengths), width), np.int32)
-    for i, n in enumerate(lengths):
-        tokens[i, width - n:] = rng.integers(1, V, n)
-        valid[i, width - n:] = 1
-    return jnp.asarray(tokens), jnp.asarray(valid)
-
-
-def _perturbed(params, seed=1, scale=0.1):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype)
-                                     for x, k in zip(leaves, keys)])
 
 
 def _pair(family="qwen3", **overrides):
