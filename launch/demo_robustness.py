@@ -104,11 +104,16 @@ def main(argv=None):
     names, rows = [], []
     for name, _, _ in specs:
         path = os.path.join(a.workdir, name, "metrics.jsonl")
-        if os.path.exists(path):
-            names.append(name)
-            rows.append(run_row(summary.summarize(read_jsonl(path))))
-        else:
+        if not os.path.exists(path):
             print(f"not in the table (no metrics yet): {name}")
+            continue
+        try:
+            row = run_row(summary.summarize(read_jsonl(path)))
+        except ValueError as e:  # a run still at its step-0 eval
+            print(f"not in the table: {name}: {e}")
+            continue
+        names.append(name)
+        rows.append(row)
     text = table(names, rows)
     print(text)
     with open(os.path.join(a.workdir, "table.md"), "w") as f:
