@@ -49,6 +49,7 @@ import ml_collections
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from trustrl import model as M  # noqa: E402
+from trustrl import policy  # noqa: E402
 from trustrl import train_step as ts  # noqa: E402
 
 GiB = 2 ** 30
@@ -63,13 +64,14 @@ def qwen3_06b(**overrides) -> M.ModelConfig:
 
 
 def tiny(**overrides) -> M.ModelConfig:
-    return M.ModelConfig.tiny(256, "qwen3", param_dtype="float32", dtype="bfloat16",
-                              **{"num_layers": 3, **overrides})
+    fields = {"num_layers": 3, "vocab_size": 256, **overrides}
+    return M.ModelConfig.tiny(fields.pop("vocab_size"), "qwen3", param_dtype="float32",
+                              dtype="bfloat16", **fields)
 
 
-def loss_config():
+def loss_config(method="dppo_binary_tv"):
     return ml_collections.ConfigDict(dict(
-        method="dppo_binary_tv", delta_low=0.2, delta_high=0.2, is_cap=float("inf"),
+        method=method, delta_low=0.2, delta_high=0.2, is_cap=float("inf"),
         agg="token-mean", alpha=0.1, trm_divergence="binary_tv"))
 
 
@@ -105,13 +107,29 @@ def _memory(compiled) -> dict:
                 out=m.output_size_in_bytes / GiB, total=total / GiB)
 
 
-def measure_train_step(cfg: M.ModelConfig, shape) -> dict:
-    """Lowers and compiles the real train step on abstract inputs; no array is allocated."""
+def measure_train_step(cfg: M.ModelConfig, shape, method="dppo_binary_tv",
+                       fused_head=True) -> dict:
+    """Lowers and compiles the real train step on abstract inputs; no array is allocated.
+
+    The exact methods (dppo_full_*) also get abstract bf16 rollout parameters (mu's hidden
+    states are recomputed from them). ``fused_head=False``: the plain head (policy.FUSED_HEAD).
+    """
     tx = optimizer()
-    step = jax.jit(functools.partial(ts.train_step, model_cfg=cfg, loss_cfg=loss_config(), tx=tx),
-                   donate_argnums=(0,))
+    roll_cfg = policy.rollout_config(cfg, "bfloat16")
+    roll_params = M.param_shapes(roll_cfg) if method in ts.FULL_METHODS else None
+    step = jax.jit(functools.partial(ts.train_step, model_cfg=cfg, loss_cfg=loss_config(method),
+                                     tx=tx, rollout_model_cfg=roll_cfg), donate_argnums=(0,))
+    batch = abstract_batch(*shape)
+    if method in ts.TOPK_METHODS:
+        b, _, n = shape
+        batch.update(topk_ids=jax.ShapeDtypeStruct((b, n, 20), jnp.int32),
+                     topk_logp=jax.ShapeDtypeStruct((b, n, 20), jnp.float32))
     t0 = time.perf_counter()
-    compiled = step.lower(abstract_state(cfg, tx), abstract_batch(*shape), None).compile()
+    saved, policy.FUSED_HEAD = policy.FUSED_HEAD, fused_head
+    try:
+        compiled = step.lower(abstract_state(cfg, tx), batch, roll_params).compile()
+    finally:
+        policy.FUSED_HEAD = saved
     return dict(_memory(compiled), compile_s=time.perf_counter() - t0)
 
 
@@ -169,21 +187,59 @@ def run(make_cfg, shapes, variants=VARIANTS, log=print):
     return results
 
 
+# Issue 12's table: ModelConfig defaults (blockwise / scan / remat full on CPU), plain vs fused
+# vocabulary head, for the binary and the exact TV (the exact one also runs mu's trunk).
+HEAD_METHODS = ("dppo_binary_tv", "dppo_full_tv")
+
+
+def run_head(make_cfg, shapes, methods=HEAD_METHODS, log=print):
+    """Prints plain-vs-fused rows; returns {shape: {method: (plain, fused)}}."""
+    results = {}
+    log("| shape | method | head | temp GiB | args GiB | out GiB | total GiB | vs plain | "
+        "compile s |")
+    log("|---|---|---|---|---|---|---|---|---|")
+    for name, shape in shapes.items():
+        for method in methods:
+            plain = measure_train_step(make_cfg(), shape, method, fused_head=False)
+            fused = measure_train_step(make_cfg(), shape, method, fused_head=True)
+            for label, r in (("plain", plain), ("fused", fused)):
+                log(f"| {name} | {method} | {label} | {r['temp']:.2f} | {r['args']:.2f} | "
+                    f"{r['out']:.2f} | {r['total']:.2f} | {plain['total'] / r['total']:.2f}x | "
+                    f"{r['compile_s']:.1f} |")
+            results.setdefault(name, {})[method] = (plain, fused)
+    return results
+
+
+TABLES = ("head", "layers")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="tiny model and lengths (seconds)")
     p.add_argument("--only", default="", help=f"one shape of {sorted(SHAPES)}")
+    p.add_argument("--tables", default=",".join(TABLES),
+                   help=f"comma-separated subset of {TABLES}: head = plain vs fused vocabulary "
+                        "head (defaults), layers = attention backend x remat x scan")
     args = p.parse_args(argv)
     shapes = SMALL_SHAPES if args.small else SHAPES
     if args.only:
         if args.only not in shapes:
             raise SystemExit(f"--only={args.only!r}: valid: {sorted(shapes)}")
         shapes = {args.only: shapes[args.only]}
+    tables = [t for t in args.tables.split(",") if t]
+    if not tables or any(t not in TABLES for t in tables):
+        raise SystemExit(f"--tables={args.tables!r}: valid: comma-separated subset of {TABLES}")
     make_cfg = tiny if args.small else qwen3_06b
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
           f"{len(jax.devices())} device(s); model {'tiny' if args.small else 'Qwen3-0.6B'}",
           flush=True)
-    return run(make_cfg, shapes, log=lambda s: print(s, flush=True))
+    log = lambda s: print(s, flush=True)
+    out = {}
+    if "head" in tables:
+        out["head"] = run_head(make_cfg, shapes, log=log)
+    if "layers" in tables:
+        out["layers"] = run(make_cfg, shapes, log=log)
+    return out
 
 
 if __name__ == "__main__":

@@ -8,6 +8,22 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache per test session, shared by the pytest-xdist workers
+# (they inherit this environment from the controller) and by the `python -m trustrl.main`
+# subprocesses: the end-to-end tests compile the same tiny train steps and samplers again and
+# again (a resume recompiles everything), so a cache hit replaces most of their run time.
+# Keyed by XLA on the program, the devices and the jax / jaxlib versions; results do not change.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    _cache = tempfile.mkdtemp(prefix="trustrl-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["TRUSTRL_TEST_CACHE_OWNER"] = str(os.getpid())
+    atexit.register(lambda: os.environ.get("TRUSTRL_TEST_CACHE_OWNER") == str(os.getpid())
+                    and shutil.rmtree(_cache, ignore_errors=True))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402

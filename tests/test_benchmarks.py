@@ -92,6 +92,33 @@ def test_train_memory_small(capsys):
     assert efficient["temp"] < today["temp"]
 
 
+def test_train_memory_head_table_small(capsys):
+    """The plain-vs-fused head rows: same parameters / state, the fused step has fewer temps."""
+    bench = _load_bench("train_memory")
+    cfg = lambda **kw: bench.tiny(vocab_size=8192, head_token_chunk=32, **kw)
+    out = bench.run_head(cfg, {"1x256": bench.SMALL_SHAPES["1x256"]})
+    printed = capsys.readouterr().out
+    assert "| 1x256 | dppo_full_tv | fused |" in printed
+    for method in bench.HEAD_METHODS:
+        plain, fused = out["1x256"][method]
+        assert math.isclose(fused["args"], plain["args"], rel_tol=1e-6)
+        # the plain step holds >= one [192, 8192] float32 logits array; the fused one does not
+        assert plain["temp"] - fused["temp"] > 192 * 8192 * 4 / 2 ** 30, (method, plain, fused)
+
+
+def test_vocab_head_quick(capsys):
+    """benchmarks/vocab_head.py --quick: the fused head's temporaries are a fraction of the
+    plain head's at 1,024 tokens (chunks of 128), and both are timed."""
+    bench = _load_bench("vocab_head")
+    out = bench.main(["--quick", "--repeats=1"])
+    printed = capsys.readouterr().out
+    assert "| 32 | 1024 | full |" in printed and "fused / plain" in printed
+    for r in out["memory"]:
+        if r["t"] == 1024:
+            assert r["fused"] < r["plain"] / 3, r
+    assert len(out["time"]) == 4 and all(r["plain"] > 0 and r["fused"] > 0 for r in out["time"])
+
+
 def test_gpu_check_quick_cpu(capsys):
     """benchmarks/gpu_check.py --quick runs on CPU; the torch side is skipped cleanly if absent."""
     bench = _load_bench("gpu_check")

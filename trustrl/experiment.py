@@ -204,5 +204,6 @@ def build(cfg, workdir: str) -> Run:
         # a copy even when the dtypes agree: train_step donates the state the params live in
         rollout_params=jax.jit(lambda p: jax.tree.map(
             jnp.copy, policy.cast_params(p, roll_cfg))),
-        score=jax.jit(functools.partial(ts.score, model_cfg=model_cfg, temperature=temperature)),
+        score=jax.jit(functools.partial(ts.score, model_cfg=model_cfg, temperature=temperature,
+                                        mesh=mesh)),
         train_step=step)

@@ -93,6 +93,8 @@ class ModelConfig:
     attention: str = "auto"  # attention backend: trustrl.attention.BACKENDS
     attention_block_size: int = 512  # blockwise backend: query / key tile length
     scan_layers: bool = True  # one nn.scan over stacked layers (False: unrolled reference)
+    head_token_chunk: int = 0  # trainer's fused vocabulary head: tokens per chunk (0: automatic)
+    head_vocab_chunk: int = 0  # ... vocabulary slice per tile (0: the whole local vocabulary)
 
     def __post_init__(self):
         if isinstance(self.remat, (bool, np.bool_)):  # older configs: remat = True / False
@@ -105,6 +107,10 @@ class ModelConfig:
                              f"{attention_lib.BACKENDS}")
         if int(self.attention_block_size) < 1:
             raise ValueError(f"attention_block_size must be >= 1, got {self.attention_block_size}")
+        for name in ("head_token_chunk", "head_vocab_chunk"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = automatic), got "
+                                 f"{getattr(self, name)}")
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; valid: {FAMILIES}")
         if self.num_heads % self.num_kv_heads:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from trustrl import model as model_lib
+from trustrl import vocab_head
 from trustrl.rollout import response_logits_slice
 from trustrl.sampler import DecodeModel
 
@@ -45,28 +46,66 @@ def decode_model(model_cfg: model_lib.ModelConfig) -> DecodeModel:
         vocab_size=model_cfg.vocab_size)
 
 
-def response_logits(params, model_cfg: model_lib.ModelConfig, tokens, positions, valid, *,
-                    num_response: int, temperature: float = 1.0):
-    """Tempered logits [B, N, V] float32 predicting the N response tokens of [B, P + N] sequences.
-
-    The vocabulary head runs only on the N hidden states that predict response tokens (positions
-    P-1 .. P+N-2), not on the prompt. Logits are divided by the sampling ``temperature``, so
-    log_softmax of them is the distribution rollout_logp was recorded under.
-    """
+def response_hidden(params, model_cfg: model_lib.ModelConfig, tokens, positions, valid, *,
+                    num_response: int):
+    """Final-normed hidden states [B, N, E] that predict the N response tokens of [B, P + N]
+    sequences (positions P-1 .. P+N-2); the input of the (fused) vocabulary head."""
     prompt_len = tokens.shape[1] - num_response
     if prompt_len < 1:
         raise ValueError(f"sequences of length {tokens.shape[1]} have no prompt before "
                          f"num_response={num_response} response tokens")
     hidden = model_lib.forward(params, model_cfg, tokens, positions, valid)
-    logits = model_lib.lm_head(params, model_cfg,
-                               response_logits_slice(hidden, prompt_len, num_response))
+    return response_logits_slice(hidden, prompt_len, num_response)
+
+
+def response_logits(params, model_cfg: model_lib.ModelConfig, tokens, positions, valid, *,
+                    num_response: int, temperature: float = 1.0):
+    """Tempered logits [B, N, V] float32 predicting the N response tokens of [B, P + N] sequences.
+
+    The plain head (the reference for trustrl.vocab_head, and what notebooks inspect): the
+    vocabulary head runs only on the N hidden states that predict response tokens, not on the
+    prompt. Logits are divided by the sampling ``temperature``, so log_softmax of them is the
+    distribution rollout_logp was recorded under.
+    """
+    hidden = response_hidden(params, model_cfg, tokens, positions, valid,
+                             num_response=num_response)
+    logits = model_lib.lm_head(params, model_cfg, hidden)
     return logits if temperature == 1.0 else logits / temperature
+
+
+def response_head(params, model_cfg: model_lib.ModelConfig, batch, *, temperature: float = 1.0,
+                  mu_params=None, mu_model_cfg=None, topk_ids=None, mesh=None) -> dict:
+    """The fused vocabulary head (trustrl.vocab_head) on the response positions of ``batch``
+    (tokens / positions / valid / response_tokens): logp (differentiable), entropy, and with
+    ``topk_ids`` log pi at those ids, with ``mu_params`` (frozen, at ``mu_model_cfg``'s
+    precision) the exact TV / KL(mu || pi). No [tokens, vocab] array is kept."""
+    n = batch["response_tokens"].shape[1]
+    args = (batch["tokens"], batch["positions"], batch["valid"])
+    hidden = response_hidden(params, model_cfg, *args, num_response=n)
+    w, axis = vocab_head.head_weight(params, model_cfg)
+    mu_hidden = mu_w = None
+    if mu_params is not None:
+        mu_cfg = model_cfg if mu_model_cfg is None else mu_model_cfg
+        mu_params = jax.lax.stop_gradient(mu_params)
+        mu_hidden = response_hidden(mu_params, mu_cfg, *args, num_response=n)
+        mu_w = vocab_head.head_weight(mu_params, mu_cfg)[0]
+    kwargs = dict(w_vocab_axis=axis, mu_hidden=mu_hidden, mu_w=mu_w, topk_ids=topk_ids,
+                  temperature=temperature)
+    if not FUSED_HEAD:  # benchmarks only: the plain head, O(tokens x vocab) memory
+        return vocab_head.plain_head(hidden, w, batch["response_tokens"], **kwargs)
+    return vocab_head.fused_head(hidden, w, batch["response_tokens"], mesh=mesh,
+                                 token_chunk=model_cfg.head_token_chunk,
+                                 vocab_chunk=model_cfg.head_vocab_chunk, **kwargs)
+
+
+FUSED_HEAD = True  # module switch, only so benchmarks/train_memory.py can measure the plain head
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "num_response", "temperature"))
 def response_logp(params, model_cfg, tokens, positions, valid, *, num_response: int,
                   temperature: float = 1.0):
-    """Trainer-side log-probs [B, N] of the response tokens (the last N columns of ``tokens``)."""
-    logits = response_logits(params, model_cfg, tokens, positions, valid,
-                             num_response=num_response, temperature=temperature)
-    return model_lib.token_logp_and_entropy(logits, tokens[:, -num_response:])[0]
+    """Trainer-side log-probs [B, N] of the response tokens (the last N columns of ``tokens``),
+    through the fused head."""
+    batch = dict(tokens=tokens, positions=positions, valid=valid,
+                 response_tokens=tokens[:, -num_response:])
+    return response_head(params, model_cfg, batch, temperature=temperature)["logp"]

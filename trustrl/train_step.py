@@ -76,23 +76,18 @@ def rollout_batch(r: Rollout, advantages, old_logp=None) -> dict:
     return batch
 
 
-def _response_logits(params, model_cfg, batch, temperature):
-    n = batch["response_tokens"].shape[1]
-    return policy.response_logits(params, model_cfg, batch["tokens"], batch["positions"],
-                                  batch["valid"], num_response=n, temperature=temperature)
-
-
 def token_logp_entropy(logits, tokens):
+    """The plain head's (log_softmax [.., V], logp, entropy): the reference for the fused one."""
     logp_full = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     logp = jnp.take_along_axis(logp_full, tokens[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_full) * logp_full, axis=-1)
     return logp_full, logp, entropy
 
 
-def score(params, batch, *, model_cfg, temperature: float = 1.0):
+def score(params, batch, *, model_cfg, temperature: float = 1.0, mesh=None):
     """Trainer-precision log-probs of the sampled tokens: pi_old at the rollout parameters."""
-    logits = _response_logits(params, model_cfg, batch, temperature)
-    return token_logp_entropy(logits, batch["response_tokens"])[1]
+    return policy.response_head(params, model_cfg, batch, temperature=temperature,
+                                mesh=mesh)["logp"]
 
 
 def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, loss_cfg, tx,
@@ -106,20 +101,21 @@ def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, los
     mask = batch["response_mask"]
 
     def loss_fn(params):
-        logits = _response_logits(params, model_cfg, batch, temperature)
-        logp_full, logp, entropy = token_logp_entropy(logits, batch["response_tokens"])
+        # The fused head (trustrl.vocab_head): float32 chunks, never [tokens, vocab] logits. For
+        # the exact methods mu's hidden states come from the frozen rollout parameters at the
+        # rollout precision (storing V floats per token is "memory-prohibitive").
+        head = policy.response_head(
+            params, model_cfg, batch, temperature=temperature, mesh=mesh,
+            topk_ids=batch["topk_ids"] if method in TOPK_METHODS else None,
+            mu_params=rollout_params if method in FULL_METHODS else None,
+            mu_model_cfg=rollout_model_cfg)
+        logp, entropy = head["logp"], head["entropy"]  # entropy: no gradient (a metric)
         divergence = None
         if method in TOPK_METHODS:
-            at_ids = jnp.take_along_axis(logp_full, batch["topk_ids"], axis=-1)
             fn = divergences.topk_tv if method.endswith("tv") else divergences.topk_kl
-            divergence = fn(jax.lax.stop_gradient(at_ids), batch["topk_logp"])
+            divergence = fn(head["topk_logp"], batch["topk_logp"])
         elif method in FULL_METHODS:
-            # mu's whole distribution is recomputed from the frozen rollout parameters at the
-            # rollout precision (storing V floats per token is "memory-prohibitive").
-            mu_logits = _response_logits(rollout_params, rollout_model_cfg, batch, temperature)
-            fn = divergences.full_tv if method.endswith("tv") else divergences.full_kl
-            divergence = fn(mu_logits.astype(jnp.float32), jax.lax.stop_gradient(logits),
-                            mesh=mesh if mesh is not None and mesh.shape["tensor"] > 1 else None)
+            divergence = head["tv"] if method.endswith("tv") else head["kl"]
         elif method == "trm_seq":
             fn = getattr(divergences, loss_cfg.trm_divergence)
             divergence = fn(jax.lax.stop_gradient(logp), batch["rollout_logp"])
