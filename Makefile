@@ -36,13 +36,13 @@ sanity: $(BASE_STAMP)
 # 8 simulated CPU devices are set in tests/conftest.py before jax is imported.
 test: $(STAMP)
 	$(VENV)/bin/python .ci/versions.py
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 # The newest stack: Python 3.12 (jax >= 0.11 needs it; PY312=... overrides the search in
 # .ci/find-python), the newest releases setup.py allows, no torch / transformers (their parity
 # tests skip). Re-resolved on every run: --upgrade-strategy eager moves every dependency up.
-# To keep CI within its time budget this leg leaves out the `slow` end-to-end tests (notebooks,
-# SmolLM2 builds, whole-run recovery), which the 3.11 leg runs; pytest reports them deselected.
+# To keep CI within its time budget this leg leaves out the `slow` tests (notebooks, whole
+# training runs, SmolLM2 builds, benchmarks), which the 3.11 leg runs; pytest reports them deselected.
 $(LATEST_VENV)/bin/python:
 	py="$(PY312)"; [ -n "$$py" ] || py="$$(.ci/find-python 3.12)" && "$$py" -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
@@ -52,7 +52,7 @@ install-latest: $(LATEST_VENV)/bin/python
 
 test-latest: install-latest
 	$(LATEST_VENV)/bin/python .ci/versions.py
-	$(LATEST_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -rs -m "not slow" --durations=15 tests
+	$(LATEST_VENV)/bin/python -m pytest -q -n 2 --dist worksteal -rs -m "not slow" --durations=15 tests
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) *.egg-info

@@ -33,6 +33,12 @@ cores, load ~15, so compile times are inflated several-fold; memory is exact), 1
 
 Goals met: <= 64 GiB at 16k, compile <= 1/3 of unrolled. The 16 x (512 + 512) rows did not
 finish in that session. Full table with temp / args / out: docs/performance.md.
+
+``--tables=head`` (issue 12): the defaults with the plain vs the fused vocabulary head, measured
+2026-12-02 on the same VM, idle (total GiB, plain -> fused): 1 x (1,024 + 15,360) dppo_binary_tv
+47.64 -> 14.21, dppo_full_tv 58.10 -> 15.89; 16 x (512 + 512) dppo_binary_tv 31.42 -> 14.21,
+dppo_full_tv 37.82 -> 15.86. The layers table above predates the fused head (its rows now
+include it).
 """
 from __future__ import annotations
 

@@ -144,6 +144,7 @@ def _run_launcher(env, *args):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_small_sanity_study_end_to_end(tmp_path, subprocess_env):
     """`launch/sanity.py --small` (what CI runs): filler, filtering, bf16 rollout, table, plots."""
     _run_launcher(subprocess_env, "--small", "--parallel=2", f"--workdir={tmp_path / 'runs'}",
@@ -180,6 +181,7 @@ def test_mismatch_by_mu_buckets_hand_values():
     assert out[3]["max_ratio"] == pytest.approx(1.2)
 
 
+@pytest.mark.slow
 def test_mismatch_profile_small(tmp_path, subprocess_env):
     """`launch/sanity.py --mismatch_profile --small`: a bf16 rollout mismatches, fp32 ~does not."""
     _run_launcher(subprocess_env, "--mismatch_profile", "--small", f"--workdir={tmp_path / 'w'}",

@@ -55,6 +55,7 @@ def _params_np(state):
     return jax.tree.map(lambda x: np.asarray(x), state.params)
 
 
+@pytest.mark.slow
 def test_resume_follows_the_same_trajectory(tmp_path):
     # A warm start that answers some 1-digit additions, so rewards differ within groups and every
     # update really moves the parameters (with all-zero advantages the comparison would be vacuous).
@@ -111,6 +112,7 @@ def test_non_finite_update_is_skipped_and_params_untouched():
     jax.tree.map(np.testing.assert_array_equal, bad.opt_state, good.opt_state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dppo_binary_tv", "ppo_clip"])
 def test_learning_happens(tmp_path, method):
     """16 one-digit additions, a short warm start (reward ~0.3), then 20 RL iterations: the
