@@ -32,7 +32,8 @@ cores, load ~15, so compile times are inflated several-fold; memory is exact), 1
     head only (fwd+bwd)                  |     29.00 |        - |       2.8 |        -
 
 Goals met: <= 64 GiB at 16k, compile <= 1/3 of unrolled. The 16 x (512 + 512) rows did not
-finish in that session. Full table with temp / args / out: docs/performance.md.
+finish in that session; measured 2026-12-02 (idle, fused head in every row): today 138.71 GiB /
+51.9 s compile -> defaults 14.21 GiB / 11.7 s. Full tables: docs/performance.md.
 
 ``--tables=head`` (issue 12): the defaults with the plain vs the fused vocabulary head, measured
 2026-12-02 on the same VM, idle (total GiB, plain -> fused): 1 x (1,024 + 15,360) dppo_binary_tv
