@@ -214,8 +214,8 @@ def _local_forward(spec, w, wm, h, y, hm, ids):
     n = math.prod(lead)
     c = spec.chunk(n, w.shape[spec.vocab_axis])
     nc = -(-n // c)
-    flat = lambda x, d: _chunked(x.reshape(n, *x.shape[len(lead):]), c, nc) if x is not None else d
-    xs = (flat(h, None), flat(y, None), flat(hm, None), flat(ids, None))
+    flat = lambda x: None if x is None else _chunked(x.reshape(n, *x.shape[len(lead):]), c, nc)
+    xs = (flat(h), flat(y), flat(hm), flat(ids))
     offset = _offset(spec, w)
 
     def body(carry, x):
