@@ -124,6 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.iterations = 150  # RL iterations (rollout + updates)
     c.train.epochs = 1  # passes over each iteration's rollouts
     c.train.minibatches = 4  # optimizer steps per epoch
+    c.train.microbatches = 1  # gradient accumulation: micro-batches per optimizer step (exact)
     c.train.score_pass = True  # recompute pi_old at rollout params (mismatch log, *_recompute)
 
     c.eval = ml_collections.ConfigDict()

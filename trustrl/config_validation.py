@@ -24,7 +24,8 @@ CHANGES_FILE = "config_changes.jsonl"
 # Fields that change how a run is operated, not what it computes: they may differ on resume.
 # (mesh: the checkpoint is restored into the new layout; only rounding can differ.)
 OPERATIONAL = ("log.", "mesh.", "eval.every", "checkpoint.every", "checkpoint.max_to_keep",
-               "task.data_dir", "warmstart.cache_dir")
+               "task.data_dir", "warmstart.cache_dir",
+               "train.microbatches")  # exact gradient accumulation: memory, not the update
 
 
 def _choice(name, value, valid):
@@ -186,6 +187,11 @@ def validate(cfg):
     if batch % cfg.train.minibatches:
         raise ValueError(f"prompts_per_iter * group_size = {batch} is not divisible by "
                          f"train.minibatches={cfg.train.minibatches}")
+    _int(cfg, "train.microbatches", 1)
+    if (batch // cfg.train.minibatches) % cfg.train.microbatches:
+        raise ValueError(f"a minibatch of {batch // cfg.train.minibatches} sequences "
+                         f"(prompts_per_iter * group_size / train.minibatches) is not divisible "
+                         f"by train.microbatches={cfg.train.microbatches}")
     _int(cfg, "eval.every", 0)
     if cfg.eval.every:
         _int(cfg, "eval.num_prompts", 1)

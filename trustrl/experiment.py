@@ -13,6 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl import data, filtering, hf, policy, rewards, sharding, tasks, train_step as ts, warmstart
 from trustrl.model import ModelConfig, init_params
@@ -179,9 +180,7 @@ def build(cfg, workdir: str) -> Run:
 
     total_steps = cfg.train.iterations * cfg.train.epochs * cfg.train.minibatches
     tx = ts.make_optimizer(cfg.optim, total_steps)
-    state = jax.jit(lambda p: ts.TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                            opt_state=tx.init(p),
-                                            skipped=jnp.zeros((), jnp.int32)))(params)
+    state = ts.init_train_state(params, tx, model_cfg=model_cfg, mesh=mesh)
 
     _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir)
 
@@ -194,8 +193,11 @@ def build(cfg, workdir: str) -> Run:
     temperature = float(cfg.rollout.temperature)
     step = jax.jit(functools.partial(ts.train_step, model_cfg=model_cfg, loss_cfg=cfg.loss, tx=tx,
                                      mesh=mesh, rollout_model_cfg=roll_cfg,
-                                     temperature=temperature),
-                   donate_argnums=(0,))
+                                     temperature=temperature,
+                                     microbatches=int(cfg.train.get("microbatches", 1))),
+                   donate_argnums=(0,),  # the new state keeps the input's layout: one compile
+                   out_shardings=(ts.state_shardings(model_cfg, tx, mesh),
+                                  NamedSharding(mesh, P())))
     return Run(
         cfg=cfg, mesh=mesh, env=env, model_cfg=model_cfg, rollout_cfg=roll_cfg, state=state,
         key=key,

@@ -14,8 +14,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl import divergences, losses, policy
+from trustrl import model as model_lib
 from trustrl.rollout import Rollout
 
 TOPK_METHODS = ("dppo_topk_tv", "dppo_topk_kl")
@@ -28,6 +30,31 @@ class TrainState:
     params: Any
     opt_state: Any
     skipped: jax.Array       # updates skipped because the loss or gradient was non-finite
+
+
+def state_shardings(model_cfg, tx, mesh) -> TrainState:
+    """The TrainState's shardings from the logical rules: params as ``model.param_shardings``,
+    every parameter-shaped optimizer leaf (Adam's mu / nu) as its parameter, the rest (step
+    counters, the clip state) replicated."""
+    params_sh = model_lib.param_shardings(model_cfg, mesh)
+    abstract = jax.eval_shape(lambda k: model_lib.init_params(model_cfg, k), jax.random.key(0))
+    replicated = NamedSharding(mesh, P())
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, abstract),
+                                   params_sh, transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=params_sh, opt_state=opt_sh, skipped=replicated)
+
+
+def init_train_state(params, tx, *, model_cfg=None, mesh=None) -> TrainState:
+    """A fresh TrainState. With a mesh, every leaf is created directly with its sharding
+    (``state_shardings``): Adam's moments are sharded like their parameters from the start, not
+    replicated on every device, and the train step's output state has the same layout as its
+    input, so the step compiles once."""
+    def init(p):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                          skipped=jnp.zeros((), jnp.int32))
+    if mesh is None:
+        return jax.jit(init)(params)
+    return jax.jit(init, out_shardings=state_shardings(model_cfg, tx, mesh))(params)
 
 
 SCHEDULES = ("constant", "cosine")
@@ -90,17 +117,48 @@ def score(params, batch, *, model_cfg, temperature: float = 1.0, mesh=None):
                                 mesh=mesh)["logp"]
 
 
+def _combine_metrics(stacked: dict, tokens) -> dict:
+    """Per-micro-batch metrics [n] -> one value: max / min for *_max / *_min, else the mean,
+    over the micro-batches that have response tokens (an empty one reports 0 for everything)."""
+    has = tokens > 0
+    n = jnp.maximum(jnp.sum(has), 1)
+
+    def one(k, v):
+        if k.endswith("_max"):
+            return jnp.where(jnp.any(has), jnp.max(jnp.where(has, v, -jnp.inf)), 0.0)
+        if k.endswith("_min"):
+            return jnp.where(jnp.any(has), jnp.min(jnp.where(has, v, jnp.inf)), 0.0)
+        return jnp.sum(jnp.where(has, v, 0.0)) / n
+    return {k: one(k, v) for k, v in stacked.items()}
+
+
 def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, loss_cfg, tx,
-               mesh=None, rollout_model_cfg=None, temperature: float = 1.0):
+               mesh=None, rollout_model_cfg=None, temperature: float = 1.0,
+               microbatches: int = 1):
     """One optimizer step on a minibatch. Non-finite loss or gradient: update skipped.
 
     Logits are divided by the sampling temperature, so pi is measured on the same tempered
     distribution rollout_logp (mu) was recorded under.
+
+    ``microbatches`` > 1 accumulates the gradient over that many micro-batches (a lax.scan, so
+    activation memory is one micro-batch's). It is exact: every micro-batch contributes its
+    loss *sum* (``losses.policy_loss_terms``) and the aggregation's denominator is computed once
+    from the whole minibatch's mask, so loss and gradient equal the single-pass ones up to float
+    summation order. Micro-batch ``i`` is rows i, i + n, i + 2n, ... (a strided split keeps each
+    device's rows on that device). Metrics: max / min over the micro-batches with response tokens
+    for *_max / *_min (exact), the mean of their per-micro-batch values otherwise (the
+    whole-batch value when they hold equal numbers of tokens); ``loss/value`` is exact.
     """
     method = loss_cfg.method
-    mask = batch["response_mask"]
+    bsz = batch["response_mask"].shape[0]
+    if microbatches < 1 or bsz % microbatches:
+        raise ValueError(f"a minibatch of {bsz} sequences cannot be split into "
+                         f"microbatches={microbatches} (must be >= 1 and divide it)")
+    _, denom = losses.aggregation_weights(batch["response_mask"], loss_cfg.agg)
+    denom = jnp.maximum(denom, 1e-8)
 
-    def loss_fn(params):
+    def loss_fn(params, batch):
+        mask = batch["response_mask"]
         # The fused head (trustrl.vocab_head): float32 chunks, never [tokens, vocab] logits. For
         # the exact methods mu's hidden states come from the frozen rollout parameters at the
         # rollout precision (storing V floats per token is "memory-prohibitive").
@@ -119,16 +177,34 @@ def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, los
         elif method == "trm_seq":
             fn = getattr(divergences, loss_cfg.trm_divergence)
             divergence = fn(jax.lax.stop_gradient(logp), batch["rollout_logp"])
-        loss, metrics = losses.policy_loss(
+        terms = losses.policy_loss_terms(
             logp, batch["rollout_logp"], batch["advantages"], mask, method=method,
             delta_low=loss_cfg.delta_low, delta_high=loss_cfg.delta_high,
             is_cap=loss_cfg.is_cap, agg=loss_cfg.agg, old_logp=batch.get("old_logp"),
             divergence=divergence, alpha=loss_cfg.alpha if method.startswith("relax") else None)
+        metrics = dict(terms.metrics)
         maskf = mask.astype(jnp.float32)
         metrics["train/entropy"] = jnp.sum(entropy * maskf) / jnp.maximum(maskf.sum(), 1.0)
-        return loss, metrics
+        return terms.loss_sum / denom, metrics
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        (loss, metrics), grads = grad_fn(state.params, batch)
+    else:
+        split = lambda x: jnp.moveaxis(
+            x.reshape(bsz // microbatches, microbatches, *x.shape[1:]), 1, 0)
+
+        def accumulate(acc, mb):
+            (loss_i, metrics_i), grads_i = grad_fn(state.params, mb)
+            acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, (loss_i, grads_i))
+            return acc, (metrics_i, jnp.sum(mb["response_mask"]))
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (loss, grads), (stacked, tokens) = jax.lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), zeros), jax.tree.map(split, batch))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        metrics = _combine_metrics(stacked, tokens)
+    metrics["loss/value"] = loss
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
