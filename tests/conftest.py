@@ -4,8 +4,16 @@ import os
 import pathlib
 import re
 
+# The suite compiles hundreds of small programs and XLA:CPU's LLVM backend is most of its run
+# time; its cheapest optimisation level cuts a cold tiny `trustrl.main` run from 66 s to 44 s
+# (2-core VM). No fast-math at any level (the same float32 operations); results may differ from
+# the default level only at rounding level (e.g. where instructions are fused), and every test
+# compares within one setting or with a tolerance. TRUSTRL_TEST_XLA_OPT=default keeps XLA's
+# default level (e.g. to time something under pytest, or to test at the users' level).
+_FAST_COMPILE = (" --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+                 if os.environ.get("TRUSTRL_TEST_XLA_OPT", "fast") == "fast" else "")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + _FAST_COMPILE
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache per test session, shared by the pytest-xdist workers
@@ -43,7 +51,9 @@ def subprocess_env():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running test (still run in CI)")
+    config.addinivalue_line(
+        "markers", "slow: long-running test (>= ~10 s); `make test` (the README command, CI's "
+        "3.11 leg) runs it, CI's 3.12 leg (`make test-latest`) leaves it out")
 
 
 # pytest.importorskip's reason when the torch / transformers parity references are not installed.

@@ -52,6 +52,7 @@ def test_backend_equals_xla_fp32(name, t, h, k):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"d{what}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["blockwise_16", "cudnn_wrapper"])
 def test_backend_bf16_error_within_the_references_own(name):
     qkv32, valid, w = _batch(48, 4, 2)
@@ -98,6 +99,7 @@ def test_cudnn_wrapper_poisons_rows_with_a_hole():
     assert bool(jnp.all(jnp.isfinite(out[1:])))
 
 
+@pytest.mark.slow
 def test_fully_padded_rows_stay_finite():
     qkv, valid, w = _batch(20, 4, 2)
     valid = valid.at[2].set(False)

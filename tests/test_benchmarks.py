@@ -110,6 +110,7 @@ def test_train_memory_head_table_small(capsys):
         assert plain["temp"] - fused["temp"] > 192 * 8192 * 4 / 2 ** 30, (method, plain, fused)
 
 
+@pytest.mark.slow
 def test_vocab_head_quick(capsys):
     """benchmarks/vocab_head.py --quick: the fused head's temporaries are a fraction of the
     plain head's at 1,024 tokens (chunks of 128), and both are timed."""

@@ -102,6 +102,7 @@ def _log_softmax64(x):
                 + x.max(-1, keepdims=True))
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(hnp.arrays(np.float32, (2, 16), elements=st.floats(-6, 6, width=32)),
        hnp.arrays(np.float32, (2, 16), elements=st.floats(-6, 6, width=32)),

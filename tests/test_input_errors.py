@@ -102,6 +102,7 @@ def test_tensor_missing_from_its_listed_shard_names_tensor_and_file(exported, tm
         hf.load_hf_dir(str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_missing_architectures_falls_back_to_model_type(exported, tmp_path, family):
     cfg, params = _tiny_dir(exported, tmp_path, family)

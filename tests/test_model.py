@@ -32,6 +32,7 @@ def _perturbed(params, seed=1, scale=0.1):
                                      for x, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_prefill_and_decode_equal_full_forward(family):
     cfg = M.ModelConfig.tiny(V, family, tie_word_embeddings=family == "qwen3")
@@ -65,6 +66,7 @@ def test_prefill_and_decode_equal_full_forward(family):
     np.testing.assert_allclose(again[np.array([0, 2])], got[np.array([0, 2]), 0], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_left_padding_gives_the_unpadded_logits():
     cfg = M.ModelConfig.tiny(V, "llama", rope_scaling=M.Llama3RopeScaling(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -90,6 +92,7 @@ def test_cache_dtype_follows_compute_dtype():
     assert hidden.dtype == jnp.bfloat16 and M.lm_head(params, cfg, hidden).dtype == jnp.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axes", [{"data": 2, "fsdp": 1, "tensor": 4},
                                   {"data": 1, "fsdp": 2, "tensor": 4}])
 def test_sharded_forward_equals_unsharded(axes):

@@ -218,6 +218,7 @@ def test_rollout_logp_vs_trainer_smollm2(smollm2_dir):
 # -------------------------------------------------------------------------- sharding, buckets, EOS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axes", [{"data": 2, "fsdp": 1, "tensor": 4},
                                   {"data": 2, "fsdp": 4, "tensor": 1}])
 def test_sharded_equals_unsharded(axes):
@@ -258,6 +259,7 @@ def test_no_recompile_within_bucket_and_dirty_cache_is_safe():
     assert sampler.num_compilations() == 2  # the 32 bucket
 
 
+@pytest.mark.slow
 def test_eos_stops_rows_with_the_real_model():
     cfg, params = _tiny("qwen2")
     prompts, n = _prompts((4, 7, 2, 10), seed=3), 16

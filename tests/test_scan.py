@@ -37,6 +37,7 @@ def _loss(params, cfg, tokens, valid):
 _value_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
 
 
+@pytest.mark.slow
 def test_stacked_layout_and_logical_axes():
     flat, params, scanned, stacked = _pair()
     assert "layers_0" in params and "layers" not in params
@@ -53,6 +54,7 @@ def test_stacked_layout_and_logical_axes():
         M.stack_layers({"embedding": params["embedding"]}, scanned)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_scanned_equals_unrolled_logits_and_grads(family):
     flat, params, scanned, stacked = _pair(family, remat="none")
@@ -107,6 +109,7 @@ def test_scan_trace_size_does_not_grow_with_depth():
     assert n_eqns(num_layers=6, scan_layers=False) > 2 * n_eqns(num_layers=2, scan_layers=False)
 
 
+@pytest.mark.slow
 def test_prefill_and_decode_scanned_equal_unrolled():
     flat, params, scanned, stacked = _pair("qwen2", attention="blockwise",
                                            attention_block_size=4)
@@ -146,6 +149,7 @@ def test_hf_round_trip_of_scanned_params(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(stacked))
 
 
+@pytest.mark.slow
 def test_sharded_scanned_equals_unsharded():
     mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
     cfg = M.ModelConfig.tiny_shardable(V, "qwen3", attention="blockwise", attention_block_size=4)

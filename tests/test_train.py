@@ -27,6 +27,7 @@ def tiny(**overrides):
     return c
 
 
+@pytest.mark.slow
 def test_entry_point_one_iteration_on_2x4_mesh(tmp_path, subprocess_env):
     wd = tmp_path / "run"
     out = subprocess.run(

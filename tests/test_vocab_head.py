@@ -206,6 +206,7 @@ def _plain_loss(params, batch, rollout_params, cfg, roll_cfg, loss_cfg, temperat
                               divergence=div)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,tied", [("dppo_full_tv", True), ("dppo_full_kl", False),
                                          ("dppo_topk_tv", False), ("dppo_binary_kl", True)])
 def test_train_step_equals_plain_head_update(method, tied):
