@@ -2,7 +2,10 @@
 # Runs one config on every worker of a TPU pod slice (not exercised in this repository's CI).
 #   bash launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.x=y ...]
 # Every worker installs the checked-out trustrl and runs trustrl.main; jax.distributed picks
-# up the pod topology itself. WORKDIR should be a bucket (gs://...) so all hosts share it.
+# up the pod topology itself (GPU clusters: --coordinator_address / --num_processes /
+# --process_id). A SIGTERM (maintenance event, preemption) checkpoints and exits 143; rerun to
+# resume. NOT YET WORKING (issue 13): multi-process runs still read global arrays on the host,
+# and WORKDIR must be a local path shared by every host (a gs:// bucket is not supported yet).
 set -euo pipefail
 if [ $# -lt 4 ]; then
   echo "usage: $0 TPU_NAME ZONE CONFIG WORKDIR [overrides...]" >&2; exit 2

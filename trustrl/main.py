@@ -6,6 +6,8 @@ field or value exits with status 2 and one ``invalid config: ...`` (or ``usage: 
 the workdir is not created. Rerunning in a workdir with checkpoints resumes it, only with the
 config it recorded (``DIR/config.json``), up to operational fields and a longer
 ``train.iterations``; ``--allow_config_change`` continues with other changes, listing them.
+SIGTERM (preemption, maintenance) stops the run after the iteration in flight, with a
+checkpoint, and exits with status 143; rerunning the same command resumes it.
 """
 from __future__ import annotations
 
@@ -19,13 +21,23 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 USAGE = ("usage: python -m trustrl.main --config=FILE[:VARIANT] --workdir=DIR "
-         "[--config.FIELD=VALUE ...] [--allow_config_change] [--multihost]")
+         "[--config.FIELD=VALUE ...] [--allow_config_change] "
+         "[--multihost [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]]")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it has checkpoints).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first "
                                "(TPU pods / multi-host GPU; see launch/tpu_pod.sh).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "With --multihost: host:port of process 0's coordinator "
+    "(default: JAX_COORDINATOR_ADDRESS, or detected on TPU / Slurm / Open MPI).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "With --multihost: the number of processes (default: "
+    "JAX_NUM_PROCESSES, or detected).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "With --multihost: this process's id in [0, num_processes) (default: "
+    "JAX_PROCESS_ID, or detected).")
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir although fields that change the run's "
     "semantics differ from its recorded config.json (the changes are printed and logged).")
@@ -111,6 +123,47 @@ def _parse_flags(argv):
         _fail(describe_parse_error(argv, e))
 
 
+def distributed_kwargs(multihost: bool, coordinator, num_processes, process_id,
+                       environ=os.environ) -> dict | None:
+    """jax.distributed.initialize's arguments from the flags, else the standard environment
+    variables; None without --multihost. Raises ValueError naming what is missing or wrong."""
+    given = {"coordinator_address": coordinator, "num_processes": num_processes,
+             "process_id": process_id}
+    if not multihost:
+        extra = sorted(k for k, v in given.items() if v is not None)
+        if extra:
+            raise ValueError(f"--{', --'.join(extra)} only apply with --multihost")
+        return None
+    env = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+           "process_id": "JAX_PROCESS_ID"}
+    kwargs = {}
+    for k, v in given.items():
+        if v is None and environ.get(env[k]):
+            v = environ[env[k]]
+            if k != "coordinator_address":
+                try:
+                    v = int(v)
+                except ValueError:
+                    raise ValueError(f"{env[k]}={environ[env[k]]!r} is not an int") from None
+        if v is not None:
+            kwargs[k] = v
+    explicit = {"num_processes", "process_id"} & set(kwargs)
+    if explicit and len(kwargs) < 3:  # a partial explicit set would be half auto-detected
+        missing = sorted(set(env) - set(kwargs))
+        raise ValueError(f"--multihost with {sorted(explicit)} also needs "
+                         f"{', '.join('--' + m + ' (or ' + env[m] + ')' for m in missing)}")
+    if "num_processes" in kwargs:
+        n, i = kwargs["num_processes"], kwargs["process_id"]
+        if n < 1 or not 0 <= i < n:
+            raise ValueError(f"--process_id={i} must be in [0, --num_processes={n}) and "
+                             f"num_processes >= 1")
+    if "coordinator_address" in kwargs and not re.fullmatch(r"\S+:\d+",
+                                                             kwargs["coordinator_address"]):
+        raise ValueError(f"--coordinator_address={kwargs['coordinator_address']!r} must be "
+                         f"host:port")
+    return kwargs
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"{USAGE}: unexpected arguments {argv[1:]}")
@@ -120,9 +173,14 @@ def main(argv):
     if not wd:
         _fail(f"{USAGE}: --workdir is required")
     logging.set_verbosity(logging.WARNING)  # Orbax / tfds INFO lines drown the progress bar
-    if _MULTIHOST.value:
+    try:
+        dist = distributed_kwargs(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value)
+    except ValueError as e:
+        _fail(f"{USAGE}: {e}")
+    if dist is not None:
         import jax
-        jax.distributed.initialize()  # before check_environment counts the devices
+        jax.distributed.initialize(**dist)  # before check_environment counts the devices
     from trustrl import config_validation as cv
     try:
         cv.validate(cfg)
@@ -141,11 +199,15 @@ def main(argv):
         cv.record_config(cfg, wd, changes, step)
     from trustrl.checkpoint import CheckpointError
     from trustrl.durable import StorageError
+    from trustrl.preemption import EXIT_CODE, Preempted
     try:
         train.train(cfg, wd)
     except (StorageError, CheckpointError) as e:  # already one clear line naming the path
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as e:  # checkpointed at an iteration boundary; a rerun resumes
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(EXIT_CODE)
     from trustrl import metrics, plot, summary
     rows = metrics.read_jsonl(f"{wd}/metrics.jsonl")
     plot.plot_runs([wd], f"{wd}/plots")

@@ -14,7 +14,7 @@ import numpy as np
 
 from trustrl import advantages as adv_lib
 from trustrl import checkpoint as ckpt_lib
-from trustrl import durable, evaluation, experiment, losses, sharding, train_step as ts
+from trustrl import durable, evaluation, experiment, losses, preemption, sharding, train_step as ts
 from trustrl.metrics import MetricWriter
 from trustrl.rollout import FINISH_LENGTH, mismatch_stats, validate
 
@@ -72,7 +72,6 @@ def train(cfg, workdir: str):
     """Runs (or resumes) cfg in workdir. Returns (final TrainState, last iteration's metrics)."""
     _check_storage(cfg, workdir)
     run = experiment.build(cfg, workdir)  # mesh, tokenizer, data, model, optimizer, samplers
-    env, mesh = run.env, run.mesh
     ckpt = ckpt_lib.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
     state, key, start = run.state, run.key, 0
     if ckpt.latest_step() is not None:
@@ -83,8 +82,6 @@ def train(cfg, workdir: str):
         print(f"resumed from {ckpt.directory} at iteration {start}")
     ckpt.check_space(state)
     writer = MetricWriter(workdir, cfg.log.tensorboard, resume_step=start)  # drops replayed rows
-    g = cfg.rollout.group_size
-    need_old = cfg.loss.method in losses._NEEDS_OLD_LOGP
     if start == 0 and cfg.eval.every:
         # step 0: the base before any update, the reference of every later eval. Its key is
         # folded off the run's key (not split from it), so the RL trajectory is unchanged.
@@ -94,6 +91,21 @@ def train(cfg, workdir: str):
     if cfg.log.progress:
         from tqdm import tqdm
         bar = tqdm(total=cfg.train.iterations, initial=start, desc="rl", dynamic_ncols=True)
+    # SIGTERM: the iteration in flight finishes, is checkpointed, then Preempted is raised
+    try:
+        with preemption.Watcher() as watcher:
+            return _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start)
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        ckpt.close()
+
+
+def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
+    """The iterations start .. cfg.train.iterations; returns (state, last metrics)."""
+    env, g = run.env, cfg.rollout.group_size
+    need_old = cfg.loss.method in losses._NEEDS_OLD_LOGP
     metrics = {}
     for it in range(start, cfg.train.iterations):
         t0 = time.perf_counter()
@@ -147,11 +159,10 @@ def train(cfg, workdir: str):
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
                             mismatch=f"{metrics.get('rollout/mismatch_mean', float('nan')):.1e}")
-        if (cfg.checkpoint.every and (it + 1) % cfg.checkpoint.every == 0) or last:
+        stop = not last and watcher.should_stop(it + 1)
+        if (cfg.checkpoint.every and (it + 1) % cfg.checkpoint.every == 0) or last or stop:
             ckpt.save(it + 1, state, {"iteration": it + 1, "data": run.prompt_iter.state(),
                                       "key": np.asarray(jax.random.key_data(key)).tolist()})
-    if bar is not None:
-        bar.close()
-    writer.close()
-    ckpt.close()
+        if stop:
+            raise preemption.Preempted(it + 1, watcher.received)
     return state, metrics
