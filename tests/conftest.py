@@ -4,17 +4,19 @@ import os
 import pathlib
 import re
 
-# The suite compiles hundreds of small programs and XLA:CPU's LLVM backend is most of its run
-# time; its cheapest optimisation level cuts a cold tiny `trustrl.main` run from 66 s to 44 s
-# (2-core VM). No fast-math at any level (the same float32 operations); results may differ from
-# the default level only at rounding level (e.g. where instructions are fused), and every test
-# compares within one setting or with a tolerance. TRUSTRL_TEST_XLA_OPT=default keeps XLA's
-# default level (e.g. to time something under pytest, or to test at the users' level).
-_FAST_COMPILE = (" --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-                 if os.environ.get("TRUSTRL_TEST_XLA_OPT", "fast") == "fast" else "")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + _FAST_COMPILE
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# The suite compiles hundreds of small programs and XLA:CPU's LLVM backend is most of its run
+# time: by default tests compile at XLA's cheapest level (jax_disable_most_optimizations: LLVM
+# -O0, no expensive passes), which cuts a cold tiny `trustrl.main` run from 66 s to 44 s on the
+# 2-core VM. No fast-math at any level (the same float32 operations); results may differ from the
+# default level only at rounding level, and tests compare within one setting or with a
+# tolerance. Tests whose time is execution, not compilation (real-model generation, training
+# runs), are marked `optimized` and compile at the default level (-O0 made them up to 1.9x
+# slower). TRUSTRL_TEST_XLA_OPT=default keeps the default level everywhere.
+FAST_COMPILE = os.environ.get("TRUSTRL_TEST_XLA_OPT", "fast") == "fast"
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1" if FAST_COMPILE else "0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache per test session, shared by the pytest-xdist workers
 # (they inherit this environment from the controller) and by the `python -m trustrl.main`
@@ -50,7 +52,25 @@ def subprocess_env():
     return dict(os.environ)
 
 
+@pytest.fixture(autouse=True)
+def _xla_optimization_level(request, monkeypatch):
+    """`optimized` tests compile at XLA's default level, in this process and in the
+    subprocesses / notebook kernels they start (they inherit os.environ)."""
+    if not FAST_COMPILE or request.node.get_closest_marker("optimized") is None:
+        yield
+        return
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
+
+
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "optimized: execution-heavy test, compiled at XLA's default optimisation "
+        "level (the rest of the suite compiles at the cheapest one, see the top of conftest)")
     config.addinivalue_line(
         "markers", "slow: long-running test (>= ~10 s); `make test` (the README command, CI's "
         "3.11 leg) runs it, CI's 3.12 leg (`make test-latest`) leaves it out")

@@ -217,15 +217,17 @@ def test_config_changes_classifies_fields():
 def test_resume_checks_the_recorded_config(tmp_path, subprocess_env):
     """One real tiny run (1 iteration) through the entry point, then reruns in its workdir."""
     wd = tmp_path / "run"
-    first = _main([TINY, f"--workdir={wd}", "--config.train.iterations=1"], subprocess_env)
+    noeval = "--config.eval.every=0"  # the evals' samplers are not what this test is about
+    first = _main([TINY, f"--workdir={wd}", "--config.train.iterations=1", noeval],
+                  subprocess_env)
     assert first.returncode == 0, first.stderr[-3000:]
     recorded = json.loads((wd / "config.json").read_text())
-    assert cv.flatten(recorded) == cv.flatten(tiny(**{"train.iterations": 1}))
+    assert cv.flatten(recorded) == cv.flatten(tiny(**{"train.iterations": 1, "eval.every": 0}))
     assert cv.latest_checkpoint(str(wd)) == 1
     before = {p: (wd / p).read_bytes() for p in ("config.json", "metrics.jsonl")}
 
     # a semantic change is refused, listing every changed field, and nothing is touched
-    out = _main([TINY, f"--workdir={wd}", "--config.train.iterations=1",
+    out = _main([TINY, f"--workdir={wd}", "--config.train.iterations=1", noeval,
                  "--config.loss.method=ppo_clip", "--config.rollout.top_p=0.9"], subprocess_env)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert ("loss.method: 'dppo_binary_tv' -> 'ppo_clip', rollout.top_p: 1.0 -> 0.9"
@@ -235,21 +237,21 @@ def test_resume_checks_the_recorded_config(tmp_path, subprocess_env):
 
     # in-process: extension and operational fields pass with notices; shortening is refused
     notices, changes, step = cv.check_resume(
-        tiny(**{"train.iterations": 3, "log.progress": True}), str(wd))
+        tiny(**{"train.iterations": 3, "log.progress": True, "eval.every": 0}), str(wd))
     assert step == 1 and changes == []
     assert notices[0].startswith("notice: extending the run from 1 to 3 iterations (resuming at "
                                  "iteration 1); the optimizer's total steps change from 2 to 6")
     assert notices[1] == "notice: resuming with changed operational fields: log.progress: " \
                          "False -> True"
     with pytest.raises(ValueError, match=r"train.iterations: 1 -> 0"):
-        cv.check_resume(tiny(**{"train.iterations": 0}), str(wd))
+        cv.check_resume(tiny(**{"train.iterations": 0, "eval.every": 0}), str(wd))
     (wd / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read .*config.json, the config of the run"):
-        cv.check_resume(tiny(**{"train.iterations": 1}), str(wd))
+        cv.check_resume(tiny(**{"train.iterations": 1, "eval.every": 0}), str(wd))
     (wd / "config.json").write_bytes(before["config.json"])
 
     # --allow_config_change continues (here: no iterations left), records what changed
-    out = _main([TINY, f"--workdir={wd}", "--config.train.iterations=1",
+    out = _main([TINY, f"--workdir={wd}", "--config.train.iterations=1", noeval,
                  "--config.loss.delta_high=0.3", "--allow_config_change"], subprocess_env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert ("warning: continuing the run from iteration 1 with a changed config "

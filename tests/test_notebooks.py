@@ -189,6 +189,7 @@ def test_compare_methods_notebook(tmp_path, monkeypatch):
     assert all(res["masked_frac"][m][0] > 0 for m in div), res["masked_frac"]
 
 
+@pytest.mark.optimized  # execution-bound: compiled at XLA's default level
 @pytest.mark.slow
 def test_real_model_notebook(tmp_path, monkeypatch, smollm2_dir):
     monkeypatch.setenv("TRUSTRL_NOTEBOOK_SMALL", "1")

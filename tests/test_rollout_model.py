@@ -117,6 +117,7 @@ def test_greedy_equals_transformers_generate_tiny(family, tmp_path):
     np.testing.assert_array_equal(r.rollout_topk_ids[..., 0], want)  # greedy = most likely
 
 
+@pytest.mark.optimized  # execution-bound: compiled at XLA's default level
 @pytest.mark.slow
 def test_greedy_equals_transformers_generate_smollm2(smollm2_dir):
     """Real weights, real chat prompts (one batch, left padding), EOS = <|im_end|> on both sides."""
@@ -194,6 +195,7 @@ def test_bf16_rollout_vs_fp32_trainer_mismatch_tiny(temperature):
     assert stats["rollout/mismatch_max"] < 0.01 and stats["rollout/mismatch_min"] > -0.01, stats
 
 
+@pytest.mark.optimized  # execution-bound: compiled at XLA's default level
 @pytest.mark.slow
 def test_rollout_logp_vs_trainer_smollm2(smollm2_dir):
     """fp32 rollout == fp32 trainer on the real model; bf16 rollout shows a real, small mismatch."""

@@ -113,6 +113,7 @@ def test_non_finite_update_is_skipped_and_params_untouched():
     jax.tree.map(np.testing.assert_array_equal, bad.opt_state, good.opt_state)
 
 
+@pytest.mark.optimized  # execution-bound: compiled at XLA's default level
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dppo_binary_tv", "ppo_clip"])
 def test_learning_happens(tmp_path, method):
