@@ -40,6 +40,11 @@ finish in that session; measured 2026-12-02 (idle, fused head in every row): tod
 47.64 -> 14.21, dppo_full_tv 58.10 -> 15.89; 16 x (512 + 512) dppo_binary_tv 31.42 -> 14.21,
 dppo_full_tv 37.82 -> 15.86. The layers table above predates the fused head (its rows now
 include it).
+
+``--tables=micro``: ``train.microbatches`` (gradient accumulation in the step), defaults,
+dppo_binary_tv, measured 2026-12-02, idle VM (total GiB): 128 x (512 + 512): 1 -> 42.71,
+8 -> 16.67, 32 -> 14.09 (3.03x less); 16 x (512 + 512): 1 -> 14.21, 4 -> 14.08, 16 -> 13.51
+(there the float32 gradients, the accumulator and the bf16 weights dominate, not activations).
 """
 from __future__ import annotations
 
@@ -115,7 +120,7 @@ def _memory(compiled) -> dict:
 
 
 def measure_train_step(cfg: M.ModelConfig, shape, method="dppo_binary_tv",
-                       fused_head=True) -> dict:
+                       fused_head=True, microbatches=1) -> dict:
     """Lowers and compiles the real train step on abstract inputs; no array is allocated.
 
     The exact methods (dppo_full_*) also get abstract bf16 rollout parameters (mu's hidden
@@ -125,7 +130,8 @@ def measure_train_step(cfg: M.ModelConfig, shape, method="dppo_binary_tv",
     roll_cfg = policy.rollout_config(cfg, "bfloat16")
     roll_params = M.param_shapes(roll_cfg) if method in ts.FULL_METHODS else None
     step = jax.jit(functools.partial(ts.train_step, model_cfg=cfg, loss_cfg=loss_config(method),
-                                     tx=tx, rollout_model_cfg=roll_cfg), donate_argnums=(0,))
+                                     tx=tx, rollout_model_cfg=roll_cfg,
+                                     microbatches=microbatches), donate_argnums=(0,))
     batch = abstract_batch(*shape)
     if method in ts.TOPK_METHODS:
         b, _, n = shape
@@ -217,16 +223,40 @@ def run_head(make_cfg, shapes, methods=HEAD_METHODS, log=print):
     return results
 
 
-TABLES = ("head", "layers")
+# train.microbatches: gradient accumulation inside the step (defaults, dppo_binary_tv).
+MICROBATCHES = (1, 8, 32)
+MICRO_SHAPES = {"16x1024": (16, 512, 512), "128x1024": (128, 512, 512)}
+SMALL_MICROBATCHES = (1, 4)
+
+
+def run_micro(make_cfg, shapes, counts=MICROBATCHES, log=print):
+    """Prints one row per micro-batch count; returns {shape: {count: result}}."""
+    results = {}
+    log("| shape | microbatches | temp GiB | args GiB | out GiB | total GiB | vs 1 | compile s |")
+    log("|---|---|---|---|---|---|---|---|")
+    for name, shape in shapes.items():
+        for n in counts:
+            if shape[0] % n:
+                continue
+            r = measure_train_step(make_cfg(), shape, microbatches=n)
+            base = results.setdefault(name, {}).setdefault(1, r)
+            results[name][n] = r
+            log(f"| {name} | {n} | {r['temp']:.2f} | {r['args']:.2f} | {r['out']:.2f} | "
+                f"{r['total']:.2f} | {base['total'] / r['total']:.2f}x | {r['compile_s']:.1f} |")
+    return results
+
+
+TABLES = ("head", "layers", "micro")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="tiny model and lengths (seconds)")
     p.add_argument("--only", default="", help=f"one shape of {sorted(SHAPES)}")
-    p.add_argument("--tables", default=",".join(TABLES),
+    p.add_argument("--tables", default="head,layers",
                    help=f"comma-separated subset of {TABLES}: head = plain vs fused vocabulary "
-                        "head (defaults), layers = attention backend x remat x scan")
+                        "head (defaults), layers = attention backend x remat x scan, micro = "
+                        "train.microbatches (gradient accumulation)")
     args = p.parse_args(argv)
     shapes = SMALL_SHAPES if args.small else SHAPES
     if args.only:
@@ -246,6 +276,10 @@ def main(argv=None):
         out["head"] = run_head(make_cfg, shapes, log=log)
     if "layers" in tables:
         out["layers"] = run(make_cfg, shapes, log=log)
+    if "micro" in tables:
+        micro_shapes = shapes if args.small or args.only else MICRO_SHAPES
+        out["micro"] = run_micro(make_cfg, micro_shapes,
+                                 SMALL_MICROBATCHES if args.small else MICROBATCHES, log=log)
     return out
 
 

@@ -111,6 +111,20 @@ def test_train_memory_head_table_small(capsys):
 
 
 @pytest.mark.slow
+def test_train_memory_micro_table_small(capsys):
+    """train.microbatches rows: 4 micro-batches of 4 sequences hold fewer temporaries than one
+    pass over 16 (same parameters and state)."""
+    bench = _load_bench("train_memory")
+    cfg = lambda **kw: bench.tiny(num_layers=1, **kw)
+    out = bench.run_micro(cfg, {"16x64": (16, 32, 32)}, counts=(1, 4, 3))  # 3 does not divide
+    printed = capsys.readouterr().out
+    assert "| 16x64 | 4 |" in printed and "| 16x64 | 3 |" not in printed
+    one, four = out["16x64"][1], out["16x64"][4]
+    assert math.isclose(four["args"], one["args"], rel_tol=1e-6)
+    assert four["temp"] < one["temp"], (one, four)
+
+
+@pytest.mark.slow
 def test_vocab_head_quick(capsys):
     """benchmarks/vocab_head.py --quick: the fused head's temporaries are a fraction of the
     plain head's at 1,024 tokens (chunks of 128), and both are timed."""
