@@ -28,7 +28,7 @@ def _spec(sh, ndim):
 
 def test_adam_moments_are_sharded_like_their_parameters():
     mesh, mcfg, _, tx, params = _setup()
-    state = ts.init_train_state(params, tx, model_cfg=mcfg, mesh=mesh)
+    state = ts.init_train_state(params, tx, ts.state_shardings(mcfg, tx, mesh))
     adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
             if hasattr(s, "mu")]
     assert len(adam) == 1
@@ -51,12 +51,13 @@ def test_adam_moments_are_sharded_like_their_parameters():
 
 def test_train_step_keeps_the_layout_and_compiles_once():
     mesh, mcfg, cfg, tx, params = _setup()
-    state = ts.init_train_state(params, tx, model_cfg=mcfg, mesh=mesh)
+    state_sh = ts.state_shardings(mcfg, tx, mesh)
+    state = ts.init_train_state(params, tx, state_sh)
     before = [(x.sharding, x.ndim) for x in jax.tree.leaves(state)]
     step = jax.jit(functools.partial(ts.train_step, model_cfg=mcfg, loss_cfg=cfg.loss, tx=tx,
                                      mesh=mesh),
                    donate_argnums=(0,),
-                   out_shardings=(ts.state_shardings(mcfg, tx, mesh),
+                   out_shardings=(state_sh,
                                   jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
     rng = np.random.default_rng(0)
     b, p, n = 8, 3, 4

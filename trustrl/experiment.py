@@ -180,7 +180,8 @@ def build(cfg, workdir: str) -> Run:
 
     total_steps = cfg.train.iterations * cfg.train.epochs * cfg.train.minibatches
     tx = ts.make_optimizer(cfg.optim, total_steps)
-    state = ts.init_train_state(params, tx, model_cfg=model_cfg, mesh=mesh)
+    state_sh = ts.state_shardings(model_cfg, tx, mesh)
+    state = ts.init_train_state(params, tx, state_sh)
 
     _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir)
 
@@ -194,10 +195,9 @@ def build(cfg, workdir: str) -> Run:
     step = jax.jit(functools.partial(ts.train_step, model_cfg=model_cfg, loss_cfg=cfg.loss, tx=tx,
                                      mesh=mesh, rollout_model_cfg=roll_cfg,
                                      temperature=temperature,
-                                     microbatches=int(cfg.train.get("microbatches", 1))),
+                                     microbatches=cfg.train.microbatches),
                    donate_argnums=(0,),  # the new state keeps the input's layout: one compile
-                   out_shardings=(ts.state_shardings(model_cfg, tx, mesh),
-                                  NamedSharding(mesh, P())))
+                   out_shardings=(state_sh, NamedSharding(mesh, P())))
     return Run(
         cfg=cfg, mesh=mesh, env=env, model_cfg=model_cfg, rollout_cfg=roll_cfg, state=state,
         key=key,

@@ -37,24 +37,24 @@ def state_shardings(model_cfg, tx, mesh) -> TrainState:
     every parameter-shaped optimizer leaf (Adam's mu / nu) as its parameter, the rest (step
     counters, the clip state) replicated."""
     params_sh = model_lib.param_shardings(model_cfg, mesh)
-    abstract = jax.eval_shape(lambda k: model_lib.init_params(model_cfg, k), jax.random.key(0))
     replicated = NamedSharding(mesh, P())
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, abstract),
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh,
+                                   jax.eval_shape(tx.init, model_lib.param_shapes(model_cfg)),
                                    params_sh, transform_non_params=lambda _: replicated)
     return TrainState(step=replicated, params=params_sh, opt_state=opt_sh, skipped=replicated)
 
 
-def init_train_state(params, tx, *, model_cfg=None, mesh=None) -> TrainState:
-    """A fresh TrainState. With a mesh, every leaf is created directly with its sharding
-    (``state_shardings``): Adam's moments are sharded like their parameters from the start, not
-    replicated on every device, and the train step's output state has the same layout as its
-    input, so the step compiles once."""
+def init_train_state(params, tx, shardings: TrainState | None = None) -> TrainState:
+    """A fresh TrainState. With ``shardings`` (``state_shardings``) every leaf is created
+    directly with its sharding: Adam's moments are sharded like their parameters from the start,
+    not replicated on every device; pinning the train step's output to the same shardings keeps
+    its layout, so the step compiles once."""
     def init(p):
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
                           skipped=jnp.zeros((), jnp.int32))
-    if mesh is None:
+    if shardings is None:
         return jax.jit(init)(params)
-    return jax.jit(init, out_shardings=state_shardings(model_cfg, tx, mesh))(params)
+    return jax.jit(init, out_shardings=shardings)(params)
 
 
 SCHEDULES = ("constant", "cosine")
