@@ -75,3 +75,28 @@ def test_train_step_keeps_the_layout_and_compiles_once():
     after = [x.sharding for x in jax.tree.leaves(state)]
     for (a, ndim), c in zip(before, after):
         assert a.is_equivalent_to(c, ndim), (a, c)
+
+
+def test_sharded_sampler_keeps_its_donated_cache_layout_and_compiles_once():
+    from trustrl import policy
+    from trustrl.sampler import Sampler, SamplerConfig
+    mesh, mcfg, _, _, params = _setup()
+    sampler = Sampler(policy.decode_model(mcfg), SamplerConfig(max_new_tokens=4, eos_ids=(1,)),
+                      batch_sharding=sharding.batch_sharding(mesh))
+    prompts = [[3, 4, 5], [6, 7]]
+    outs = [sharding.cpu_sync(sampler.generate(params, prompts, 4, jax.random.key(i)))
+            for i in range(3)]
+    assert sampler.num_compilations() == 1  # the returned cache fits the next call as it is
+    (cache,) = sampler._caches.values()
+    for x in jax.tree.leaves(cache):
+        if x.ndim:
+            assert _spec(x.sharding, x.ndim)[0] == sharding.BATCH_AXES, x.sharding
+    for r in outs:
+        assert r.response_tokens.sharding.spec[0] == sharding.BATCH_AXES
+    # the same keys give the same rollout unsharded
+    plain = Sampler(policy.decode_model(mcfg), SamplerConfig(max_new_tokens=4, eos_ids=(1,)))
+    ref = plain.generate(params, prompts, 4, jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(outs[2].response_tokens),
+                                  np.asarray(ref.response_tokens))
+    np.testing.assert_allclose(np.asarray(outs[2].rollout_logp), np.asarray(ref.rollout_logp),
+                               atol=1e-5)

@@ -57,7 +57,11 @@ def _params_np(state):
 
 
 @pytest.mark.slow
-def test_resume_follows_the_same_trajectory(tmp_path):
+def test_resume_follows_the_same_trajectory(tmp_path, monkeypatch):
+    from trustrl import model as model_lib
+    traced_under_mesh, constrain = [], model_lib._constrain_hidden
+    monkeypatch.setattr(model_lib, "_constrain_hidden", lambda x: (
+        traced_under_mesh.append(not jax.sharding.get_abstract_mesh().empty), constrain(x))[1])
     # A warm start that answers some 1-digit additions, so rewards differ within groups and every
     # update really moves the parameters (with all-zero advantages the comparison would be vacuous).
     common = {"task.difficulty": 1, "task.num_train": 64, "tokenizer.vocab_size": 270,
@@ -83,6 +87,9 @@ def test_resume_follows_the_same_trajectory(tmp_path):
     other, _ = train.train(tiny(**common, **{"train.iterations": 4, "seed": 1}),
                            str(tmp_path / "other"))
     assert not np.array_equal(jax.tree.leaves(_params_np(other))[0], jax.tree.leaves(a)[0])
+    # every model trace (warm start, sampler, score, train step) ran under the run's mesh, so
+    # the model's activation sharding constraints were active
+    assert len(traced_under_mesh) > 5 and all(traced_under_mesh)
 
 
 def test_non_finite_update_is_skipped_and_params_untouched():

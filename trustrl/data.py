@@ -545,18 +545,24 @@ def load_examples(task_cfg, split: str, data_dir: str, *, seed: int = 0) -> Sequ
         raise ValueError("data_dir is empty: give the directory the tfds dataset is built in")
     data_dir = os.fspath(pathlib.Path(data_dir).expanduser())
     num_test = int(_cfg(task_cfg, "num_test", 0) or 0)
+    from trustrl import multihost
+    # several processes sharing data_dir: process 0 builds, the others then find it built (a
+    # builder made before the build would not see it, so they make theirs afterwards)
     if name in SYNTHETIC_TASKS:
-        builder = synthetic_builder(
-            name, difficulty=_cfg(task_cfg, "difficulty"),
-            operations=_cfg(task_cfg, "operations", "+"), num_train=_cfg(task_cfg, "num_train"),
-            num_test=num_test, seed=seed, data_dir=data_dir)
-        sources = build(builder)
+        with multihost.primary_first(f"tfds:{name}:{split}"):
+            builder = synthetic_builder(
+                name, difficulty=_cfg(task_cfg, "difficulty"),
+                operations=_cfg(task_cfg, "operations", "+"),
+                num_train=_cfg(task_cfg, "num_train"), num_test=num_test, seed=seed,
+                data_dir=data_dir)
+            sources = build(builder)
         if split not in sources:
             raise ValueError(f"{name} has no {split!r} split: task.num_{split}=0")
         return Examples(sources[split], name=f"{builder.builder_config.name}/{split}")
     manual_dir = _cfg(task_cfg, "manual_dir", "")
-    builder = math_builder(name, manual_dir=manual_dir, data_dir=data_dir)
-    sources = build(builder, manual_dir=os.fspath(pathlib.Path(manual_dir).expanduser()))
+    with multihost.primary_first(f"tfds:{name}:{split}"):
+        builder = math_builder(name, manual_dir=manual_dir, data_dir=data_dir)
+        sources = build(builder, manual_dir=os.fspath(pathlib.Path(manual_dir).expanduser()))
     label = f"{builder.builder_config.name}/{split}"
     if "train" not in sources and split == "train":
         raise ValueError(f"{name}: the files in {manual_dir!r} hold only a test split (an "

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trustrl import data, filtering, hf, policy, rewards, sharding, tasks, train_step as ts, warmstart
+from trustrl import data, filtering, hf, multihost, policy, rewards, sharding, tasks, train_step as ts, warmstart
 from trustrl.model import ModelConfig, init_params
 from trustrl.sampler import Sampler, SamplerConfig
 from trustrl.tokenizer import Tokenizer, train_bpe
@@ -47,8 +47,8 @@ class TaskEnv:
         return [self.tokenizer.encode(self.prompt_text(ex)) for ex in examples]
 
     def decode_responses(self, rollout) -> list[str]:
-        toks = np.asarray(rollout.response_tokens)
-        mask = np.asarray(rollout.response_mask).astype(bool)
+        toks, mask = multihost.to_host((rollout.response_tokens, rollout.response_mask))
+        mask = mask.astype(bool)
         return self.tokenizer.decode_batch([t[m].tolist() for t, m in zip(toks, mask)],
                                            skip_special_tokens=True)
 
@@ -150,17 +150,20 @@ def _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir):
     warm_key = warmstart.cache_key(cfg, env, model_cfg)
     info = filtering.filter_train(cfg, env, model_cfg, _sampler_cfg(cfg, tokenizer, greedy=False),
                                   params, mesh, warm_key)
-    with open(os.path.join(workdir, "filter.json"), "w") as f:  # what this run trained on
-        json.dump({k: v for k, v in info.items() if k != "rates"}, f)
+    if multihost.is_primary():
+        with open(os.path.join(workdir, "filter.json"), "w") as f:  # what this run trained on
+            json.dump({k: v for k, v in info.items() if k != "rates"}, f)
     env.train = [env.train[i] for i in info["kept"]]
 
 
-def build(cfg, workdir: str) -> Run:
-    mesh = sharding.make_mesh(cfg.mesh)
+def build(cfg, workdir: str, mesh=None) -> Run:
+    """Everything a run needs; ``mesh``: the device mesh of cfg.mesh (made here when None)."""
+    mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
     data_dir = cfg.task.data_dir or os.path.join(workdir, "data")
     train_ex = data.load_examples(cfg.task, "train", data_dir, seed=cfg.task.seed)
     test_ex = data.load_examples(cfg.task, "test", data_dir, seed=cfg.task.seed)
-    tokenizer = _tokenizer(cfg, workdir, [train_ex[i] for i in range(min(len(train_ex), 5000))])
+    with multihost.primary_first("tokenizer"):  # process 0 trains and saves, the others load
+        tokenizer = _tokenizer(cfg, workdir, [train_ex[i] for i in range(min(len(train_ex), 5000))])
     env = TaskEnv(tokenizer, cfg.task.name, cfg.task.template, train_ex, test_ex,
                   cfg.task.reward_correct, cfg.task.reward_wrong)
 

@@ -16,7 +16,7 @@ import os
 import jax
 import numpy as np
 
-from trustrl import policy, sharding
+from trustrl import multihost, policy, sharding
 from trustrl.sampler import Sampler
 
 
@@ -53,6 +53,7 @@ def _cache_path(cfg, warm_key: str) -> str | None:
 def filter_train(cfg, env, model_cfg, sampler_cfg, params, mesh, warm_key: str) -> dict:
     """{"kept": indices into env.train, "rates": solve rates of the pool, ...}; cached."""
     path = _cache_path(cfg, warm_key)
+    multihost.sync("trustrl_filter_cache")  # every process sees the same cache state
     if path and os.path.exists(path):
         with open(path) as f:
             out = json.load(f)
@@ -77,7 +78,7 @@ def filter_train(cfg, env, model_cfg, sampler_cfg, params, mesh, warm_key: str) 
     print(f"filter: kept {kept.size}/{len(pool)} problems with solve rate in "
           f"[{t.solve_band_low}, {t.solve_band_high}] (mean {rates.mean():.3f} -> "
           f"{rates[kept].mean():.3f})")
-    if path:
+    if path and multihost.is_primary():
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:

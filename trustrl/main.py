@@ -194,9 +194,11 @@ def main(argv):
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
     from trustrl import train
-    if jax.process_index() == 0:
+    from trustrl import multihost
+    if multihost.is_primary():
         os.makedirs(wd, exist_ok=True)
         cv.record_config(cfg, wd, changes, step)
+    multihost.sync("trustrl_config_recorded")  # every process has checked it first
     from trustrl.checkpoint import CheckpointError
     from trustrl.durable import StorageError
     from trustrl.preemption import EXIT_CODE, Preempted
@@ -208,6 +210,18 @@ def main(argv):
     except Preempted as e:  # checkpointed at an iteration boundary; a rerun resumes
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(EXIT_CODE)
+    except BaseException:
+        if jax.process_count() > 1:
+            # a normal exit would wait in jax's shutdown barrier for the other processes, which
+            # wait in a collective for this one; leaving at once lets the coordination service
+            # report this process as failed and end the others (after its heartbeat timeout)
+            import traceback
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        raise
+    if not multihost.is_primary():  # process 0 writes the plots and prints the summary
+        return
     from trustrl import metrics, plot, summary
     rows = metrics.read_jsonl(f"{wd}/metrics.jsonl")
     plot.plot_runs([wd], f"{wd}/plots")

@@ -20,8 +20,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trustrl import divergences
+from trustrl import divergences, multihost
 from trustrl.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
 
 
@@ -276,9 +277,19 @@ class Sampler:
         # The KV cache is allocated once per (batch, length) bucket and donated to every call,
         # which hands it back: XLA updates it in place, no per-iteration reallocation. Stale
         # entries from the previous call are never attended (the model masks unwritten slots).
-        self._run = jax.jit(functools.partial(_generate, model=model, cfg=cfg),
-                            donate_argnums=(3,))
+        gen = functools.partial(_generate, model=model, cfg=cfg)
+        if batch_sharding is not None:  # outputs and the returned cache keep the batch layout
+            gen = lambda *a, _g=gen: self._constrain(_g(*a))  # so the donated cache fits again
+        self._run = jax.jit(gen, donate_argnums=(3,))
         self._caches = {}
+
+    def _constrain(self, tree):
+        """Every leaf sharded over its leading (batch) axis like the prompts, scalars replicated:
+        the layout the cache is created with, so a donated cache comes back as it went in and
+        each shape compiles once."""
+        mesh, spec = self._batch_sharding.mesh, self._batch_sharding.spec
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(
+            mesh, P(spec[0], *[None] * (x.ndim - 1)) if x.ndim else P())), tree)
 
     def num_compilations(self) -> int:
         """Distinct compiled shapes so far (the bucketing keeps this small)."""
@@ -297,15 +308,15 @@ class Sampler:
         cache_key = (b, width + cfg.max_new_tokens)
         cache = self._caches.pop(cache_key, None)
         if cache is None:
-            cache = self.model.init_cache(*cache_key)
-            if self._batch_sharding is not None:  # batch-sharded like the prompts, scalars replicated
-                mesh, spec = self._batch_sharding.mesh, self._batch_sharding.spec
-                cache = jax.tree.map(lambda x: jax.device_put(x, jax.sharding.NamedSharding(
-                    mesh, jax.sharding.PartitionSpec(*spec[:1], *[None] * (x.ndim - 1))
-                    if x.ndim else jax.sharding.PartitionSpec())), cache)
-        toks, mask = jnp.asarray(toks), jnp.asarray(mask)
-        if self._batch_sharding is not None:
-            toks, mask = (jax.device_put(x, self._batch_sharding) for x in (toks, mask))
+            init = functools.partial(self.model.init_cache, *cache_key)
+            if self._batch_sharding is not None:  # created in place, sharded (multi-process too)
+                cache = jax.jit(lambda: self._constrain(init()))()
+            else:
+                cache = init()
+        if self._batch_sharding is not None:  # each process places its rows (multihost.to_global)
+            toks, mask = multihost.to_global((toks, mask), self._batch_sharding)
+        else:
+            toks, mask = jnp.asarray(toks), jnp.asarray(mask)
         out, self._caches[cache_key] = self._run(params, toks, mask, cache, key)
         tokens, rmask, logp, topk_ids, topk_logp, finish = out
         if not cfg.record_topk:

@@ -14,48 +14,54 @@ import numpy as np
 
 from trustrl import advantages as adv_lib
 from trustrl import checkpoint as ckpt_lib
-from trustrl import durable, evaluation, experiment, losses, preemption, sharding, train_step as ts
+from trustrl import (durable, evaluation, experiment, losses, multihost, preemption, sharding,
+                     train_step as ts)
 from trustrl.metrics import MetricWriter
 from trustrl.rollout import FINISH_LENGTH, mismatch_stats, validate
 
 
-def _rewards(env, rollout, examples, group_size, cfg):
-    texts = env.decode_responses(rollout)
+def _rewards(env, host_rollout, examples, group_size, cfg):
+    texts = env.decode_responses(host_rollout)
     answers = [ex["answer"] for ex in examples for _ in range(group_size)]
     rewards = env.score(texts, answers)
     if cfg.rollout.overlong == "penalty":
-        rewards = np.where(np.asarray(rollout.finish_reason) == FINISH_LENGTH,
+        rewards = np.where(host_rollout.finish_reason == FINISH_LENGTH,
                            cfg.rollout.overlong_penalty, rewards)
     return rewards.astype(np.float32)
 
 
-def _collect(env, sampler, params_roll, prompt_iter, key, cfg):
+def _collect(env, sampler, params_roll, prompt_iter, key, cfg, mesh):
     """Samples one iteration's groups; with dynamic sampling, keeps only groups whose rewards
-    differ and refills (a bounded number of rounds) to a fixed batch size."""
+    differ and refills (a bounded number of rounds) to a fixed batch size. Returns the rollout
+    on the devices, its host copy (numpy, gathered from every process), the examples, the
+    rewards and extra metrics."""
     g, n = cfg.rollout.group_size, cfg.rollout.prompts_per_iter
     kept_ex, kept_r, kept_rew = [], [], []
     for round_ in range(1 + (cfg.rollout.max_refill_rounds if cfg.rollout.dynamic_sampling else 0)):
         examples = next(prompt_iter)
         key, sub = jax.random.split(key)
         r = sampler.generate(params_roll, env.encode_prompts(examples), g, sub)
-        rew = _rewards(env, r, examples, g, cfg)
+        host = multihost.to_host(r)
+        rew = _rewards(env, host, examples, g, cfg)
         if not cfg.rollout.dynamic_sampling:
-            return r, examples, rew, {}
+            return r, host, examples, rew, {}
         informative = rew.reshape(-1, g).std(axis=1) > 0
         for i in np.flatnonzero(informative):
             kept_ex.append(examples[i])
-            kept_r.append(jax.tree.map(lambda x: np.asarray(x)[i * g:(i + 1) * g], r))
+            kept_r.append(jax.tree.map(lambda x: x[i * g:(i + 1) * g], host))
             kept_rew.append(rew[i * g:(i + 1) * g])
         if len(kept_ex) >= n:
             break
     if len(kept_ex) < n:  # not enough informative groups: top up with the last round's groups
         for i in np.flatnonzero(~informative)[: n - len(kept_ex)]:
             kept_ex.append(examples[i])
-            kept_r.append(jax.tree.map(lambda x: np.asarray(x)[i * g:(i + 1) * g], r))
+            kept_r.append(jax.tree.map(lambda x: x[i * g:(i + 1) * g], host))
             kept_rew.append(rew[i * g:(i + 1) * g])
-    r = jax.tree.map(lambda *xs: jnp.concatenate(xs[:n]), *kept_r)
-    r = r.replace(group_index=jnp.repeat(jnp.arange(n, dtype=jnp.int32), g))
-    return r, kept_ex[:n], np.concatenate(kept_rew[:n]), {"rollout/refill_rounds": round_}
+    host = jax.tree.map(lambda *xs: np.concatenate(xs[:n]), *kept_r)
+    host = host.replace(group_index=np.repeat(np.arange(n, dtype=np.int32), g))
+    r = multihost.to_global(host, jax.tree.map(
+        lambda x: sharding.batch_sharding(mesh, x.ndim), host))
+    return r, host, kept_ex[:n], np.concatenate(kept_rew[:n]), {"rollout/refill_rounds": round_}
 
 
 def _check_storage(cfg, workdir: str):
@@ -71,7 +77,14 @@ def _check_storage(cfg, workdir: str):
 def train(cfg, workdir: str):
     """Runs (or resumes) cfg in workdir. Returns (final TrainState, last iteration's metrics)."""
     _check_storage(cfg, workdir)
-    run = experiment.build(cfg, workdir)  # mesh, tokenizer, data, model, optimizer, samplers
+    mesh = sharding.make_mesh(cfg.mesh)
+    # under the mesh, the model's activation sharding constraints apply (batch over data+fsdp)
+    with jax.set_mesh(mesh):
+        run = experiment.build(cfg, workdir, mesh)  # tokenizer, data, model, optimizer, samplers
+        return _run(cfg, workdir, run)
+
+
+def _run(cfg, workdir, run):
     ckpt = ckpt_lib.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
     state, key, start = run.state, run.key, 0
     if ckpt.latest_step() is not None:
@@ -111,13 +124,15 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
         t0 = time.perf_counter()
         key, k_roll, k_perm, k_eval = jax.random.split(key, 4)
         params_roll = sharding.cpu_sync(run.rollout_params(state.params))
-        r, examples, rewards, extra = _collect(env, run.sampler, params_roll, run.prompt_iter,
-                                               k_roll, cfg)
-        validate(r, run.model_cfg.vocab_size)
+        r, host_r, examples, rewards, extra = _collect(env, run.sampler, params_roll,
+                                                       run.prompt_iter, k_roll, cfg, run.mesh)
+        validate(host_r, run.model_cfg.vocab_size)
         if cfg.rollout.overlong == "filter":
             r = r.replace(response_mask=r.response_mask * (r.finish_reason != FINISH_LENGTH)[:, None])
         t_roll = time.perf_counter()
-        advantages = adv_lib.compute_advantages(rewards, g, cfg.loss.advantage)
+        advantages = multihost.to_global(  # identical on every process; each places its rows
+            np.asarray(adv_lib.compute_advantages(rewards, g, cfg.loss.advantage), np.float32),
+            sharding.batch_sharding(run.mesh, 1))
         batch = ts.rollout_batch(r, advantages)
         old_logp = None
         if cfg.train.score_pass or need_old:
@@ -131,7 +146,7 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
         step_metrics = []
         bsz = batch["tokens"].shape[0]
         for epoch in range(cfg.train.epochs):
-            perm = np.asarray(jax.random.permutation(jax.random.fold_in(k_perm, epoch), bsz))
+            perm = multihost.to_host(jax.random.permutation(jax.random.fold_in(k_perm, epoch), bsz))
             for idx in np.array_split(perm, cfg.train.minibatches):
                 mb = sharding.cpu_sync(jax.tree.map(lambda x: x[idx], batch))
                 state, m = sharding.cpu_sync(run.train_step(state, mb, params_roll))
@@ -140,12 +155,12 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
         t_update = time.perf_counter()
         metrics.update({k: np.mean([float(m[k]) for m in step_metrics]) for k in step_metrics[0]})
         metrics["train/skipped"] = float(sum(float(m["train/skipped"]) for m in step_metrics))
-        n_resp = np.asarray(r.response_mask).sum(1)
+        n_resp = multihost.to_host(r.response_mask).sum(1)  # after the overlong filter
         n_tok = int(n_resp.sum())
         metrics.update({
             "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
             "response/length_mean": float(n_resp.mean()),
-            "response/truncated_frac": float((np.asarray(r.finish_reason) == FINISH_LENGTH).mean()),
+            "response/truncated_frac": float((host_r.finish_reason == FINISH_LENGTH).mean()),
             "time/rollout_s": t_roll - t0, "time/score_s": t_score - t_roll,
             "time/update_s": t_update - t_score, "time/iteration_s": t_update - t0,
             "time/tokens_per_s": n_tok / max(t_update - t0, 1e-9),

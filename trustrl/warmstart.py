@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trustrl import durable, policy, sharding, tasks
+from trustrl import durable, multihost, policy, sharding, tasks
 from trustrl.model import token_logp_and_entropy
 
 
@@ -128,7 +128,7 @@ def train_sft(params, model_cfg, env, examples, *, steps, batch_size, learning_r
         batch = make_batch([prompts[i] for i in idx], [answers[i] for i in idx],
                            [starts[i] for i in idx])
         batch = _pad_to(batch, p_len, a_len)
-        batch = jax.tree.map(lambda x: jax.device_put(x, shard), batch)
+        batch = multihost.to_global(batch, shard)
         params, opt_state, loss = sharding.cpu_sync(step(params, opt_state, batch))
         losses.append(float(loss))
         if len(losses) % 250 == 0:
@@ -166,6 +166,7 @@ def warm_start(cfg, env, model_cfg, params, mesh):
     path = None
     if ws.cache_dir:
         path = os.path.join(ws.cache_dir, f"warmstart-{cache_key(cfg, env, model_cfg)}.msgpack")
+        multihost.sync("trustrl_warmstart_cache")  # every process sees the same cache state
         if os.path.exists(path):
             cached = _load_cached(path, params)
             if cached is not None:
@@ -177,9 +178,11 @@ def warm_start(cfg, env, model_cfg, params, mesh):
                                filler=tasks.filler_config(cfg.task))
     print(f"warm start: {len(losses)} steps, loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f}")
     if path is not None:
-        os.makedirs(ws.cache_dir, exist_ok=True)
-        blob = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, params))
-        durable.atomic_write(path, blob)  # a half-written cache entry is never read
+        host = multihost.to_host(params)  # a collective: params may span several processes
+        if multihost.is_primary():
+            os.makedirs(ws.cache_dir, exist_ok=True)
+            blob = flax.serialization.msgpack_serialize(host)
+            durable.atomic_write(path, blob)  # a half-written cache entry is never read
     return params
 
 
@@ -202,5 +205,5 @@ def _load_cached(path, params):
               flush=True)
         return None
     print(f"warm start: loaded {path}")
-    return jax.tree.map(lambda x, ref: jax.device_put(np.asarray(x, ref.dtype), ref.sharding),
+    return jax.tree.map(lambda x, ref: multihost.to_global(np.asarray(x, ref.dtype), ref.sharding),
                         host, params)
