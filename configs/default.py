@@ -94,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0  # nucleus truncation (1.0 = off; warns: mu != sampling dist)
     c.rollout.top_k = 0  # top-k truncation (0 = off)
     c.rollout.record_topk = 20  # K of the recorded rollout top-K (top-K methods need it)
+    c.rollout.max_rows = 0  # rows decoded at once (0 = all); bounds the sampler's memory
     c.rollout.dtype = "bfloat16"  # rollout weights / activations / KV cache precision
     c.rollout.dynamic_sampling = False  # drop all-equal-reward groups and refill
     c.rollout.max_refill_rounds = 4  # extra sampling rounds for dynamic sampling

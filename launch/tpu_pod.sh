@@ -4,8 +4,11 @@
 # Every worker installs the checked-out trustrl and runs trustrl.main; jax.distributed picks
 # up the pod topology itself (GPU clusters: --coordinator_address / --num_processes /
 # --process_id). A SIGTERM (maintenance event, preemption) checkpoints and exits 143; rerun to
-# resume. NOT YET WORKING (issue 13): multi-process runs still read global arrays on the host,
-# and WORKDIR must be a local path shared by every host (a gs:// bucket is not supported yet).
+# resume. Multi-process runs are tested on CPU (2 processes x 4 devices on localhost equal
+# 1 x 8, tests/test_multiprocess.py), not on a pod. WORKDIR must be a path every worker sees
+# (a shared / mounted filesystem): gs:// bucket workdirs are not supported yet (issue 13).
+# Check first that the config fits the slice, from any machine with libtpu:
+#   python -m trustrl.tools.aot_check --config=CONFIG --topology=v5p:2x4x4
 set -euo pipefail
 if [ $# -lt 4 ]; then
   echo "usage: $0 TPU_NAME ZONE CONFIG WORKDIR [overrides...]" >&2; exit 2

@@ -180,3 +180,35 @@ def test_mismatch_stats_and_validate_errors():
         rollout_lib.validate(r.replace(rollout_logp=r.rollout_logp.at[0, 0].set(0.5)))
     with pytest.raises(ValueError, match="response_mask has shape"):
         rollout_lib.validate(r.replace(response_mask=r.response_mask[:, :2]))
+
+
+def test_max_rows_splits_the_rows_into_calls_of_that_many():
+    params = table(7)
+    prompts = [[1, 2], [3], [4, 5, 1], [2], [0]]  # 10 rows with groups of 2
+    full = SamplerConfig(max_new_tokens=5, record_topk=2)
+    parts = SamplerConfig(max_new_tokens=5, record_topk=2, max_rows=4)  # 4 + 4 + 2 (padded)
+    key = jax.random.PRNGKey(3)
+    s = Sampler(bigram_model(), parts)
+    r = s.generate(params, prompts, 2, key)
+    assert r.response_tokens.shape == (10, 5) and r.rollout_topk_ids.shape == (10, 5, 2)
+    np.testing.assert_array_equal(r.group_index, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    assert s.num_compilations() == 1  # the padded last call has the same shape
+    rollout_lib.validate(r, V)
+    # part i is the unsplit sampler on its rows with fold_in(key, i)
+    expanded = [p for p in prompts for _ in range(2)]
+    ref = Sampler(bigram_model(), full)
+    for i, start in enumerate(range(0, 10, 4)):
+        rows = expanded[start:start + 4]
+        rows += [rows[-1]] * (4 - len(rows))
+        want = ref.generate(params, rows, 1, jax.random.fold_in(key, i))
+        n = min(4, 10 - start)
+        np.testing.assert_array_equal(r.response_tokens[start:start + n],
+                                      want.response_tokens[:n])
+        np.testing.assert_allclose(r.rollout_logp[start:start + n], want.rollout_logp[:n],
+                                   atol=1e-6)
+    # greedy decoding does not depend on the keys: split == unsplit
+    g = [Sampler(bigram_model(), SamplerConfig(max_new_tokens=5, greedy=True, record_topk=0,
+                                               max_rows=m)).generate(params, prompts, 2, key)
+         for m in (0, 4)]
+    np.testing.assert_array_equal(g[0].response_tokens, g[1].response_tokens)
+    np.testing.assert_array_equal(g[0].prompt_tokens, g[1].prompt_tokens)

@@ -88,9 +88,14 @@ def test_sharded_sampler_keeps_its_donated_cache_layout_and_compiles_once():
             for i in range(3)]
     assert sampler.num_compilations() == 1  # the returned cache fits the next call as it is
     (cache,) = sampler._caches.values()
+    n_split = 0
     for x in jax.tree.leaves(cache):
         if x.ndim:
             assert _spec(x.sharding, x.ndim)[0] == sharding.BATCH_AXES, x.sharding
+        if x.ndim == 4:  # keys / values [batch, kv_heads, length, head_dim]: kv heads on tensor
+            assert _spec(x.sharding, 4)[1] == "tensor", x.sharding
+            n_split += 1
+    assert n_split == 2 * mcfg.num_layers
     for r in outs:
         assert r.response_tokens.sharding.spec[0] == sharding.BATCH_AXES
     # the same keys give the same rollout unsharded

@@ -28,6 +28,12 @@ OPERATIONAL = ("log.", "mesh.", "eval.every", "checkpoint.every", "checkpoint.ma
                "train.microbatches")  # exact gradient accumulation: memory, not the update
 
 
+def _batch_shards(cfg) -> int | None:
+    """data x fsdp of cfg.mesh, or None when one of them is -1 (known only with the devices)."""
+    sizes = [int(cfg.mesh[a]) for a in ("data", "fsdp")]
+    return None if -1 in sizes else sizes[0] * sizes[1]
+
+
 def _choice(name, value, valid):
     if value not in valid:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {list(valid)}")
@@ -169,6 +175,7 @@ def validate(cfg):
     if cfg.loss.method in ("dppo_topk_tv", "dppo_topk_kl") and r.record_topk < 1:
         raise ValueError(f"{cfg.loss.method} needs rollout.record_topk >= 1 (K of mu's top-K)")
     _int(cfg, "rollout.max_refill_rounds", 0)
+    _int(cfg, "rollout.max_rows", 0)
     if r.overlong == "penalty":
         _float(cfg, "rollout.overlong_penalty")
 
@@ -205,6 +212,11 @@ def validate(cfg):
             or sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes)):
         raise ValueError(f"mesh sizes must be positive ints with at most one -1, got "
                          f"{dict(cfg.mesh)}")
+    shards = _batch_shards(cfg)
+    if cfg.rollout.max_rows and shards and cfg.rollout.max_rows % shards:
+        raise ValueError(f"rollout.max_rows={cfg.rollout.max_rows} is not divisible by the "
+                         f"mesh's batch axes (data x fsdp = {shards}); each call's rows are "
+                         f"split over them")
 
 
 def check_environment(cfg, workdir: str, devices=None):
@@ -294,6 +306,9 @@ def flatten(cfg) -> dict:
 
 
 _ABSENT = "<absent>"
+# Fields added after runs were recorded, with the value that reproduces the older behaviour: a
+# recorded config without the field equals one that has it at this value.
+ADDED_FIELDS = {"rollout.max_rows": 0}
 
 
 def config_changes(old: dict, new: dict):
@@ -301,7 +316,7 @@ def config_changes(old: dict, new: dict):
     train.iterations is operational; a shorter one is semantic (the run would stop early)."""
     semantic, operational = [], []
     for k in sorted(set(old) | set(new)):
-        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
+        a, b = old.get(k, ADDED_FIELDS.get(k, _ABSENT)), new.get(k, ADDED_FIELDS.get(k, _ABSENT))
         if a == b:
             continue
         extends = (k == "train.iterations" and isinstance(a, int) and isinstance(b, int)

@@ -1,6 +1,6 @@
 """Multi-controller helpers: one Python process per host, every process runs the same program.
 
-The rules the loop follows (see docs/scaling.md, "Multi-process runs"):
+The rules the loop follows (docs/scaling.md, "Multi-process runs"):
 - Every process runs the same host code on the same data in the same order (the prompt
   iterator, the RNG keys and the config are identical), so collectives line up.
 - A host read of a global array goes through ``to_host``: it gathers the rows held by other

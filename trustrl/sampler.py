@@ -69,12 +69,15 @@ class SamplerConfig:
     record_topk: int = 20         # K of rollout_topk_ids / rollout_topk_logp (0 = do not record)
     min_prompt_bucket: int = 16   # prompt lengths are padded up to powers of two from here
     max_prompt_len: int = 2048    # prompts longer than this are an error
+    # rows decoded at once (0 = all): more rows run as several calls of max_rows rows, which
+    # bounds the KV cache and the decode buffers; the rows' keys then differ from one call's
+    max_rows: int = 0
 
     def __post_init__(self):
         """Checks every field that does not depend on the vocabulary (``validate`` does the
         rest); ``eos_ids`` may be given as one int or any sequence and is stored as a tuple."""
         for name, low in (("max_new_tokens", 1), ("top_k", 0), ("record_topk", 0),
-                          ("min_prompt_bucket", 1), ("max_prompt_len", 1)):
+                          ("min_prompt_bucket", 1), ("max_prompt_len", 1), ("max_rows", 0)):
             _check_int(name, getattr(self, name), low)
         if not isinstance(self.greedy, (bool, np.bool_)):
             raise TypeError(f"greedy must be a bool, got {self.greedy!r}")
@@ -284,12 +287,26 @@ class Sampler:
         self._caches = {}
 
     def _constrain(self, tree):
-        """Every leaf sharded over its leading (batch) axis like the prompts, scalars replicated:
-        the layout the cache is created with, so a donated cache comes back as it went in and
-        each shape compiles once."""
+        """Every leaf sharded over its leading (batch) axis like the prompts, scalars replicated,
+        and the KV cache's [batch, kv_heads, length, head_dim] keys / values also over the
+        "tensor" mesh axis by kv head (as the k / v projections shard them) when it divides
+        them: the layout the cache is created with, so a donated cache comes back as it went in
+        (each shape compiles once), and a tensor-parallel mesh splits the cache 4-D leaves."""
+        return jax.tree.map(jax.lax.with_sharding_constraint, tree, self.layout(tree))
+
+    def layout(self, tree):
+        """The NamedShardings ``_constrain`` gives the leaves of ``tree`` (arrays or shapes)."""
         mesh, spec = self._batch_sharding.mesh, self._batch_sharding.spec
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(
-            mesh, P(spec[0], *[None] * (x.ndim - 1)) if x.ndim else P())), tree)
+        tensor = mesh.shape.get("tensor", 1)
+
+        def spec_of(x):
+            if not x.ndim:
+                return P()
+            if x.ndim == 4 and tensor > 1 and x.shape[1] % tensor == 0:
+                return P(spec[0], "tensor", None, None)
+            return P(spec[0], *[None] * (x.ndim - 1))
+
+        return jax.tree.map(lambda x: NamedSharding(mesh, spec_of(x)), tree)
 
     def num_compilations(self) -> int:
         """Distinct compiled shapes so far (the bucketing keeps this small)."""
@@ -303,6 +320,26 @@ class Sampler:
         _warn_truncation_once(cfg)
         width = prompt_bucket(max(len(p) for p in prompts), cfg)
         expanded = [p for p in prompts for _ in range(group_size)]
+        if cfg.max_rows and len(expanded) > cfg.max_rows:
+            return self._generate_in_parts(params, expanded, width, key, len(prompts), group_size)
+        return self._generate_rows(params, expanded, width, key, len(prompts), group_size)
+
+    def _generate_in_parts(self, params, expanded, width, key, n_prompts, group_size):
+        """max_rows rows per call (the last call padded with repeats of its last row: one
+        compiled shape), the parts' rows concatenated; part i uses fold_in(key, i)."""
+        m, parts = self.cfg.max_rows, []
+        for i, start in enumerate(range(0, len(expanded), m)):
+            rows = expanded[start:start + m]
+            n = len(rows)
+            r = self._generate_rows(params, rows + [rows[-1]] * (m - n), width,
+                                    jax.random.fold_in(key, i), 1, m)
+            parts.append(jax.tree.map(lambda x, n=n: x[:n], r))
+        out = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+        return out.replace(group_index=jnp.repeat(jnp.arange(n_prompts, dtype=jnp.int32),
+                                                  group_size))
+
+    def _generate_rows(self, params, expanded, width, key, n_prompts, group_size) -> Rollout:
+        cfg = self.cfg
         toks, mask = left_pad(expanded, width)
         b = len(expanded)
         cache_key = (b, width + cfg.max_new_tokens)
@@ -325,4 +362,4 @@ class Sampler:
             prompt_tokens=toks, prompt_mask=mask, response_tokens=tokens, response_mask=rmask,
             rollout_logp=logp, rollout_topk_ids=topk_ids, rollout_topk_logp=topk_logp,
             finish_reason=finish,
-            group_index=jnp.repeat(jnp.arange(len(prompts), dtype=jnp.int32), group_size))
+            group_index=jnp.repeat(jnp.arange(n_prompts, dtype=jnp.int32), group_size))

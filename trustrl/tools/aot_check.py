@@ -1,0 +1,303 @@
+r"""Does a config fit its TPU slice? Compiles the run's programs for a named TPU topology from any
+CPU machine (jax ahead-of-time compilation with libtpu; no TPU needed) and prints per-chip memory
+against the chip's HBM.
+
+    python -m trustrl.tools.aot_check --config=configs/qwen3_tpu.py --topology=v5p:2x4x4
+    python -m trustrl.tools.aot_check --config=configs/default.py:tiny --topology=cpu:8
+
+Compiled (on abstract arrays, jax.ShapeDtypeStruct with the run's shardings; nothing is
+allocated):
+  init     the fresh train state (params, Adam moments, counters) with its shardings
+  train    one optimizer step of a minibatch: (prompts_per_iter x group_size / minibatches) rows
+           x (--prompt_len + rollout.max_new_tokens) tokens, in train.microbatches micro-batches
+  sampler  one rollout call: rollout.max_rows rows at a time (0: all prompts_per_iter x
+           group_size) of --prompt_len prompt tokens + rollout.max_new_tokens, with its KV cache
+Per chip: arguments + outputs + temporaries - aliased (donated) bytes, from XLA's
+compiled.memory_analysis(). Exits 1, naming the phases, when one does not fit
+(--hbm_gib, default the chip's HBM); 2 on bad flags.
+
+The model: model.hf_dir/config.json when it exists, else --model (a preset of MODELS), else the
+preset named by hf_dir's last component (e.g. /mnt/models/Qwen3-8B-Base -> qwen3-8b).
+``--topology=cpu:N``: N host CPU devices instead (a fallback where libtpu is not installed;
+memory then follows XLA:CPU's layouts, not a TPU's). TPU topologies need the libtpu that
+matches the pinned jax: ``pip install "libtpu==0.0.42.*"`` for jax 0.10.2 (jax[tpu]).
+Any config field can be overridden as in trustrl.main (``--config.train.microbatches=32``).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+GiB = 2 ** 30
+# HBM per chip (GiB) by the topology name's prefix
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+# HF config.json fields of dense models this tool can size without their files
+_QWEN3 = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, head_dim=128,
+              num_key_value_heads=8, rope_theta=1000000.0, rms_norm_eps=1e-6,
+              max_position_embeddings=40960)
+MODELS = {
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=False),
+    "qwen3-14b": dict(_QWEN3, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                      num_attention_heads=40, tie_word_embeddings=False),
+    "qwen3-32b": dict(_QWEN3, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                      num_attention_heads=64, tie_word_embeddings=False),
+}
+PHASES = ("init", "train", "sampler")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:2x4x4, v5e:4x4, "
+                                "v4:2x2x2; or cpu:N (N host CPU devices).")
+_MODEL = flags.DEFINE_string("model", None, f"Model preset when model.hf_dir has no "
+                             f"config.json: one of {sorted(MODELS)}.")
+_HBM = flags.DEFINE_float("hbm_gib", None, "Memory per chip to check against (default: the "
+                          "chip's HBM; none for cpu:N).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row (the bucket).")
+_PHASES = flags.DEFINE_list("phases", list(PHASES), f"Which of {list(PHASES)} to compile.")
+
+
+def _fail(msg: str):
+    print(f"aot_check: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_topology(name: str) -> tuple[str, int | None, float | None]:
+    """('tpu' | 'cpu', CPU device count, HBM GiB per chip) of a --topology value."""
+    m = re.fullmatch(r"cpu:(\d+)", name)
+    if m:
+        if int(m.group(1)) < 1:
+            raise ValueError(f"--topology={name}: need at least one CPU device")
+        return "cpu", int(m.group(1)), None
+    m = re.fullmatch(r"(v4|v5e|v5litepod|v5p|v6e):(\d+(x\d+){1,2})", name)
+    if not m:
+        raise ValueError(f"--topology={name!r} is not valid: use a TPU generation and chip grid "
+                         f"({', '.join(f'{g}:AxB[xC]' for g in HBM_GIB)}, e.g. v5p:2x4x4) or "
+                         f"cpu:N")
+    return "tpu", None, float(HBM_GIB[m.group(1)])
+
+
+def model_hf_config(cfg, preset: str | None) -> tuple[dict, str]:
+    """(HF config dict, where it came from)."""
+    hf_dir = cfg.model.hf_dir
+    if preset is None and hf_dir and os.path.isfile(os.path.join(hf_dir, "config.json")):
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            return json.load(f), os.path.join(hf_dir, "config.json")
+    name = preset
+    if name is None and hf_dir:
+        base = os.path.basename(os.path.normpath(hf_dir)).lower()
+        name = next((k for k in sorted(MODELS, key=len, reverse=True)
+                     if base == k or base.startswith(k + "-")), None)
+    if name is None and not hf_dir:  # the config's own model fields (a trustrl-trained BPE)
+        m = cfg.model
+        return dict(architectures=["LlamaForCausalLM"], vocab_size=cfg.tokenizer.vocab_size,
+                    hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                    num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                    num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim,
+                    rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings), "config"
+    if name is None:
+        raise ValueError(f"no model shape: model.hf_dir={hf_dir!r} has no config.json and names "
+                         f"no preset; pass --model, one of {sorted(MODELS)}")
+    if name not in MODELS:
+        raise ValueError(f"--model={name!r} is not a preset; choose one of {sorted(MODELS)}")
+    return MODELS[name], f"preset {name}"
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    total = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+             - m.alias_size_in_bytes)
+    return dict(args=m.argument_size_in_bytes / GiB, out=m.output_size_in_bytes / GiB,
+                temp=m.temp_size_in_bytes / GiB, total=total / GiB)
+
+
+def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=print) -> list:
+    """Compiles the phases for cfg.mesh over ``devices``; returns one row dict per phase."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from trustrl import experiment, hf, losses, policy, sharding
+    from trustrl import model as model_lib
+    from trustrl import train_step as ts
+    from trustrl.sampler import Sampler
+
+    mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+    model_cfg = hf.config_from_hf(hf_config, param_dtype=cfg.model.param_dtype,
+                                  dtype=cfg.model.dtype, remat=cfg.model.remat)
+    roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype)
+    total_steps = cfg.train.iterations * cfg.train.epochs * cfg.train.minibatches
+    tx = ts.make_optimizer(cfg.optim, total_steps)
+    state_sh = ts.state_shardings(model_cfg, tx, mesh)
+    replicated = NamedSharding(mesh, P())
+
+    def abstract(shapes, shardings):
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, shardings)
+
+    params = abstract(model_lib.param_shapes(model_cfg), state_sh.params)
+    roll_params = abstract(model_lib.param_shapes(roll_cfg),
+                           model_lib.param_shardings(roll_cfg, mesh))
+    rows, n_new = cfg.rollout.prompts_per_iter * cfg.rollout.group_size, cfg.rollout.max_new_tokens
+    out = []
+
+    def record(phase, shape, lower):
+        t0 = time.perf_counter()
+        try:
+            memory = _memory(lower().compile())
+        except Exception as e:  # noqa: BLE001 - the TPU compiler refuses programs over its HBM
+            m = re.search(r"RESOURCE_EXHAUSTED: .*?HLO temporaries \(([\d.]+)([GMK])\)", str(e))
+            if m is None:
+                raise
+            temp = float(m.group(1)) / {"G": 1, "M": 2 ** 10, "K": 2 ** 20}[m.group(2)]
+            memory = dict(args=float("nan"), out=float("nan"), temp=temp, total=float("inf"),
+                          refused=str(e).split("RESOURCE_EXHAUSTED: ", 1)[1].splitlines()[0])
+        row = dict(phase=phase, shape=shape, compile_s=time.perf_counter() - t0, **memory)
+        log(f"  {phase}: {shape}: " + (f"{row['total']:.2f} GiB per chip" if "refused" not in
+                                       row else f"refused by the compiler: {row['refused']}")
+            + f" ({row['compile_s']:.1f} s)")
+        out.append(row)
+
+    if "init" in phases:
+        init = jax.jit(lambda p: ts.TrainState(
+            step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+            skipped=jnp.zeros((), jnp.int32)), out_shardings=state_sh)
+        record("init", "train state", lambda: init.lower(params))
+
+    if "train" in phases:
+        mb = rows // cfg.train.minibatches
+        t = prompt_len + n_new
+        s = lambda shape, dtype: jax.ShapeDtypeStruct(
+            shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+        batch = dict(tokens=s((mb, t), jnp.int32), valid=s((mb, t), jnp.int32),
+                     positions=s((mb, t), jnp.int32), response_tokens=s((mb, n_new), jnp.int32),
+                     response_mask=s((mb, n_new), jnp.int32),
+                     rollout_logp=s((mb, n_new), jnp.float32), advantages=s((mb,), jnp.float32))
+        if cfg.loss.method in ts.TOPK_METHODS:
+            k = cfg.rollout.record_topk
+            batch.update(topk_ids=s((mb, n_new, k), jnp.int32),
+                         topk_logp=s((mb, n_new, k), jnp.float32))
+        if cfg.loss.method in losses._NEEDS_OLD_LOGP:
+            batch["old_logp"] = s((mb, n_new), jnp.float32)
+        state = ts.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                              params=params,
+                              opt_state=abstract(jax.eval_shape(tx.init, params),
+                                                 state_sh.opt_state),
+                              skipped=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
+        step = jax.jit(functools.partial(
+            ts.train_step, model_cfg=model_cfg, loss_cfg=cfg.loss, tx=tx, mesh=mesh,
+            rollout_model_cfg=roll_cfg, temperature=float(cfg.rollout.temperature),
+            microbatches=cfg.train.microbatches), donate_argnums=(0,),
+            out_shardings=(state_sh, replicated))
+        with jax.set_mesh(mesh):
+            record("train", f"{mb} x ({prompt_len} + {n_new}) tokens, "
+                   f"{cfg.train.microbatches} micro-batch(es)",
+                   lambda: step.lower(state, batch, roll_params))
+
+    if "sampler" in phases:
+        max_rows = cfg.rollout.max_rows
+        b = min(rows, max_rows) if max_rows else rows
+        sampler = Sampler(policy.decode_model(roll_cfg),
+                          experiment._sampler_cfg(cfg, _EosOnly(), greedy=False),
+                          batch_sharding=sharding.batch_sharding(mesh))
+        cache_len = prompt_len + n_new
+        cache = jax.eval_shape(lambda: sampler.model.init_cache(b, cache_len))
+        cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                             cache, sampler.layout(cache))
+        tok = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32,
+                                   sharding=sharding.batch_sharding(mesh))
+        key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                   sharding=replicated)
+        with jax.set_mesh(mesh):
+            record("sampler", f"{b} rows x ({prompt_len} + {n_new}) tokens",
+                   lambda: sampler._run.lower(roll_params, tok, tok, cache, key))
+    return out
+
+
+class _EosOnly:
+    eos_id = 0  # the sampler config needs a stop token id; its value does not change memory
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}")
+    cfg = _CONFIG.value
+    if cfg is None or not _TOPOLOGY.value:
+        _fail("--config and --topology are required (see --help)")
+    bad = [p for p in _PHASES.value if p not in PHASES]
+    if bad:
+        _fail(f"--phases: unknown {bad}; valid: {list(PHASES)}")
+    try:
+        kind, n_cpu, hbm = parse_topology(_TOPOLOGY.value)
+        hf_config, source = model_hf_config(cfg, _MODEL.value)
+    except ValueError as e:
+        _fail(str(e))
+    hbm = _HBM.value if _HBM.value is not None else hbm
+    if kind == "cpu":
+        os.environ["XLA_FLAGS"] = (re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                                          os.environ.get("XLA_FLAGS", ""))
+                                   + f" --xla_force_host_platform_device_count={n_cpu}")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # compile-only: no TPU workers
+    import jax
+    from trustrl import config_validation as cv
+    try:
+        cv.validate(cfg)
+    except ValueError as e:
+        _fail(f"invalid config: {e}")
+    t0 = time.perf_counter()
+    if kind == "cpu":
+        devices = jax.devices("cpu")
+        if len(devices) != n_cpu:
+            _fail(f"--topology=cpu:{n_cpu} but jax already has {len(devices)} CPU devices")
+    else:
+        try:
+            from jax.experimental import topologies
+            devices = topologies.get_topology_desc(_TOPOLOGY.value, "tpu").devices
+        except Exception as e:  # noqa: BLE001 - no libtpu, or an unknown topology
+            _fail(f"cannot make TPU topology {_TOPOLOGY.value!r} ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); install the libtpu matching jax "
+                  f"{jax.__version__} (pip install 'jax[tpu]=={jax.__version__}') or use "
+                  f"--topology=cpu:N")
+    print(f"aot_check: {_TOPOLOGY.value} ({len(devices)} chips, {devices[0].device_kind}), mesh "
+          f"{dict(cfg.mesh)}, model from {source}, jax {jax.__version__}")
+    try:
+        rows = check(cfg, devices, hf_config=hf_config, prompt_len=_PROMPT_LEN.value,
+                     phases=_PHASES.value)
+    except ValueError as e:
+        _fail(str(e))
+    print(f"\n{'phase':8} | {'shape':52} | {'args':>8} | {'temp':>9} | {'total GiB':>9} | "
+          f"{'HBM':>5} | fits | compile s")
+    over = []
+    for r in rows:
+        fits = "NO" if "refused" in r else "-" if hbm is None else (
+            "yes" if r["total"] <= hbm else "NO")
+        if fits == "NO":
+            over.append(r["phase"])
+        print(f"{r['phase']:8} | {r['shape']:52} | {r['args']:8.4g} | {r['temp']:9.4g} | "
+              f"{r['total']:9.4g} | {'-' if hbm is None else f'{hbm:.0f}':>5} | {fits:4} | "
+              f"{r['compile_s']:9.1f}")
+    print(f"(total {time.perf_counter() - t0:.0f} s)")
+    if over:
+        limit = f"{hbm:g} GiB per chip" if hbm is not None else "the device memory"
+        print(f"aot_check: {', '.join(over)} do(es) not fit in {limit}; more "
+              f"train.microbatches, a smaller rollout.max_rows, more chips on fsdp / tensor, or "
+              f"remat", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
