@@ -76,6 +76,12 @@ def pytest_configure(config):
         "3.11 leg) runs it, CI's 3.12 leg (`make test-latest`) leaves it out")
 
 
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests first (stable order otherwise): pytest-xdist hands tests out in collection
+    order, so a long test collected late would run alone at the end of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # pytest.importorskip's reason when the torch / transformers parity references are not installed.
 _TORCH_ABSENT = re.compile(r"could not import '(torch|transformers)'")
 

@@ -43,6 +43,7 @@ def test_topology_and_model_resolution():
     assert 8.1e9 < n < 8.3e9, n
 
 
+@pytest.mark.slow
 def test_cpu_topology_tiny_config_and_the_fit_verdict(subprocess_env):
     done = _run(["--config=configs/default.py:tiny", "--topology=cpu:8"], subprocess_env)
     assert done.returncode == 0, done.stderr[-3000:]

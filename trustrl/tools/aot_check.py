@@ -58,16 +58,21 @@ MODELS = {
 }
 PHASES = ("init", "train", "sampler")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:2x4x4, v5e:4x4, "
-                                "v4:2x2x2; or cpu:N (N host CPU devices).")
-_MODEL = flags.DEFINE_string("model", None, f"Model preset when model.hf_dir has no "
-                             f"config.json: one of {sorted(MODELS)}.")
-_HBM = flags.DEFINE_float("hbm_gib", None, "Memory per chip to check against (default: the "
-                          "chip's HBM; none for cpu:N).")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row (the bucket).")
-_PHASES = flags.DEFINE_list("phases", list(PHASES), f"Which of {list(PHASES)} to compile.")
+
+def _define_flags():
+    """The command line's flags (defined when run as a program: trustrl.main defines --config
+    too, and both modules are imported by the tests)."""
+    global _CONFIG, _TOPOLOGY, _MODEL, _HBM, _PROMPT_LEN, _PHASES
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
+                                              lock_config=True)
+    _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:2x4x4, v5e:4x4, "
+                                    "v4:2x2x2; or cpu:N (N host CPU devices).")
+    _MODEL = flags.DEFINE_string("model", None, f"Model preset when model.hf_dir has no "
+                                 f"config.json: one of {sorted(MODELS)}.")
+    _HBM = flags.DEFINE_float("hbm_gib", None, "Memory per chip to check against (default: the "
+                              "chip's HBM; none for cpu:N).")
+    _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row (the bucket).")
+    _PHASES = flags.DEFINE_list("phases", list(PHASES), f"Which of {list(PHASES)} to compile.")
 
 
 def _fail(msg: str):
@@ -300,4 +305,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
