@@ -36,10 +36,12 @@ sanity: $(BASE_STAMP)
 # 8 simulated CPU devices are set in tests/conftest.py before jax is imported. XDIST workers
 # (default 3, one more than the 2 cores CI has: XLA compiles are single-threaded, so a third
 # worker fills the idle core-time; measured 3.11 leg 22:43 -> 16:36 with the cheaper compile).
+# --dist load --maxschedchunk 1: one test at a time to whichever worker is free, in the order
+# tests/conftest.py sorts them (longest first), so no long test is left running alone at the end.
 XDIST ?= 3
 test: $(STAMP)
 	$(VENV)/bin/python .ci/versions.py
-	$(VENV)/bin/python -m pytest -q -n $(XDIST) --dist worksteal --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n $(XDIST) --dist load --maxschedchunk 1 --durations=15 tests
 
 # The newest stack: Python 3.12 (jax >= 0.11 needs it; PY312=... overrides the search in
 # .ci/find-python), the newest releases setup.py allows, no torch / transformers (their parity
@@ -56,7 +58,7 @@ install-latest: $(LATEST_VENV)/bin/python
 
 test-latest: install-latest
 	$(LATEST_VENV)/bin/python .ci/versions.py
-	$(LATEST_VENV)/bin/python -m pytest -q -n $(XDIST) --dist worksteal -rs -m "not slow" --durations=15 tests
+	$(LATEST_VENV)/bin/python -m pytest -q -n $(XDIST) --dist load --maxschedchunk 1 -rs -m "not slow" --durations=15 tests
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) *.egg-info

@@ -96,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.record_topk = 20  # K of the recorded rollout top-K (top-K methods need it)
     c.rollout.max_rows = 0  # rows decoded at once (0 = all); bounds the sampler's memory
     c.rollout.dtype = "bfloat16"  # rollout weights / activations / KV cache precision
+    c.rollout.head_dtype = ""  # "" = rollout.dtype; "float32": fp32 LM head on the rollout trunk
     c.rollout.dynamic_sampling = False  # drop all-equal-reward groups and refill
     c.rollout.max_refill_rounds = 4  # extra sampling rounds for dynamic sampling
     c.rollout.overlong = "none"  # none | filter (no loss on truncated) | penalty

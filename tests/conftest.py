@@ -76,10 +76,21 @@ def pytest_configure(config):
         "3.11 leg) runs it, CI's 3.12 leg (`make test-latest`) leaves it out")
 
 
+# The files of the longest tests (measured), longest first: run first so that no long test is
+# left to run alone at the end of the suite.
+_LONGEST = ("test_multiprocess.py", "test_sanity.py", "test_rollout_model.py",
+            "test_notebooks.py", "test_train.py", "test_durability.py", "test_benchmarks.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`slow` tests first (stable order otherwise): pytest-xdist hands tests out in collection
-    order, so a long test collected late would run alone at the end of the suite."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """`slow` tests first, those of _LONGEST's files in its order (stable otherwise). With
+    `--dist load` (the Makefile) pytest-xdist hands tests out in this order as workers free up,
+    so the long ones start first and spread over the workers."""
+    def rank(item):
+        name = item.path.name if hasattr(item, "path") else ""
+        slow = item.get_closest_marker("slow") is not None
+        return (not slow, _LONGEST.index(name) if slow and name in _LONGEST else len(_LONGEST))
+    items.sort(key=rank)
 
 
 # pytest.importorskip's reason when the torch / transformers parity references are not installed.

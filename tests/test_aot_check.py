@@ -52,11 +52,23 @@ def test_cpu_topology_tiny_config_and_the_fit_verdict(subprocess_env):
     for line in table[1:]:
         total = float(line.split("|")[4])
         assert 0 < total < 1, line  # a tiny model: well under 1 GiB per device
-    # a limit nothing fits in: exit 1 naming the phases
+    # a limit nothing fits in: exit 1 naming the phases (the same verdict as report())
     done = _run(["--config=configs/default.py:tiny", "--topology=cpu:8", "--hbm_gib=1e-6",
-                 "--phases=init,sampler"], subprocess_env)
+                 "--phases=init"], subprocess_env)
     assert done.returncode == 1
-    assert "init, sampler do(es) not fit in 1e-06 GiB per chip" in done.stderr
+    assert "init do(es) not fit in 1e-06 GiB per chip" in done.stderr
+
+
+def test_report_verdict():
+    rows = [dict(phase="init", shape="s", args=1.0, temp=0.0, total=3.8, compile_s=1.0),
+            dict(phase="train", shape="s", args=2.9, temp=24.6, total=27.5, compile_s=86.0),
+            dict(phase="sampler", shape="s", args=float("nan"), temp=313.2, total=float("inf"),
+                 compile_s=57.0, refused="Ran out of memory on HBM")]
+    table, verdict = aot_check.report(rows, 95.0)
+    assert [line.split("|")[6].strip() for line in table.splitlines()[2:]] == ["yes", "yes", "NO"]
+    assert verdict.startswith("aot_check: sampler do(es) not fit in 95 GiB per chip")
+    assert aot_check.report(rows[:1], 3.0)[1].startswith("aot_check: init do(es) not fit")
+    assert aot_check.report(rows[:2], None)[1] is None  # no limit (cpu:N): no verdict
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -153,3 +153,17 @@ def test_gpu_check_quick_cpu(capsys):
         else:
             assert row["torch"]["tok_s"] > 0
     assert out["memory"]["temp"] > 0
+
+
+@pytest.mark.slow
+def test_rollout_head_quick(capsys):
+    """benchmarks/rollout_head.py --quick: three rollout precisions measured against the fp32
+    trainer; the fp32 rollout is the floor of the mismatch."""
+    out = _load_bench("rollout_head").main(["--quick"])
+    assert "vs bf16 head" in capsys.readouterr().out
+    assert [(r["dtype"], r["head"]) for r in out] == [("bfloat16", "bfloat16"),
+                                                      ("bfloat16", "float32"),
+                                                      ("float32", "float32")]
+    assert all(r["tokens"] == 4 * 2 * 8 and r["tok_s"] > 0 for r in out)
+    fp32, bf16 = out[2]["rollout/mismatch_mean"], out[0]["rollout/mismatch_mean"]
+    assert fp32 < bf16 / 10, (fp32, bf16)

@@ -171,10 +171,10 @@ def test_rollout_logp_equals_trainer_logp_fp32(temperature):
     assert float(stats["rollout/mismatch_mean"]) <= 1e-6
 
 
-def _bf16_mismatch(cfg, params, prompts, group, n, temperature, eos=()):
-    roll_cfg = policy.rollout_config(cfg, "bfloat16")
+def _bf16_mismatch(cfg, params, prompts, group, n, temperature, eos=(), head_dtype=""):
+    roll_cfg = policy.rollout_config(cfg, "bfloat16", head_dtype)
     roll_params = policy.cast_params(params, roll_cfg)
-    assert roll_params["embedding"].dtype == jnp.bfloat16
+    assert roll_params["layers"]["mlp"]["down_proj"].dtype == jnp.bfloat16
     sampler = Sampler(policy.decode_model(roll_cfg), SamplerConfig(
         max_new_tokens=n, temperature=temperature, eos_ids=eos, record_topk=0))
     r = sampler.generate(roll_params, prompts, group, jax.random.key(2))
@@ -193,6 +193,36 @@ def test_bf16_rollout_vs_fp32_trainer_mismatch_tiny(temperature):
     # measured mean |pi - mu| 5e-5 (T=0.7) / 3e-5 (T=1), max |pi - mu| 4e-4: bf16 noise only
     assert stats["rollout/mismatch_mean"] < 1e-3, stats
     assert stats["rollout/mismatch_max"] < 0.01 and stats["rollout/mismatch_min"] > -0.01, stats
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fp32_rollout_head_on_a_bf16_trunk(tied):
+    cfg, params = _tiny("llama", tie_word_embeddings=tied)
+    roll = policy.rollout_config(cfg, "bfloat16", "float32")
+    rp = policy.cast_params(params, roll)
+    head = "embedding" if tied else "lm_head"
+    for path, x in jax.tree_util.tree_leaves_with_path(rp):
+        want = jnp.float32 if jax.tree_util.keystr(path) == f"['{head}']" else jnp.bfloat16
+        assert x.dtype == want, (jax.tree_util.keystr(path), x.dtype)
+    np.testing.assert_array_equal(rp[head], params[head])  # the fp32 weights themselves
+    toks = jnp.asarray(_prompts((7,))[0])[None]
+    valid = jnp.ones_like(toks)
+    hidden = M.forward(rp, roll, toks, jnp.cumsum(valid, 1) - 1, valid)
+    assert hidden.dtype == jnp.bfloat16  # the trunk stays bf16
+    w = np.asarray(params["embedding"], np.float64).T if tied else np.asarray(params["lm_head"],
+                                                                             np.float64)
+    want = np.asarray(hidden.astype(jnp.float32), np.float64) @ w  # fp32 head on bf16 states
+    np.testing.assert_allclose(np.asarray(M.lm_head(rp, roll, hidden)), want, rtol=1e-5,
+                               atol=1e-5)
+    from trustrl import vocab_head
+    assert vocab_head.head_weight(rp, roll)[0].dtype == jnp.float32  # the trainer's mu recompute
+    # the all-bf16 head on the same hidden states carries bf16 weight / matmul rounding
+    plain = policy.rollout_config(cfg, "bfloat16")
+    err = np.abs(np.asarray(M.lm_head(policy.cast_params(params, plain), plain, hidden)) - want)
+    assert err.max() > 1e-3, err.max()
+    if not tied:  # a bf16 rollout with the fp32 head: a valid, small mismatch vs the trainer
+        stats = _bf16_mismatch(cfg, params, _prompts((5, 12)), 4, 16, 1.0, head_dtype="float32")
+        assert stats["rollout/mismatch_mean"] < 1e-3, stats
 
 
 @pytest.mark.optimized  # execution-bound: compiled at XLA's default level

@@ -94,6 +94,7 @@ def validate(cfg):
     if cfg.loss.method.startswith("relax"):
         _float(cfg, "loss.alpha", 0, 1, open_low=True)
     _choice("rollout.dtype", cfg.rollout.dtype, DTYPES)
+    _choice("rollout.head_dtype", cfg.rollout.head_dtype, ("",) + tuple(DTYPES))
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("model.param_dtype", cfg.model.param_dtype, DTYPES)
     _choice("rollout.overlong", cfg.rollout.overlong, OVERLONG)
@@ -308,7 +309,7 @@ def flatten(cfg) -> dict:
 _ABSENT = "<absent>"
 # Fields added after runs were recorded, with the value that reproduces the older behaviour: a
 # recorded config without the field equals one that has it at this value.
-ADDED_FIELDS = {"rollout.max_rows": 0}
+ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": ""}
 
 
 def config_changes(old: dict, new: dict):

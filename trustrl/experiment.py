@@ -189,7 +189,7 @@ def build(cfg, workdir: str, mesh=None) -> Run:
 
     _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir)
 
-    roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype)
+    roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype, cfg.rollout.head_dtype)
     batch_sharding = sharding.batch_sharding(mesh)
     sampler = Sampler(policy.decode_model(roll_cfg), _sampler_cfg(cfg, tokenizer, greedy=False),
                       batch_sharding=batch_sharding)

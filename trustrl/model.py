@@ -95,6 +95,10 @@ class ModelConfig:
     scan_layers: bool = True  # one nn.scan over stacked layers (False: unrolled reference)
     head_token_chunk: int = 0  # trainer's fused vocabulary head: tokens per chunk (0: automatic)
     head_vocab_chunk: int = 0  # ... vocabulary slice per tile (0: the whole local vocabulary)
+    # the vocabulary head's precision, weights and matmul ("": param_dtype / dtype like the
+    # trunk; "float32": an fp32 head on the trunk's hidden states, e.g. a bf16 rollout engine
+    # with an fp32 LM head). Tied embeddings are then stored in float32 too.
+    head_dtype: str = ""
 
     def __post_init__(self):
         if isinstance(self.remat, (bool, np.bool_)):  # older configs: remat = True / False
@@ -118,6 +122,9 @@ class ModelConfig:
                              f"num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.head_dtype not in ("", "float32", "bfloat16"):
+            raise ValueError(f"head_dtype must be '', 'float32' or 'bfloat16', got "
+                             f"{self.head_dtype!r}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} must be 'float32' or 'bfloat16', got "
@@ -174,12 +181,13 @@ class KVCache(NamedTuple):
 # ----------------------------------------------------------------------------- building blocks
 
 
-def _param(module: nn.Module, name: str, init, shape, axes):
-    """A parameter created with logical axis names, returned cast to the compute dtype."""
+def _param(module: nn.Module, name: str, init, shape, axes, dtype=None):
+    """A parameter created with logical axis names, returned cast to the compute dtype;
+    ``dtype``: storage and returned dtype instead (the head under ``head_dtype``)."""
     c = module.config
     value = module.param(name, nn.with_logical_partitioning(init, axes), shape,
-                         jnp.dtype(c.param_dtype))
-    return jnp.asarray(value, c.compute_dtype)
+                         jnp.dtype(dtype or c.param_dtype))
+    return jnp.asarray(value, dtype or c.compute_dtype)
 
 
 _normal = nn.initializers.normal(0.02)  # Hugging Face's initializer_range default
@@ -371,7 +379,8 @@ class Transformer(nn.Module):
     def setup(self):
         c = self.config
         self.embedding = _param(self, "embedding", _normal, (c.vocab_size, c.hidden_size),
-                                ("vocab", "embed"))
+                                ("vocab", "embed"),
+                                dtype=c.head_dtype if c.tie_word_embeddings else None)
         policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
         if c.scan_layers:  # one "layers" module whose parameters have a leading [L] axis
             # prevent_cse=False is safe (and faster) inside scan, as the jax.checkpoint docs say.
@@ -387,7 +396,7 @@ class Transformer(nn.Module):
         self.final_norm = RMSNorm(c, c.hidden_size)
         if not c.tie_word_embeddings:
             self.lm_head = _param(self, "lm_head", _normal, (c.hidden_size, c.vocab_size),
-                                  ("embed", "vocab"))
+                                  ("embed", "vocab"), dtype=c.head_dtype)
 
     def __call__(self, tokens, positions, valid, cache: KVCache | None = None,
                  fresh: bool = False):
@@ -398,7 +407,8 @@ class Transformer(nn.Module):
         """
         t = tokens.shape[1]
         valid = valid.astype(bool)
-        x = _constrain_hidden(jnp.take(self.embedding, tokens, axis=0))
+        x = _constrain_hidden(jnp.take(self.embedding, tokens, axis=0).astype(
+            self.config.compute_dtype))
         cos, sin = _rope_cos_sin(positions, self.config)
         if cache is None:
             if self.config.scan_layers:
@@ -426,6 +436,8 @@ class Transformer(nn.Module):
 
     def logits(self, hidden):
         """hidden [..., E] -> logits [..., V] float32 (accumulated in float32)."""
+        if self.config.head_dtype:
+            hidden = hidden.astype(self.config.head_dtype)
         if not self.config.tie_word_embeddings:
             return _dense(hidden, self.lm_head, out_dtype=jnp.float32)
         # Tied: contract with the embedding's E axis directly. A jnp.dot with ``embedding.T``

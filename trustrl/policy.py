@@ -24,17 +24,32 @@ from trustrl.rollout import response_logits_slice
 from trustrl.sampler import DecodeModel
 
 
-def rollout_config(model_cfg: model_lib.ModelConfig, dtype: str) -> model_lib.ModelConfig:
-    """The rollout engine's view of the model: parameters and activations in ``dtype``."""
+def rollout_config(model_cfg: model_lib.ModelConfig, dtype: str,
+                   head_dtype: str = "") -> model_lib.ModelConfig:
+    """The rollout engine's view of the model: parameters and activations in ``dtype``;
+    ``head_dtype="float32"``: the vocabulary head's weights and matmul in float32 (the trunk
+    stays in ``dtype``)."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"rollout dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    return dataclasses.replace(model_cfg, param_dtype=dtype, dtype=dtype, remat=False)
+    if head_dtype not in ("", "float32", "bfloat16"):
+        raise ValueError(f"rollout head dtype must be '', 'float32' or 'bfloat16', got "
+                         f"{head_dtype!r}")
+    return dataclasses.replace(model_cfg, param_dtype=dtype, dtype=dtype, remat=False,
+                               head_dtype=head_dtype)
 
 
 def cast_params(params, model_cfg: model_lib.ModelConfig):
-    """Parameters cast to ``model_cfg.param_dtype`` (a no-op when they already are)."""
-    dtype = jnp.dtype(model_cfg.param_dtype)
-    return jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), params)
+    """Parameters cast to ``model_cfg``'s storage dtypes: ``param_dtype``, and ``head_dtype``
+    for the vocabulary head (a no-op where they already are)."""
+    dtype, head = jnp.dtype(model_cfg.param_dtype), model_cfg.head_dtype
+    head_names = {"embedding" if model_cfg.tie_word_embeddings else "lm_head"} if head else set()
+
+    def cast(path, x):
+        want = jnp.dtype(head) if any(getattr(k, "key", None) in head_names for k in path) \
+            else dtype
+        return x if x.dtype == want else x.astype(want)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def decode_model(model_cfg: model_lib.ModelConfig) -> DecodeModel:

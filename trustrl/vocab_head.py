@@ -44,7 +44,8 @@ DEFAULT_TILE_ELEMENTS = 2 ** 26  # token_chunk=0: tokens per chunk = this // loc
 
 
 def head_weight(params, model_cfg):
-    """(W, vocab_axis) of the model's vocabulary head, cast to the compute dtype as the model does.
+    """(W, vocab_axis) of the model's vocabulary head, cast to the compute dtype as the model
+    does (to ``head_dtype`` when the config sets one: the matmul then runs in it).
 
     Tied models use the [V, E] embedding (vocab_axis 0), untied ones the [E, V] lm_head (1).
     """
@@ -52,7 +53,7 @@ def head_weight(params, model_cfg):
         w, axis = params["embedding"], 0
     else:
         w, axis = params["lm_head"], 1
-    return jnp.asarray(w, model_cfg.compute_dtype), axis
+    return jnp.asarray(w, model_cfg.head_dtype or model_cfg.compute_dtype), axis
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,7 +143,7 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     model_cfg = hf.config_from_hf(hf_config, param_dtype=cfg.model.param_dtype,
                                   dtype=cfg.model.dtype, remat=cfg.model.remat)
-    roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype)
+    roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype, cfg.rollout.head_dtype)
     total_steps = cfg.train.iterations * cfg.train.epochs * cfg.train.minibatches
     tx = ts.make_optimizer(cfg.optim, total_steps)
     state_sh = ts.state_shardings(model_cfg, tx, mesh)
@@ -284,24 +284,33 @@ def main(argv):
                      phases=_PHASES.value)
     except ValueError as e:
         _fail(str(e))
-    print(f"\n{'phase':8} | {'shape':52} | {'args':>8} | {'temp':>9} | {'total GiB':>9} | "
-          f"{'HBM':>5} | fits | compile s")
+    table, verdict = report(rows, hbm)
+    print(table)
+    print(f"(total {time.perf_counter() - t0:.0f} s)")
+    if verdict:
+        print(verdict, file=sys.stderr)
+        sys.exit(1)
+
+
+def report(rows, hbm: float | None) -> tuple[str, str | None]:
+    """(the table, None when every phase fits else the line naming those that do not)."""
+    lines = [f"\n{'phase':8} | {'shape':52} | {'args':>8} | {'temp':>9} | {'total GiB':>9} | "
+             f"{'HBM':>5} | fits | compile s"]
     over = []
     for r in rows:
         fits = "NO" if "refused" in r else "-" if hbm is None else (
             "yes" if r["total"] <= hbm else "NO")
         if fits == "NO":
             over.append(r["phase"])
-        print(f"{r['phase']:8} | {r['shape']:52} | {r['args']:8.4g} | {r['temp']:9.4g} | "
-              f"{r['total']:9.4g} | {'-' if hbm is None else f'{hbm:.0f}':>5} | {fits:4} | "
-              f"{r['compile_s']:9.1f}")
-    print(f"(total {time.perf_counter() - t0:.0f} s)")
-    if over:
-        limit = f"{hbm:g} GiB per chip" if hbm is not None else "the device memory"
-        print(f"aot_check: {', '.join(over)} do(es) not fit in {limit}; more "
-              f"train.microbatches, a smaller rollout.max_rows, more chips on fsdp / tensor, or "
-              f"remat", file=sys.stderr)
-        sys.exit(1)
+        lines.append(f"{r['phase']:8} | {r['shape']:52} | {r['args']:8.4g} | {r['temp']:9.4g} | "
+                     f"{r['total']:9.4g} | {'-' if hbm is None else f'{hbm:.0f}':>5} | "
+                     f"{fits:4} | {r['compile_s']:9.1f}")
+    if not over:
+        return "\n".join(lines), None
+    limit = f"{hbm:g} GiB per chip" if hbm is not None else "the device memory"
+    return "\n".join(lines), (f"aot_check: {', '.join(over)} do(es) not fit in {limit}; more "
+                              f"train.microbatches, a smaller rollout.max_rows, more chips on "
+                              f"fsdp / tensor, or remat")
 
 
 if __name__ == "__main__":
