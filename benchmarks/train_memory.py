@@ -63,6 +63,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from trustrl import model as M  # noqa: E402
 from trustrl import policy  # noqa: E402
 from trustrl import train_step as ts  # noqa: E402
+from trustrl.tools.aot_check import compiled_memory  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -111,14 +112,6 @@ def abstract_state(cfg: M.ModelConfig, tx):
                          skipped=jax.ShapeDtypeStruct((), jnp.int32))
 
 
-def _memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    total = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-             - m.alias_size_in_bytes)
-    return dict(temp=m.temp_size_in_bytes / GiB, args=m.argument_size_in_bytes / GiB,
-                out=m.output_size_in_bytes / GiB, total=total / GiB)
-
-
 def measure_train_step(cfg: M.ModelConfig, shape, method="dppo_binary_tv",
                        fused_head=True, microbatches=1) -> dict:
     """Lowers and compiles the real train step on abstract inputs; no array is allocated.
@@ -143,7 +136,7 @@ def measure_train_step(cfg: M.ModelConfig, shape, method="dppo_binary_tv",
         compiled = step.lower(abstract_state(cfg, tx), batch, roll_params).compile()
     finally:
         policy.FUSED_HEAD = saved
-    return dict(_memory(compiled), compile_s=time.perf_counter() - t0)
+    return dict(compiled_memory(compiled), compile_s=time.perf_counter() - t0)
 
 
 def measure_head(cfg: M.ModelConfig, shape) -> dict:
@@ -159,7 +152,7 @@ def measure_head(cfg: M.ModelConfig, shape) -> dict:
 
     t0 = time.perf_counter()
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, hidden, targets).compile()
-    return dict(_memory(compiled), compile_s=time.perf_counter() - t0)
+    return dict(compiled_memory(compiled), compile_s=time.perf_counter() - t0)
 
 
 # (label, ModelConfig overrides). The first row is today's path, the baseline of the ratios.

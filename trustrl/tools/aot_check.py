@@ -121,7 +121,9 @@ def model_hf_config(cfg, preset: str | None) -> tuple[dict, str]:
     return MODELS[name], f"preset {name}"
 
 
-def _memory(compiled) -> dict:
+def compiled_memory(compiled) -> dict:
+    """GiB per device of a compiled program (XLA's memory analysis): args, out, temp and total
+    = args + out + temp - aliased (donated) bytes."""
     m = compiled.memory_analysis()
     total = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
              - m.alias_size_in_bytes)
@@ -162,7 +164,7 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     def record(phase, shape, lower):
         t0 = time.perf_counter()
         try:
-            memory = _memory(lower().compile())
+            memory = compiled_memory(lower().compile())
         except Exception as e:  # noqa: BLE001 - the TPU compiler refuses programs over its HBM
             m = re.search(r"RESOURCE_EXHAUSTED: .*?HLO temporaries \(([\d.]+)([GMK])\)", str(e))
             if m is None:
