@@ -30,6 +30,9 @@ TEST_CORE = [
     "nbclient>=0.11,<0.12",
     "nbformat>=5.10,<6",
     "ipykernel>=7,<8",
+    # gs:// workdirs (tests/test_storage.py): gcsfs against a local GCS emulator
+    "gcsfs>=2026.10,<2027",
+    "gcp-storage-emulator>=2026.7.19,<2027",
 ]
 
 EXTRAS = {
@@ -45,6 +48,8 @@ EXTRAS = {
         "gguf>=0.17,<0.20",
     ],
     "notebooks": ["jupyter", "ipykernel>=7,<8"],
+    # Workdirs on Google Cloud Storage (gs://...): checkpoints, metrics, TensorBoard, plots.
+    "gcs": ["gcsfs>=2026.10,<2027"],
 }
 
 setup(

@@ -5,8 +5,11 @@
 # up the pod topology itself (GPU clusters: --coordinator_address / --num_processes /
 # --process_id). A SIGTERM (maintenance event, preemption) checkpoints and exits 143; rerun to
 # resume. Multi-process runs are tested on CPU (2 processes x 4 devices on localhost equal
-# 1 x 8, tests/test_multiprocess.py), not on a pod. WORKDIR must be a path every worker sees
-# (a shared / mounted filesystem): gs:// bucket workdirs are not supported yet (issue 13).
+# 1 x 8, tests/test_multiprocess.py), not on a pod. WORKDIR is a gs:// bucket path (or a
+# filesystem every worker mounts): config, checkpoints, metrics, TensorBoard events, plots and
+# the trained tokenizer go there (gcsfs, installed with the `gcs` extra); each worker builds the
+# tfds dataset on its own disk (~/.cache/trustrl/workdirs/...). gs:// workdirs are tested
+# against a local GCS emulator (tests/test_storage.py), not a real bucket.
 # Check first that the config fits the slice, from any machine with libtpu:
 #   python -m trustrl.tools.aot_check --config=CONFIG --topology=v5p:2x4x4
 set -euo pipefail
@@ -17,5 +20,5 @@ NAME=$1; ZONE=$2; CONFIG=$3; WORKDIR=$4; shift 4
 REPO=$(git rev-parse --show-toplevel)
 gcloud compute tpus tpu-vm scp --recurse "$REPO" "$NAME":~/trustrl --zone "$ZONE" --worker=all
 gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "
-  cd ~/trustrl && python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]' &&
+  cd ~/trustrl && python3 -m venv .venv && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]' &&
   .venv/bin/python -m trustrl.main --config=$CONFIG --workdir=$WORKDIR --multihost $*"

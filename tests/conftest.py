@@ -45,6 +45,42 @@ SMOLLM2_ENV = "TRUSTRL_SMOLLM2_DIR"
 SMOLLM2_CACHE = pathlib.Path(__file__).resolve().parents[1] / "assets" / "smollm2-135m"
 
 
+GCS_BUCKET = "trustrl-test"
+
+
+@pytest.fixture(scope="module")
+def gcs_server():
+    """A local GCS emulator (gcp-storage-emulator, in this process) with bucket GCS_BUCKET;
+    returns the environment that points gcsfs (STORAGE_EMULATOR_HOST) and TensorStore
+    (TENSORSTORE_GCS_HTTP_URL) at it, set in os.environ while the fixture lives (subprocesses
+    started with a copy of it reach the same bucket). gcsfs's hierarchical-namespace probe (a
+    gRPC call the emulator does not serve; it would wait 60 s) is off."""
+    import socket
+
+    from gcp_storage_emulator.server import create_server
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    url = f"http://localhost:{port}"
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = create_server("localhost", port, in_memory=True, default_bucket=GCS_BUCKET)
+    server.start()
+    import fsspec
+    fsspec.filesystem("gs").clear_instance_cache()  # none made before the environment was set
+    try:
+        yield env
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture
 def subprocess_env():
     """The environment for `python -m trustrl.main` / launcher subprocesses: this process's, with

@@ -63,24 +63,20 @@ def test_local_cluster_kills_the_others_when_one_fails():
     assert "[p0] up" in out.getvalue() and "[p1] up" in out.getvalue()
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_process_including_a_resume(tmp_path, subprocess_env):
-    ref, mp = tmp_path / "one", tmp_path / "two"
-    done = subprocess.run(_cli(ref), cwd=REPO, env=subprocess_env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    # two processes: iteration 1, then a rerun that resumes it and runs iteration 2
+def _two_processes_with_a_resume(wd, env):
+    """Iteration 1 on two processes, then a rerun that resumes it and runs iteration 2."""
     logs = []
     for extra in (["--config.train.iterations=1"], []):
         out = io.StringIO()
-        code = local_cluster.run(_cli(mp, "--multihost", *extra), 2, 4, env=subprocess_env,
-                                 timeout=600, out=out)
+        code = local_cluster.run(_cli(wd, "--multihost", *extra), 2, 4, env=env, timeout=600,
+                                 out=out)
         logs.append(out.getvalue())
         assert code == 0, out.getvalue()[-4000:]
     assert "[p0] resumed from" in logs[1] and "[p1] resumed from" in logs[1]
     assert "[p0] metrics:" in logs[1] and "[p1] metrics:" not in logs[1]  # one summary
 
-    want, got = _rows(ref), _rows(mp)
+
+def _assert_rows_match(want, got):
     assert [r["step"] for r in want] == [r["step"] for r in got] == [1, 2]  # written once
     compared = 0
     for a, b in zip(want, got):
@@ -96,11 +92,40 @@ def test_two_processes_equal_one_process_including_a_resume(tmp_path, subprocess
     assert compared > 30
     assert any(k.startswith("rollout/mismatch") for k in got[1])
 
-    s_ref, s_mp = _state(ref / "checkpoints" / "2" / "state"), _state(mp / "checkpoints" / "2"
-                                                                     / "state")
+
+def _assert_states_match(s_ref, s_mp):
     leaves_ref, leaves_mp = jax.tree.leaves(s_ref), jax.tree.leaves(s_mp)
     assert len(leaves_ref) == len(leaves_mp) > 10
     for x, y in zip(leaves_ref, leaves_mp):
         np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(x, np.float64),
                                    rtol=0, atol=1e-6)
     assert int(s_mp["step"]) == int(s_ref["step"]) == 4
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_including_a_resume(tmp_path, subprocess_env,
+                                                            gcs_server):
+    """Also with a gs:// workdir (the local GCS emulator): Orbax's multi-process save /
+    restore, the metrics and the tokenizer in the bucket, the dataset on the local disk."""
+    ref = tmp_path / "one"
+    done = subprocess.run(_cli(ref), cwd=REPO, env=subprocess_env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    want, s_ref = _rows(ref), _state(ref / "checkpoints" / "2" / "state")
+
+    mp = tmp_path / "two"
+    _two_processes_with_a_resume(mp, subprocess_env)
+    _assert_rows_match(want, _rows(mp))
+    _assert_states_match(s_ref, _state(mp / "checkpoints" / "2" / "state"))
+
+    import uuid
+
+    from trustrl import storage
+    wd = f"gs://trustrl-test/{uuid.uuid4().hex[:12]}/two"
+    _two_processes_with_a_resume(wd, {**subprocess_env, **gcs_server,
+                                      "TRUSTRL_CACHE": str(tmp_path / "cache")})
+    _assert_rows_match(want, [json.loads(line) for line in
+                              storage.read_text(f"{wd}/metrics.jsonl").splitlines()])
+    assert {"config.json", "tokenizer/tokenizer.json"} <= set(storage.files(wd))
+    assert not any(k.startswith("data/") for k in storage.files(wd))
+    _assert_states_match(s_ref, _state(f"{wd}/checkpoints/2/state"))

@@ -9,8 +9,9 @@ corrupts the latest good checkpoint.
 Integrity: Orbax / TensorStore checksum only parts of a step (OCDBT b-tree nodes carry CRC-32C;
 array bytes and the JSON files do not), so a flipped byte in array data restores silently. After
 a save has finished, process 0 writes ``<step>/trustrl_manifest.json`` (atomically): the size and
-sha256 of every file of the step. ``restore`` checks it first: every listed file must exist with
-its size and hash (extra files are ignored). A damaged latest step is reported (which step, which
+sha256 of every file of the step (on a bucket, the crc32c the store keeps per object instead).
+``restore`` checks it first: every listed file must exist with its size and hash (extra files
+are ignored). A damaged latest step is reported (which step, which
 file, why) and the previous intact step is restored instead; the damaged steps are moved to
 ``<workdir>/checkpoints_damaged/`` so the resumed run can save those steps again. A step without
 a manifest (saved by an older trustrl, or killed between Orbax's commit and the manifest write)
@@ -20,13 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from trustrl import durable
+from trustrl import durable, storage
 
 MANIFEST = "trustrl_manifest.json"
 
@@ -37,48 +36,55 @@ class CheckpointError(RuntimeError):
 
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def _step_files(step_dir: str) -> list[str]:
-    out = []
-    for root, _, files in os.walk(step_dir):
-        out += [os.path.relpath(os.path.join(root, f), step_dir) for f in files if f != MANIFEST]
-    return sorted(out)
+def _step_files(step_dir: str) -> dict[str, int]:
+    """{relative path: size} of the files of a step, the manifest left out."""
+    return {rel: n for rel, n in sorted(storage.files(step_dir).items()) if rel != MANIFEST}
 
 
 def write_manifest(step_dir: str):
-    """Records size and sha256 of every file under step_dir in step_dir/trustrl_manifest.json."""
-    files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
-                   "sha256": _sha256(os.path.join(step_dir, rel))}
-             for rel in _step_files(step_dir)}
-    durable.atomic_write(os.path.join(step_dir, MANIFEST),
-                         json.dumps({"version": 1, "files": files}, indent=1, sort_keys=True))
+    """Records size and sha256 of every file under step_dir in step_dir/trustrl_manifest.json;
+    on object storage that keeps a checksum per object (GCS: crc32c), that checksum instead of
+    a sha256 (a listing instead of downloading the whole checkpoint again)."""
+    stored = storage.stored_checksums(step_dir)
+    files = {rel: ({"size": n, "crc32c": stored[rel]} if stored else
+                   {"size": n, "sha256": _sha256(storage.join(step_dir, rel))})
+             for rel, n in _step_files(step_dir).items()}
+    storage.write(storage.join(step_dir, MANIFEST),
+                  json.dumps({"version": 1, "files": files}, indent=1, sort_keys=True))
 
 
 def verify_manifest(step_dir: str) -> bool:
     """True if the step matches its manifest, False if it has none; raises CheckpointError
     naming the first missing, resized or changed file."""
-    path = os.path.join(step_dir, MANIFEST)
-    if not os.path.exists(path):
+    path = storage.join(step_dir, MANIFEST)
+    if not storage.exists(path):
         return False
     try:
-        with open(path, encoding="utf-8") as f:
-            files = json.load(f)["files"]
+        files = json.loads(storage.read_text(path))["files"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e})") from e
+    present = storage.files(step_dir)
+    stored = None
+    if any("crc32c" in want for want in files.values()):
+        stored = storage.stored_checksums(step_dir) or {}
     for rel, want in sorted(files.items()):
-        full = os.path.join(step_dir, rel)
-        if not os.path.isfile(full):
+        full = storage.join(step_dir, rel)
+        if rel not in present:
             raise CheckpointError(f"{full} is missing")
-        size = os.path.getsize(full)
-        if size != want["size"]:
-            raise CheckpointError(f"{full} has {size} bytes, {want['size']} when saved (truncated "
-                                  f"or overwritten)")
-        if _sha256(full) != want["sha256"]:
+        if present[rel] != want["size"]:
+            raise CheckpointError(f"{full} has {present[rel]} bytes, {want['size']} when saved "
+                                  f"(truncated or overwritten)")
+        if "crc32c" in want:
+            if stored.get(rel) != want["crc32c"]:
+                raise CheckpointError(f"{full} changed since it was saved (crc32c mismatch: "
+                                      f"{stored.get(rel)} != {want['crc32c']})")
+        elif _sha256(full) != want["sha256"]:
             raise CheckpointError(f"{full} changed since it was saved (sha256 mismatch)")
     return True
 
@@ -99,8 +105,8 @@ def state_nbytes(state) -> int:
 
 class Checkpointer:
     def __init__(self, workdir: str, max_to_keep: int = 2):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.damaged_directory = os.path.abspath(os.path.join(workdir, "checkpoints_damaged"))
+        self.directory = storage.join(storage.absolute(workdir), "checkpoints")
+        self.damaged_directory = storage.join(storage.absolute(workdir), "checkpoints_damaged")
         self.max_to_keep = max_to_keep
         self._writes = jax.process_index() == 0
         self._unmanifested = []  # steps saved asynchronously, manifest written once finished
@@ -115,7 +121,7 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def check_space(self, state):
         """Raises StorageError unless the disk can hold the checkpoints still to come: one copy
@@ -147,7 +153,7 @@ class Checkpointer:
         pending, self._unmanifested = self._unmanifested, []
         if self._writes:
             for step in pending:
-                if os.path.isdir(self.step_dir(step)):  # max_to_keep may have removed it already
+                if storage.isdir(self.step_dir(step)):  # max_to_keep may have removed it already
                     write_manifest(self.step_dir(step))
 
     def _save_error(self, e: Exception, steps) -> Exception:
@@ -192,7 +198,7 @@ class Checkpointer:
             f"step {s}: {why}" for s, why in failed))
 
     def _restore_step(self, step, abstract):
-        if not os.path.isdir(self.step_dir(step)):
+        if not storage.isdir(self.step_dir(step)):
             raise CheckpointError(f"{self.step_dir(step)} does not exist")
         if not verify_manifest(self.step_dir(step)):
             print(f"checkpoint: step {step} has no {MANIFEST}; restoring it unverified",
@@ -207,13 +213,13 @@ class Checkpointer:
     def _quarantine(self, steps):
         """Moves damaged steps out of the way (kept for inspection), so they can be saved anew."""
         if self._writes:
-            os.makedirs(self.damaged_directory, exist_ok=True)
+            storage.makedirs(self.damaged_directory)
             for s in steps:
-                dest = os.path.join(self.damaged_directory, str(s))
+                dest = storage.join(self.damaged_directory, str(s))
                 n = 1
-                while os.path.exists(dest):
-                    dest, n = os.path.join(self.damaged_directory, f"{s}.{n}"), n + 1
-                os.rename(self.step_dir(s), dest)
+                while storage.exists(dest):
+                    dest, n = storage.join(self.damaged_directory, f"{s}.{n}"), n + 1
+                storage.move_tree(self.step_dir(s), dest)
                 print(f"checkpoint: moved damaged step {s} to {dest}", flush=True)
         ocp.multihost.sync_global_processes("trustrl_checkpoint_quarantine")
         self.manager.reload()

@@ -117,6 +117,11 @@ def validate(cfg):
         _int(cfg, "tokenizer.vocab_size", 1)
 
     t = cfg.task
+    if "://" in t.data_dir:
+        raise ValueError(f"task.data_dir={t.data_dir!r}: the tfds dataset is built with local "
+                         f"file writers, so task.data_dir must be a local path; leave it empty "
+                         f"to build it in the workdir (for a gs:// workdir, on the host's local "
+                         f"disk, see trustrl.storage.local_dir)")
     if t.name in data.MATH_DATASETS:
         if not t.manual_dir:
             raise ValueError(f"task.name={t.name!r} reads downloaded files: set task.manual_dir "
@@ -269,6 +274,12 @@ def check_environment(cfg, workdir: str, devices=None):
 def _check_workdir(workdir: str):
     if not workdir:
         raise ValueError("--workdir is empty")
+    from trustrl import storage
+    if storage.is_remote(workdir):  # gs://..., checked by a probe upload when the run starts
+        storage.check_supported(workdir)
+        if storage.isfile(workdir):
+            raise ValueError(f"--workdir={workdir!r} exists and is an object, not a directory")
+        return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir={workdir!r} exists and is not a directory")
     parent = os.path.dirname(os.path.abspath(workdir))
@@ -283,8 +294,9 @@ def _check_workdir(workdir: str):
 
 def latest_checkpoint(workdir: str):
     """The latest checkpointed iteration in workdir, or None. Creates nothing."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    from trustrl import storage
+    directory = storage.join(workdir, "checkpoints")
+    if not storage.isdir(directory):
         return None
     import orbax.checkpoint as ocp
     steps = ocp.path.step.checkpoint_steps(directory)  # finalized steps only, as Orbax restores
@@ -340,14 +352,14 @@ def check_resume(cfg, workdir: str, allow_changes: bool = False):
     step = latest_checkpoint(workdir)
     if step is None:
         return [], [], None
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    from trustrl import storage
+    path = storage.join(workdir, CONFIG_FILE)
+    if not storage.exists(path):
         return [f"notice: {workdir} has checkpoints (iteration {step}) but no {CONFIG_FILE} "
                 f"(a run from before configs were recorded): resuming without checking that the "
                 f"config matches, and recording this one"], [], step
     try:
-        with open(path) as f:
-            old = json.load(f)
+        old = json.loads(storage.read_text(path))
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {path}, the config of the run being resumed: {e}") from None
     semantic, operational = config_changes(flatten(old), flatten(cfg))
@@ -371,20 +383,16 @@ def check_resume(cfg, workdir: str, allow_changes: bool = False):
     if semantic:
         notices.append(f"warning: continuing the run from iteration {step} with a changed config "
                        f"(--allow_config_change): {_describe(semantic)}; recorded in "
-                       f"{os.path.join(workdir, CHANGES_FILE)}")
+                       f"{storage.join(workdir, CHANGES_FILE)}")
     return notices, semantic, step
 
 
 def record_config(cfg, workdir: str, changes=(), step=None):
-    """Writes workdir/config.json atomically (tmp file + os.replace); appends accepted semantic
+    """Writes workdir/config.json atomically (trustrl.storage.write); appends accepted semantic
     changes, with the iteration they start at, to workdir/config_changes.jsonl."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    from trustrl import storage
+    storage.write(storage.join(workdir, CONFIG_FILE),
+                  json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     if changes:
-        with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
-            f.write(json.dumps({"iteration": step,
-                                "changes": {k: [a, b] for k, a, b in changes}}) + "\n")
+        storage.append(storage.join(workdir, CHANGES_FILE), (json.dumps(
+            {"iteration": step, "changes": {k: [a, b] for k, a, b in changes}}) + "\n").encode())

@@ -78,8 +78,19 @@ def check_writable(path: str, what: str = "directory"):
     """Creates ``path`` if needed, then writes, fsyncs and deletes a small file in it.
 
     Catches a read-only filesystem, a path below a regular file or a directory that cannot be
-    created before any expensive work runs. Raises StorageError naming the path."""
+    created before any expensive work runs. Raises StorageError naming the path. A remote path
+    (gs://...): a probe object is uploaded and deleted (missing credentials / permissions)."""
     path = os.fspath(path)
+    from trustrl import storage
+    if storage.is_remote(path):
+        probe = storage.join(path, f".trustrl-write-probe-{uuid.uuid4().hex}")
+        try:
+            storage.write(probe, b"trustrl write probe\n")
+            storage.remove(probe)
+        except Exception as e:  # noqa: BLE001 - auth / HTTP errors of any fsspec backend
+            raise StorageError(errno.EACCES, f"{what} {path} is not writable: "
+                               f"{type(e).__name__}: {e}") from e
+        return
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -110,7 +121,11 @@ def check_writable(path: str, what: str = "directory"):
 
 
 def check_free_space(path: str, need: int, what: str):
-    """Raises StorageError when the filesystem of ``path`` has less than ``need`` bytes free."""
+    """Raises StorageError when the filesystem of ``path`` has less than ``need`` bytes free.
+    Remote paths (object storage has no free-space figure) always pass."""
+    from trustrl import storage
+    if storage.is_remote(path):
+        return
     free = free_bytes(path)
     if free < need:
         raise StorageError(

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trustrl import data, filtering, hf, multihost, policy, rewards, sharding, tasks, train_step as ts, warmstart
+from trustrl import (data, filtering, hf, multihost, policy, rewards, sharding, storage, tasks,
+                     train_step as ts, warmstart)
 from trustrl.model import ModelConfig, init_params
 from trustrl.sampler import Sampler, SamplerConfig
 from trustrl.tokenizer import Tokenizer, train_bpe
@@ -89,18 +90,34 @@ def _tokenizer(cfg, workdir: str, train_examples) -> Tokenizer:
     path = cfg.tokenizer.path or cfg.model.hf_dir
     if path:
         return Tokenizer.from_dir(path)
-    saved = os.path.join(workdir, "tokenizer")
+    saved = storage.join(workdir, "tokenizer")
+    if storage.is_remote(workdir):  # tokenizers load from local files: a host-local copy
+        local = os.path.join(storage.local_dir(workdir), f"tokenizer.p{jax.process_index()}")
+        if os.path.exists(local):
+            shutil.rmtree(local)
+        if storage.isfile(storage.join(saved, "tokenizer.json")):
+            storage.copy_tree(saved, local)
+        tokenizer = _saved_tokenizer(local, cfg.tokenizer.vocab_size)
+        if tokenizer is not None:
+            return tokenizer
+        tokenizer = _train_tokenizer(cfg, train_examples, local)
+        if jax.process_index() == 0:
+            storage.copy_tree(local, saved)  # the run's vocabulary lives with its checkpoints
+        return tokenizer
     tokenizer = _saved_tokenizer(saved, cfg.tokenizer.vocab_size)
     if tokenizer is not None:
         return tokenizer
+    return _train_tokenizer(cfg, train_examples, saved if jax.process_index() == 0 else None)
+
+
+def _train_tokenizer(cfg, train_examples, save_dir) -> Tokenizer:
     texts = [f"{ex['prompt']} {ex['answer']}" for ex in train_examples]
     texts += [data.format_prompt(ex, "plain") for ex in train_examples[:64]]
     filler = tasks.filler_config(cfg.task)
     if filler is not None:  # the long tail of the vocabulary comes from the filler text
         rng = np.random.default_rng([cfg.task.seed, 5])
         texts += [" " + tasks.filler_text(rng, **filler) + "\nAnswer:" for _ in range(20000)]
-    return train_bpe(texts, cfg.tokenizer.vocab_size,
-                     save_dir=saved if jax.process_index() == 0 else None,
+    return train_bpe(texts, cfg.tokenizer.vocab_size, save_dir=save_dir,
                      split_digits=cfg.tokenizer.split_digits)
 
 
@@ -152,15 +169,15 @@ def _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir):
     info = filtering.filter_train(cfg, env, model_cfg, _sampler_cfg(cfg, tokenizer, greedy=False),
                                   params, mesh, warm_key)
     if multihost.is_primary():
-        with open(os.path.join(workdir, "filter.json"), "w") as f:  # what this run trained on
-            json.dump({k: v for k, v in info.items() if k != "rates"}, f)
+        storage.write(storage.join(workdir, "filter.json"),  # what this run trained on
+                      json.dumps({k: v for k, v in info.items() if k != "rates"}))
     env.train = [env.train[i] for i in info["kept"]]
 
 
 def build(cfg, workdir: str, mesh=None) -> Run:
     """Everything a run needs; ``mesh``: the device mesh of cfg.mesh (made here when None)."""
     mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
-    data_dir = cfg.task.data_dir or os.path.join(workdir, "data")
+    data_dir = cfg.task.data_dir or os.path.join(storage.local_dir(workdir), "data")
     train_ex = data.load_examples(cfg.task, "train", data_dir, seed=cfg.task.seed)
     test_ex = data.load_examples(cfg.task, "test", data_dir, seed=cfg.task.seed)
     with multihost.primary_first("tokenizer"):  # process 0 trains and saves, the others load

@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 
 import jax
 import numpy as np
 
-from trustrl import multihost, policy, sharding
+from trustrl import multihost, policy, sharding, storage
 from trustrl.sampler import Sampler
 
 
@@ -47,16 +46,15 @@ def _cache_path(cfg, warm_key: str) -> str | None:
                        "max_new_tokens": cfg.rollout.max_new_tokens,
                        "seed": cfg.warmstart.seed}, sort_keys=True)
     name = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return os.path.join(cfg.warmstart.cache_dir, f"filter-{name}.json")
+    return storage.join(cfg.warmstart.cache_dir, f"filter-{name}.json")
 
 
 def filter_train(cfg, env, model_cfg, sampler_cfg, params, mesh, warm_key: str) -> dict:
     """{"kept": indices into env.train, "rates": solve rates of the pool, ...}; cached."""
     path = _cache_path(cfg, warm_key)
     multihost.sync("trustrl_filter_cache")  # every process sees the same cache state
-    if path and os.path.exists(path):
-        with open(path) as f:
-            out = json.load(f)
+    if path and storage.exists(path):
+        out = json.loads(storage.read_text(path))
         print(f"filter: loaded {path}")
         return out
     t = cfg.task
@@ -79,9 +77,6 @@ def filter_train(cfg, env, model_cfg, sampler_cfg, params, mesh, warm_key: str) 
           f"[{t.solve_band_low}, {t.solve_band_high}] (mean {rates.mean():.3f} -> "
           f"{rates[kept].mean():.3f})")
     if path and multihost.is_primary():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(out, f)
-        os.replace(tmp, path)
+        storage.makedirs(storage.dirname(path))
+        storage.write(path, json.dumps(out))  # atomic
     return out

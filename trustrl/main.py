@@ -195,8 +195,9 @@ def main(argv):
     tfds.disable_progress_bar()
     from trustrl import train
     from trustrl import multihost
+    from trustrl import storage
     if multihost.is_primary():
-        os.makedirs(wd, exist_ok=True)
+        storage.makedirs(wd)
         cv.record_config(cfg, wd, changes, step)
     multihost.sync("trustrl_config_recorded")  # every process has checked it first
     from trustrl.checkpoint import CheckpointError
@@ -223,8 +224,8 @@ def main(argv):
     if not multihost.is_primary():  # process 0 writes the plots and prints the summary
         return
     from trustrl import metrics, plot, summary
-    rows = metrics.read_jsonl(f"{wd}/metrics.jsonl")
-    plot.plot_runs([wd], f"{wd}/plots")
+    rows = metrics.read_jsonl(storage.join(wd, "metrics.jsonl"))
+    plot.plot_runs([wd], storage.join(wd, "plots"))
     summary.print_summary(rows)
     print(f"metrics: {wd}/metrics.jsonl  tensorboard: {wd}/tb  plots: {wd}/plots/*.png")
 

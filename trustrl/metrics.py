@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 
 import jax
 import numpy as np
 
-from trustrl import durable
+from trustrl import storage
 
 
 def to_python(metrics: dict) -> dict:
@@ -43,8 +42,7 @@ def _parse(line: bytes):
 def _scan(path: str):
     """(rows as (row, raw line), problems as (line number, why), whether the file ends with a
     newline) of a metrics file."""
-    with open(path, "rb") as f:
-        chunks = f.read().split(b"\n")
+    chunks = storage.read_bytes(path).split(b"\n")
     tail = chunks.pop()  # b"" when the file ends with a newline, else an unterminated last line
     rows, problems = [], []
     for n, raw in enumerate(chunks + ([tail] if tail.strip() else []), start=1):
@@ -69,7 +67,7 @@ def repair_jsonl(path: str, resume_step: int | None = None) -> dict:
     kept = [raw for row, raw in rows if resume_step is None or row["step"] <= resume_step]
     replayed = len(rows) - len(kept)
     if problems or replayed or not terminated:  # a complete unterminated row gets its newline
-        durable.atomic_write(path, b"".join(raw + b"\n" for raw in kept))
+        storage.write(path, b"".join(raw + b"\n" for raw in kept))
         for n, why in problems:
             print(f"metrics: dropped line {n} of {path}: {why}", flush=True)
         if replayed:
@@ -83,15 +81,17 @@ class MetricWriter:
         """resume_step: the iteration the run continues from (0 for a fresh start); the existing
         metrics.jsonl is repaired first (see repair_jsonl). None: only unreadable lines go."""
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = storage.join(workdir, "metrics.jsonl")
         self._tb = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            if os.path.exists(self.path):
+            storage.makedirs(workdir)
+            if storage.exists(self.path):
                 repair_jsonl(self.path, resume_step)
             if tensorboard:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+                if storage.is_remote(workdir):
+                    _register_tensorboard_scheme(storage.scheme(workdir))
+                self._tb = SummaryWriter(storage.join(workdir, "tb"))
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
@@ -105,24 +105,7 @@ class MetricWriter:
             self._tb.flush()
 
     def _append(self, line: bytes):
-        # One unbuffered write + fsync; on failure (a full disk) cut the file back to its old
-        # length so that no partial row is left for the next run to trip over.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            try:
-                view = memoryview(line)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            except OSError as e:
-                try:
-                    os.ftruncate(fd, size)
-                except OSError:
-                    pass
-                raise durable.storage_error(e, self.path, "append a row to") from e
-        finally:
-            os.close(fd)
+        storage.append(self.path, line, "append a row to")  # one write; never a partial row (see storage.append)
 
     def close(self):
         if self._tb is not None:
@@ -140,3 +123,40 @@ def read_jsonl(path: str) -> list[dict]:
             f"line {n}: {why}" for n, why in problems), stacklevel=2)
     rows = {row["step"]: row for row, _ in raw_rows}
     return [rows[k] for k in sorted(rows)]
+
+
+class _RemoteEventFile:
+    """A TensorBoard event file on object storage: the records are buffered and every flush
+    uploads the whole file again (objects cannot be appended to; an upload replaces the object
+    atomically, so TensorBoard never reads a partial record)."""
+
+    def __init__(self, path: str):
+        self.path, self._data, self._flushed = path, bytearray(), 0
+
+    def write(self, record: bytes):
+        self._data += record
+
+    def flush(self):
+        if len(self._data) != self._flushed:
+            storage.write(self.path, bytes(self._data))
+            self._flushed = len(self._data)
+
+    def close(self):
+        self.flush()
+
+
+class _RemoteEventFiles:
+    """tensorboardX's writer factory interface (record_writer.register_writer_factory)."""
+
+    def open(self, path):
+        return _RemoteEventFile(path)
+
+    def directory_check(self, path):
+        pass  # object-store prefixes need no creation
+
+
+def _register_tensorboard_scheme(scheme: str):
+    """Event files under <scheme>:// go through trustrl.storage (fsspec), replacing
+    tensorboardX's own gs:// writer (google-cloud-storage) and its missing az:// etc."""
+    from tensorboardX import record_writer
+    record_writer.register_writer_factory(scheme, _RemoteEventFiles())

@@ -9,12 +9,13 @@ trailing ``_seedN`` are also drawn as a mean with a min-max band when ``--group_
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import re
 from collections import defaultdict
 
 import numpy as np
 
+from trustrl import storage
 from trustrl.metrics import read_jsonl
 
 DEFAULT_METRICS = (
@@ -68,15 +69,15 @@ def plot_runs(workdirs, out_dir, metrics=DEFAULT_METRICS, group_seeds=False, smo
 
     runs = {}
     for wd in workdirs:
-        path = os.path.join(wd, "metrics.jsonl")
-        if not os.path.exists(path):
+        path = storage.join(wd, "metrics.jsonl")
+        if not storage.exists(path):
             raise FileNotFoundError(f"no metrics.jsonl in {wd!r}")
-        runs[os.path.basename(os.path.normpath(wd))] = read_jsonl(path)
+        runs[storage.basename(wd)] = read_jsonl(path)
     groups = defaultdict(list)
     for name, rows in runs.items():
         groups[re.sub(r"_seed\d+$", "", name) if group_seeds else name].append(rows)
     styles = dict(zip(sorted(groups), run_styles(len(groups))))  # same style in every plot
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     written = []
     for key in metrics:
         if not any(_series(rows, key)[0].size for rows in runs.values()):
@@ -106,8 +107,10 @@ def plot_runs(workdirs, out_dir, metrics=DEFAULT_METRICS, group_seeds=False, smo
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
         fig.tight_layout()
-        path = os.path.join(out_dir, key.replace("/", "_").replace("@", "_at_") + ".png")
-        fig.savefig(path, dpi=110)
+        path = storage.join(out_dir, key.replace("/", "_").replace("@", "_at_") + ".png")
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
+        storage.write(path, png.getvalue())  # whole, atomically (local or object storage)
         plt.close(fig)
         written.append(path)
     return written
@@ -122,7 +125,7 @@ def main(argv=None):
     p.add_argument("--smooth", type=int, default=10,
                    help="moving-average window in iterations (1: raw values only)")
     a = p.parse_args(argv)
-    out = a.out or os.path.join(a.workdirs[0], "plots")
+    out = a.out or storage.join(a.workdirs[0], "plots")
     written = plot_runs(a.workdirs, out, a.metrics.split(","), a.group_seeds, a.smooth)
     print(f"wrote {len(written)} plots to {out}")
     return written

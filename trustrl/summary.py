@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
 import numpy as np
@@ -135,8 +134,9 @@ def main(argv=None):
     p.add_argument("workdir")
     p.add_argument("--window", type=int, default=WINDOW)
     a = p.parse_args(argv)
-    path = os.path.join(a.workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    from trustrl import storage
+    path = storage.join(a.workdir, "metrics.jsonl")
+    if not storage.exists(path):
         raise SystemExit(f"no metrics.jsonl in {a.workdir!r}")
     return print_summary(read_jsonl(path), a.window)
 

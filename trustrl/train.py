@@ -5,7 +5,6 @@ the plain Python loop that composes them (read it top to bottom).
 """
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -15,7 +14,7 @@ import numpy as np
 from trustrl import advantages as adv_lib
 from trustrl import checkpoint as ckpt_lib
 from trustrl import (durable, evaluation, experiment, losses, multihost, preemption, sharding,
-                     train_step as ts)
+                     storage, train_step as ts)
 from trustrl.metrics import MetricWriter
 from trustrl.rollout import FINISH_LENGTH, mismatch_stats, validate
 
@@ -66,7 +65,7 @@ def _collect(env, sampler, params_roll, prompt_iter, key, cfg, mesh):
 
 def _check_storage(cfg, workdir: str):
     """Fails before any expensive work when a directory the run writes is read-only or full."""
-    dirs = {workdir: "workdir", os.path.join(workdir, "checkpoints"): "checkpoint directory"}
+    dirs = {workdir: "workdir", storage.join(workdir, "checkpoints"): "checkpoint directory"}
     if cfg.warmstart.steps > 0 and cfg.warmstart.cache_dir:
         dirs[cfg.warmstart.cache_dir] = "warmstart.cache_dir"
     for path, what in dirs.items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import flax.serialization
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trustrl import durable, multihost, policy, sharding, tasks
+from trustrl import multihost, policy, sharding, storage, tasks
 from trustrl.model import token_logp_and_entropy
 
 
@@ -165,9 +164,9 @@ def warm_start(cfg, env, model_cfg, params, mesh):
                          "tokenizer_config.json); this one has none")
     path = None
     if ws.cache_dir:
-        path = os.path.join(ws.cache_dir, f"warmstart-{cache_key(cfg, env, model_cfg)}.msgpack")
+        path = storage.join(ws.cache_dir, f"warmstart-{cache_key(cfg, env, model_cfg)}.msgpack")
         multihost.sync("trustrl_warmstart_cache")  # every process sees the same cache state
-        if os.path.exists(path):
+        if storage.exists(path):
             cached = _load_cached(path, params)
             if cached is not None:
                 return cached
@@ -180,9 +179,9 @@ def warm_start(cfg, env, model_cfg, params, mesh):
     if path is not None:
         host = multihost.to_host(params)  # a collective: params may span several processes
         if multihost.is_primary():
-            os.makedirs(ws.cache_dir, exist_ok=True)
+            storage.makedirs(ws.cache_dir)
             blob = flax.serialization.msgpack_serialize(host)
-            durable.atomic_write(path, blob)  # a half-written cache entry is never read
+            storage.write(path, blob)  # atomic: a half-written cache entry is never read
     return params
 
 
@@ -190,8 +189,7 @@ def _load_cached(path, params):
     """The cached params placed like ``params``, or None (reported) when the file is unreadable
     or does not match params' tree and shapes: the caller trains the warm start again."""
     try:
-        with open(path, "rb") as f:
-            host = flax.serialization.msgpack_restore(f.read())
+        host = flax.serialization.msgpack_restore(storage.read_bytes(path))
         host = flax.serialization.from_state_dict(params, host)
         bad = [jax.tree_util.keystr(k) for (k, x), ref in zip(
             jax.tree_util.tree_leaves_with_path(host), jax.tree.leaves(params))
