@@ -177,3 +177,31 @@ def test_full_errors():
         dv.full_tv(jnp.zeros((2, 8)), jnp.zeros((2, 4)))
     with pytest.raises(ValueError, match="vocab_axis 'model' not in mesh"):
         dv.full_tv(jnp.zeros((2, 8)), jnp.zeros((2, 8)), mesh=mesh, vocab_axis="model")
+
+
+# pi's float32 log-probs at mu's top-20 ids for one SmolLM2 token of the real_model notebook
+# (perturbed params): the set holds all but 1.76e-7 of the (float32) mass
+_NEAR_FULL_SET = [-0.0024535334669053555, -6.118198871612549, -8.840971946716309,
+                  -10.761984825134277, -10.748494148254395, -10.65744686126709,
+                  -11.049838066101074, -11.374869346618652, -12.046366691589355,
+                  -12.619965553283691, -15.368292808532715, -16.16474151611328,
+                  -16.043678283691406, -17.006561279296875, -17.959218978881836,
+                  -18.219240188598633, -18.463165283203125, -18.80233383178711,
+                  -18.816936492919922, -18.75250816345215]
+
+
+def test_set_logsumexp_keeps_a_tiny_rest_mass_and_logsumexps_gradient():
+    x = jnp.asarray(_NEAR_FULL_SET, jnp.float32)
+    want = math.log(np.exp(np.asarray(x, np.float64)).sum())  # -1.764e-7, of the float32 inputs
+    got = float(dv.set_logsumexp(x))
+    assert got == pytest.approx(want, rel=1e-2, abs=1e-10)
+    # (jax.nn.logsumexp gave exactly 0.0 here on jax 0.10.2: the rest mass rounded away)
+    # the top-K KL's 'other' term then used MIN_MASS: other_mu (1.04e-6 here) * 13.8 of
+    # spurious KL; with the accurate rest mass it is other_mu * log(other_mu / 1.76e-7)
+    rest = -jnp.expm1(dv.set_logsumexp(x))
+    assert float(rest) == pytest.approx(-math.expm1(want), rel=1e-2)
+    # the gradient is softmax(x), including ties at the maximum, batched
+    y = jax.random.normal(jax.random.key(0), (4, 9)).at[1, 3].set(5.0).at[1, 7].set(5.0)
+    np.testing.assert_allclose(dv.set_logsumexp(y), jax.nn.logsumexp(y, axis=-1), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda v: dv.set_logsumexp(v).sum())(y),
+                               jax.nn.softmax(y, axis=-1), rtol=1e-5, atol=1e-7)

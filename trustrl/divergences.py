@@ -103,11 +103,27 @@ def gather_logp(logits, ids):
     return jnp.take_along_axis(logits, ids.astype(jnp.int32), axis=-1) - lse
 
 
+def set_logsumexp(logp):
+    """logsumexp over the last axis, accurate when the result is near 0 (a K-set holding nearly
+    all the mass): m + log1p(sum of the other entries' exp(x - m)), m the largest entry. The
+    usual m + log(sum) rounds the sum (~1) to float32's 6e-8 resolution, so a rest mass below
+    ~1e-7 came out as exactly 0 (and the top-K KL's 'other' term then used MIN_MASS: a
+    spurious other_mu * log(other_mu / 1e-12)). The gradient is the softmax, as logsumexp's:
+    m is a stop-gradient constant and the largest entry enters through expm1(x_max - m)."""
+    logp = _f32(logp)
+    m = jax.lax.stop_gradient(jnp.max(logp, axis=-1, keepdims=True))
+    first = jax.nn.one_hot(jnp.argmax(logp, axis=-1), logp.shape[-1], dtype=bool)
+    d = logp - m
+    rest = jnp.sum(jnp.where(first, 0.0, jnp.exp(d)), axis=-1)
+    own = jnp.sum(jnp.where(first, jnp.expm1(d), 0.0), axis=-1)  # 0, carrying d/dx_max
+    return m[..., 0] + jnp.log1p(own + rest)
+
+
 def _bucket_probs(topk_logp):
     """Probabilities of the K-set tokens and of the 'other' bucket, both >= 0. ([..,K], [..])."""
     topk_logp = _f32(topk_logp)
     probs = jnp.exp(topk_logp)
-    set_lse = jax.nn.logsumexp(topk_logp, axis=-1)
+    set_lse = set_logsumexp(topk_logp)
     other = jnp.maximum(-jnp.expm1(jnp.minimum(set_lse, 0.0)), 0.0)
     return probs, other, set_lse
 
