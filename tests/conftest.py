@@ -3,6 +3,7 @@ import contextlib
 import os
 import pathlib
 import re
+from http import HTTPStatus
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -58,6 +59,7 @@ def gcs_server():
     import socket
 
     from gcp_storage_emulator.server import create_server
+    _emulator_sends_generation_headers()
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -79,6 +81,31 @@ def gcs_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _emulator_sends_generation_headers():
+    """Media downloads from the emulator carry x-goog-generation / x-goog-metageneration, as
+    real GCS's do. Without them TensorStore records generation 0 for a full read and its next
+    conditional read of that object fails with "Malformed StorageGeneration" (intermittently:
+    when a cached OCDBT manifest is rechecked), which failed CI's bucket tests."""
+    from gcp_storage_emulator.handlers import objects
+    if getattr(objects.download, "trustrl_generation_headers", False):
+        return
+    plain = objects.download
+
+    def download(request, response, storage, *args, **kwargs):
+        plain(request, response, storage, *args, **kwargs)
+        if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+            try:
+                obj = storage.get_file_obj(request.params["bucket_name"],
+                                           request.params["object_id"])
+            except Exception:  # deleted meanwhile: leave the response as the emulator made it
+                return
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj["metageneration"])
+
+    download.trustrl_generation_headers = True
+    objects.download = download  # objects.get (the ?alt=media route) looks it up per call
 
 
 @pytest.fixture
