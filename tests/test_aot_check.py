@@ -52,6 +52,11 @@ def test_cpu_topology_tiny_config_and_the_fit_verdict(subprocess_env):
     for line in table[1:]:
         total = float(line.split("|")[4])
         assert 0 < total < 1, line  # a tiny model: well under 1 GiB per device
+    # fewer sampler rows than the iteration has: the continuous-batching program is compiled
+    done = _run(["--config=configs/default.py:tiny", "--topology=cpu:8", "--phases=sampler",
+                 "--config.rollout.max_rows=2"], subprocess_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 rows through 2 continuous slots" in done.stdout
     # a limit nothing fits in: exit 1 naming the phases (the same verdict as report())
     done = _run(["--config=configs/default.py:tiny", "--topology=cpu:8", "--hbm_gib=1e-6",
                  "--phases=init"], subprocess_env)

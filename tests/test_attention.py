@@ -142,3 +142,39 @@ def test_resolve_and_errors():
         A.attend(*qkv, valid[:, :4])
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         A.blockwise_attention(*qkv, valid, 0)
+
+
+@pytest.mark.parametrize("s,block", [(37, 8), (40, 8), (37, 36), (16, 5)])
+def test_decode_attention_over_the_written_window_equals_one_pass(s, block):
+    # rows with holes (a left-padded prompt, a ring slot reused), one row written only at the
+    # start, one row empty; S not a multiple of the block (the last block is shifted back)
+    keys = jax.random.split(jax.random.key(s), 3)
+    q = jax.random.normal(keys[0], (4, 2, 3, 16))
+    k = jax.random.normal(keys[1], (4, 2, s, 16))
+    v = jax.random.normal(keys[2], (4, 2, s, 16))
+    valid = np.zeros((4, s), bool)
+    valid[0, 3: s - 9] = True
+    valid[0, 10] = False
+    valid[1, :4] = True
+    valid[2, [0, s - 1]] = True
+    want = A.decode_attention(q, k, v, jnp.asarray(valid), block_size=0)
+    got = jax.jit(functools.partial(A.decode_attention, block_size=block))(q, k, v,
+                                                                           jnp.asarray(valid))
+    np.testing.assert_allclose(got[:3], want[:3], rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(jnp.isfinite(got)))
+    # hand reference for row 1 (4 slots): softmax over those slots only
+    sc = np.einsum("kgd,ksd->kgs", q[1], k[1, :, :4]) / 4.0
+    p = np.exp(sc - sc.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got[1], np.einsum("kgs,ksd->kgd", p, v[1, :, :4]), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_decode_attention_reads_only_the_written_blocks():
+    # slots past the last written one are never read: NaN there does not reach the output
+    q = jnp.ones((1, 1, 1, 4))
+    k = jnp.ones((1, 1, 32, 4)).at[:, :, 8:].set(jnp.nan)
+    v = jnp.ones((1, 1, 32, 4)).at[:, :, 8:].set(jnp.nan)
+    valid = jnp.zeros((1, 32), bool).at[:, :6].set(True)
+    assert bool(jnp.all(A.decode_attention(q, k, v, valid, block_size=8) == 1.0))
+    assert bool(jnp.all(jnp.isnan(A.decode_attention(q, k, v, valid, block_size=0))))

@@ -179,6 +179,29 @@ def test_full_errors():
         dv.full_tv(jnp.zeros((2, 8)), jnp.zeros((2, 8)), mesh=mesh, vocab_axis="model")
 
 
+@pytest.mark.parametrize("vocab,chunk,k", [(1000, 16, 20), (1024, 8, 5), (300, 4, 64),
+                                           (50, 7, 3), (40, 8, 20)])
+def test_chunked_top_k_equals_lax_top_k_including_ties(vocab, chunk, k):
+    # chunks that do not divide the vocabulary (padding), K larger than a chunk, fewer chunks
+    # than K (then lax.top_k itself), and many ties (values rounded to a coarse grid, also
+    # between chunk maxima) whose order must follow the lower id
+    x = jax.random.normal(jax.random.key(vocab), (3, 7, vocab))
+    coarse = jnp.round(x * 2) / 2  # ~15 distinct values: ties everywhere, also at rank K
+    for arr in (x, coarse):
+        want_v, want_i = jax.lax.top_k(arr, k)
+        got_v, got_i = dv.top_k(arr, k, "chunked", chunk)
+        np.testing.assert_array_equal(got_v, want_v)
+        np.testing.assert_array_equal(got_i, want_i)
+        assert got_i.dtype == jnp.int32
+    logp = jax.nn.log_softmax(coarse, axis=-1)
+    sampled = jax.random.randint(jax.random.key(1), (3, 7), 0, vocab)
+    for a, b in zip(dv.build_topk_set(logp, sampled, k, "lax"),
+                    dv.build_topk_set(logp, sampled, k, "chunked", chunk)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"unknown top-K method 'sort'; choose one of"):
+        dv.top_k(x, k, "sort")
+
+
 # pi's float32 log-probs at mu's top-20 ids for one SmolLM2 token of the real_model notebook
 # (perturbed params): the set holds all but 1.76e-7 of the (float32) mass
 _NEAR_FULL_SET = [-0.0024535334669053555, -6.118198871612549, -8.840971946716309,

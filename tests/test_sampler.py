@@ -212,3 +212,21 @@ def test_max_rows_splits_the_rows_into_calls_of_that_many():
          for m in (0, 4)]
     np.testing.assert_array_equal(g[0].response_tokens, g[1].response_tokens)
     np.testing.assert_array_equal(g[0].prompt_tokens, g[1].prompt_tokens)
+
+
+def test_chunked_topk_recording_equals_lax_top_k():
+    # a bigram policy over 3,000 ids with coarse (tied) logits: the recorded K-sets of the
+    # default chunked top-K (24 chunks of 128, the last padded) equal lax.top_k's, ids and
+    # log-probs, ties included
+    vocab = 3000
+    params = jnp.round(jax.random.normal(jax.random.key(3), (vocab, vocab)) * 4) / 2
+    out = {}
+    for method in ("lax", "chunked"):
+        s = Sampler(bigram_model(vocab), SamplerConfig(max_new_tokens=6, record_topk=20,
+                                                       topk_method=method))
+        out[method] = s.generate(params, [[1, 2], [7]], group_size=2, key=jax.random.key(0))
+    for field in ("response_tokens", "rollout_logp", "rollout_topk_ids", "rollout_topk_logp"):
+        np.testing.assert_array_equal(getattr(out["lax"], field), getattr(out["chunked"], field))
+    assert SamplerConfig().topk_method == "chunked"
+    with pytest.raises(ValueError, match=r"topk_method must be one of \('lax', 'chunked'\)"):
+        SamplerConfig(topk_method="sort")

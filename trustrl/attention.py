@@ -290,3 +290,52 @@ def splash_attention(q, k, v, valid, *, interpret: bool = False, block_size: int
     per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over kv heads
     out = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(qs, ks, vs, seg)  # [B, K, G, T, D]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, d)[:, :t].astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- decode (one query)
+
+def decode_attention(q, k_cache, v_cache, valid, *, block_size: int = 0):
+    """One new query per row against a KV cache: q [B, K, G, D] (G query heads per kv head),
+    k_cache / v_cache [B, K, S, D] (read in place), valid [B, S] bool -> [B, K, G, D] float32.
+
+    ``block_size`` 0 or >= S: one pass over all S slots. Otherwise an online softmax over
+    blocks of ``block_size`` slots that stops after the last slot any row has written (found
+    from ``valid``), so a decode step costs what the filled part of the cache costs, not the
+    whole preallocated prompt bucket + max_new_tokens: at step t of a sampler call it reads
+    P + t slots. Rows whose slots are all invalid get finite garbage (never attended)."""
+    b, kh, g, d = q.shape
+    s = k_cache.shape[2]
+    scale = d ** -0.5
+    fill = jnp.finfo(jnp.float32).min  # finite: fully masked rows stay NaN-free
+    if not block_size or s <= block_size:
+        scores = jnp.einsum("bkgd,bksd->bkgs", q, k_cache, preferred_element_type=jnp.float32)
+        scores = jnp.where(valid[:, None, None], scores * scale, fill)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+        return jnp.einsum("bkgs,bksd->bkgd", probs, v_cache, preferred_element_type=jnp.float32)
+
+    bs = block_size
+    written = jnp.any(valid, axis=0)  # [S]: some row holds a token here
+    hi = s - jnp.argmax(written[::-1])  # one past the last written slot (0 if none)
+    n_blocks = jnp.where(jnp.any(written), -(-hi // bs), 1)
+
+    def body(carry):
+        i, m, l, acc = carry
+        # the last block is shifted back to end at S; its slots before i * bs were counted
+        start = jnp.minimum(i * bs, s - bs)
+        k = jax.lax.dynamic_slice_in_dim(k_cache, start, bs, axis=2)
+        v = jax.lax.dynamic_slice_in_dim(v_cache, start, bs, axis=2)
+        ok = jax.lax.dynamic_slice_in_dim(valid, start, bs, axis=1)
+        ok = ok & (start + jnp.arange(bs) >= i * bs)[None, :]
+        sc = jnp.einsum("bkgd,bksd->bkgs", q, k, preferred_element_type=jnp.float32)
+        sc = jnp.where(ok[:, None, None], sc * scale, fill)
+        m_new = jnp.maximum(m, sc.max(-1))
+        p = jnp.exp(sc - m_new[..., None]) * ok[:, None, None]
+        corr = jnp.exp(m - m_new)
+        acc = acc * corr[..., None] + jnp.einsum("bkgs,bksd->bkgd", p.astype(v.dtype), v,
+                                                 preferred_element_type=jnp.float32)
+        return i + 1, m_new, l * corr + p.sum(-1), acc
+
+    init = (jnp.int32(0), jnp.full((b, kh, g), fill, jnp.float32),
+            jnp.zeros((b, kh, g), jnp.float32), jnp.zeros((b, kh, g, d), jnp.float32))
+    _, _, l, acc = jax.lax.while_loop(lambda c: c[0] < n_blocks, body, init)
+    return acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]

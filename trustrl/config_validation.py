@@ -103,8 +103,8 @@ def validate(cfg):
     _typed(cfg, ("model.hf_dir", "tokenizer.path", "task.operations", "task.data_dir",
                  "task.manual_dir", "warmstart.cache_dir"), str)
     _typed(cfg, ("model.tie_word_embeddings", "model.remat", "tokenizer.split_digits",
-                 "rollout.dynamic_sampling", "train.score_pass", "log.tensorboard",
-                 "log.progress"), bool)
+                 "rollout.dynamic_sampling", "rollout.continuous", "train.score_pass",
+                 "log.tensorboard", "log.progress"), bool)
 
     for k in ("seed", "task.seed", "warmstart.seed"):  # numpy / tfds seeds are non-negative
         _int(cfg, k, 0)
@@ -182,6 +182,7 @@ def validate(cfg):
         raise ValueError(f"{cfg.loss.method} needs rollout.record_topk >= 1 (K of mu's top-K)")
     _int(cfg, "rollout.max_refill_rounds", 0)
     _int(cfg, "rollout.max_rows", 0)
+    _int(cfg, "rollout.refill_rows", 0)
     if r.overlong == "penalty":
         _float(cfg, "rollout.overlong_penalty")
 
@@ -321,7 +322,10 @@ def flatten(cfg) -> dict:
 _ABSENT = "<absent>"
 # Fields added after runs were recorded, with the value that reproduces the older behaviour: a
 # recorded config without the field equals one that has it at this value.
-ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": ""}
+# rollout.continuous is the exception: True (the new default) has no effect with max_rows = 0,
+# and with max_rows > 0 it draws rollouts from the same distribution as the older split calls.
+ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.continuous": True,
+                "rollout.refill_rows": 0}
 
 
 def config_changes(old: dict, new: dict):

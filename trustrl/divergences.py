@@ -69,13 +69,49 @@ def binary_kl(logp, rollout_logp):
 
 # ------------------------------------------------------------------------------ top-K (Eq. 15/16)
 
-def build_topk_set(logp_full, sampled_ids, k: int):
+TOPK_METHODS = ("lax", "chunked")
+TOPK_CHUNK = 128  # vocabulary chunk of the chunked top-K (benchmarks/topk_record.py)
+
+
+def top_k(x, k: int, method: str = "chunked", chunk: int = TOPK_CHUNK):
+    """Exact top-K over the last axis: (values [..., K], ids [..., K] int32), decreasing, ties
+    towards the lower id, as jax.lax.top_k. method "lax": jax.lax.top_k over the whole row;
+    "chunked": the row in chunks of ``chunk`` ids, each chunk's maximum (one reduction pass),
+    the K chunks with the largest maxima (lax.top_k over the chunk maxima), then lax.top_k
+    over those K chunks' ids only. Exact: if a chunk holds a top-K element x but is not among
+    the K best chunks, K other chunks rank before it, each holding an element that ranks
+    before x (larger, or equal with a lower id: chunks are id-ordered and ties between chunk
+    maxima go to the lower chunk), so x would not be in the top K. The chosen chunks are
+    gathered in id order, so ties resolve as lax.top_k's. XLA:CPU's TopK over a whole
+    151,936-id row is slow: in a 64-step decode loop at [32, 151,936], lax.top_k took ~1 s a
+    step, top-K within 8,192-id chunks 25.6 ms, this 6.3 ms (benchmarks/topk_record.py)."""
+    if method not in TOPK_METHODS:
+        raise ValueError(f"unknown top-K method {method!r}; choose one of {TOPK_METHODS}")
+    vocab = x.shape[-1]
+    n = -(-vocab // chunk)
+    if method == "lax" or n <= k:
+        vals, ids = jax.lax.top_k(x, k)
+        return vals, ids.astype(jnp.int32)
+    pad = n * chunk - vocab
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
+    tiles = x.reshape(*x.shape[:-1], n, chunk)
+    best = jnp.sort(jax.lax.top_k(tiles.max(axis=-1), k)[1], axis=-1)  # [..., K] chunk ids
+    cand = jnp.take_along_axis(tiles, best[..., None], axis=-2)  # [..., K, chunk]
+    vals, pos = jax.lax.top_k(cand.reshape(*x.shape[:-1], k * chunk), k)
+    ids = jnp.take_along_axis(best, pos // chunk, axis=-1) * chunk + pos % chunk
+    return vals, ids.astype(jnp.int32)
+
+
+def build_topk_set(logp_full, sampled_ids, k: int, method: str = "chunked",
+                   chunk: int = TOPK_CHUNK):
     """mu's K-set with the sampled token forced in.
 
     Args:
       logp_full: [..., V] log-probs of the sampling distribution mu.
       sampled_ids: [...] sampled token ids.
       k: set size, 1 <= k <= V.
+      method, chunk: how the exact top-K is found (``top_k``; the same result).
     Returns:
       (ids [..., K] int32, logp [..., K]) sorted by decreasing mu, except that when the sampled
       token is not among the top K it overwrites the LAST slot (the reference code's rule).
@@ -83,8 +119,7 @@ def build_topk_set(logp_full, sampled_ids, k: int):
     vocab = logp_full.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"top-K size k={k} must be in [1, vocab_size={vocab}]")
-    top_logp, top_ids = jax.lax.top_k(logp_full, k)
-    top_ids = top_ids.astype(jnp.int32)
+    top_logp, top_ids = top_k(logp_full, k, method, chunk)
     sampled_ids = sampled_ids.astype(jnp.int32)
     present = jnp.any(top_ids == sampled_ids[..., None], axis=-1)
     sampled_logp = jnp.take_along_axis(logp_full, sampled_ids[..., None], axis=-1)[..., 0]

@@ -158,7 +158,8 @@ def _sampler_cfg(cfg, tokenizer, *, greedy: bool) -> SamplerConfig:
         max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
         top_p=1.0 if greedy else cfg.rollout.top_p, top_k=0 if greedy else cfg.rollout.top_k,
         greedy=greedy, eos_ids=eos, record_topk=0 if greedy else cfg.rollout.record_topk,
-        max_rows=cfg.rollout.max_rows)
+        max_rows=cfg.rollout.max_rows, continuous=cfg.rollout.continuous,
+        refill_rows=cfg.rollout.refill_rows)
 
 
 def _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir):

@@ -31,7 +31,9 @@ Padding and position convention (the sampler and the trainer rely on it)
   slots 0..T-1; each ``decode_step`` writes the next column (the same column for every row, its
   own position per row). Keys are stored already rotated, so decode only needs the new token's
   position. Slots never written, or written as padding, are masked, so one cache buffer can be
-  donated and reused across sampler calls without clearing its keys / values.
+  donated and reused across sampler calls without clearing its keys / values. The write column
+  wraps, and ``insert_rows`` prefills single rows into a running cache: the continuous-batching
+  sampler uses each row as a ring of ``max_len`` slots.
 
 Precision: parameters are stored in ``param_dtype`` and cast to the compute ``dtype``; RMSNorm
 statistics, RoPE angles, the attention scores and softmax, the projections and the vocabulary
@@ -92,6 +94,9 @@ class ModelConfig:
     remat: str = "full"  # per-layer rematerialisation policy: REMAT_POLICIES (or a bool)
     attention: str = "auto"  # attention backend: trustrl.attention.BACKENDS
     attention_block_size: int = 512  # blockwise backend: query / key tile length
+    # KV-cache decode: attend blocks of this many cache slots up to the last written one
+    # (0: the whole cache in one pass); attention.decode_attention
+    decode_block_size: int = 256
     scan_layers: bool = True  # one nn.scan over stacked layers (False: unrolled reference)
     head_token_chunk: int = 0  # trainer's fused vocabulary head: tokens per chunk (0: automatic)
     head_vocab_chunk: int = 0  # ... vocabulary slice per tile (0: the whole local vocabulary)
@@ -111,6 +116,9 @@ class ModelConfig:
                              f"{attention_lib.BACKENDS}")
         if int(self.attention_block_size) < 1:
             raise ValueError(f"attention_block_size must be >= 1, got {self.attention_block_size}")
+        if int(self.decode_block_size) < 0:
+            raise ValueError(f"decode_block_size must be >= 0 (0 = the whole cache at once), "
+                             f"got {self.decode_block_size}")
         for name in ("head_token_chunk", "head_vocab_chunk"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = automatic), got "
@@ -167,10 +175,11 @@ class KVCache(NamedTuple):
     """Preallocated attention cache: a pytree of fixed-shape arrays (donate-able under jit).
 
     k, v: one [B, K, S, D] array per layer (keys stored after RoPE); valid: [B, S] bool, slot holds
-    a real token; index: int32 scalar, next column to write. Heads before slots: a decode step's
-    attention then reads the cache in place as [B*K] row-major [S, D] matrices (with [B, S, K, D]
-    XLA:CPU copied every layer's whole cache into that layout at every step: measured 2x slower
-    fp32 decode attention, 26 -> 13 ms per step for SmolLM2 at batch 32, 144 slots).
+    a real token; index: int32 scalar, next column to write (it wraps modulo S). Heads before
+    slots: a decode step's attention then reads the cache in place as [B*K] row-major [S, D]
+    matrices (with [B, S, K, D] XLA:CPU copied every layer's whole cache into that layout at
+    every step: measured 2x slower fp32 decode attention, 26 -> 13 ms per step for SmolLM2 at
+    batch 32, 144 slots).
     """
     k: tuple
     v: tuple
@@ -316,13 +325,10 @@ class Attention(nn.Module):
 
         key, val = k_cache.astype(c.compute_dtype), v_cache.astype(c.compute_dtype)
         if t == 1:  # decode: no length-1 query axis, so XLA reads the cache without a copy
-            qg = q[:, 0].reshape(b, k, h // k, d)
-            scores = jnp.einsum("bkgd,bksd->bkgs", qg, key, preferred_element_type=jnp.float32)
-            # A finite fill (not -inf) keeps fully masked rows NaN-free.
-            scores = jnp.where(mask[:, 0, None, None], scores * (d ** -0.5),
-                               jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
-            out = jnp.einsum("bkgs,bksd->bkgd", probs, val).reshape(b, 1, h, d)
+            out = attention_lib.decode_attention(
+                q[:, 0].reshape(b, k, h // k, d), key, val, mask[:, 0],
+                block_size=c.decode_block_size)
+            out = out.astype(c.compute_dtype).reshape(b, 1, h, d)
         else:
             out = attention_lib.masked_attention(q, key.transpose(0, 2, 1, 3),
                                                  val.transpose(0, 2, 1, 3), mask)
@@ -423,7 +429,9 @@ class Transformer(nn.Module):
                              "decode_step, which unstack the scanned parameters")
         key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
         mask = None
-        if not fresh:
+        if not fresh and t == 1:  # one new column: every valid slot is earlier (or itself), so
+            mask = key_valid[:, None, :]  # validity alone is causal, wherever the column is
+        elif not fresh:
             k_cols, q_cols = jnp.arange(key_valid.shape[1]), jnp.arange(t) + cache.index
             mask = key_valid[:, None, :] & (k_cols[None, None, :] <= q_cols[None, :, None])
         new_k, new_v = [], []
@@ -431,7 +439,9 @@ class Transformer(nn.Module):
             x, kv = layer(x, cos, sin, valid, mask, (cache.k[i], cache.v[i]), cache.index)
             new_k.append(kv[0])
             new_v.append(kv[1])
-        cache = KVCache(tuple(new_k), tuple(new_v), key_valid, cache.index + t)
+        # the write column wraps: a continuous-batching sampler uses the cache as a ring
+        cache = KVCache(tuple(new_k), tuple(new_v), key_valid,
+                        (cache.index + t) % key_valid.shape[1])
         return self.final_norm(x), cache
 
     def logits(self, hidden):
@@ -496,6 +506,23 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
     shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(zeros(), zeros(), jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def insert_rows(cache: KVCache, new: KVCache, slots) -> KVCache:
+    """Writes the R rows of ``new`` (a [R, ., P, .] cache whose prefill wrote columns [0, P))
+    into rows ``slots`` [R] of ``cache`` just before its write column ``end = cache.index``, at
+    columns ``end - P .. end - 1`` (mod its length S); every other slot of those rows is marked
+    empty. A slot index >= B (a padding row) is dropped. The rows then decode on as if alone:
+    decode attention needs only validity (keys carry their RoPE positions), so a row's tokens
+    may sit anywhere in the ring (the continuous-batching sampler's refill)."""
+    s, p, end = cache.valid.shape[1], new.valid.shape[1], cache.index
+    rows, cols = slots[:, None], ((end - p + jnp.arange(p)) % s)[None, :]
+    put = lambda buf, x: buf.at[rows, :, cols].set(x.transpose(0, 2, 1, 3).astype(buf.dtype),
+                                                   mode="drop")  # [R, P, K, D] at (row, col)
+    valid = cache.valid.at[slots].set(False, mode="drop").at[rows, cols].set(new.valid,
+                                                                             mode="drop")
+    return cache._replace(k=tuple(map(put, cache.k, new.k)), v=tuple(map(put, cache.v, new.v)),
+                          valid=valid)
 
 
 def reset_cache(cache: KVCache) -> KVCache:

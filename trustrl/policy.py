@@ -58,7 +58,7 @@ def decode_model(model_cfg: model_lib.ModelConfig) -> DecodeModel:
         init_cache=lambda batch, max_len: model_lib.init_cache(model_cfg, batch, max_len),
         prefill=lambda p, *a: model_lib.prefill(p, model_cfg, *a),
         decode=lambda p, *a: model_lib.decode_step(p, model_cfg, *a),
-        vocab_size=model_cfg.vocab_size)
+        vocab_size=model_cfg.vocab_size, insert=model_lib.insert_rows)
 
 
 def response_hidden(params, model_cfg: model_lib.ModelConfig, tokens, positions, valid, *,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trustrl import divergences, multihost
+from trustrl import continuous, divergences, multihost
 from trustrl.rollout import FINISH_EOS, FINISH_LENGTH, Rollout
 
 
@@ -38,6 +38,9 @@ class DecodeModel(NamedTuple):
     prefill: Callable[..., Any]
     decode: Callable[..., Any]
     vocab_size: int
+    # insert(cache, new_cache, slots [R]) -> cache: a prefilled R-row cache into those rows at
+    # the write column (model.insert_rows); continuous batching needs it (None: not supported)
+    insert: Callable[..., Any] | None = None
 
 
 def _is_int(x) -> bool:
@@ -67,20 +70,27 @@ class SamplerConfig:
     greedy: bool = False          # argmax; rollout_logp is then under softmax(logits / T)
     eos_ids: tuple = ()           # stop-token ids
     record_topk: int = 20         # K of rollout_topk_ids / rollout_topk_logp (0 = do not record)
+    topk_method: str = "chunked"  # how the exact K-set is found (divergences.top_k; "lax")
     min_prompt_bucket: int = 16   # prompt lengths are padded up to powers of two from here
     max_prompt_len: int = 2048    # prompts longer than this are an error
-    # rows decoded at once (0 = all): more rows run as several calls of max_rows rows, which
-    # bounds the KV cache and the decode buffers; the rows' keys then differ from one call's
+    # rows decoded at once (0 = all): with more rows than this, the KV cache and the decode
+    # buffers hold max_rows rows. continuous=True: max_rows slots, each refilled with the next
+    # pending row when its row ends (trustrl.continuous; needs DecodeModel.insert); False: the
+    # rows run as several calls of max_rows rows, each until its longest row ends.
     max_rows: int = 0
+    continuous: bool = True
+    refill_rows: int = 0          # rows prefilled per refill (0 = auto, max_rows / 8)
 
     def __post_init__(self):
         """Checks every field that does not depend on the vocabulary (``validate`` does the
         rest); ``eos_ids`` may be given as one int or any sequence and is stored as a tuple."""
         for name, low in (("max_new_tokens", 1), ("top_k", 0), ("record_topk", 0),
-                          ("min_prompt_bucket", 1), ("max_prompt_len", 1), ("max_rows", 0)):
+                          ("min_prompt_bucket", 1), ("max_prompt_len", 1), ("max_rows", 0),
+                          ("refill_rows", 0)):
             _check_int(name, getattr(self, name), low)
-        if not isinstance(self.greedy, (bool, np.bool_)):
-            raise TypeError(f"greedy must be a bool, got {self.greedy!r}")
+        for name in ("greedy", "continuous"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name, valid in (("temperature", "> 0"), ("top_p", "in (0, 1]")):
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value):
@@ -99,6 +109,9 @@ class SamplerConfig:
         for e in eos:
             _check_int("eos_ids", e, 0)
         object.__setattr__(self, "eos_ids", tuple(int(e) for e in eos))  # frozen dataclass
+        if self.topk_method not in divergences.TOPK_METHODS:
+            raise ValueError(f"topk_method must be one of {divergences.TOPK_METHODS}, got "
+                             f"{self.topk_method!r}")
 
     def validate(self, vocab_size: int):
         """The checks that need the model's vocabulary size."""
@@ -219,6 +232,32 @@ class _LoopState(NamedTuple):
     mask: jax.Array
 
 
+def _next_token(logits, key, cfg: SamplerConfig):
+    """One decode step's choice: (tokens [B], their log mu [B], log mu [B, V]), mu the tempered
+    softmax over the full vocabulary."""
+    logp_full = jax.nn.log_softmax(logits.astype(jnp.float32) / cfg.temperature, axis=-1)
+    if cfg.greedy:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        filtered = filter_logits(logp_full, cfg.top_p, cfg.top_k)
+        tok = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    return tok, jnp.take_along_axis(logp_full, tok[:, None], axis=-1)[:, 0], logp_full
+
+
+def _record_topk(logp_full, tok, cfg: SamplerConfig):
+    return divergences.build_topk_set(logp_full, tok, cfg.record_topk, cfg.topk_method)
+
+
+def _generate_continuous(params, prompt_tokens, prompt_mask, num_rows, cache, key, *,
+                         model: DecodeModel, cfg: SamplerConfig):
+    return continuous.generate(
+        params, prompt_tokens, prompt_mask, num_rows, cache, key, model=model,
+        max_new_tokens=cfg.max_new_tokens, eos_ids=cfg.eos_ids, refill=cfg.refill_rows,
+        next_token=functools.partial(_next_token, cfg=cfg),
+        record_topk=functools.partial(_record_topk, cfg=cfg) if cfg.record_topk else None,
+        topk=cfg.record_topk)
+
+
 def _generate(params, prompt_tokens, prompt_mask, cache, key, *, model: DecodeModel,
               cfg: SamplerConfig):
     b, p = prompt_tokens.shape
@@ -230,13 +269,7 @@ def _generate(params, prompt_tokens, prompt_mask, cache, key, *, model: DecodeMo
 
     def body(s: _LoopState):
         key, sub = jax.random.split(s.key)
-        logp_full = jax.nn.log_softmax(s.logits.astype(jnp.float32) / cfg.temperature, axis=-1)
-        if cfg.greedy:
-            tok = jnp.argmax(s.logits, axis=-1).astype(jnp.int32)
-        else:
-            filtered = filter_logits(logp_full, cfg.top_p, cfg.top_k)
-            tok = jax.random.categorical(sub, filtered, axis=-1).astype(jnp.int32)
-        tok_logp = jnp.take_along_axis(logp_full, tok[:, None], axis=-1)[:, 0]
+        tok, tok_logp, logp_full = _next_token(s.logits, sub, cfg)
         live = ~s.done
         livef = live.astype(jnp.float32)
         tok = jnp.where(live, tok, 0)
@@ -245,7 +278,7 @@ def _generate(params, prompt_tokens, prompt_mask, cache, key, *, model: DecodeMo
             tokens=upd(s.tokens, tok), logp=upd(s.logp, tok_logp * livef),
             mask=upd(s.mask, live.astype(jnp.int32)))
         if cfg.record_topk:
-            ids, lp = divergences.build_topk_set(logp_full, tok, cfg.record_topk)
+            ids, lp = _record_topk(logp_full, tok, cfg)
             state = state._replace(topk_ids=upd(s.topk_ids, jnp.where(live[:, None], ids, 0)),
                                    topk_logp=upd(s.topk_logp, lp * livef[:, None]))
         done = s.done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
@@ -281,9 +314,12 @@ class Sampler:
         # which hands it back: XLA updates it in place, no per-iteration reallocation. Stale
         # entries from the previous call are never attended (the model masks unwritten slots).
         gen = functools.partial(_generate, model=model, cfg=cfg)
+        cont = functools.partial(_generate_continuous, model=model, cfg=cfg)
         if batch_sharding is not None:  # outputs and the returned cache keep the batch layout
             gen = lambda *a, _g=gen: self._constrain(_g(*a))  # so the donated cache fits again
+            cont = lambda *a, _g=cont: self._constrain(_g(*a))
         self._run = jax.jit(gen, donate_argnums=(3,))
+        self._run_continuous = jax.jit(cont, donate_argnums=(4,))
         self._caches = {}
 
     def _constrain(self, tree):
@@ -310,7 +346,7 @@ class Sampler:
 
     def num_compilations(self) -> int:
         """Distinct compiled shapes so far (the bucketing keeps this small)."""
-        return self._run._cache_size()
+        return self._run._cache_size() + self._run_continuous._cache_size()
 
     def generate(self, params, prompts: Sequence[Sequence[int]], group_size: int, key) -> Rollout:
         """``prompts``: token-id lists or a 2-D int array (see ``as_prompt_list``)."""
@@ -321,8 +357,41 @@ class Sampler:
         width = prompt_bucket(max(len(p) for p in prompts), cfg)
         expanded = [p for p in prompts for _ in range(group_size)]
         if cfg.max_rows and len(expanded) > cfg.max_rows:
+            if cfg.continuous and self.model.insert is not None:
+                return self._generate_continuous(params, expanded, width, key, len(prompts),
+                                                 group_size)
             return self._generate_in_parts(params, expanded, width, key, len(prompts), group_size)
         return self._generate_rows(params, expanded, width, key, len(prompts), group_size)
+
+    def _cache(self, rows: int, width: int):
+        """The donated KV cache of this (rows, length) bucket, created on first use."""
+        cache_key = (rows, width + self.cfg.max_new_tokens)
+        cache = self._caches.pop(cache_key, None)
+        if cache is None:
+            init = functools.partial(self.model.init_cache, *cache_key)
+            if self._batch_sharding is not None:  # created in place, sharded (multi-process too)
+                cache = jax.jit(lambda: self._constrain(init()))()
+            else:
+                cache = init()
+        return cache_key, cache
+
+    def _place(self, toks, mask):
+        if self._batch_sharding is not None:  # each process places its rows (multihost.to_global)
+            return multihost.to_global((toks, mask), self._batch_sharding)
+        return jnp.asarray(toks), jnp.asarray(mask)
+
+    def _generate_continuous(self, params, expanded, width, key, n_prompts, group_size):
+        """max_rows slots over all rows (trustrl.continuous). The prompt rows are padded to a
+        multiple of max_rows (one compiled shape per bucket, whole shards per device); padding
+        rows are never decoded."""
+        m, n = self.cfg.max_rows, len(expanded)
+        rows = -(-n // m) * m
+        toks, mask = self._place(*left_pad(expanded + [expanded[-1]] * (rows - n), width))
+        cache_key, cache = self._cache(m, width)
+        out, self._caches[cache_key] = self._run_continuous(params, toks, mask, jnp.int32(n),
+                                                            cache, key)
+        return self._rollout(jax.tree.map(lambda x: x[:n], (toks, mask, *out)), n_prompts,
+                             group_size)
 
     def _generate_in_parts(self, params, expanded, width, key, n_prompts, group_size):
         """max_rows rows per call (the last call padded with repeats of its last row: one
@@ -339,24 +408,14 @@ class Sampler:
                                                   group_size))
 
     def _generate_rows(self, params, expanded, width, key, n_prompts, group_size) -> Rollout:
-        cfg = self.cfg
-        toks, mask = left_pad(expanded, width)
-        b = len(expanded)
-        cache_key = (b, width + cfg.max_new_tokens)
-        cache = self._caches.pop(cache_key, None)
-        if cache is None:
-            init = functools.partial(self.model.init_cache, *cache_key)
-            if self._batch_sharding is not None:  # created in place, sharded (multi-process too)
-                cache = jax.jit(lambda: self._constrain(init()))()
-            else:
-                cache = init()
-        if self._batch_sharding is not None:  # each process places its rows (multihost.to_global)
-            toks, mask = multihost.to_global((toks, mask), self._batch_sharding)
-        else:
-            toks, mask = jnp.asarray(toks), jnp.asarray(mask)
+        toks, mask = self._place(*left_pad(expanded, width))
+        cache_key, cache = self._cache(len(expanded), width)
         out, self._caches[cache_key] = self._run(params, toks, mask, cache, key)
-        tokens, rmask, logp, topk_ids, topk_logp, finish = out
-        if not cfg.record_topk:
+        return self._rollout((toks, mask, *out), n_prompts, group_size)
+
+    def _rollout(self, arrays, n_prompts, group_size) -> Rollout:
+        toks, mask, tokens, rmask, logp, topk_ids, topk_logp, finish = arrays
+        if not self.cfg.record_topk:
             topk_ids = topk_logp = None
         return Rollout(
             prompt_tokens=toks, prompt_mask=mask, response_tokens=tokens, response_mask=rmask,

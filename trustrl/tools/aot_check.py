@@ -12,6 +12,7 @@ allocated):
            x (--prompt_len + rollout.max_new_tokens) tokens, in train.microbatches micro-batches
   sampler  one rollout call: rollout.max_rows rows at a time (0: all prompts_per_iter x
            group_size) of --prompt_len prompt tokens + rollout.max_new_tokens, with its KV cache
+           (rollout.continuous: every row's prompt and output buffers, max_rows decode slots)
 Per chip: arguments + outputs + temporaries - aliased (donated) bytes, from XLA's
 compiled.memory_analysis(). Exits 1, naming the phases, when one does not fit
 (--hbm_gib, default the chip's HBM); 2 on bad flags.
@@ -224,13 +225,23 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
         cache = jax.eval_shape(lambda: sampler.model.init_cache(b, cache_len))
         cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                              cache, sampler.layout(cache))
-        tok = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32,
-                                   sharding=sharding.batch_sharding(mesh))
         key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                    sharding=replicated)
+        if b < rows and cfg.rollout.continuous:  # all rows' prompts / outputs, b decode slots
+            padded = -(-rows // b) * b
+            tok = jax.ShapeDtypeStruct((padded, prompt_len), jnp.int32,
+                                       sharding=sharding.batch_sharding(mesh))
+            count = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+            what, lower = (f"{rows} rows through {b} continuous slots x ({prompt_len} + {n_new}) "
+                           "tokens", lambda: sampler._run_continuous.lower(
+                               roll_params, tok, tok, count, cache, key))
+        else:
+            tok = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32,
+                                       sharding=sharding.batch_sharding(mesh))
+            what, lower = (f"{b} rows x ({prompt_len} + {n_new}) tokens",
+                           lambda: sampler._run.lower(roll_params, tok, tok, cache, key))
         with jax.set_mesh(mesh):
-            record("sampler", f"{b} rows x ({prompt_len} + {n_new}) tokens",
-                   lambda: sampler._run.lower(roll_params, tok, tok, cache, key))
+            record("sampler", what, lower)
     return out
 
 

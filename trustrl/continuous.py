@@ -1,0 +1,123 @@
+"""Continuous batching: a fixed number of decode slots, refilled as rows finish.
+
+RL response lengths are long-tailed (most rows stop early, a few run to the cap). Decoding a
+batch of rows until its longest row ends spends most decode steps on rows that already
+stopped; here a finished row's slot takes the next pending row instead, so the number of
+decode steps follows the total number of generated tokens, not rows x the longest row.
+
+One jitted program, fixed shapes, no host round trips:
+
+    prefill the first S rows into the [S, P + N] KV cache (S = slots, P = prompt bucket,
+    N = max_new_tokens)
+    while a slot is live or a row is pending:
+        sample every slot's next token; write it at (its row, its step) of the output buffers
+        decode one step for all S slots (a finished or idle slot's result is discarded)
+        if enough slots are free (>= min(R, rows pending)): prefill up to R pending rows in one
+        [R, P] call and insert their keys / values into the free slots (model.insert_rows)
+
+Each slot is a ring of P + N cache columns: the shared write column wraps, a refilled row's
+prompt goes just before it and its tokens follow, at most P + N columns before it ends.
+Decode attention uses validity alone (keys carry their RoPE positions), so a row decodes as
+if it had been prefilled alone: greedy outputs equal one-row-at-a-time generation (tested).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from trustrl.rollout import FINISH_EOS, FINISH_LENGTH
+
+
+class _State(NamedTuple):
+    logits: jax.Array      # [S, V] next-token logits of each slot
+    cache: Any
+    key: jax.Array
+    row: jax.Array         # [S] the output row a slot decodes
+    step: jax.Array        # [S] tokens it has generated so far
+    pos: jax.Array         # [S] RoPE position of its next token
+    live: jax.Array        # [S] bool
+    next_row: jax.Array    # scalar: the first row not yet started
+    out: tuple             # tokens, mask, logp [R, N]; topk ids / logp [R, N, K]; finish [R]
+
+
+def refill_rows(slots: int, refill: int) -> int:
+    """Rows prefilled per refill (0 = auto: an eighth of the slots, at least 1)."""
+    return min(slots, refill or max(1, slots // 8))
+
+
+def generate(params, prompt_tokens, prompt_mask, num_rows, cache, key, *, model,
+             max_new_tokens: int, eos_ids: tuple, refill: int, next_token: Callable,
+             record_topk: Callable | None, topk: int):
+    """Continuous-batching generation of ``num_rows`` (traced) rows of ``prompt_tokens``.
+
+    Args:
+      prompt_tokens, prompt_mask: [R, P] left-padded prompts; rows >= num_rows are padding
+        (never started; their outputs stay empty).
+      cache: a [S, ., P + N, .] KV cache from ``model.init_cache``; S slots.
+      next_token: (logits [S, V], key) -> (tokens [S], their log mu [S], log mu [S, V]).
+      record_topk: (log mu [S, V], tokens [S]) -> (ids [S, K], log mu [S, K]), or None.
+    Returns:
+      ((tokens, mask, logp, topk_ids, topk_logp, finish), cache) in the layout of
+      ``sampler._generate``.
+    """
+    n_rows, p = prompt_tokens.shape
+    s = jax.tree.leaves(cache)[0].shape[0]
+    n, k, r = max_new_tokens, max(topk, 1), refill_rows(s, refill)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+    lengths = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+    first = jnp.minimum(jnp.arange(s), n_rows - 1)
+    logits, cache = model.prefill(params, prompt_tokens[first], positions[first],
+                                  prompt_mask[first], cache)
+    live = jnp.arange(s) < num_rows
+    out = (jnp.zeros((n_rows, n), jnp.int32), jnp.zeros((n_rows, n), jnp.int32),
+           jnp.zeros((n_rows, n), jnp.float32), jnp.zeros((n_rows, n, k), jnp.int32),
+           jnp.zeros((n_rows, n, k), jnp.float32), jnp.full((n_rows,), FINISH_LENGTH, jnp.int32))
+    init = _State(logits, cache, key, jnp.arange(s, dtype=jnp.int32), jnp.zeros((s,), jnp.int32),
+                  lengths[first], live, jnp.minimum(num_rows, s).astype(jnp.int32), out)
+
+    def start(st: _State) -> _State:
+        """Prefills up to R pending rows into the lowest free slots."""
+        free_first = jnp.argsort(st.live.astype(jnp.int32), stable=True)[:r]
+        count = jnp.minimum(jnp.minimum(r, jnp.sum(~st.live)), num_rows - st.next_row)
+        use = jnp.arange(r) < count
+        slots = jnp.where(use, free_first, s)  # slot s: out of range, the write is dropped
+        rows = jnp.minimum(st.next_row + jnp.arange(r), n_rows - 1)
+        lg, new = model.prefill(params, prompt_tokens[rows], positions[rows], prompt_mask[rows],
+                                model.init_cache(r, p))
+        put = lambda buf, val: buf.at[slots].set(val, mode="drop")
+        return st._replace(logits=put(st.logits, lg), cache=model.insert(st.cache, new, slots),
+                           row=put(st.row, rows), step=put(st.step, 0),
+                           pos=put(st.pos, lengths[rows]), live=put(st.live, True),
+                           next_row=st.next_row + count)
+
+    def body(st: _State) -> _State:
+        key, sub = jax.random.split(st.key)
+        tok, tok_logp, logp_full = next_token(st.logits, sub)
+        row = jnp.where(st.live, st.row, n_rows)  # finished / idle slots write nothing
+        put = lambda buf, val: buf.at[row, st.step].set(val, mode="drop")
+        tokens, mask, logp, topk_ids, topk_logp, finish = st.out
+        tokens, mask, logp = put(tokens, tok), put(mask, 1), put(logp, tok_logp)
+        if record_topk is not None:
+            ids, lp = record_topk(logp_full, tok)
+            topk_ids, topk_logp = put(topk_ids, ids), put(topk_logp, lp)
+        hit_eos = jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        ended = st.live & (hit_eos | (st.step + 1 >= n))
+        finish = finish.at[jnp.where(ended, st.row, n_rows)].set(
+            jnp.where(hit_eos, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32), mode="drop")
+        logits, cache = model.decode(params, jnp.where(st.live, tok, 0), st.pos, st.cache)
+        live = st.live & ~ended
+        st = st._replace(logits=logits, cache=cache, key=key, step=st.step + 1, pos=st.pos + 1,
+                         live=live, out=(tokens, mask, logp, topk_ids, topk_logp, finish))
+        pending = num_rows - st.next_row
+        go = (pending > 0) & (jnp.sum(~live) >= jnp.minimum(r, pending))
+        return jax.lax.cond(go, start, lambda x: x, st)
+
+    def cond(st: _State):
+        return jnp.any(st.live) | (st.next_row < num_rows)
+
+    st = jax.lax.while_loop(cond, body, init)
+    return st.out, st.cache
