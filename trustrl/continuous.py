@@ -57,7 +57,7 @@ def generate(params, prompt_tokens, prompt_mask, num_rows, cache, key, *, model,
         (never started; their outputs stay empty).
       cache: a [S, ., P + N, .] KV cache from ``model.init_cache``; S slots.
       next_token: (logits [S, V], key) -> (tokens [S], their log mu [S], log mu [S, V]).
-      record_topk: (log mu [S, V], tokens [S]) -> (ids [S, K], log mu [S, K]), or None.
+      record_topk: log mu [S, V] -> (ids [S, K], log mu [S, K]) (the plain top-K), or None.
     Returns:
       ((tokens, mask, logp, topk_ids, topk_logp, finish), cache) in the layout of
       ``sampler._generate``.
@@ -102,7 +102,7 @@ def generate(params, prompt_tokens, prompt_mask, num_rows, cache, key, *, model,
         tokens, mask, logp, topk_ids, topk_logp, finish = st.out
         tokens, mask, logp = put(tokens, tok), put(mask, 1), put(logp, tok_logp)
         if record_topk is not None:
-            ids, lp = record_topk(logp_full, tok)
+            ids, lp = record_topk(logp_full)
             topk_ids, topk_logp = put(topk_ids, ids), put(topk_logp, lp)
         hit_eos = jnp.any(tok[:, None] == eos[None, :], axis=-1)
         ended = st.live & (hit_eos | (st.step + 1 >= n))

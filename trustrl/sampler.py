@@ -244,18 +244,30 @@ def _next_token(logits, key, cfg: SamplerConfig):
     return tok, jnp.take_along_axis(logp_full, tok[:, None], axis=-1)[:, 0], logp_full
 
 
-def _record_topk(logp_full, tok, cfg: SamplerConfig):
-    return divergences.build_topk_set(logp_full, tok, cfg.record_topk, cfg.topk_method)
+def _record_topk(logp_full, cfg: SamplerConfig):
+    """mu's plain top-K of one step: (ids [B, K] int32, log mu [B, K]); ``_k_sets`` forces the
+    sampled tokens in after the loop (divergences.force_sampled)."""
+    vals, ids = divergences.top_k(logp_full, cfg.record_topk, cfg.topk_method)
+    return ids, vals
+
+
+def _k_sets(out):
+    """The recorded top-K of a whole call made K-sets (divergences.build_topk_set's rule).
+    Padding positions (id 0, log-prob 0, token 0) stay as they are."""
+    tokens, mask, logp, topk_ids, topk_logp, finish = out
+    topk_ids, topk_logp = divergences.force_sampled(topk_ids, topk_logp, tokens, logp)
+    return tokens, mask, logp, topk_ids, topk_logp, finish
 
 
 def _generate_continuous(params, prompt_tokens, prompt_mask, num_rows, cache, key, *,
                          model: DecodeModel, cfg: SamplerConfig):
-    return continuous.generate(
+    out, cache = continuous.generate(
         params, prompt_tokens, prompt_mask, num_rows, cache, key, model=model,
         max_new_tokens=cfg.max_new_tokens, eos_ids=cfg.eos_ids, refill=cfg.refill_rows,
         next_token=functools.partial(_next_token, cfg=cfg),
         record_topk=functools.partial(_record_topk, cfg=cfg) if cfg.record_topk else None,
         topk=cfg.record_topk)
+    return (_k_sets(out) if cfg.record_topk else out), cache
 
 
 def _generate(params, prompt_tokens, prompt_mask, cache, key, *, model: DecodeModel,
@@ -278,7 +290,7 @@ def _generate(params, prompt_tokens, prompt_mask, cache, key, *, model: DecodeMo
             tokens=upd(s.tokens, tok), logp=upd(s.logp, tok_logp * livef),
             mask=upd(s.mask, live.astype(jnp.int32)))
         if cfg.record_topk:
-            ids, lp = _record_topk(logp_full, tok, cfg)
+            ids, lp = _record_topk(logp_full, cfg)
             state = state._replace(topk_ids=upd(s.topk_ids, jnp.where(live[:, None], ids, 0)),
                                    topk_logp=upd(s.topk_logp, lp * livef[:, None]))
         done = s.done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
@@ -296,7 +308,8 @@ def _generate(params, prompt_tokens, prompt_mask, cache, key, *, model: DecodeMo
         topk_logp=jnp.zeros((b, n, k), jnp.float32), mask=jnp.zeros((b, n), jnp.int32))
     s = jax.lax.while_loop(cond, body, init)
     finish = jnp.where(s.done, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32)
-    return (s.tokens, s.mask, s.logp, s.topk_ids, s.topk_logp, finish), s.cache
+    out = (s.tokens, s.mask, s.logp, s.topk_ids, s.topk_logp, finish)
+    return (_k_sets(out) if cfg.record_topk else out), s.cache
 
 
 class Sampler:
