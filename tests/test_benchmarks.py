@@ -167,3 +167,16 @@ def test_rollout_head_quick(capsys):
     assert all(r["tokens"] == 4 * 2 * 8 and r["tok_s"] > 0 for r in out)
     fp32, bf16 = out[2]["rollout/mismatch_mean"], out[0]["rollout/mismatch_mean"]
     assert fp32 < bf16 / 10, (fp32, bf16)
+
+
+@pytest.mark.slow
+def test_rollout_engine_and_topk_record_quick(capsys):
+    """benchmarks/rollout_engine.py --quick: every variant generates the same tokens (checked
+    inside), and every table prints; topk_record's chunked top-K is exact."""
+    out = _load_bench("rollout_engine").main(["--quick"])
+    printed = capsys.readouterr().out
+    assert {"mix", "topk", "decode", "quant"} <= set(out)
+    assert "continuous, 4 slots" in printed and "Table 4: rollout precision" in printed
+    assert all(v > 0 for v in out["mix"].values())
+    rows = _load_bench("topk_record").main(["--quick"])
+    assert all(exact for _, _, exact, _ in rows)

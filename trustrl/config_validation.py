@@ -14,7 +14,7 @@ import json
 import math
 import os
 
-from trustrl import advantages, losses, train_step
+from trustrl import advantages, losses, quant, train_step
 
 DTYPES = ("float32", "bfloat16")
 OVERLONG = ("none", "filter", "penalty")
@@ -93,7 +93,7 @@ def validate(cfg):
     _float(cfg, "loss.is_cap", 0, open_low=True, inf_ok=True)
     if cfg.loss.method.startswith("relax"):
         _float(cfg, "loss.alpha", 0, 1, open_low=True)
-    _choice("rollout.dtype", cfg.rollout.dtype, DTYPES)
+    _choice("rollout.dtype", cfg.rollout.dtype, DTYPES + quant.QUANT)
     _choice("rollout.head_dtype", cfg.rollout.head_dtype, ("",) + tuple(DTYPES))
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("model.param_dtype", cfg.model.param_dtype, DTYPES)

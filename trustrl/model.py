@@ -54,6 +54,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl import attention as attention_lib
+from trustrl import quant
 from trustrl import sharding as sharding_lib
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -94,6 +95,7 @@ class ModelConfig:
     remat: str = "full"  # per-layer rematerialisation policy: REMAT_POLICIES (or a bool)
     attention: str = "auto"  # attention backend: trustrl.attention.BACKENDS
     attention_block_size: int = 512  # blockwise backend: query / key tile length
+    weight_quant: str = ""  # "" | "int8" | "fp8": quantised matmul kernels (trustrl.quant)
     # KV-cache decode: attend blocks of this many cache slots up to the last written one
     # (0: the whole cache in one pass); attention.decode_attention
     decode_block_size: int = 256
@@ -116,6 +118,8 @@ class ModelConfig:
                              f"{attention_lib.BACKENDS}")
         if int(self.attention_block_size) < 1:
             raise ValueError(f"attention_block_size must be >= 1, got {self.attention_block_size}")
+        if self.weight_quant:
+            quant.check_kind(self.weight_quant)
         if int(self.decode_block_size) < 0:
             raise ValueError(f"decode_block_size must be >= 0 (0 = the whole cache at once), "
                              f"got {self.decode_block_size}")
@@ -200,6 +204,20 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype=None):
 
 
 _normal = nn.initializers.normal(0.02)  # Hugging Face's initializer_range default
+
+
+def _kernel(module: nn.Module, name: str, shape, axes, in_ndim: int = 1):
+    """A matmul kernel [*in, *out] in the compute dtype. Under ``weight_quant`` it is stored
+    quantised (int8 / fp8) with per-output-channel float32 scales ``<name>_scale`` [*out]
+    and dequantised here (trustrl.quant; the values come from ``quant.quantize_params``)."""
+    c = module.config
+    if not c.weight_quant:
+        return _param(module, name, _normal, shape, axes)
+    q = module.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape,
+                     quant.STORAGE[c.weight_quant])
+    scale = module.param(name + quant.SCALE_SUFFIX, nn.with_logical_partitioning(
+        nn.initializers.ones, axes[in_ndim:]), shape[in_ndim:], jnp.float32)
+    return quant.dequantize(q, scale, in_ndim, c.compute_dtype)
 
 
 def _dense(x, kernel, in_ndim: int = 1, out_dtype=None):
@@ -296,10 +314,10 @@ class Attention(nn.Module):
         """
         c = self.config
         e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        wq = _param(self, "q_proj", _normal, (e, h, d), ("embed", "heads", "kv"))
-        wk = _param(self, "k_proj", _normal, (e, k, d), ("embed", "heads", "kv"))
-        wv = _param(self, "v_proj", _normal, (e, k, d), ("embed", "heads", "kv"))
-        wo = _param(self, "o_proj", _normal, (h, d, e), ("heads", "kv", "embed"))
+        wq = _kernel(self, "q_proj", (e, h, d), ("embed", "heads", "kv"))
+        wk = _kernel(self, "k_proj", (e, k, d), ("embed", "heads", "kv"))
+        wv = _kernel(self, "v_proj", (e, k, d), ("embed", "heads", "kv"))
+        wo = _kernel(self, "o_proj", (h, d, e), ("heads", "kv", "embed"), in_ndim=2)
         q, key, val = _dense(x, wq), _dense(x, wk), _dense(x, wv)  # [B, T, N, D]
         if c.qkv_bias:  # Qwen2: biases on q, k, v (not o)
             q = q + _param(self, "q_bias", nn.initializers.zeros, (h, d), ("heads", "kv"))
@@ -343,9 +361,9 @@ class Mlp(nn.Module):
     def __call__(self, x):
         c = self.config
         e, f = c.hidden_size, c.intermediate_size
-        gate = _param(self, "gate_proj", _normal, (e, f), ("embed", "mlp"))
-        up = _param(self, "up_proj", _normal, (e, f), ("embed", "mlp"))
-        down = _param(self, "down_proj", _normal, (f, e), ("mlp", "embed"))
+        gate = _kernel(self, "gate_proj", (e, f), ("embed", "mlp"))
+        up = _kernel(self, "up_proj", (e, f), ("embed", "mlp"))
+        down = _kernel(self, "down_proj", (f, e), ("mlp", "embed"))
         return _dense(nn.silu(_dense(x, gate)) * _dense(x, up), down)
 
 

@@ -19,32 +19,44 @@ import jax
 import jax.numpy as jnp
 
 from trustrl import model as model_lib
+from trustrl import quant
 from trustrl import vocab_head
 from trustrl.rollout import response_logits_slice
 from trustrl.sampler import DecodeModel
+
+
+ROLLOUT_DTYPES = ("float32", "bfloat16") + quant.QUANT
 
 
 def rollout_config(model_cfg: model_lib.ModelConfig, dtype: str,
                    head_dtype: str = "") -> model_lib.ModelConfig:
     """The rollout engine's view of the model: parameters and activations in ``dtype``;
     ``head_dtype="float32"``: the vocabulary head's weights and matmul in float32 (the trunk
-    stays in ``dtype``)."""
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"rollout dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    stays in ``dtype``). ``dtype`` "int8" / "fp8": the trunk's matmul kernels stored in 8 bits
+    with per-channel scales (trustrl.quant), everything else and the activations in bf16."""
+    if dtype not in ROLLOUT_DTYPES:
+        raise ValueError(f"rollout dtype must be one of {ROLLOUT_DTYPES}, got {dtype!r}")
     if head_dtype not in ("", "float32", "bfloat16"):
         raise ValueError(f"rollout head dtype must be '', 'float32' or 'bfloat16', got "
                          f"{head_dtype!r}")
+    weight_quant = dtype if dtype in quant.QUANT else ""
+    dtype = "bfloat16" if weight_quant else dtype
     return dataclasses.replace(model_cfg, param_dtype=dtype, dtype=dtype, remat=False,
-                               head_dtype=head_dtype)
+                               head_dtype=head_dtype, weight_quant=weight_quant)
 
 
 def cast_params(params, model_cfg: model_lib.ModelConfig):
     """Parameters cast to ``model_cfg``'s storage dtypes: ``param_dtype``, and ``head_dtype``
-    for the vocabulary head (a no-op where they already are)."""
+    for the vocabulary head (a no-op where they already are); under ``weight_quant`` the
+    matmul kernels are quantised from the given (e.g. float32 master) values."""
+    if model_cfg.weight_quant and not any(quant.is_quantized(x) for x in jax.tree.leaves(params)):
+        params = quant.quantize_params(params, model_cfg.weight_quant, model_cfg.scan_layers)
     dtype, head = jnp.dtype(model_cfg.param_dtype), model_cfg.head_dtype
     head_names = {"embedding" if model_cfg.tie_word_embeddings else "lm_head"} if head else set()
 
     def cast(path, x):
+        if quant.is_quantized(x) or getattr(path[-1], "key", "").endswith(quant.SCALE_SUFFIX):
+            return x
         want = jnp.dtype(head) if any(getattr(k, "key", None) in head_names for k in path) \
             else dtype
         return x if x.dtype == want else x.astype(want)
