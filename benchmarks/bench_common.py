@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import jax
 
@@ -29,3 +30,17 @@ def export_random(cfg: M.ModelConfig, hf_dir: str):
     params = M.init_params(cfg, jax.random.key(0))
     hf.save_hf_dir(params, cfg, hf_dir)
     return params
+
+
+def best_of(runs: dict, repeats: int):
+    """(best seconds per call, first outputs) of no-argument callables: one untimed warm-up
+    call each (compiles), then ``repeats`` interleaved timed calls (blocking on the results),
+    so load changes on a shared machine hit every variant alike."""
+    outs = {k: jax.block_until_ready(f()) for k, f in runs.items()}
+    best = {k: float("inf") for k in runs}
+    for _ in range(repeats):
+        for k, f in runs.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best, outs

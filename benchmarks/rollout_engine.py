@@ -43,7 +43,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -90,17 +89,6 @@ def forced_length_model(cfg: M.ModelConfig, lengths: np.ndarray) -> DecodeModel:
                                           cache[1].at[slots].set(new[1], mode="drop")))
 
 
-def best_of(runs: dict, repeats: int) -> dict:
-    outs = {k: f() for k, f in runs.items()}  # compile + warm
-    best = {k: float("inf") for k in runs}
-    for _ in range(repeats):
-        for k, f in runs.items():
-            t = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t)
-    return best, outs
-
-
 def generate_fn(sampler, params, prompts):
     def run():
         r = sampler.generate(params, prompts, 1, jax.random.key(0))
@@ -120,7 +108,7 @@ def table_mix(cfg, rows, slots, cap, repeats):
                 f"{rows // slots} calls of {slots} rows": SamplerConfig(
                     max_rows=slots, continuous=False, **base),
                 f"continuous, {slots} slots": SamplerConfig(max_rows=slots, **base)}
-    t, outs = best_of({k: generate_fn(Sampler(model, c), params, prompts)
+    t, outs = bench_common.best_of({k: generate_fn(Sampler(model, c), params, prompts)
                        for k, c in variants.items()}, repeats)
     ref = outs["all rows at once"]
     for k, r in outs.items():  # the same tokens whichever way they were scheduled
@@ -153,7 +141,7 @@ def table_topk(models, batch, new_tokens, repeats):
             s = Sampler(policy.decode_model(cfg), SamplerConfig(
                 max_new_tokens=new_tokens, greedy=True, record_topk=k, topk_method=method))
             runs[label] = generate_fn(s, params, prompts)
-        t, _ = best_of(runs, repeats)
+        t, _ = bench_common.best_of(runs, repeats)
         n = batch * new_tokens
         lax = (f"{n / t['lax']:8.0f} | {t['lax'] / t['k0']:4.2f}x" if "lax" in t
                else f"{'-':>8} | {'-':>5}")
@@ -172,7 +160,7 @@ def table_decode(cfg, batch, new_tokens, repeats, block):
         s = Sampler(policy.decode_model(c), SamplerConfig(max_new_tokens=new_tokens,
                                                           greedy=True, record_topk=0))
         runs[label] = generate_fn(s, params, prompts)
-    t, outs = best_of(runs, repeats)
+    t, outs = bench_common.best_of(runs, repeats)
     a, b = (np.asarray(o.response_tokens) for o in outs.values())
     same = float(np.mean(a == b))
     n = batch * new_tokens
@@ -195,7 +183,7 @@ def table_quant(cfg, batch, new_tokens, repeats):
         s = Sampler(policy.decode_model(roll_cfg), SamplerConfig(
             max_new_tokens=new_tokens, greedy=True, record_topk=20))
         runs[dtype] = generate_fn(s, policy.cast_params(params, roll_cfg), prompts)
-    t, _ = best_of(runs, repeats)
+    t, _ = bench_common.best_of(runs, repeats)
     n = batch * new_tokens
     print(f"\nTable 4: rollout precision, batch {batch}, {new_tokens} new tokens, K = 20, "
           f"greedy, EOS off, {bench_common.label(cfg)} (weights dequantised in each matmul)")

@@ -23,27 +23,14 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common  # noqa: E402,F401  (puts the repository root on sys.path)
+import bench_common  # noqa: E402  (puts the repository root on sys.path)
 from trustrl import divergences  # noqa: E402
-
-
-def _best(fns: dict, repeats: int) -> dict:
-    for f in fns.values():
-        jax.block_until_ready(f())  # compile + warm
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(f())
-            best[k] = min(best[k], time.perf_counter() - t)
-    return best
 
 
 def op_table(batch, vocabs, k, repeats, chunk):
@@ -59,9 +46,9 @@ def op_table(batch, vocabs, k, repeats, chunk):
         chunk_fn = jax.jit(functools.partial(divergences.build_topk_set, k=k, method="chunked",
                                              chunk=chunk))
         approx = jax.jit(lambda x: jax.lax.approx_max_k(x, k, recall_target=0.95))
-        t = _best({"step": lambda: step(logits, key), "lax": lambda: lax_fn(logp, tok),
-                   "chunked": lambda: chunk_fn(logp, tok), "approx": lambda: approx(logp)},
-                  repeats)
+        t, _ = bench_common.best_of({
+            "step": lambda: step(logits, key), "lax": lambda: lax_fn(logp, tok),
+            "chunked": lambda: chunk_fn(logp, tok), "approx": lambda: approx(logp)}, repeats)
         ids_lax, lp_lax = lax_fn(logp, tok)
         ids_c, lp_c = chunk_fn(logp, tok)
         exact_chunked = bool(jnp.all(ids_lax == ids_c) and jnp.all(lp_lax == lp_c))
