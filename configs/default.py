@@ -85,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmstart.learning_rate = 3e-3  # peak AdamW learning rate
     c.warmstart.cache_dir = "workdirs/cache"  # warm starts are keyed by config and reused
     c.warmstart.seed = 0  # init + batch order of the warm start (shared by all RL seeds)
+    c.warmstart.dtype = ""  # compute dtype of the warm start and the filter ("" = model.dtype)
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.prompts_per_iter = 32  # prompts sampled per iteration

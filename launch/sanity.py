@@ -1,7 +1,7 @@
 r"""The laptop-scale sanity study (configs/sanity.py): run every method x seed, then summarise.
 
-    python launch/sanity.py --workdir=workdirs/sanity [--parallel=2] [--small] [--analyze_only]
-        [--out=docs]
+    python launch/sanity.py --workdir=workdirs/sanity [--parallel=2] [--small | --stress | --quant]
+        [--analyze_only] [--out=docs]
 
 Runs configs/sanity.py's get_sweep() through launch/sweep.py (runs already finished are skipped
 by resuming), then writes OUT/results_table.md (final / best training reward, collapse
@@ -90,14 +90,15 @@ def table(root: str, entries, max_step: int | None = None) -> str:
         if os.path.exists(os.path.join(d, "metrics.jsonl")):
             groups[e["config_arg"]].append(summarise(d, max_step))
     lines = [
-        f"| method | seeds | final reward | best reward | collapsed (iteration) | reached "
+        f"| method | seeds | iterations | final reward | best reward | collapsed (iteration) | reached "
         f"{THRESHOLD} at | held-out reward | mean abs(pi-mu) | max (pi-mu) | masked frac | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in groups.items():
         collapses = [r["collapse"] for r in runs]
         reaches = [r["reach"] for r in runs]
         lines.append(
-            f"| {name} | {len(runs)} | {_fmt([r['final'] for r in runs])} | "
+            f"| {name} | {len(runs)} | {_fmt([r['iterations'] for r in runs], 0)} | "
+            f"{_fmt([r['final'] for r in runs])} | "
             f"{_fmt([r['best'] for r in runs])} | "
             f"{sum(c is not None for c in collapses)}/{len(runs)} "
             f"{[c for c in collapses if c is not None] or ''} | "
@@ -110,17 +111,19 @@ def table(root: str, entries, max_step: int | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mismatch_profile(workdir: str, batches: int = 4, small: bool = False) -> str:
-    """Where the bf16 / fp32 mismatch sits: `batches` rollout batches of the base policy (before
-    any RL update), bucketed by the rollout probability mu of each sampled token, for the bf16
-    rollout and the fp32 control. Returns a markdown table."""
+def mismatch_profile(workdir: str, batches: int = 4, small: bool = False,
+                     names=("pg_is", "pg_is_fp32")) -> str:
+    """Where the rollout / trainer mismatch sits: `batches` rollout batches of the base policy
+    (before any RL update), bucketed by the rollout probability mu of each sampled token, for the
+    sanity runs `names` (by default the bf16 rollout and the fp32 control). Returns a markdown
+    table."""
     import jax
     from configs import sanity as sanity_cfg
     from trustrl import experiment, rollout, train_step as ts
 
     lines = ["| rollout | mu bucket | tokens | share | mean abs(pi-mu) | mean abs(log pi/mu) | "
              "max ratio |", "|---|---|---|---|---|---|---|"]
-    for name in ("pg_is", "pg_is_fp32"):
+    for name in names:
         cfg = sanity_cfg.get_config(name + (",small" if small else ""))
         run = experiment.build(cfg, os.path.join(workdir, name))
         params_roll = run.rollout_params(run.state.params)
@@ -150,6 +153,11 @@ def main(argv=None):
                    help="the follow-up with a larger step per iteration (configs/sanity.py "
                         "STRESS_*): runs in WORKDIR_stress, writes OUT/stress_table.md and "
                         "OUT/stress_plots")
+    p.add_argument("--quant", action="store_true",
+                   help="issue 15's study: int8 / fp8 rollouts with bf16 / fp32 controls and a "
+                        "bf16 trainer, 200 iterations (configs/sanity.py get_quant_sweep(), in "
+                        "priority order): runs in WORKDIR_quant, writes OUT/quant_table.md and "
+                        "OUT/quant_plots; with --mismatch_profile, profiles int8 / fp8 too")
     p.add_argument("--analyze_only", action="store_true")
     p.add_argument("--max_iteration", type=int, default=None,
                    help="summarise every run over its first N iterations (default: all)")
@@ -158,9 +166,11 @@ def main(argv=None):
                         "(WORKDIR_profile, OUT/mismatch_profile.md)")
     a = p.parse_args(argv)
     if a.mismatch_profile:
-        text = mismatch_profile(a.workdir.rstrip("/") + "_profile", small=a.small)
+        names = ("pg_is", "pg_is_fp32") + (("pg_is_int8", "pg_is_fp8") if a.quant else ())
+        text = mismatch_profile(a.workdir.rstrip("/") + "_profile", small=a.small, names=names)
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "mismatch_profile.md"), "w") as f:
+        with open(os.path.join(a.out, ("quant_" if a.quant else "") + "mismatch_profile.md"),
+                  "w") as f:
             f.write(text)
         print(text)
         return 0
@@ -174,6 +184,11 @@ def main(argv=None):
         variant, table_name, plots_name = "stress", "stress_table.md", "stress_plots"
         entries = [{"config_arg": n, "seed": 0} for n in sanity_cfg.STRESS_METHODS]
         a.workdir = a.workdir.rstrip("/") + "_stress"
+    elif a.quant:
+        from configs import sanity as sanity_cfg
+        variant, table_name, plots_name = "long", "quant_table.md", "quant_plots"
+        entries = sanity_cfg.get_quant_sweep()
+        a.workdir = a.workdir.rstrip("/") + "_quant"
     if not a.analyze_only:
         cmds = sweep.commands(CONFIG, entries, a.workdir, variant)
         # the first run alone builds the shared warm start and filter cache; then the rest

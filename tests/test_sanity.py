@@ -195,3 +195,66 @@ def test_mismatch_profile_small(tmp_path, subprocess_env):
     assert set(by_dtype) == {"bfloat16", "float32"}
     assert max(by_dtype["bfloat16"]) > 1e-5  # bf16 rounding is visible (~4e-4 here)
     assert max(by_dtype["float32"]) < min(by_dtype["bfloat16"]) / 100
+
+
+def test_quant_study_runs_in_priority_order_with_the_right_precisions():
+    """Issue 15's study: fp8's core six first, then the four controls, int8's core six, the bf16
+    trainer, the other methods, the further seeds; every quantised name exactly once per seed."""
+    entries = sanity.get_quant_sweep()
+    names = [e["config_arg"] for e in entries]
+    assert names[:6] == [f"{m}_fp8" for m in sanity.CORE]
+    assert names[6:10] == ["pg_is_fp32", "dppo_binary_tv_fp32", "pg_is", "dppo_binary_tv"]
+    assert names[10:16] == [f"{m}_int8" for m in sanity.CORE]
+    assert len({(e["config_arg"], e["seed"]) for e in entries}) == len(entries)
+    quant = {n for n, (_, d, _) in sanity.SANITY_METHODS.items() if d in sanity.QUANT_DTYPES}
+    assert quant == {n for n in names if n.endswith(("_int8", "_fp8"))} and len(quant) == 22
+    seeds = {n: sorted(e["seed"] for e in entries if e["config_arg"] == n) for n in quant}
+    assert all(s == ([0, 1, 2] if n.rsplit("_", 1)[0] in sanity.CORE else [0])
+               for n, s in seeds.items())
+    for e in entries:
+        c = sanity.get_config(e["config_arg"] + ",long")
+        config_validation.validate(c)
+        assert c.train.iterations == sanity.LONG_ITERATIONS == 200
+        assert c.optim.learning_rate == sanity.LEARNING_RATE  # no per-method tuning
+        suffix = e["config_arg"].rsplit("_", 1)[1]
+        if suffix in sanity.QUANT_DTYPES:
+            assert c.rollout.dtype == suffix and c.model.dtype == "float32"
+    t = sanity.get_config("pg_is_bf16trainer")
+    assert (t.model.dtype, t.model.param_dtype, t.rollout.dtype) == (
+        "bfloat16", "float32", "bfloat16")
+    # the main study is unchanged: 25 runs, bf16 / fp32 rollouts and an fp32 trainer only
+    main = sanity.get_sweep()
+    assert len(main) == 25 and all(not e["config_arg"].endswith(("_int8", "_fp8", "trainer"))
+                                   for e in main)
+
+
+def test_bf16_trainer_starts_from_the_fp32_runs_base(tmp_path, monkeypatch):
+    """warmstart.dtype: the base (warm start + filter) of a bf16-compute trainer is built in fp32,
+    under the same cache key as the fp32 trainer's, so both RL runs start from one base."""
+    from trustrl import experiment
+    seen = []
+
+    def fake_warm_start(cfg, env, model_cfg, params, mesh):
+        seen.append(("warm", model_cfg.dtype, warmstart.cache_key(cfg, env, model_cfg)))
+        return params
+
+    def fake_filter(cfg, env, model_cfg, sampler_cfg, params, mesh, warm_key):
+        seen.append(("filter", model_cfg.dtype, warm_key))
+        return {"kept": [0, 1]}
+
+    monkeypatch.setattr(warmstart, "warm_start", fake_warm_start)
+    monkeypatch.setattr(filtering, "filter_train", fake_filter)
+    runs = {}
+    for name in ("pg_is", "pg_is_bf16trainer"):
+        cfg = sanity.get_config(name + ",small")
+        cfg.warmstart.cache_dir = str(tmp_path / "cache")
+        cfg.task.data_dir = str(tmp_path / "data")
+        runs[name] = experiment.build(cfg, str(tmp_path / name))
+    assert runs["pg_is"].model_cfg.dtype == "float32"
+    assert runs["pg_is_bf16trainer"].model_cfg.dtype == "bfloat16"
+    assert [s[1] for s in seen] == ["float32"] * 4  # warm + filter, for both runs
+    assert seen[0][2] == seen[2][2] and seen[1][2] == seen[3][2] == seen[0][2]
+    with pytest.raises(ValueError, match="warmstart.dtype"):
+        bad = sanity.get_config("pg_is,small")
+        bad.warmstart.dtype = "fp8"
+        config_validation.validate(bad)

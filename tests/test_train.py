@@ -177,7 +177,7 @@ def test_every_shipped_config_validates():
         config_validation.validate(methods.get_config(name))
     from configs import sanity
     for name in sanity.SANITY_METHODS:
-        for variant in ("", ",small", ",stress"):
+        for variant in ("", ",small", ",stress", ",long"):
             config_validation.validate(sanity.get_config(name + variant))
     with pytest.raises(ValueError, match="dppo_binary_kl"):
         methods.get_config("dppo")

@@ -97,6 +97,7 @@ def validate(cfg):
     _choice("rollout.head_dtype", cfg.rollout.head_dtype, ("",) + tuple(DTYPES))
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("model.param_dtype", cfg.model.param_dtype, DTYPES)
+    _choice("warmstart.dtype", cfg.warmstart.dtype, ("",) + DTYPES)
     _choice("rollout.overlong", cfg.rollout.overlong, OVERLONG)
     _choice("task.template", cfg.task.template, TEMPLATES)
     _choice("task.name", cfg.task.name, tuple(rewards.TASKS))
@@ -325,7 +326,7 @@ _ABSENT = "<absent>"
 # rollout.continuous is the exception: True (the new default) has no effect with max_rows = 0,
 # and with max_rows > 0 it draws rollouts from the same distribution as the older split calls.
 ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.continuous": True,
-                "rollout.refill_rows": 0}
+                "rollout.refill_rows": 0, "warmstart.dtype": ""}
 
 
 def config_changes(old: dict, new: dict):

@@ -197,15 +197,19 @@ def build(cfg, workdir: str, mesh=None) -> Run:
     else:
         model_cfg = model_config(cfg, tokenizer.vocab_size)
         params = init_params(model_cfg, k_init, mesh)
+    # the base (warm start + training-set filter) may be built at another compute dtype than
+    # the trainer's, so that e.g. a bf16-compute trainer starts from the fp32 runs' base
+    base_cfg = (dataclasses.replace(model_cfg, dtype=cfg.warmstart.dtype)
+                if cfg.warmstart.dtype else model_cfg)
     if cfg.warmstart.steps > 0:
-        params = warmstart.warm_start(cfg, env, model_cfg, params, mesh)
+        params = warmstart.warm_start(cfg, env, base_cfg, params, mesh)
 
     total_steps = cfg.train.iterations * cfg.train.epochs * cfg.train.minibatches
     tx = ts.make_optimizer(cfg.optim, total_steps)
     state_sh = ts.state_shardings(model_cfg, tx, mesh)
     state = ts.init_train_state(params, tx, state_sh)
 
-    _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir)
+    _filter(cfg, env, base_cfg, tokenizer, params, mesh, workdir)
 
     roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype, cfg.rollout.head_dtype)
     batch_sharding = sharding.batch_sharding(mesh)

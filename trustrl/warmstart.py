@@ -29,7 +29,9 @@ def cache_key(cfg, env, model_cfg) -> str:
             if not k.startswith(("filter_", "solve_band_"))}
     tok = env.tokenizer  # the special ids live in tokenizer_config.json, not in the vocab
     blob = json.dumps({"model": repr(model_cfg), "task": task,
-                       "warmstart": {k: v for k, v in cfg.warmstart.items() if k != "cache_dir"},
+                       # warmstart.dtype is in model_cfg already (the base's compute dtype)
+                       "warmstart": {k: v for k, v in cfg.warmstart.items()
+                                     if k not in ("cache_dir", "dtype")},
                        "hf_dir": cfg.model.hf_dir,
                        "vocab": hashlib.sha256(vocab.encode()).hexdigest(),
                        "special_ids": [tok.bos_id, tok.eos_id, tok.pad_id]}, sort_keys=True)
