@@ -9,10 +9,13 @@ head weight [V, d] (tied layout, as Qwen3-0.6B), compiled for one CPU device; XL
 analysis, temp bytes (the arguments are the same for both). Two workloads:
   "binary": logp (differentiated) + entropy, what dppo_binary_* / PPO / GRPO need;
   "full":   the same + mu's hidden states and weight, exact TV and KL(mu || pi) (dppo_full_*).
-Time: the same functions on real arrays, forward + backward and forward only, median of
-``--repeats`` after a warm-up, for the shapes in ``--time_shapes`` (the plain head's [T, V]
-float32 logits at 16k tokens (10 GB, plus log_softmax / exp copies) do not fit a 24 GiB CPU
-machine, so time is measured at 4k by default). Ratios are fused / plain.
+Heads: "plain" (full [T, V] logits), "fused" (chunks, recomputing backward: 4 head matmuls),
+"loss-fused" (fused + the loss's d loss / d logp given to the head, as the train step does: the
+weight gradient is formed in the forward pass from the tile in memory, 3 matmuls).
+Time: the same functions on real arrays, forward + backward and forward only, the best of
+``--repeats`` interleaved rounds after a warm-up, for the shapes in ``--time_shapes`` (the plain
+head's [T, V] float32 logits at 16k tokens (10 GB, plus log_softmax / exp copies) do not fit a
+24 GiB CPU machine, so time is measured at 4k by default). Ratios are against plain.
 
 Measured: see docs/performance.md (the "Vocabulary head" section).
 """
@@ -25,7 +28,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from trustrl import vocab_head as vh  # noqa: E402
@@ -35,11 +37,14 @@ VOCAB = 151936
 
 
 def _fn(kind: str, workload: str, grad: bool, token_chunk=0, temperature=1.0):
-    fused = kind == "fused"
-
+    """kind: plain | fused (recomputing backward) | loss_fused (the loss's d / d logp, here
+    1 / tokens for the mean, given to the head: its weight gradient is formed in the forward)."""
     def outputs(h, w, y, hm, wm):
         kw = dict(mu_hidden=hm, mu_w=wm) if workload == "full" else {}
-        if fused:
+        if kind == "loss_fused":
+            g = 1.0 / y.shape[0]
+            kw["logp_grad"] = (lambda out, ex: jnp.full_like(out["logp"], g), {})
+        if kind != "plain":
             return vh.fused_head(h, w, y, w_vocab_axis=0, temperature=temperature,
                                  token_chunk=token_chunk, **kw)
         return vh.plain_head(h, w, y, w_vocab_axis=0, temperature=temperature, **kw)
@@ -71,17 +76,6 @@ def memory(t, d, v, kind, workload, token_chunk=0) -> float:
     return compiled.memory_analysis().temp_size_in_bytes / GiB
 
 
-def timing(t, d, v, kind, workload, grad, repeats, token_chunk=0) -> float:
-    fn, args = _fn(kind, workload, grad, token_chunk), _args(t, d, v, False)
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
@@ -105,30 +99,46 @@ def main(argv=None):
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, V = {v}, bf16 inputs, "
           "float32 accumulation", flush=True)
     results = {"memory": [], "time": []}
-    print("| d | tokens | workload | plain temp GiB | fused temp GiB | plain / fused |")
-    print("|---|---|---|---|---|---|")
+    print("| d | tokens | workload | plain temp GiB | fused temp GiB | loss-fused temp GiB | "
+          "plain / fused | plain / loss-fused |")
+    print("|---|---|---|---|---|---|---|---|")
     for d in dims:
         for t in lengths:
             for workload in ("binary", "full"):
                 plain = memory(t, d, v, "plain", workload)
                 fused = memory(t, d, v, "fused", workload, chunk)
+                lfused = memory(t, d, v, "loss_fused", workload, chunk)
                 results["memory"].append(dict(d=d, t=t, workload=workload, plain=plain,
-                                              fused=fused))
-                print(f"| {d} | {t} | {workload} | {plain:.2f} | {fused:.3f} | "
-                      f"{plain / fused:.1f}x |", flush=True)
+                                              fused=fused, loss_fused=lfused))
+                print(f"| {d} | {t} | {workload} | {plain:.2f} | {fused:.3f} | {lfused:.3f} | "
+                      f"{plain / fused:.1f}x | {plain / lfused:.1f}x |", flush=True)
     if time_shapes:
-        print("\n| d | tokens | workload | pass | plain s | fused s | fused / plain |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| d | tokens | workload | pass | plain s | fused s | loss-fused s | "
+              "fused / plain | loss-fused / plain |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for d, t in time_shapes:
         for workload in ("binary", "full"):
             for grad in (True, False):
-                plain = timing(t, d, v, "plain", workload, grad, args.repeats)
-                fused = timing(t, d, v, "fused", workload, grad, args.repeats, chunk)
+                # interleaved, best of `repeats` rounds: a busy machine slows all three alike
+                kinds = ("plain", "fused", "loss_fused") if grad else ("plain", "fused")
+                fns = {k: (_fn(k, workload, grad, 0 if k == "plain" else chunk),
+                           _args(t, d, v, False)) for k in kinds}
+                best = {k: float("inf") for k in kinds}
+                for k, (fn, a) in fns.items():
+                    jax.block_until_ready(fn(*a))  # compile + warm up
+                for _ in range(args.repeats):
+                    for k, (fn, a) in fns.items():
+                        t0 = time.perf_counter()
+                        jax.block_until_ready(fn(*a))
+                        best[k] = min(best[k], time.perf_counter() - t0)
+                plain, fused = best["plain"], best["fused"]
+                lfused = best.get("loss_fused", fused)  # no gradient: the same forward
                 name = "fwd+bwd" if grad else "fwd"
                 results["time"].append(dict(d=d, t=t, workload=workload, grad=grad,
-                                            plain=plain, fused=fused))
+                                            plain=plain, fused=fused, loss_fused=lfused))
                 print(f"| {d} | {t} | {workload} | {name} | {plain:.3f} | {fused:.3f} | "
-                      f"{fused / plain:.2f}x |", flush=True)
+                      f"{lfused:.3f} | {fused / plain:.2f}x | {lfused / plain:.2f}x |",
+                      flush=True)
     return results
 
 

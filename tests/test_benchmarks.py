@@ -135,7 +135,9 @@ def test_vocab_head_quick(capsys):
     for r in out["memory"]:
         if r["t"] == 1024:
             assert r["fused"] < r["plain"] / 3, r
-    assert len(out["time"]) == 4 and all(r["plain"] > 0 and r["fused"] > 0 for r in out["time"])
+    assert len(out["time"]) == 4 and all(r["plain"] > 0 and r["fused"] > 0 and r["loss_fused"] > 0
+                                         for r in out["time"])
+    assert all(r["loss_fused"] < r["plain"] / 3 for r in out["memory"] if r["t"] == 1024)
 
 
 @pytest.mark.slow

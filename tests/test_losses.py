@@ -280,6 +280,14 @@ def test_random_vs_slow_reference(method, agg):
                      "seq-mean-token-sum-norm": 1 / (n_seq * T)}[agg]
             want[b, t] = -keep * w * adv[b] * agg_w
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+    # the loss-fused head's per-token form (losses.logp_grad), elementwise: on flat tokens
+    num_w, denom = losses.aggregation_weights(jnp.asarray(mask), agg)
+    flat = lambda x: jnp.reshape(x, (-1,))
+    direct = losses.logp_grad(
+        flat(lp), flat(lmu), flat(jnp.broadcast_to(jnp.asarray(adv, jnp.float32)[:, None], lp.shape)),
+        flat(num_w / denom), method=method, delta_low=dl, delta_high=dh, is_cap=cap,
+        old_logp=flat(kw["old_logp"]), divergence=flat(kw["divergence"]), alpha=alpha)
+    np.testing.assert_allclose(np.asarray(direct).reshape(B, T), want, rtol=2e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -402,3 +410,9 @@ def test_nonfinite_on_padding_is_allowed():
     loss, _ = policy_loss(jnp.zeros((1, 2)), lmu, jnp.ones(1), jnp.array([[1.0, 0.0]]),
                           method="pg_is", delta_low=.2, delta_high=.2)
     assert np.isfinite(float(loss))
+
+
+def test_logp_grad_refuses_the_sequence_level_mask():
+    with pytest.raises(ValueError, match="trm_seq"):
+        losses.logp_grad(jnp.zeros(3), jnp.zeros(3), jnp.ones(3), jnp.ones(3), method="trm_seq",
+                         delta_low=0.1, delta_high=0.1)

@@ -255,3 +255,109 @@ def test_train_step_equals_plain_head_update(method, tied):
         jax.jit(functools.partial(ts.score, model_cfg=cfg, temperature=0.7))(params, batch),
         policy.response_logp(params, cfg, tokens, batch["positions"], valid, num_response=n,
                              temperature=0.7), atol=1e-6)
+
+
+# ----------------------------------------------------------------------- the loss-fused head
+
+def _loss_fused(x, extra, **kw):
+    """sum_t a_t exp(logp_t) (+ extra * sum logp^2, which the prediction does not know)."""
+    a = x["g"]
+    fn = lambda out, ex: ex["a"] * jnp.exp(out["logp"])  # its d / d logp, per token
+    def loss(h, w, fused):
+        out = vh.fused_head(h, w, x["y"], logp_grad=(fn, {"a": a}) if fused else None, **kw)
+        return jnp.sum(a * jnp.exp(out["logp"])) + extra * jnp.sum(out["logp"] ** 2)
+    return loss
+
+
+@pytest.fixture
+def corrections(monkeypatch):
+    seen = []
+    monkeypatch.setattr(vh, "ON_CORRECTION", lambda err, scale: seen.append(float(err)))
+    return seen
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("token_chunk,vocab_chunk", [(0, 0), (5, 0), (4, 40)])
+@pytest.mark.parametrize("extra", [0.0, 0.3])
+def test_loss_fused_head_gradient_equals_unfused(temperature, token_chunk, vocab_chunk, extra,
+                                                 corrections):
+    """The weight gradient formed in the forward pass from the predicted d loss / d logp equals
+    the recomputing backward's; a loss the prediction misses (extra) is corrected, exactly."""
+    x = _inputs()
+    loss = _loss_fused(x, extra, temperature=temperature, token_chunk=token_chunk,
+                       vocab_chunk=vocab_chunk)
+    want = jax.jit(jax.grad(lambda h, w: loss(h, w, False), argnums=(0, 1)))(x["h"], x["w"])
+    got = jax.jit(jax.grad(lambda h, w: loss(h, w, True), argnums=(0, 1)))(x["h"], x["w"])
+    jax.effects_barrier()
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, atol=1e-6 * float(jnp.abs(r).max()), rtol=1e-5)
+    assert (len(corrections) > 0) == (extra > 0), corrections
+    values = jax.jit(lambda h, w: loss(h, w, True))(x["h"], x["w"])
+    np.testing.assert_allclose(values, jax.jit(lambda h, w: loss(h, w, False))(x["h"], x["w"]),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [0.0, 0.3])
+def test_loss_fused_head_vocab_sharded_equals_unsharded(extra):
+    x = _inputs(b=4)
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    want = jax.jit(jax.grad(_loss_fused(x, extra, temperature=0.7), argnums=(0, 1)),
+                   static_argnums=2)(x["h"], x["w"], True)
+    got = jax.jit(jax.grad(_loss_fused(x, extra, temperature=0.7, mesh=mesh), argnums=(0, 1)),
+                  static_argnums=2)(x["h"], x["w"], True)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, atol=1e-6 * float(jnp.abs(r).max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [m for m in losses.METHODS if m != "trm_seq"])
+def test_train_step_loss_fused_equals_unfused(method, monkeypatch, corrections):
+    """Every elementwise loss: the loss-fused head gives the unfused head's update, and its
+    predicted d loss / d logp is what autodiff sends back (no correction)."""
+    import ml_collections
+    v, b, p_len, n = 64, 4, 3, 6
+    cfg = ModelConfig.tiny(v, num_layers=1, head_token_chunk=5)
+    roll_cfg = policy.rollout_config(cfg, "bfloat16")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ks = jax.random.split(jax.random.PRNGKey(1), 6)
+    tokens = jax.random.randint(ks[0], (b, p_len + n), 0, v)
+    valid = jnp.ones_like(tokens)
+    pos = jnp.cumsum(valid, 1) - 1
+    lp = policy.response_logp(params, cfg, tokens, pos, valid, num_response=n)
+    batch = dict(tokens=tokens, valid=valid, positions=pos, response_tokens=tokens[:, p_len:],
+                 response_mask=jnp.ones((b, n)).at[1, 4:].set(0),
+                 rollout_logp=lp + 0.3 * jax.random.normal(ks[1], (b, n)),
+                 old_logp=lp + 0.2 * jax.random.normal(ks[2], (b, n)),
+                 advantages=jax.random.normal(ks[3], (b,)),
+                 topk_ids=jax.random.randint(ks[4], (b, n, 4), 0, v),
+                 topk_logp=-jnp.abs(jax.random.normal(ks[5], (b, n, 4))) - 3.0)
+    # thresholds that mask some tokens of this tiny model (probabilities ~1/64)
+    delta = {"dppo_binary_kl": 1e-4, "dppo_binary_kl_recompute": 1e-4, "dppo_topk_tv": 0.02,
+             "dppo_topk_kl": 0.02, "dppo_full_tv": 0.01, "dppo_full_kl": 0.01}.get(
+        method, 0.002 if ("binary" in method or method == "mask_neg") else 0.1)
+    loss_cfg = ml_collections.ConfigDict(dict(
+        method=method, delta_low=delta, delta_high=delta, is_cap=2.0, agg="seq-mean-token-mean",
+        alpha=0.012, trm_divergence="binary_kl"))
+    tx = optax.sgd(1.0)
+    state = ts.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          skipped=jnp.zeros((), jnp.int32))
+    noisy = jax.tree.map(lambda a: a * 1.3, params)  # mu for the exact methods: other weights
+
+    def update(fused):
+        monkeypatch.setattr(ts, "LOSS_FUSED_HEAD", fused)
+        step = jax.jit(functools.partial(ts.train_step, model_cfg=cfg, loss_cfg=loss_cfg, tx=tx,
+                                         rollout_model_cfg=roll_cfg, temperature=0.7))
+        new, metrics = step(state, batch, policy.cast_params(noisy, roll_cfg))
+        return jax.tree.map(lambda p, q: p - q, params, new.params), metrics
+
+    got, m_got = update(True)
+    want, m_want = update(False)
+    jax.effects_barrier()
+    assert corrections == []
+    assert 0 < float(m_want["loss/masked_frac"]) < 1 or method in ("pg_is", "cispo"), (
+        float(m_want["loss/masked_frac"]))
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want))
+    assert scale > 0
+    for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, r, atol=2e-6 * scale, rtol=1e-5)
+    for k in m_want:
+        np.testing.assert_allclose(m_got[k], m_want[k], rtol=1e-5, atol=1e-7, err_msg=k)

@@ -37,7 +37,7 @@ LOG_RATIO_CLAMP = 20.0
 
 # method -> what it needs besides (logp, rollout_logp, advantages, mask)
 _NEEDS_DIVERGENCE = {"dppo_topk_tv", "dppo_topk_kl", "dppo_full_tv", "dppo_full_kl", "trm_seq"}
-_NEEDS_OLD_LOGP = {"dppo_binary_tv_recompute", "dppo_binary_kl_recompute", "ppo_clip_recompute"}
+NEEDS_OLD_LOGP = {"dppo_binary_tv_recompute", "dppo_binary_kl_recompute", "ppo_clip_recompute"}
 _NEEDS_ALPHA = {"relax_high", "relax_low", "relax_both"}
 
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
@@ -188,7 +188,7 @@ def _validate(logp, rollout_logp, advantages, mask, method, delta_low, delta_hig
     if method in _NEEDS_DIVERGENCE and divergence is None:
         raise ValueError(f"method {method!r} needs divergence= [B, T] (computed with "
                          "trustrl.divergences in the train step)")
-    if method in _NEEDS_OLD_LOGP and old_logp is None:
+    if method in NEEDS_OLD_LOGP and old_logp is None:
         raise ValueError(f"method {method!r} needs old_logp= [B, T], the recomputed pi_old "
                          "log-probs; rollout_logp is not substituted")
     if method in _NEEDS_ALPHA:
@@ -239,19 +239,38 @@ def policy_loss_terms(logp, rollout_logp, advantages, mask, *, method, delta_low
     """Like policy_loss, but returns (loss_sum, denom, metrics) for exact micro-batching."""
     _validate(logp, rollout_logp, advantages, mask, method, delta_low, delta_high, is_cap, agg,
               old_logp, divergence, alpha)
-    f32 = lambda a: None if a is None else jax.lax.stop_gradient(jnp.asarray(a, jnp.float32))
     logp_f = jnp.asarray(logp, jnp.float32)
-    lp, lmu = f32(logp_f), f32(rollout_logp)
-    mask_f = f32(mask)
-    adv = f32(advantages)
-    if adv.ndim == 1:
-        adv = jnp.broadcast_to(adv[:, None], lp.shape)
+    mask_f = _f32(mask)
+    x, (blocked, div_used, weight, truncated, coef) = _coef(
+        logp_f, rollout_logp, advantages, mask_f, method=method, delta_low=delta_low,
+        delta_high=delta_high, is_cap=is_cap, old_logp=old_logp, divergence=divergence,
+        alpha=alpha)
+    per_token = -coef * jnp.exp(logp_f - jax.lax.stop_gradient(logp_f))
+    num_w, denom = aggregation_weights(mask_f, agg)
+    loss_sum = jnp.sum(per_token * num_w)
+    lp, lmu, adv, ratio = x.logp, x.rollout_logp, x.adv, x.ratio
+    metrics = _metrics(lp, lmu, adv, mask_f, blocked, div_used, weight, truncated, ratio)
+    return LossTerms(loss_sum, denom, metrics)
+
+
+def _f32(a):
+    return None if a is None else jax.lax.stop_gradient(jnp.asarray(a, jnp.float32))
+
+
+def _coef(logp, rollout_logp, advantages, mask, *, method, delta_low, delta_high, is_cap,
+          old_logp, divergence, alpha):
+    """The stop-gradient per-token coefficient M * w * A of every method (and its parts):
+    (inputs, (blocked, divergence used, weight, truncated, coef)). Elementwise over any token
+    shape, except trm_seq (a max over the last axis)."""
+    lp, lmu = _f32(logp), _f32(rollout_logp)
+    adv = _f32(advantages)
+    if adv.ndim == lp.ndim - 1:
+        adv = jnp.broadcast_to(adv[..., None], lp.shape)
     ratio = _ratio(lp, lmu)
-    x = _Inputs(lp, lmu, adv, mask_f, ratio, f32(old_logp), f32(divergence),
+    x = _Inputs(lp, lmu, adv, _f32(mask), ratio, _f32(old_logp), _f32(divergence),
                 float(delta_low), float(delta_high), None if alpha is None else float(alpha))
     blocked, div_used = MASK_FNS[method](x)
     keep = 1.0 - blocked.astype(jnp.float32)
-
     if method == "cispo":  # MiniMax CISPO: every token kept, weight sg(clip(r, 1-eps_l, 1+eps_h))
         weight = jnp.clip(ratio, 1 - delta_low, 1 + delta_high)
         truncated = (ratio < 1 - delta_low) | (ratio > 1 + delta_high)
@@ -259,14 +278,25 @@ def policy_loss_terms(logp, rollout_logp, advantages, mask, *, method, delta_low
         weight = jnp.minimum(ratio, is_cap)
         truncated = ratio > is_cap
     weight = jnp.minimum(weight, is_cap)
-
     coef = jax.lax.stop_gradient(keep * weight * adv)
-    per_token = -coef * jnp.exp(logp_f - jax.lax.stop_gradient(logp_f))
-    num_w, denom = aggregation_weights(mask_f, agg)
-    loss_sum = jnp.sum(per_token * num_w)
+    return x, (blocked, div_used, weight, truncated, coef)
 
-    metrics = _metrics(lp, lmu, adv, mask_f, blocked, div_used, weight, truncated, ratio)
-    return LossTerms(loss_sum, denom, metrics)
+
+def logp_grad(logp, rollout_logp, advantages, agg_weight, *, method, delta_low, delta_high,
+              is_cap=float("inf"), old_logp=None, divergence=None, alpha=None):
+    """d loss / d logp per token, -M * min(r, C) * A * agg_weight (agg_weight: the aggregation's
+    num_w / denom), elementwise over any token shape: what autodiff of policy_loss_terms'
+    loss_sum / denom gives, computed without a backward pass (the loss-fused vocabulary head,
+    trustrl.vocab_head, uses it inside its forward chunks). Not for trm_seq (a sequence-level
+    mask)."""
+    if method == "trm_seq" or method not in MASK_FNS:
+        raise ValueError(f"logp_grad is elementwise; method {method!r} is not (valid: "
+                         f"{', '.join(m for m in METHODS if m != 'trm_seq')})")
+    ones = jnp.ones(jnp.shape(logp), jnp.float32)
+    _, (*_, coef) = _coef(logp, rollout_logp, advantages, ones, method=method,
+                          delta_low=delta_low, delta_high=delta_high, is_cap=is_cap,
+                          old_logp=old_logp, divergence=divergence, alpha=alpha)
+    return -coef * _f32(agg_weight)
 
 
 def _masked_mean(x, m):

@@ -101,11 +101,13 @@ def response_logits(params, model_cfg: model_lib.ModelConfig, tokens, positions,
 
 
 def response_head(params, model_cfg: model_lib.ModelConfig, batch, *, temperature: float = 1.0,
-                  mu_params=None, mu_model_cfg=None, topk_ids=None, mesh=None) -> dict:
+                  mu_params=None, mu_model_cfg=None, topk_ids=None, mesh=None,
+                  logp_grad=None) -> dict:
     """The fused vocabulary head (trustrl.vocab_head) on the response positions of ``batch``
     (tokens / positions / valid / response_tokens): logp (differentiable), entropy, and with
     ``topk_ids`` log pi at those ids, with ``mu_params`` (frozen, at ``mu_model_cfg``'s
-    precision) the exact TV / KL(mu || pi). No [tokens, vocab] array is kept."""
+    precision) the exact TV / KL(mu || pi). No [tokens, vocab] array is kept. ``logp_grad``:
+    the loss-fused head (see vocab_head.fused_head)."""
     n = batch["response_tokens"].shape[1]
     args = (batch["tokens"], batch["positions"], batch["valid"])
     hidden = response_hidden(params, model_cfg, *args, num_response=n)
@@ -122,7 +124,8 @@ def response_head(params, model_cfg: model_lib.ModelConfig, batch, *, temperatur
         return vocab_head.plain_head(hidden, w, batch["response_tokens"], **kwargs)
     return vocab_head.fused_head(hidden, w, batch["response_tokens"], mesh=mesh,
                                  token_chunk=model_cfg.head_token_chunk,
-                                 vocab_chunk=model_cfg.head_vocab_chunk, **kwargs)
+                                 vocab_chunk=model_cfg.head_vocab_chunk, logp_grad=logp_grad,
+                                 **kwargs)
 
 
 FUSED_HEAD = True  # module switch, only so benchmarks/train_memory.py can measure the plain head

@@ -117,7 +117,7 @@ def _run(cfg, workdir, run):
 def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
     """The iterations start .. cfg.train.iterations; returns (state, last metrics)."""
     env, g = run.env, cfg.rollout.group_size
-    need_old = cfg.loss.method in losses._NEEDS_OLD_LOGP
+    need_old = cfg.loss.method in losses.NEEDS_OLD_LOGP
     metrics = {}
     for it in range(start, cfg.train.iterations):
         t0 = time.perf_counter()

@@ -22,6 +22,9 @@ from trustrl.rollout import Rollout
 
 TOPK_METHODS = ("dppo_topk_tv", "dppo_topk_kl")
 FULL_METHODS = ("dppo_full_tv", "dppo_full_kl")
+# the loss-fused vocabulary head (vocab_head.fused_head's logp_grad) for every elementwise loss;
+# a module switch only so benchmarks can measure the unfused head
+LOSS_FUSED_HEAD = True
 
 
 @flax.struct.dataclass
@@ -157,31 +160,55 @@ def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, los
     _, denom = losses.aggregation_weights(batch["response_mask"], loss_cfg.agg)
     denom = jnp.maximum(denom, 1e-8)
 
+    loss_kw = dict(method=method, delta_low=loss_cfg.delta_low, delta_high=loss_cfg.delta_high,
+                   is_cap=loss_cfg.is_cap,
+                   alpha=loss_cfg.alpha if method.startswith("relax") else None)
+
+    def divergence_of(head, mu_topk_logp):
+        """The per-token divergence the method masks on, from the head's outputs."""
+        if method in TOPK_METHODS:
+            fn = divergences.topk_tv if method.endswith("tv") else divergences.topk_kl
+            return fn(head["topk_logp"], mu_topk_logp)
+        if method in FULL_METHODS:
+            return head["tv"] if method.endswith("tv") else head["kl"]
+        return None
+
+    def chunk_grad(head, ex):  # the loss's d loss / d logp on a chunk of tokens (elementwise)
+        return losses.logp_grad(head["logp"], ex["rollout_logp"], ex["adv"], ex["agg_w"],
+                                old_logp=ex.get("old_logp"),
+                                divergence=divergence_of(head, ex.get("mu_topk_logp")),
+                                **loss_kw)
+
     def loss_fn(params, batch):
         mask = batch["response_mask"]
+        logp_grad = None
+        if LOSS_FUSED_HEAD and method != "trm_seq":  # trm_seq's mask is sequence-level
+            adv = jnp.asarray(batch["advantages"], jnp.float32)
+            ex = {"rollout_logp": batch["rollout_logp"],
+                  "adv": jnp.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, mask.shape),
+                  "agg_w": losses.aggregation_weights(mask, loss_cfg.agg)[0] / denom}
+            if method in losses.NEEDS_OLD_LOGP:
+                ex["old_logp"] = batch["old_logp"]
+            if method in TOPK_METHODS:
+                ex["mu_topk_logp"] = batch["topk_logp"]
+            logp_grad = (chunk_grad, jax.tree.map(jax.lax.stop_gradient, ex))
         # The fused head (trustrl.vocab_head): float32 chunks, never [tokens, vocab] logits. For
         # the exact methods mu's hidden states come from the frozen rollout parameters at the
-        # rollout precision (storing V floats per token is "memory-prohibitive").
+        # rollout precision (storing V floats per token is "memory-prohibitive"). With
+        # logp_grad it is loss-fused: the head's weight gradient is formed in its forward pass.
         head = policy.response_head(
             params, model_cfg, batch, temperature=temperature, mesh=mesh,
             topk_ids=batch["topk_ids"] if method in TOPK_METHODS else None,
             mu_params=rollout_params if method in FULL_METHODS else None,
-            mu_model_cfg=rollout_model_cfg)
+            mu_model_cfg=rollout_model_cfg, logp_grad=logp_grad)
         logp, entropy = head["logp"], head["entropy"]  # entropy: no gradient (a metric)
-        divergence = None
-        if method in TOPK_METHODS:
-            fn = divergences.topk_tv if method.endswith("tv") else divergences.topk_kl
-            divergence = fn(head["topk_logp"], batch["topk_logp"])
-        elif method in FULL_METHODS:
-            divergence = head["tv"] if method.endswith("tv") else head["kl"]
-        elif method == "trm_seq":
+        divergence = divergence_of(head, batch.get("topk_logp"))
+        if method == "trm_seq":
             fn = getattr(divergences, loss_cfg.trm_divergence)
             divergence = fn(jax.lax.stop_gradient(logp), batch["rollout_logp"])
         terms = losses.policy_loss_terms(
-            logp, batch["rollout_logp"], batch["advantages"], mask, method=method,
-            delta_low=loss_cfg.delta_low, delta_high=loss_cfg.delta_high,
-            is_cap=loss_cfg.is_cap, agg=loss_cfg.agg, old_logp=batch.get("old_logp"),
-            divergence=divergence, alpha=loss_cfg.alpha if method.startswith("relax") else None)
+            logp, batch["rollout_logp"], batch["advantages"], mask, agg=loss_cfg.agg,
+            old_logp=batch.get("old_logp"), divergence=divergence, **loss_kw)
         metrics = dict(terms.metrics)
         maskf = mask.astype(jnp.float32)
         metrics["train/entropy"] = jnp.sum(entropy * maskf) / jnp.maximum(maskf.sum(), 1.0)

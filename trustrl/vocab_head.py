@@ -41,6 +41,10 @@ from jax.sharding import PartitionSpec as P
 from trustrl import sharding as sharding_lib
 
 DEFAULT_TILE_ELEMENTS = 2 ** 26  # token_chunk=0: tokens per chunk = this // local vocabulary
+# loss-fused head: the cotangent of logp "is" the predicted g when max |c - g| <= this x max |g|
+# (autodiff and the forward pass round the same product in different orders, ~1e-7 apart)
+LOSS_GRAD_RTOL = 1e-5
+ON_CORRECTION = None  # tests only: called (err, scale) whenever the weight gradient is corrected
 
 
 def head_weight(params, model_cfg):
@@ -126,8 +130,10 @@ def _psum(x, axis_name):
 
 # ------------------------------------------------------------------------------ per-shard bodies
 
-def _forward_chunk(spec, w, wm, h, y, hm, ids, offset):
-    """Outputs for one token chunk on one vocabulary shard (statistics combined over shards)."""
+def _forward_chunk(spec, w, wm, h, y, hm, ids, offset, keep_tile=False):
+    """(outputs, lse, the logit tile when it is the only span and mu's TV or ``keep_tile`` wants
+    it, else None) for one token chunk on one vocabulary shard (statistics combined over
+    shards)."""
     local_vocab = w.shape[spec.vocab_axis]
     spans = spec.spans(local_vocab)
     ax = spec.vocab_shard_axis
@@ -148,6 +154,8 @@ def _forward_chunk(spec, w, wm, h, y, hm, ids, offset):
             mu.add(zm, zm - z)  # a = sum exp(zm - m) (zm - z): KL's cross term
             if len(spans) == 1:
                 kept = (z, zm)
+        elif keep_tile and len(spans) == 1:
+            kept = (z, None)
     m, s, a = pi.combine(ax)
     lse = m + jnp.log(s)
     out = {"logp": _psum(zy, ax) - lse, "entropy": lse - a / s}
@@ -165,30 +173,36 @@ def _forward_chunk(spec, w, wm, h, y, hm, ids, offset):
             tv = tv + jnp.sum(jnp.abs(jnp.exp(zm - lse_mu[:, None]) - jnp.exp(z - lse[:, None])),
                               axis=1)
         out["tv"] = 0.5 * _psum(tv, ax)
-    return out, lse
+    return out, lse, (None if kept is None else kept[0])
 
 
-def _backward_chunk(spec, w, h, y, lse, g, offset):
-    """(dh [C, E] float32, [dW slice float32 per vocabulary span]) of sum_t g_t logp_t."""
+def _backward_chunk(spec, w, h, y, lse, g, offset, tile=None, per_token_dh=False):
+    """(dh [C, E] float32, [dW slice float32 per vocabulary span]) of sum_t g_t logp_t.
+
+    ``tile``: the chunk's logit tile when already in memory (one span), else recomputed.
+    ``per_token_dh``: dh without the g_t factor, d logp_t / d h_t (this shard's vocabulary part),
+    so that any later cotangent c gives the exact dh = c * dh."""
     local_vocab = w.shape[spec.vocab_axis]
     y = y - offset
     dh = jnp.zeros(h.shape, jnp.float32)
     dws = []
     for lo, hi in spec.spans(local_vocab):
-        z = _tile(h, w, lo, hi, spec)
+        z = tile if tile is not None else _tile(h, w, lo, hi, spec)
         onehot = (jnp.arange(lo, hi)[None, :] == y[:, None]).astype(jnp.float32)
-        dz = g[:, None] * (onehot - jnp.exp(z - lse[:, None]))
+        d = onehot - jnp.exp(z - lse[:, None])
         if spec.temperature != 1.0:
-            dz = dz / spec.temperature
+            d = d / spec.temperature
+        dz = g[:, None] * d
         dtype = jnp.result_type(h, w)
         wc = jax.lax.slice_in_dim(w, lo, hi, axis=spec.vocab_axis).astype(dtype)
         dzc = dz.astype(dtype)
+        dhc = d.astype(dtype) if per_token_dh else dzc
         if spec.vocab_axis == 0:  # W [V, E]
-            dh = dh + jnp.dot(dzc, wc, preferred_element_type=jnp.float32)
+            dh = dh + jnp.dot(dhc, wc, preferred_element_type=jnp.float32)
             dws.append(jax.lax.dot_general(dzc, h.astype(dtype), (((0,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32))
         else:  # W [E, V]
-            dh = dh + jax.lax.dot_general(dzc, wc, (((1,), (1,)), ((), ())),
+            dh = dh + jax.lax.dot_general(dhc, wc, (((1,), (1,)), ((), ())),
                                           preferred_element_type=jnp.float32)
             dws.append(jax.lax.dot_general(h.astype(dtype), dzc, (((0,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32))
@@ -209,52 +223,75 @@ def _offset(spec, w):
     return jax.lax.axis_index(spec.vocab_shard_axis) * w.shape[spec.vocab_axis]
 
 
-def _local_forward(spec, w, wm, h, y, hm, ids):
-    """Flattens the local tokens, scans token chunks; returns (outputs, lse) unflattened."""
+def _layout(spec, w, h):
+    """(leading token shape, n tokens, chunk, number of chunks, flatten-and-chunk, unflatten)."""
     lead = h.shape[:-1]
     n = math.prod(lead)
     c = spec.chunk(n, w.shape[spec.vocab_axis])
     nc = -(-n // c)
     flat = lambda x: None if x is None else _chunked(x.reshape(n, *x.shape[len(lead):]), c, nc)
-    xs = (flat(h), flat(y), flat(hm), flat(ids))
-    offset = _offset(spec, w)
-
-    def body(carry, x):
-        hc, yc, hmc, idc = x
-        return carry, _forward_chunk(spec, w, wm, hc, yc, hmc, idc, offset)
-
-    _, (out, lse) = jax.lax.scan(body, None, xs)
     unflat = lambda x: x.reshape(nc * c, *x.shape[2:])[:n].reshape(*lead, *x.shape[2:])
-    return jax.tree.map(unflat, out), unflat(lse)
+    return flat, unflat
 
 
-def _local_backward(spec, w, h, y, lse, g):
-    lead = h.shape[:-1]
-    n = math.prod(lead)
-    c = spec.chunk(n, w.shape[spec.vocab_axis])
-    nc = -(-n // c)
-    flat = lambda x: _chunked(x.reshape(n, *x.shape[len(lead):]), c, nc)
-    offset = _offset(spec, w)
+def _dw_zeros(spec, w, e):
+    """Per-span float32 weight-gradient accumulators (the scan carry)."""
     spans = spec.spans(w.shape[spec.vocab_axis])
-    e = h.shape[-1]
     shape = (lambda lo, hi: (hi - lo, e)) if spec.vocab_axis == 0 else (lambda lo, hi: (e, hi - lo))
     dw0 = [jnp.zeros(shape(lo, hi), jnp.float32) for lo, hi in spans]
     varying = tuple(a for a in (spec.vocab_shard_axis, *spec.batch_shard_axes) if a)
     if varying:  # inside shard_map the carry must have the body's (per-device) type
         dw0 = [jax.lax.pcast(x, varying, to="varying") for x in dw0]
+    return dw0
+
+
+def _dw_total(spec, w, dws):
+    dw = jnp.concatenate(dws, axis=spec.vocab_axis) if len(dws) > 1 else dws[0]
+    for a in spec.batch_shard_axes:
+        dw = jax.lax.psum(dw, a)
+    return dw
+
+
+def _local_forward(spec, grad_fn, w, wm, h, y, hm, ids, ex):
+    """Flattens the local tokens, scans token chunks; returns (outputs, lse) unflattened, and
+    with ``grad_fn`` (the loss-fused head) also (g, d logp / d h per token, dW of sum_t g_t
+    logp_t), g = grad_fn(chunk outputs, chunk of ``ex``), from the tile already in memory."""
+    flat, unflat = _layout(spec, w, h)
+    xs = (flat(h), flat(y), flat(hm), flat(ids), jax.tree.map(flat, ex))
+    offset = _offset(spec, w)
+
+    def body(dws, x):
+        hc, yc, hmc, idc, exc = x
+        out, lse, tile = _forward_chunk(spec, w, wm, hc, yc, hmc, idc, offset,
+                                        keep_tile=grad_fn is not None)
+        if grad_fn is None:
+            return dws, (out, lse)
+        g = grad_fn(out, exc).astype(jnp.float32)  # padded tokens: ex = 0, so g = 0
+        dh, new = _backward_chunk(spec, w, hc, yc, lse, g, offset, tile=tile, per_token_dh=True)
+        return [a + b for a, b in zip(dws, new)], (out, lse, g, dh)
+
+    if grad_fn is None:
+        _, (out, lse) = jax.lax.scan(body, None, xs)
+        return jax.tree.map(unflat, out), unflat(lse)
+    dws, (out, lse, g, dh) = jax.lax.scan(body, _dw_zeros(spec, w, h.shape[-1]), xs)
+    dh = _psum(unflat(dh), spec.vocab_shard_axis)
+    return (jax.tree.map(unflat, out), unflat(lse), unflat(g), dh.astype(jnp.float32),
+            _dw_total(spec, w, dws))
+
+
+def _local_backward(spec, w, h, y, lse, g):
+    flat, unflat = _layout(spec, w, h)
+    offset = _offset(spec, w)
 
     def body(dws, x):
         hc, yc, lc, gc = x  # padded tokens carry g = 0: no gradient
         dh, new = _backward_chunk(spec, w, hc, yc, lc, gc, offset)
         return [a + b for a, b in zip(dws, new)], dh
 
-    dws, dh = jax.lax.scan(body, dw0, (flat(h), flat(y), flat(lse), flat(g.astype(jnp.float32))))
-    dw = jnp.concatenate(dws, axis=spec.vocab_axis) if len(dws) > 1 else dws[0]
-    dh = dh.reshape(nc * c, e)[:n].reshape(*lead, e)
-    dh = _psum(dh, spec.vocab_shard_axis)
-    for a in spec.batch_shard_axes:
-        dw = jax.lax.psum(dw, a)
-    return dh.astype(h.dtype), dw.astype(w.dtype)
+    dws, dh = jax.lax.scan(body, _dw_zeros(spec, w, h.shape[-1]),
+                           (flat(h), flat(y), flat(lse), flat(g.astype(jnp.float32))))
+    dh = _psum(unflat(dh), spec.vocab_shard_axis)
+    return dh.astype(h.dtype), _dw_total(spec, w, dws).astype(w.dtype)
 
 
 # ---------------------------------------------------------------------------------- public API
@@ -277,7 +314,7 @@ def _mesh_specs(mesh, hidden, w_axis, vocab, batch_axes, vocab_axis_name):
 def fused_head(hidden, w, targets, *, w_vocab_axis: int = 1, mu_hidden=None, mu_w=None,
                topk_ids=None, temperature: float = 1.0, token_chunk: int = 0,
                vocab_chunk: int = 0, mesh=None, vocab_axis_name: str = "tensor",
-               batch_axes=sharding_lib.BATCH_AXES) -> dict:
+               batch_axes=sharding_lib.BATCH_AXES, logp_grad=None) -> dict:
     """Per-token head outputs from hidden states (see the module docstring).
 
     Args:
@@ -291,6 +328,15 @@ def fused_head(hidden, w, targets, *, w_vocab_axis: int = 1, mu_hidden=None, mu_
       vocab_chunk: vocabulary slice per tile (0: the whole local vocabulary).
       mesh: with a mesh whose ``vocab_axis_name`` axis is > 1 and divides V, the vocabulary is
         split over it and the leading token axis over ``batch_axes`` (when divisible).
+      logp_grad: None, or (fn, extras) for the loss-fused head: ``extras`` a pytree of per-token
+        arrays [..., *] (the loss's own inputs: rollout log-probs, advantages, aggregation
+        weights, ...) and ``fn(outputs, extras)`` -> the loss's d loss / d logp, elementwise over
+        tokens (called on token chunks: ``outputs`` the chunk's head outputs, e.g.
+        losses.logp_grad). The forward pass then also computes the weight gradient of
+        sum_t g_t logp_t from the logit tile already in memory (3 head matmuls per step instead
+        of 4); the backward pass checks the cotangent it receives against g and recomputes the
+        weight gradient of the difference when they disagree, so the gradient is exact for any
+        loss. Values are unchanged.
     Returns: dict of float32 arrays, keys logp, entropy (+ topk_logp) (+ tv, kl).
     """
     if w_vocab_axis not in (0, 1) or w.ndim != 2:
@@ -329,19 +375,23 @@ def fused_head(hidden, w, targets, *, w_vocab_axis: int = 1, mu_hidden=None, mu_
     def spec_of(x):  # tokens' leading axis sharded, the rest replicated
         return P(*lead, *([None] * (x.ndim - 1)))
 
-    def forward(h, w_, y, hm, wm, ids):
-        fn = functools.partial(_local_forward, spec)
+    grad_fn, extras = (None, None) if logp_grad is None else logp_grad
+
+    def forward(h, w_, y, hm, wm, ids, ex, fused_grad):
+        fn = functools.partial(_local_forward, spec, grad_fn if fused_grad else None)
         if not sharded:
-            return fn(w_, wm, h, y, hm, ids)
+            return fn(w_, wm, h, y, hm, ids, ex)
         tok = lambda x: None if x is None else spec_of(x)
         out_keys = ["logp", "entropy"] + (["topk_logp"] if ids is not None else []) + (
             ["kl", "tv"] if hm is not None else [])
         outs = ({k: P(*lead, *([None] * (len(targets.shape) - 1 + (k == "topk_logp"))))
                  for k in out_keys}, spec_of(y))
+        if fused_grad:
+            outs = outs + (spec_of(y), spec_of(h), w_spec)
         return jax.shard_map(fn, mesh=mesh,
                              in_specs=(w_spec, None if wm is None else w_spec, tok(h), tok(y),
-                                       tok(hm), tok(ids)),
-                             out_specs=outs)(w_, wm, h, y, hm, ids)
+                                       tok(hm), tok(ids), jax.tree.map(spec_of, ex)),
+                             out_specs=outs)(w_, wm, h, y, hm, ids, ex)
 
     def backward(h, w_, y, lse, g):
         fn = functools.partial(_local_backward, spec)
@@ -352,22 +402,40 @@ def fused_head(hidden, w, targets, *, w_vocab_axis: int = 1, mu_hidden=None, mu_
                              out_specs=(spec_of(h), w_spec))(w_, h, y, lse, g)
 
     @jax.custom_vjp
-    def head(h, w_, y, hm, wm, ids):
-        return forward(h, w_, y, hm, wm, ids)[0]
+    def head(h, w_, y, hm, wm, ids, ex):
+        return forward(h, w_, y, hm, wm, ids, ex, False)[0]
 
-    def head_fwd(h, w_, y, hm, wm, ids):
-        out, lse = forward(h, w_, y, hm, wm, ids)
-        return out, (h, w_, y, lse)
+    def head_fwd(h, w_, y, hm, wm, ids, ex):
+        if grad_fn is None:
+            out, lse = forward(h, w_, y, hm, wm, ids, ex, False)
+            return out, (h, w_, y, lse, None)
+        out, lse, g, dh_tok, dw = forward(h, w_, y, hm, wm, ids, ex, True)
+        return out, (h, w_, y, lse, (g, dh_tok, dw))
 
     def head_bwd(res, ct):
-        h, w_, y, lse = res
-        dh, dw = backward(h, w_, y, lse, ct["logp"])
-        # entropy / top-K / TV / KL are outputs without a gradient (documented); integer ids and
-        # mu's (frozen) inputs get none either.
-        return dh, dw, None, None, None, None
+        h, w_, y, lse, fused = res
+        c = ct["logp"].astype(jnp.float32)
+        if fused is None:
+            dh, dw = backward(h, w_, y, lse, c)
+        else:  # the loss-fused head: dh exact for any cotangent, dW from the predicted g
+            g, dh_tok, dw = fused
+            dh = (c[..., None] * dh_tok).astype(h.dtype)
+            # when the cotangent is not the g predicted in the forward pass (beyond float32
+            # rounding), the difference's weight gradient is recomputed: exact either way
+            err, scale = jnp.max(jnp.abs(c - g)), jnp.max(jnp.abs(g))
+            def correct():
+                if ON_CORRECTION is not None:  # tests: observe that the slow branch ran
+                    jax.debug.callback(ON_CORRECTION, err, scale)
+                return dw + backward(h, w_, y, lse, c - g)[1].astype(jnp.float32)
+
+            dw = jax.lax.cond(err <= LOSS_GRAD_RTOL * scale, lambda: dw, correct)
+            dw = dw.astype(w_.dtype)
+        # entropy / top-K / TV / KL are outputs without a gradient (documented); integer ids,
+        # mu's (frozen) inputs and the loss's per-token inputs get none either.
+        return dh, dw, None, None, None, None, None
 
     head.defvjp(head_fwd, head_bwd)
-    out = head(hidden, w, targets, mu_hidden, mu_w, topk_ids)
+    out = head(hidden, w, targets, mu_hidden, mu_w, topk_ids, extras)
     return {k: (v if k == "logp" else jax.lax.stop_gradient(v)) for k, v in out.items()}
 
 
