@@ -113,11 +113,12 @@ def abstract_state(cfg: M.ModelConfig, tx):
 
 
 def measure_train_step(cfg: M.ModelConfig, shape, method="dppo_binary_tv",
-                       fused_head=True, microbatches=1) -> dict:
+                       fused_head=True, microbatches=1, loss_fused=True) -> dict:
     """Lowers and compiles the real train step on abstract inputs; no array is allocated.
 
     The exact methods (dppo_full_*) also get abstract bf16 rollout parameters (mu's hidden
-    states are recomputed from them). ``fused_head=False``: the plain head (policy.FUSED_HEAD).
+    states are recomputed from them). ``fused_head=False``: the plain head (policy.FUSED_HEAD);
+    ``loss_fused=False``: the fused head with its recomputing backward (ts.LOSS_FUSED_HEAD).
     """
     tx = optimizer()
     roll_cfg = policy.rollout_config(cfg, "bfloat16")
@@ -131,11 +132,12 @@ def measure_train_step(cfg: M.ModelConfig, shape, method="dppo_binary_tv",
         batch.update(topk_ids=jax.ShapeDtypeStruct((b, n, 20), jnp.int32),
                      topk_logp=jax.ShapeDtypeStruct((b, n, 20), jnp.float32))
     t0 = time.perf_counter()
-    saved, policy.FUSED_HEAD = policy.FUSED_HEAD, fused_head
+    saved = policy.FUSED_HEAD, ts.LOSS_FUSED_HEAD
+    policy.FUSED_HEAD, ts.LOSS_FUSED_HEAD = fused_head, loss_fused
     try:
         compiled = step.lower(abstract_state(cfg, tx), batch, roll_params).compile()
     finally:
-        policy.FUSED_HEAD = saved
+        policy.FUSED_HEAD, ts.LOSS_FUSED_HEAD = saved
     return dict(compiled_memory(compiled), compile_s=time.perf_counter() - t0)
 
 
@@ -199,7 +201,8 @@ HEAD_METHODS = ("dppo_binary_tv", "dppo_full_tv")
 
 
 def run_head(make_cfg, shapes, methods=HEAD_METHODS, log=print):
-    """Prints plain-vs-fused rows; returns {shape: {method: (plain, fused)}}."""
+    """Prints plain / fused / loss-fused rows; returns {shape: {method: (plain, fused,
+    loss_fused)}}."""
     results = {}
     log("| shape | method | head | temp GiB | args GiB | out GiB | total GiB | vs plain | "
         "compile s |")
@@ -207,12 +210,13 @@ def run_head(make_cfg, shapes, methods=HEAD_METHODS, log=print):
     for name, shape in shapes.items():
         for method in methods:
             plain = measure_train_step(make_cfg(), shape, method, fused_head=False)
-            fused = measure_train_step(make_cfg(), shape, method, fused_head=True)
-            for label, r in (("plain", plain), ("fused", fused)):
+            fused = measure_train_step(make_cfg(), shape, method, loss_fused=False)
+            lfused = measure_train_step(make_cfg(), shape, method)
+            for label, r in (("plain", plain), ("fused", fused), ("loss-fused", lfused)):
                 log(f"| {name} | {method} | {label} | {r['temp']:.2f} | {r['args']:.2f} | "
                     f"{r['out']:.2f} | {r['total']:.2f} | {plain['total'] / r['total']:.2f}x | "
                     f"{r['compile_s']:.1f} |")
-            results.setdefault(name, {})[method] = (plain, fused)
+            results.setdefault(name, {})[method] = (plain, fused, lfused)
     return results
 
 

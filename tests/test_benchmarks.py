@@ -103,11 +103,13 @@ def test_train_memory_head_table_small(capsys):
     out = bench.run_head(cfg, {"1x256": bench.SMALL_SHAPES["1x256"]}, methods=("dppo_full_tv",))
     printed = capsys.readouterr().out
     assert "| 1x256 | dppo_full_tv | fused |" in printed
+    assert "| 1x256 | dppo_full_tv | loss-fused |" in printed
     for method in ("dppo_full_tv",):
-        plain, fused = out["1x256"][method]
-        assert math.isclose(fused["args"], plain["args"], rel_tol=1e-6)
-        # the plain step holds >= one [192, 8192] float32 logits array; the fused one does not
-        assert plain["temp"] - fused["temp"] > 192 * 8192 * 4 / 2 ** 30, (method, plain, fused)
+        plain, fused, lfused = out["1x256"][method]
+        for r in (fused, lfused):
+            assert math.isclose(r["args"], plain["args"], rel_tol=1e-6)
+            # the plain step holds >= one [192, 8192] float32 logits array; the fused ones not
+            assert plain["temp"] - r["temp"] > 192 * 8192 * 4 / 2 ** 30, (method, plain, r)
 
 
 @pytest.mark.slow

@@ -346,11 +346,14 @@ def test_train_step_loss_fused_equals_unfused(method, monkeypatch, corrections):
         monkeypatch.setattr(ts, "LOSS_FUSED_HEAD", fused)
         step = jax.jit(functools.partial(ts.train_step, model_cfg=cfg, loss_cfg=loss_cfg, tx=tx,
                                          rollout_model_cfg=roll_cfg, temperature=0.7))
-        new, metrics = step(state, batch, policy.cast_params(noisy, roll_cfg))
-        return jax.tree.map(lambda p, q: p - q, params, new.params), metrics
+        args = (state, batch, policy.cast_params(noisy, roll_cfg))
+        new, metrics = step(*args)
+        conds = str(jax.make_jaxpr(step)(*args)).count("cond[")
+        return jax.tree.map(lambda p, q: p - q, params, new.params), metrics, conds
 
-    got, m_got = update(True)
-    want, m_want = update(False)
+    got, m_got, conds_fused = update(True)
+    want, m_want, conds = update(False)
+    assert conds_fused > conds  # the loss-fused backward (its cotangent check) is in the step
     jax.effects_barrier()
     assert corrections == []
     assert 0 < float(m_want["loss/masked_frac"]) < 1 or method in ("pg_is", "cispo"), (

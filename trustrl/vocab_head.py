@@ -275,8 +275,10 @@ def _local_forward(spec, grad_fn, w, wm, h, y, hm, ids, ex):
         return jax.tree.map(unflat, out), unflat(lse)
     dws, (out, lse, g, dh) = jax.lax.scan(body, _dw_zeros(spec, w, h.shape[-1]), xs)
     dh = _psum(unflat(dh), spec.vocab_shard_axis)
+    # dW in the weight's dtype, as the recomputing backward returns it (what the fast path hands
+    # back); per-token d logp / d h in float32 (scaled by the cotangent in the backward pass)
     return (jax.tree.map(unflat, out), unflat(lse), unflat(g), dh.astype(jnp.float32),
-            _dw_total(spec, w, dws))
+            _dw_total(spec, w, dws).astype(w.dtype))
 
 
 def _local_backward(spec, w, h, y, lse, g):
@@ -426,10 +428,10 @@ def fused_head(hidden, w, targets, *, w_vocab_axis: int = 1, mu_hidden=None, mu_
             def correct():
                 if ON_CORRECTION is not None:  # tests: observe that the slow branch ran
                     jax.debug.callback(ON_CORRECTION, err, scale)
-                return dw + backward(h, w_, y, lse, c - g)[1].astype(jnp.float32)
+                fix = backward(h, w_, y, lse, c - g)[1]
+                return (dw.astype(jnp.float32) + fix.astype(jnp.float32)).astype(w_.dtype)
 
             dw = jax.lax.cond(err <= LOSS_GRAD_RTOL * scale, lambda: dw, correct)
-            dw = dw.astype(w_.dtype)
         # entropy / top-K / TV / KL are outputs without a gradient (documented); integer ids,
         # mu's (frozen) inputs and the loss's per-token inputs get none either.
         return dh, dw, None, None, None, None, None
