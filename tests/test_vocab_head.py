@@ -276,8 +276,8 @@ def corrections(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("token_chunk,vocab_chunk", [(0, 0), (5, 0), (4, 40)])
+@pytest.mark.parametrize("temperature,token_chunk,vocab_chunk", [
+    (1.0, 0, 0), (0.7, 5, 0), (0.7, 4, 40), pytest.param(1.0, 4, 40, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("extra", [0.0, 0.3])
 def test_loss_fused_head_gradient_equals_unfused(temperature, token_chunk, vocab_chunk, extra,
                                                  corrections):
@@ -309,7 +309,11 @@ def test_loss_fused_head_vocab_sharded_equals_unsharded(extra):
         np.testing.assert_allclose(g, r, atol=1e-6 * float(jnp.abs(r).max()), rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", [m for m in losses.METHODS if m != "trm_seq"])
+_FAST = ("dppo_binary_tv", "dppo_topk_kl", "dppo_full_tv", "ppo_clip_recompute")
+
+
+@pytest.mark.parametrize("method", [m if m in _FAST else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in losses.METHODS if m != "trm_seq"])
 def test_train_step_loss_fused_equals_unfused(method, monkeypatch, corrections):
     """Every elementwise loss: the loss-fused head gives the unfused head's update, and its
     predicted d loss / d logp is what autodiff sends back (no correction)."""
