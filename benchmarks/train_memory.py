@@ -41,6 +41,10 @@ finish in that session; measured 2026-12-02 (idle, fused head in every row): tod
 dppo_full_tv 37.82 -> 15.86. The layers table above predates the fused head (its rows now
 include it).
 
+Rerun 2026-12-05 with a third row per case, the loss-fused head the train step now uses
+(the loss's d loss / d logp handed to the head, ts.LOSS_FUSED_HEAD): the same totals as the
+fused head to 0.01 GiB (14.21 / 15.89 GiB at 1 x 16k, 14.21 / 15.86 GiB at 16 x 1k).
+
 ``--tables=micro``: ``train.microbatches`` (gradient accumulation in the step), defaults,
 dppo_binary_tv, measured 2026-12-02, idle VM (total GiB): 128 x (512 + 512): 1 -> 42.71,
 8 -> 16.67, 32 -> 14.09 (3.03x less); 16 x (512 + 512): 1 -> 14.21, 4 -> 14.08, 16 -> 13.51

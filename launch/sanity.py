@@ -111,6 +111,34 @@ def table(root: str, entries, max_step: int | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def diagnostics(root: str, entries, max_step: int | None = None) -> str:
+    """Per method, averaged over seeds: masked fraction by advantage sign, mean abs(pi - mu) in
+    the first and last WINDOW iterations, gradient norm (mean, max), entropy at the end. The
+    evidence for why a method does (not) collapse."""
+    groups = defaultdict(list)
+    for e in entries:
+        path = os.path.join(root, sweep.run_name(e), "metrics.jsonl")
+        if os.path.exists(path):
+            rows = [r for r in read_jsonl(path) if "reward/mean" in r
+                    and (max_step is None or r["step"] <= max_step)]
+            if rows:
+                groups[e["config_arg"]].append(rows)
+    col = lambda rows, k: np.array([r.get(k, np.nan) for r in rows], float)
+    lines = ["| method | masked A>0 | masked A<0 | mean abs(pi-mu), first 10 | last 10 | "
+             "grad norm mean | grad norm max | entropy, last 10 |", "|---|---|---|---|---|---|---|---|"]
+    for name, runs in groups.items():
+        stat = lambda f: float(np.nanmean([f(rows) for rows in runs]))
+        pct = lambda k: f"{100 * stat(lambda r: np.nanmean(col(r, k))):.2f}%"
+        lines.append(
+            f"| {name} | {pct('loss/masked_frac_pos')} | {pct('loss/masked_frac_neg')} | "
+            f"{stat(lambda r: np.nanmean(col(r, 'rollout/mismatch_mean')[:WINDOW])):.5f} | "
+            f"{stat(lambda r: np.nanmean(col(r, 'rollout/mismatch_mean')[-WINDOW:])):.5f} | "
+            f"{stat(lambda r: np.nanmean(col(r, 'train/grad_norm'))):.3f} | "
+            f"{stat(lambda r: np.nanmax(col(r, 'train/grad_norm'))):.3f} | "
+            f"{stat(lambda r: np.nanmean(col(r, 'train/entropy')[-WINDOW:])):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def mismatch_profile(workdir: str, batches: int = 4, small: bool = False,
                      names=("pg_is", "pg_is_fp32")) -> str:
     """Where the rollout / trainer mismatch sits: `batches` rollout batches of the base policy
@@ -201,6 +229,10 @@ def main(argv=None):
     with open(os.path.join(a.out, table_name), "w") as f:  # pasted into results.md
         f.write(text)
     print(text)
+    diag = diagnostics(a.workdir, entries, a.max_iteration)
+    with open(os.path.join(a.out, table_name.replace("table", "diagnostics")), "w") as f:
+        f.write(diag)
+    print(diag)
     dirs = [os.path.join(a.workdir, sweep.run_name(e)) for e in entries]
     dirs = [d for d in dirs if os.path.exists(os.path.join(d, "metrics.jsonl"))]
     plot.plot_runs(dirs, os.path.join(a.out, plots_name), group_seeds=True, smooth=5)
