@@ -1,4 +1,4 @@
-"""One prepared GPU check: forward+backward tokens/s and MFU vs transformers + sdpa, train-step memory.
+"""One prepared GPU check: train tokens/s and MFU vs transformers + sdpa, memory, rollout, head.
 
 Run on a lent GPU (all of it fits in ~8 minutes on one H100 / H200-class device):
     python benchmarks/gpu_check.py                 # Qwen3-0.6B shape, 8 x 1,024 and 2 x 8,192
@@ -14,7 +14,13 @@ term 6 * L * T * H * D per token) / peak bf16 FLOP/s (--peak_tflops, default 989
 SXM dense). Memory: the compiled train step's temp + argument + output bytes
 (memory_analysis) and, on GPU, the device's peak_bytes_in_use after the steps.
 
-Results: not measured in the session that wrote this script (no GPU was lent to it); see
+Rollout (issue 14's GPU goal: >= 100k tokens/s): the sampler on the Qwen3-0.6B shape at the bf16
+rollout precision, 256 rows x 256 new tokens after 64-token prompts, greedy, EOS off, recording
+mu's top-K with K = 0 and K = 20 (best of 2 interleaved calls after a warm-up).
+Vocabulary head (issue 12's GPU row): plain / fused / loss-fused, forward + backward of the mean
+log-prob at V = 151,936, d = 1,024, 8,192 tokens (benchmarks/vocab_head.py's functions).
+
+Results: not measured in the sessions that wrote this script (no GPU was lent to it); see
 docs/performance.md.
 """
 from __future__ import annotations
@@ -31,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmarks import train_memory  # noqa: E402
 from trustrl import model as M  # noqa: E402
 
@@ -103,6 +110,35 @@ def bench_torch(cfg: M.ModelConfig, batch: int, length: int, steps: int, device:
     return dict(tok_s=batch * length / sec, sec=sec), None
 
 
+def bench_rollout(cfg: M.ModelConfig, rows: int, prompt: int, new_tokens: int) -> dict:
+    """Sampler tokens/s at K = 0 and K = 20 (bf16 rollout, greedy, EOS off)."""
+    from trustrl import policy
+    from trustrl.sampler import Sampler, SamplerConfig
+    import bench_common
+    roll_cfg = policy.rollout_config(cfg, "bfloat16")
+    params = policy.cast_params(M.init_params(cfg, jax.random.key(0)), roll_cfg)
+    prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (rows, prompt)).tolist()
+    runs = {}
+    for k in (0, 20):
+        sampler = Sampler(policy.decode_model(roll_cfg), SamplerConfig(
+            max_new_tokens=new_tokens, greedy=True, record_topk=k))
+        runs[k] = (lambda s: lambda: jax.block_until_ready(
+            s.generate(params, prompts, 1, jax.random.key(0))))(sampler)
+    t, _ = bench_common.best_of(runs, 2)
+    return {k: rows * new_tokens / v for k, v in t.items()}
+
+
+def bench_head(d: int, tokens: int, vocab: int) -> dict:
+    """Seconds of forward + backward for the plain, fused and loss-fused vocabulary heads."""
+    import bench_common
+    import vocab_head
+    args = vocab_head._args(tokens, d, vocab, False)
+    runs = {k: (lambda f: lambda: jax.block_until_ready(f(*args)))(
+        vocab_head._fn(k, "binary", True)) for k in ("plain", "fused", "loss_fused")}
+    t, _ = bench_common.best_of(runs, 2)
+    return t
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
@@ -113,9 +149,11 @@ def main(argv=None):
     if args.quick:
         cfg = train_memory.tiny()
         shapes, mem_shape, steps = [(2, 32), (1, 96)], (1, 32, 64), 2
+        roll_shape, head_shape = (8, 8, 8), (32, 256, 2048)
     else:
         cfg = train_memory.qwen3_06b()
         shapes, mem_shape, steps = [(8, 1024), (2, 8192)], (1, 1024, 7168), args.steps
+        roll_shape, head_shape = (256, 64, 256), (1024, 8192, 151936)
     device = "cuda" if on_gpu else "cpu"
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
           f"attention {cfg.attention} -> "
@@ -142,7 +180,14 @@ def main(argv=None):
     stats = jax.devices()[0].memory_stats() if on_gpu else None
     if stats:
         print(f"device peak_bytes_in_use {stats.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB")
-    return dict(rows=rows, memory=mem)
+    rollout = bench_rollout(cfg, *roll_shape)
+    print(f"rollout {roll_shape[0]} rows, {roll_shape[1]} + {roll_shape[2]} tokens, bf16, greedy: "
+          f"K=0 {rollout[0]:.0f} tok/s, K=20 {rollout[20]:.0f} tok/s "
+          f"({rollout[0] / rollout[20]:.2f}x slower with K=20)", flush=True)
+    head = bench_head(*head_shape)
+    print(f"vocab head d={head_shape[0]}, {head_shape[1]} tokens, V={head_shape[2]}, fwd+bwd: "
+          + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / head['plain']:.2f}x)" for k, v in head.items()))
+    return dict(rows=rows, memory=mem, rollout=rollout, head=head)
 
 
 if __name__ == "__main__":

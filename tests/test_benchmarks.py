@@ -157,6 +157,8 @@ def test_gpu_check_quick_cpu(capsys):
         else:
             assert row["torch"]["tok_s"] > 0
     assert out["memory"]["temp"] > 0
+    assert out["rollout"][0] > 0 and out["rollout"][20] > 0 and "K=20" in printed
+    assert set(out["head"]) == {"plain", "fused", "loss_fused"} and "vocab head" in printed
 
 
 @pytest.mark.slow
