@@ -36,6 +36,19 @@ Measured 2026-12-04, 2-core x86 CPU VM (no GPU), jax 0.10.2, idle, default CPU s
     the default shape; the table was not rerun at V = 151,936 after both fixes (session
     time), so that row is still open.
   Table 3 and 4: not yet measured at full size (session time); --quick runs in the tests.
+Measured 2026-12-05, same VM and versions, `--tables=topk,decode,quant --repeats=2`, while the
+quantised-rollout sanity study ran two training processes on the same 2 cores (so absolute
+tokens/s are low and the ratios noisy, the variants of a table interleaved alike):
+  Table 2: default shape K=0 6,923 tok/s, K=20 chunked 8,699 (0.80x), lax 10,235 (0.68x): the
+    contended run cannot resolve a 10% difference at this size (K=20 read faster than K=0);
+    wide vocabulary (2L, d=256, V=151,936): K=0 325, K=20 chunked 284 tok/s: 1.14x (1.53x before
+    the force-after-the-loop fix; the <= 10% goal is not shown at this vocabulary on CPU).
+  Table 3 (batch 8, 16 + 4,096 tokens): whole cache 649 tok/s, blocks of 256 790 tok/s: 1.22x,
+    the same tokens.
+  Table 4 (batch 32, 64 new tokens, K = 20): bf16 7,489, int8 7,370 (0.98x), fp8 7,589
+    (1.01x), float32 9,519 tok/s (1.27x: bf16 matmuls are emulated on this CPU). Weight-only
+    quantisation dequantises each kernel where it is used, so on CPU it costs about what bf16
+    does; its speed-up is a GPU / TPU memory-bandwidth effect this machine cannot show.
 """
 from __future__ import annotations
 
