@@ -16,7 +16,8 @@ SXM dense). Memory: the compiled train step's temp + argument + output bytes
 
 Rollout (issue 14's GPU goal: >= 100k tokens/s): the sampler on the Qwen3-0.6B shape at the bf16
 rollout precision, 256 rows x 256 new tokens after 64-token prompts, greedy, EOS off, recording
-mu's top-K with K = 0 and K = 20 (best of 2 interleaved calls after a warm-up).
+mu's top-K with K = 0 and K = 20, and int8 / fp8 weights at K = 20 (issue 15's GPU row); best of
+2 interleaved calls after a warm-up.
 Vocabulary head (issue 12's GPU row): plain / fused / loss-fused, forward + backward of the mean
 log-prob at V = 151,936, d = 1,024, 8,192 tokens (benchmarks/vocab_head.py's functions).
 
@@ -111,19 +112,21 @@ def bench_torch(cfg: M.ModelConfig, batch: int, length: int, steps: int, device:
 
 
 def bench_rollout(cfg: M.ModelConfig, rows: int, prompt: int, new_tokens: int) -> dict:
-    """Sampler tokens/s at K = 0 and K = 20 (bf16 rollout, greedy, EOS off)."""
+    """Sampler tokens/s, greedy, EOS off: bf16 at K = 0 and K = 20, int8 / fp8 weights at K = 20
+    (issue 15's GPU row). Keys: (rollout dtype, K)."""
     from trustrl import policy
     from trustrl.sampler import Sampler, SamplerConfig
     import bench_common
-    roll_cfg = policy.rollout_config(cfg, "bfloat16")
-    params = policy.cast_params(M.init_params(cfg, jax.random.key(0)), roll_cfg)
+    params = M.init_params(cfg, jax.random.key(0))
     prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (rows, prompt)).tolist()
     runs = {}
-    for k in (0, 20):
+    for dtype, k in (("bfloat16", 0), ("bfloat16", 20), ("int8", 20), ("fp8", 20)):
+        roll_cfg = policy.rollout_config(cfg, dtype)
         sampler = Sampler(policy.decode_model(roll_cfg), SamplerConfig(
             max_new_tokens=new_tokens, greedy=True, record_topk=k))
-        runs[k] = (lambda s: lambda: jax.block_until_ready(
-            s.generate(params, prompts, 1, jax.random.key(0))))(sampler)
+        runs[(dtype, k)] = (lambda s, p: lambda: jax.block_until_ready(
+            s.generate(p, prompts, 1, jax.random.key(0))))(
+                sampler, policy.cast_params(params, roll_cfg))
     t, _ = bench_common.best_of(runs, 2)
     return {k: rows * new_tokens / v for k, v in t.items()}
 
@@ -181,9 +184,12 @@ def main(argv=None):
     if stats:
         print(f"device peak_bytes_in_use {stats.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB")
     rollout = bench_rollout(cfg, *roll_shape)
-    print(f"rollout {roll_shape[0]} rows, {roll_shape[1]} + {roll_shape[2]} tokens, bf16, greedy: "
-          f"K=0 {rollout[0]:.0f} tok/s, K=20 {rollout[20]:.0f} tok/s "
-          f"({rollout[0] / rollout[20]:.2f}x slower with K=20)", flush=True)
+    base = rollout[("bfloat16", 20)]
+    print(f"rollout {roll_shape[0]} rows, {roll_shape[1]} + {roll_shape[2]} tokens, greedy: "
+          f"bf16 K=0 {rollout[('bfloat16', 0)]:.0f} tok/s, K=20 {base:.0f} tok/s "
+          f"({rollout[('bfloat16', 0)] / base:.2f}x slower with K=20); K=20 int8 "
+          f"{rollout[('int8', 20)]:.0f} ({rollout[('int8', 20)] / base:.2f}x bf16), fp8 "
+          f"{rollout[('fp8', 20)]:.0f} ({rollout[('fp8', 20)] / base:.2f}x)", flush=True)
     head = bench_head(*head_shape)
     print(f"vocab head d={head_shape[0]}, {head_shape[1]} tokens, V={head_shape[2]}, fwd+bwd: "
           + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / head['plain']:.2f}x)" for k, v in head.items()))
