@@ -29,6 +29,19 @@ THRESHOLD = 0.9  # training reward (10-iteration mean) counted as "reached"
 WINDOW = 10
 
 
+def _finished(run_dir: str) -> bool:
+    """The run logged its last iteration (so re-running the study skips it without starting a
+    process that would only restore and exit)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path) or not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        return False
+    import json
+    with open(path) as f:
+        iterations = json.load(f)["train"]["iterations"]
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    return bool(rows) and rows[-1]["step"] >= iterations
+
+
 def smooth(y, w=WINDOW):
     y = np.asarray(y, float)
     return np.array([y[max(0, i - w + 1):i + 1].mean() for i in range(len(y))])
@@ -218,9 +231,13 @@ def main(argv=None):
         entries = sanity_cfg.get_quant_sweep()
         a.workdir = a.workdir.rstrip("/") + "_quant"
     if not a.analyze_only:
-        cmds = sweep.commands(CONFIG, entries, a.workdir, variant)
-        # the first run alone builds the shared warm start and filter cache; then the rest
-        failed = sweep.run_commands(cmds[:1], 1) + sweep.run_commands(cmds[1:], a.parallel)
+        todo = [e for e in entries if not _finished(os.path.join(a.workdir, sweep.run_name(e)))]
+        cmds = sweep.commands(CONFIG, todo, a.workdir, variant)
+        # the first run alone builds the shared warm start and filter cache, then the rest (when
+        # some run has finished, the cache exists: all of them run `parallel` at a time)
+        first = 0 if len(todo) < len(entries) else 1
+        failed = (sweep.run_commands(cmds[:first], 1)
+                  + sweep.run_commands(cmds[first:], a.parallel))
         if failed:
             print(f"{len(failed)} run(s) failed; see their log.txt: {failed}")
             return 1

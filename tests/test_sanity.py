@@ -198,13 +198,16 @@ def test_mismatch_profile_small(tmp_path, subprocess_env):
 
 
 def test_quant_study_runs_in_priority_order_with_the_right_precisions():
-    """Issue 15's study: fp8's core six first, then the four controls, int8's core six, the bf16
-    trainer, the other methods, the further seeds; every quantised name exactly once per seed."""
+    """Issue 15's study: fp8's core six first, then the four controls, the bf16 trainer, int8 for
+    pg_is / pg_tis / dppo_binary_tv, fp8 seed 1, ...; every quantised name once per seed."""
     entries = sanity.get_quant_sweep()
     names = [e["config_arg"] for e in entries]
     assert names[:6] == [f"{m}_fp8" for m in sanity.CORE]
     assert names[6:10] == ["pg_is_fp32", "dppo_binary_tv_fp32", "pg_is", "dppo_binary_tv"]
-    assert names[10:16] == [f"{m}_int8" for m in sanity.CORE]
+    assert names[10:12] == ["pg_is_bf16trainer", "dppo_binary_tv_bf16trainer"]
+    assert names[12:15] == ["pg_is_int8", "pg_tis_int8", "dppo_binary_tv_int8"]
+    assert [(e["config_arg"], e["seed"]) for e in entries[15:21]] == [
+        (f"{m}_fp8", 1) for m in sanity.CORE]
     assert len({(e["config_arg"], e["seed"]) for e in entries}) == len(entries)
     quant = {n for n, (_, d, _) in sanity.SANITY_METHODS.items() if d in sanity.QUANT_DTYPES}
     assert quant == {n for n in names if n.endswith(("_int8", "_fp8"))} and len(quant) == 22
