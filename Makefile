@@ -7,7 +7,7 @@ BASE_STAMP = $(VENV)/.trustrl-base-installed
 LATEST_VENV ?= .venv-latest
 PY312 ?=
 
-.PHONY: test install demo sanity clean test-latest install-latest
+.PHONY: test install demo sanity sanity-quant clean test-latest install-latest
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,13 @@ sanity: $(BASE_STAMP)
 	$(VENV)/bin/python launch/sanity.py --workdir=workdirs/sanity --parallel=2 --out=docs
 	$(VENV)/bin/python launch/sanity.py --workdir=workdirs/sanity --parallel=2 --out=docs --stress
 	$(VENV)/bin/python launch/sanity.py --workdir=workdirs/sanity --out=docs --mismatch_profile
+
+# Issue 15's study under int8 / fp8 rollouts (docs/quant_study.md): 52 runs of 200 iterations,
+# ~7 h on 2 CPU cores, in priority order (configs/sanity.py get_quant_sweep); stop it any time,
+# rerunning continues and the tables cover the runs that exist.
+sanity-quant: $(BASE_STAMP)
+	$(VENV)/bin/python launch/sanity.py --quant --workdir=workdirs/sanity --out=docs --mismatch_profile
+	$(VENV)/bin/python launch/sanity.py --quant --workdir=workdirs/sanity --parallel=2 --out=docs
 
 # 8 simulated CPU devices are set in tests/conftest.py before jax is imported. XDIST workers
 # (default 3, one more than the 2 cores CI has: XLA compiles are single-threaded, so a third
