@@ -368,3 +368,24 @@ def test_train_step_loss_fused_equals_unfused(method, monkeypatch, corrections):
         np.testing.assert_allclose(a, r, atol=2e-6 * scale, rtol=1e-5)
     for k in m_want:
         np.testing.assert_allclose(m_got[k], m_want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_loss_fused_step_still_refuses_a_missing_old_logp():
+    """A *_recompute method without old_logp gets policy_loss's clear error, not a trace error
+    from inside the fused head (no silent substitution of rollout_logp either)."""
+    import ml_collections
+    cfg = ModelConfig.tiny(64, num_layers=1)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.ones((2, 7), jnp.int32)
+    valid = jnp.ones_like(tokens)
+    batch = dict(tokens=tokens, valid=valid, positions=jnp.cumsum(valid, 1) - 1,
+                 response_tokens=tokens[:, 3:], response_mask=jnp.ones((2, 4)),
+                 rollout_logp=jnp.full((2, 4), -1.0), advantages=jnp.ones((2,)))
+    loss_cfg = ml_collections.ConfigDict(dict(
+        method="ppo_clip_recompute", delta_low=0.2, delta_high=0.2, is_cap=2.0,
+        agg="token-mean", alpha=0.0, trm_divergence="binary_kl"))
+    tx = optax.sgd(1.0)
+    state = ts.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          skipped=jnp.zeros((), jnp.int32))
+    with pytest.raises(ValueError, match="needs old_logp"):
+        ts.train_step(state, batch, None, model_cfg=cfg, loss_cfg=loss_cfg, tx=tx)

@@ -182,7 +182,10 @@ def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, los
     def loss_fn(params, batch):
         mask = batch["response_mask"]
         logp_grad = None
-        if LOSS_FUSED_HEAD and method != "trm_seq":  # trm_seq's mask is sequence-level
+        # trm_seq's mask is sequence-level; without old_logp a *_recompute method is refused
+        # below by policy_loss_terms with a clear error (nothing to fuse)
+        missing = method in losses.NEEDS_OLD_LOGP and batch.get("old_logp") is None
+        if LOSS_FUSED_HEAD and method != "trm_seq" and not missing:
             adv = jnp.asarray(batch["advantages"], jnp.float32)
             ex = {"rollout_logp": batch["rollout_logp"],
                   "adv": jnp.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, mask.shape),
