@@ -135,7 +135,7 @@ def make_step(method, topk_fn=None, with_metrics=False):
         extra = {}
         if method in losses._NEEDS_DIVERGENCE:
             extra["divergence"] = divergence
-        if method in losses._NEEDS_OLD_LOGP:
+        if method in losses.NEEDS_OLD_LOGP:
             extra["old_logp"] = old_logp
         if method in losses._NEEDS_ALPHA:
             extra["alpha"] = 0.1

@@ -198,7 +198,7 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
             k = cfg.rollout.record_topk
             batch.update(topk_ids=s((mb, n_new, k), jnp.int32),
                          topk_logp=s((mb, n_new, k), jnp.float32))
-        if cfg.loss.method in losses._NEEDS_OLD_LOGP:
+        if cfg.loss.method in losses.NEEDS_OLD_LOGP:
             batch["old_logp"] = s((mb, n_new), jnp.float32)
         state = ts.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
                               params=params,
