@@ -44,6 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # trainer parameter dtype
     c.model.dtype = "float32"  # trainer compute dtype
     c.model.remat = False  # rematerialise each layer in the backward pass
+    # attention kernel (trustrl.attention.BACKENDS); "auto" picks for the mesh's devices:
+    # splash on TPU, cuDNN on GPU (bf16), the einsum reference / blockwise on CPU
+    c.model.attention = "auto"
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # HF tokenizer dir; empty: train a byte-level BPE on task text
@@ -131,6 +134,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.minibatches = 4  # optimizer steps per epoch
     c.train.microbatches = 1  # gradient accumulation: micro-batches per optimizer step (exact)
     c.train.score_pass = True  # recompute pi_old at rollout params (mismatch log, *_recompute)
+    # the score pass runs the iteration's rows in this many parts (0: minibatches x microbatches,
+    # i.e. as many rows at once as a train micro-batch); exact, only memory changes
+    c.train.score_microbatches = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 25  # iterations between evals (0 = off); also before RL (step 0) and at the end

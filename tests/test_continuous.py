@@ -1,6 +1,12 @@
 """Continuous batching (trustrl.continuous through Sampler with max_rows slots): the same
 rollouts as generating each row alone (greedy), the documented distribution (sampled), the
 trainer's recomputed log-probs, one compile per bucket, sharded == unsharded."""
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +20,7 @@ from trustrl.sharding import batch_sharding, make_mesh
 
 from test_rollout_model import V, _perturbed, _prompts, _tiny, _trainer_logp
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = ("response_tokens", "response_mask", "finish_reason", "rollout_topk_ids")
 
 
@@ -161,3 +168,109 @@ def test_blockwise_decode_attention_gives_the_same_rollouts(max_rows):
     for f in FIELDS:
         np.testing.assert_array_equal(getattr(runs[1], f), getattr(runs[0], f), err_msg=f)
     np.testing.assert_allclose(runs[1].rollout_logp, runs[0].rollout_logp, atol=1e-5, rtol=0)
+
+
+def _scatter_insert(cache, new, slots):
+    """The refill before issue 25: one scatter of all R x P columns (the reference)."""
+    s, p, end = cache.valid.shape[1], new.valid.shape[1], cache.index
+    rows, cols = slots[:, None], ((end - p + jnp.arange(p)) % s)[None, :]
+    put = lambda buf, x: buf.at[rows, :, cols].set(x.transpose(0, 2, 1, 3).astype(buf.dtype),
+                                                   mode="drop")
+    valid = cache.valid.at[slots].set(False, mode="drop").at[rows, cols].set(new.valid,
+                                                                             mode="drop")
+    return cache._replace(k=tuple(map(put, cache.k, new.k)), v=tuple(map(put, cache.v, new.v)),
+                          valid=valid)
+
+
+def test_in_place_refill_equals_the_scatter_at_every_ring_position():
+    # every write column (runs that wrap past the end and runs that do not), padding slots
+    # (>= B, dropped), a bf16 cache written from fp32 rows
+    rng = np.random.default_rng(0)
+    b, kh, s, d, r, p = 6, 2, 11, 4, 3, 4
+    mk = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    insert = jax.jit(M.insert_rows)
+    for end in range(s):
+        for slots in ([0, 2, 5], [5, 6, 1], [7, 8, 9]):
+            cache = M.KVCache(tuple(mk(b, kh, s, d).astype(jnp.bfloat16) for _ in range(2)),
+                              tuple(mk(b, kh, s, d).astype(jnp.bfloat16) for _ in range(2)),
+                              jnp.asarray(rng.random((b, s)) > .5), jnp.int32(end))
+            new = M.KVCache(tuple(mk(r, kh, p, d) for _ in range(2)),
+                            tuple(mk(r, kh, p, d) for _ in range(2)),
+                            jnp.asarray(rng.random((r, p)) > .3), jnp.int32(0))
+            got = insert(cache, new, jnp.asarray(slots))
+            want = _scatter_insert(cache, new, jnp.asarray(slots))
+            for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_in_place_refill_gives_the_scatter_refills_rollouts(greedy):
+    # the whole continuous sampler with the new refill and with the old scatter: the same
+    # tokens, masks, finish reasons and log-probs (greedy, and sampled with one fixed key)
+    cfg, params = _tiny("qwen3")
+    prompts = _prompts((3, 9, 1, 12, 5, 16, 2), seed=4)
+    scfg = SamplerConfig(max_new_tokens=20, greedy=greedy, temperature=0.8, eos_ids=(3, 7, 11),
+                         record_topk=3, max_rows=4, refill_rows=2)
+    model = policy.decode_model(cfg)
+    got = Sampler(model, scfg).generate(params, prompts, 2, jax.random.key(5))
+    want = Sampler(model._replace(insert=_scatter_insert), scfg).generate(
+        params, prompts, 2, jax.random.key(5))
+    for f in FIELDS + ("rollout_logp", "rollout_topk_logp"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, f)), np.asarray(getattr(want, f)),
+                                      err_msg=f)
+
+
+REFILL_TEMP = """
+import sys, jax, jax.numpy as jnp
+sys.path.insert(0, "tests")
+from test_continuous import _scatter_insert
+from trustrl import model as M
+sharding = None
+if sys.argv[1] == "tpu":
+    from jax.experimental import topologies
+    dev = topologies.get_topology_desc("v5p:2x2x1", "tpu").devices[0]
+    sharding = jax.sharding.SingleDeviceSharding(dev)
+b, kh, s, d, r, p = 64, 2, 1024, 64, 8, 128
+spec = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+cache = M.KVCache((spec(b, kh, s, d),) * 2, (spec(b, kh, s, d),) * 2, spec(b, s, dt=bool),
+                  spec(dt=jnp.int32))
+new = M.KVCache((spec(r, kh, p, d),) * 2, (spec(r, kh, p, d),) * 2, spec(r, p, dt=bool),
+                spec(dt=jnp.int32))
+slots = spec(r, dt=jnp.int32)
+
+def in_sampler(insert):  # as continuous.generate runs it: in a while loop, beside a cond
+    def f(cache, new, slots):
+        def body(i, c):
+            n, sl = jax.lax.cond(slots[0] > i, lambda: (new, slots),
+                                 lambda: (new, jnp.full_like(slots, b)))
+            return insert(c, n, sl)
+        return jax.lax.fori_loop(0, 3, body, cache)
+    return f
+
+for fn in (_scatter_insert, M.insert_rows):
+    c = jax.jit(in_sampler(fn), donate_argnums=0).lower(cache, new, slots).compile()
+    print(c.memory_analysis().temp_size_in_bytes)
+"""
+
+
+@pytest.mark.parametrize("target", ["cpu", "tpu"])
+def test_refill_writes_the_cache_in_place(target, subprocess_env):
+    # compiled temporaries of the refill inside a loop, as the sampler runs it, into a
+    # [64, 2, 1024, 64] bf16 cache per layer (2 layers, 8 MiB per buffer): the scatter made the
+    # TPU compiler copy the whole cache; the windowed update writes it in place (XLA:CPU still
+    # copies it once)
+    env = dict(subprocess_env)
+    if target == "tpu":
+        libtpu = os.environ.get("TRUSTRL_LIBTPU_PATH", "")
+        if not (libtpu or importlib.util.find_spec("libtpu")):
+            pytest.skip("libtpu is not installed (make test installs it; TRUSTRL_LIBTPU_PATH)")
+        env.update(PYTHONPATH=os.pathsep.join(filter(None, [libtpu, env.get("PYTHONPATH")])),
+                   TPU_WORKER_HOSTNAMES="localhost")
+        env.pop("JAX_PLATFORMS", None)
+    done = subprocess.run([sys.executable, "-c", REFILL_TEMP, target], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scatter, windowed = map(int, done.stdout.split()[-2:])
+    cache = 4 * 64 * 2 * 1024 * 64 * 2
+    assert scatter >= cache  # the reference really copies (else this says nothing)
+    assert windowed < (cache / 16 if target == "tpu" else 0.6 * scatter), (windowed, scatter)

@@ -20,15 +20,25 @@ Backends (``BACKENDS``):
   answer), which the train step reports as a skipped update.
 * ``splash``: the Pallas TPU splash-attention kernel shipped with jax, with segment ids for the
   padding (pad = segment 0, real = 1); runs on CPU in Pallas interpret mode (tests only: slow).
-* ``auto``: ``resolve`` picks per platform and length (see ``AUTO_XLA_MAX_LEN``).
+  A Mosaic kernel cannot be partitioned by XLA, so under a mesh (``jax.set_mesh``) it runs
+  inside a ``shard_map`` over the batch axes (rows) and the tensor axis (heads): each device
+  runs the kernel on its own rows and heads, no communication (``sharded_splash``).
+* ``auto``: ``resolve`` picks per platform and length (see ``AUTO_XLA_MAX_LEN``). The platform is
+  the TARGET's: the devices of the mesh the program is traced under (``target_platform``), so a
+  program compiled for a TPU topology from a CPU host (trustrl.tools.aot_check) gets splash,
+  as the pod will; the host's default backend only when no mesh is set.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from trustrl import sharding as sharding_lib
 
 BACKENDS = ("auto", "xla", "blockwise", "cudnn", "splash")
 
@@ -46,7 +56,7 @@ def resolve(backend: str, length: int, dtype, platform: str | None = None) -> st
         raise ValueError(f"unknown attention backend {backend!r}; valid: {BACKENDS}")
     if backend != "auto":
         return backend
-    platform = jax.default_backend() if platform is None else platform
+    platform = target_platform() if platform is None else platform
     if platform == "tpu":
         return "splash"
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
@@ -54,6 +64,14 @@ def resolve(backend: str, length: int, dtype, platform: str | None = None) -> st
     if platform == "cpu" and length <= AUTO_XLA_MAX_LEN:
         return "xla"
     return "blockwise"
+
+
+def target_platform() -> str:
+    """The platform the traced program will run on: that of the mesh set by ``jax.set_mesh``
+    (its devices: a TPU topology's compile-only devices included), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
 
 
 def attend(q, k, v, valid, *, backend: str = "auto", block_size: int = 512):
@@ -73,7 +91,7 @@ def attend(q, k, v, valid, *, backend: str = "auto", block_size: int = 512):
         return blockwise_attention(q, k, v, valid, block_size)
     if name == "cudnn":
         return cudnn_attention(q, k, v, valid)
-    return splash_attention(q, k, v, valid, interpret=jax.default_backend() != "tpu")
+    return sharded_splash(q, k, v, valid, interpret=target_platform() != "tpu")
 
 
 def causal_mask(valid):
@@ -290,6 +308,32 @@ def splash_attention(q, k, v, valid, *, interpret: bool = False, block_size: int
     per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over kv heads
     out = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(qs, ks, vs, seg)  # [B, K, G, T, D]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, d)[:, :t].astype(q.dtype)
+
+
+def splash_specs(mesh, q_shape, k_shape):
+    """(q / k / v spec, valid spec) of ``sharded_splash`` on ``mesh``: rows over the batch axes
+    and heads over "tensor" where they divide (kv heads too, so each device keeps whole GQA
+    groups); an axis that does not divide is replicated (the kernel then runs redundantly there,
+    with the same result)."""
+    sizes = dict(mesh.shape)
+    batch_axes = tuple(a for a in sharding_lib.BATCH_AXES if a in sizes)
+    n_batch = math.prod(sizes[a] for a in batch_axes)
+    rows = batch_axes if batch_axes and n_batch > 1 and q_shape[0] % n_batch == 0 else None
+    t = sizes.get("tensor", 1)
+    heads = "tensor" if t > 1 and q_shape[2] % t == 0 and k_shape[2] % t == 0 else None
+    return P(rows, None, heads, None), P(rows, None)
+
+
+def sharded_splash(q, k, v, valid, *, interpret: bool = False, block_size: int = 128):
+    """``splash_attention`` under the mesh of ``jax.set_mesh`` (if any): a shard_map whose body
+    sees each device's rows and heads. Without a mesh (or on one device) the plain kernel."""
+    mesh = jax.sharding.get_abstract_mesh()
+    fn = functools.partial(splash_attention, interpret=interpret, block_size=block_size)
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return fn(q, k, v, valid)
+    qkv_spec, valid_spec = splash_specs(mesh, q.shape, k.shape)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, valid_spec),
+                         out_specs=qkv_spec, check_vma=False)(q, k, v, valid)
 
 
 # ----------------------------------------------------------------------------- decode (one query)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 
-from trustrl import advantages, losses, quant, train_step
+from trustrl import advantages, attention, losses, quant, train_step
 
 DTYPES = ("float32", "bfloat16")
 OVERLONG = ("none", "filter", "penalty")
@@ -25,7 +25,16 @@ CHANGES_FILE = "config_changes.jsonl"
 # (mesh: the checkpoint is restored into the new layout; only rounding can differ.)
 OPERATIONAL = ("log.", "mesh.", "eval.every", "checkpoint.every", "checkpoint.max_to_keep",
                "task.data_dir", "warmstart.cache_dir",
-               "train.microbatches")  # exact gradient accumulation: memory, not the update
+               "train.microbatches",  # exact gradient accumulation: memory, not the update
+               "train.score_microbatches",  # the score pass in parts: memory, not the values
+               "model.attention")  # the kernel, not the math (backends agree to float error)
+
+
+def score_microbatches(cfg) -> int:
+    """Parts of the score pass: train.score_microbatches, or (0) minibatches x microbatches, so
+    the score program holds as many rows at once as a train micro-batch."""
+    n = int(cfg.train.get("score_microbatches", 0))
+    return n or int(cfg.train.minibatches) * int(cfg.train.microbatches)
 
 
 def _batch_shards(cfg) -> int | None:
@@ -97,6 +106,7 @@ def validate(cfg):
     _choice("rollout.head_dtype", cfg.rollout.head_dtype, ("",) + tuple(DTYPES))
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("model.param_dtype", cfg.model.param_dtype, DTYPES)
+    _choice("model.attention", cfg.model.attention, attention.BACKENDS)
     _choice("warmstart.dtype", cfg.warmstart.dtype, ("",) + DTYPES)
     _choice("rollout.overlong", cfg.rollout.overlong, OVERLONG)
     _choice("task.template", cfg.task.template, TEMPLATES)
@@ -207,6 +217,10 @@ def validate(cfg):
         raise ValueError(f"a minibatch of {batch // cfg.train.minibatches} sequences "
                          f"(prompts_per_iter * group_size / train.minibatches) is not divisible "
                          f"by train.microbatches={cfg.train.microbatches}")
+    _int(cfg, "train.score_microbatches", 0)
+    if batch % score_microbatches(cfg):
+        raise ValueError(f"prompts_per_iter * group_size = {batch} is not divisible by "
+                         f"train.score_microbatches={cfg.train.score_microbatches}")
     _int(cfg, "eval.every", 0)
     if cfg.eval.every:
         _int(cfg, "eval.num_prompts", 1)
@@ -326,7 +340,8 @@ _ABSENT = "<absent>"
 # rollout.continuous is the exception: True (the new default) has no effect with max_rows = 0,
 # and with max_rows > 0 it draws rollouts from the same distribution as the older split calls.
 ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.continuous": True,
-                "rollout.refill_rows": 0, "warmstart.dtype": ""}
+                "rollout.refill_rows": 0, "warmstart.dtype": "", "model.attention": "auto",
+                "train.score_microbatches": 0}
 
 
 def config_changes(old: dict, new: dict):

@@ -79,8 +79,9 @@ def generate(params, prompt_tokens, prompt_mask, num_rows, cache, key, *, model,
     init = _State(logits, cache, key, jnp.arange(s, dtype=jnp.int32), jnp.zeros((s,), jnp.int32),
                   lengths[first], live, jnp.minimum(num_rows, s).astype(jnp.int32), out)
 
-    def start(st: _State) -> _State:
-        """Prefills up to R pending rows into the lowest free slots."""
+    def start(st: _State):
+        """Prefills up to R pending rows for the lowest free slots: (the state without its
+        cache, the rows' [R, ., P, .] cache, the slots they go to; s = none)."""
         free_first = jnp.argsort(st.live.astype(jnp.int32), stable=True)[:r]
         count = jnp.minimum(jnp.minimum(r, jnp.sum(~st.live)), num_rows - st.next_row)
         use = jnp.arange(r) < count
@@ -89,10 +90,13 @@ def generate(params, prompt_tokens, prompt_mask, num_rows, cache, key, *, model,
         lg, new = model.prefill(params, prompt_tokens[rows], positions[rows], prompt_mask[rows],
                                 model.init_cache(r, p))
         put = lambda buf, val: buf.at[slots].set(val, mode="drop")
-        return st._replace(logits=put(st.logits, lg), cache=model.insert(st.cache, new, slots),
-                           row=put(st.row, rows), step=put(st.step, 0),
-                           pos=put(st.pos, lengths[rows]), live=put(st.live, True),
-                           next_row=st.next_row + count)
+        return (st._replace(logits=put(st.logits, lg), row=put(st.row, rows),
+                            step=put(st.step, 0), pos=put(st.pos, lengths[rows]),
+                            live=put(st.live, True), next_row=st.next_row + count),
+                new, slots)
+
+    def skip(st: _State):
+        return st, model.init_cache(r, p), jnp.full((r,), s, jnp.int32)
 
     def body(st: _State) -> _State:
         key, sub = jax.random.split(st.key)
@@ -114,7 +118,10 @@ def generate(params, prompt_tokens, prompt_mask, num_rows, cache, key, *, model,
                          live=live, out=(tokens, mask, logp, topk_ids, topk_logp, finish))
         pending = num_rows - st.next_row
         go = (pending > 0) & (jnp.sum(~live) >= jnp.minimum(r, pending))
-        return jax.lax.cond(go, start, lambda x: x, st)
+        # the cache stays outside the cond (a cond that may pass it through unchanged made XLA
+        # copy it); the refill's writes then go in place, dropped when nothing was prefilled
+        small, new, slots = jax.lax.cond(go, start, skip, st._replace(cache=None))
+        return small._replace(cache=model.insert(st.cache, new, slots))
 
     def cond(st: _State):
         return jnp.any(st.live) | (st.next_row < num_rows)

@@ -38,7 +38,11 @@ def evaluate(run, params_roll, key, cfg) -> dict:
     examples = env.eval_examples(cfg.eval.num_prompts)
     prompts = env.encode_prompts(examples)
     answers = [ex["answer"] for ex in examples]
+    # one sampler's KV cache on the chips at a time (what aot_check counts): the rollout
+    # sampler's goes before the greedy pass, the greedy one's before the sampled pass
+    run.sampler.release()
     greedy = run.eval_greedy.generate(params_roll, prompts, 1, key)
+    run.eval_greedy.release()
     rew_g = env.score(env.decode_responses(greedy), answers)
     # num_prompts lets readers give each score its sampling error (trustrl.summary)
     out = {"eval/pass@1": float(np.mean(rew_g >= env.correct_threshold)),

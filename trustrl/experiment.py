@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trustrl import (data, filtering, hf, multihost, policy, rewards, sharding, storage, tasks,
-                     train_step as ts, warmstart)
+from trustrl import (config_validation as cv, data, filtering, hf, multihost, policy, rewards,
+                     sharding, storage, tasks, train_step as ts, warmstart)
 from trustrl.model import ModelConfig, init_params
 from trustrl.sampler import Sampler, SamplerConfig
 from trustrl.tokenizer import Tokenizer, train_bpe
@@ -149,15 +149,22 @@ def model_config(cfg, vocab_size: int) -> ModelConfig:
         vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
         head_dim=m.head_dim, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
-        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
+        attention=m.get("attention", "auto"))
 
 
-def _sampler_cfg(cfg, tokenizer, *, greedy: bool) -> SamplerConfig:
+def _sampler_cfg(cfg, tokenizer, *, greedy: bool, record_topk: bool | None = None
+                 ) -> SamplerConfig:
+    """The run's sampler settings. mu's top-K is recorded (rollout.record_topk) only where it
+    is read: ``record_topk`` None = when the loss method is a top-K one (greedy: never)."""
     eos = tuple(i for i in (tokenizer.eos_id,) if i is not None)
+    if record_topk is None:
+        record_topk = cfg.loss.method in ts.TOPK_METHODS
     return SamplerConfig(
         max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
         top_p=1.0 if greedy else cfg.rollout.top_p, top_k=0 if greedy else cfg.rollout.top_k,
-        greedy=greedy, eos_ids=eos, record_topk=0 if greedy else cfg.rollout.record_topk,
+        greedy=greedy, eos_ids=eos,
+        record_topk=cfg.rollout.record_topk if record_topk and not greedy else 0,
         max_rows=cfg.rollout.max_rows, continuous=cfg.rollout.continuous,
         refill_rows=cfg.rollout.refill_rows)
 
@@ -194,6 +201,7 @@ def build(cfg, workdir: str, mesh=None) -> Run:
         model_cfg, params = hf.load_hf_dir(cfg.model.hf_dir, mesh=mesh,
                                            param_dtype=cfg.model.param_dtype,
                                            dtype=cfg.model.dtype, remat=cfg.model.remat)
+        model_cfg = dataclasses.replace(model_cfg, attention=cfg.model.get("attention", "auto"))
     else:
         model_cfg = model_config(cfg, tokenizer.vocab_size)
         params = init_params(model_cfg, k_init, mesh)
@@ -212,18 +220,7 @@ def build(cfg, workdir: str, mesh=None) -> Run:
     _filter(cfg, env, base_cfg, tokenizer, params, mesh, workdir)
 
     roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype, cfg.rollout.head_dtype)
-    batch_sharding = sharding.batch_sharding(mesh)
-    sampler = Sampler(policy.decode_model(roll_cfg), _sampler_cfg(cfg, tokenizer, greedy=False),
-                      batch_sharding=batch_sharding)
-    eval_greedy = Sampler(policy.decode_model(roll_cfg), _sampler_cfg(cfg, tokenizer, greedy=True),
-                          batch_sharding=batch_sharding)
-    temperature = float(cfg.rollout.temperature)
-    step = jax.jit(functools.partial(ts.train_step, model_cfg=model_cfg, loss_cfg=cfg.loss, tx=tx,
-                                     mesh=mesh, rollout_model_cfg=roll_cfg,
-                                     temperature=temperature,
-                                     microbatches=cfg.train.microbatches),
-                   donate_argnums=(0,),  # the new state keeps the input's layout: one compile
-                   out_shardings=(state_sh, NamedSharding(mesh, P())))
+    sampler, eval_greedy = samplers(cfg, tokenizer, roll_cfg, mesh)
     return Run(
         cfg=cfg, mesh=mesh, env=env, model_cfg=model_cfg, rollout_cfg=roll_cfg, state=state,
         key=key,
@@ -232,6 +229,35 @@ def build(cfg, workdir: str, mesh=None) -> Run:
         # a copy even when the dtypes agree: train_step donates the state the params live in
         rollout_params=jax.jit(lambda p: jax.tree.map(
             jnp.copy, policy.cast_params(p, roll_cfg))),
-        score=jax.jit(functools.partial(ts.score, model_cfg=model_cfg, temperature=temperature,
-                                        mesh=mesh)),
-        train_step=step)
+        score=score_program(cfg, model_cfg, mesh),
+        train_step=train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh))
+
+
+# The run's jitted programs, built here for both the run (``build``) and
+# trustrl.tools.aot_check, so what aot_check compiles is what the run executes.
+
+
+def samplers(cfg, tokenizer, roll_cfg, mesh) -> tuple[Sampler, Sampler]:
+    """(the rollout sampler, also evaluation's pass@k sampler; the greedy evaluation sampler).
+    ``tokenizer``: anything with an ``eos_id``."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    return tuple(Sampler(policy.decode_model(roll_cfg), _sampler_cfg(cfg, tokenizer, greedy=g),
+                         batch_sharding=batch_sharding) for g in (False, True))
+
+
+def score_program(cfg, model_cfg, mesh):
+    """score(params, batch) -> pi_old log-probs of the whole iteration, in
+    ``score_microbatches(cfg)`` parts."""
+    return jax.jit(functools.partial(ts.score, model_cfg=model_cfg,
+                                     temperature=float(cfg.rollout.temperature), mesh=mesh,
+                                     microbatches=cv.score_microbatches(cfg)))
+
+
+def train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh):
+    """train_step(state, minibatch, rollout_params) -> (state, metrics); the state is donated
+    and keeps its layout (one compile)."""
+    return jax.jit(functools.partial(ts.train_step, model_cfg=model_cfg, loss_cfg=cfg.loss, tx=tx,
+                                     mesh=mesh, rollout_model_cfg=roll_cfg,
+                                     temperature=float(cfg.rollout.temperature),
+                                     microbatches=cfg.train.microbatches),
+                   donate_argnums=(0,), out_shardings=(state_sh, NamedSharding(mesh, P())))

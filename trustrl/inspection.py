@@ -7,6 +7,7 @@ token is blocked when its gradient is exactly zero, PAPER Eq. 23), and the diver
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 from trustrl import advantages as adv_lib
 from trustrl import divergences, losses, policy
 from trustrl import train_step as ts
+from trustrl.sampler import Sampler
 
 # loss method -> the key of the divergence it needs in a drifted batch (None: from logp)
 DIVERGENCE_KEY = {"dppo_topk_tv": "topk_tv", "dppo_topk_kl": "topk_kl",
@@ -112,7 +114,12 @@ def drifted_batch(run, state, key, updates: int = 8) -> dict:
     state = jax.tree.map(jnp.copy, state)
     params_roll = run.rollout_params(state.params)
     examples = next(run.prompt_iter)
-    r = run.sampler.generate(params_roll, env.encode_prompts(examples), g, key)
+    sampler = run.sampler
+    if not sampler.cfg.record_topk and cfg.rollout.record_topk:  # the run's method reads no
+        sampler = Sampler(sampler.model, dataclasses.replace(  # top-K: record it here
+            sampler.cfg, record_topk=cfg.rollout.record_topk),
+            batch_sharding=sampler.batch_sharding)
+    r = sampler.generate(params_roll, env.encode_prompts(examples), g, key)
     answers = [ex["answer"] for ex in examples for _ in range(g)]
     rewards = np.asarray(env.score(env.decode_responses(r), answers), np.float32)
     adv = adv_lib.compute_advantages(rewards, g, cfg.loss.advantage)

@@ -322,10 +322,11 @@ class Sampler:
     def __init__(self, model: DecodeModel, cfg: SamplerConfig, *, batch_sharding=None):
         cfg.validate(model.vocab_size)
         self.model, self.cfg = model, cfg
-        self._batch_sharding = batch_sharding
+        self.batch_sharding = self._batch_sharding = batch_sharding
         # The KV cache is allocated once per (batch, length) bucket and donated to every call,
         # which hands it back: XLA updates it in place, no per-iteration reallocation. Stale
         # entries from the previous call are never attended (the model masks unwritten slots).
+        # Only the last shape's cache is kept (``_cache``); ``release`` frees it.
         gen = functools.partial(_generate, model=model, cfg=cfg)
         cont = functools.partial(_generate_continuous, model=model, cfg=cfg)
         if batch_sharding is not None:  # outputs and the returned cache keep the batch layout
@@ -357,6 +358,38 @@ class Sampler:
 
         return jax.tree.map(lambda x: NamedSharding(mesh, spec_of(x)), tree)
 
+    def abstract_cache(self, rows: int, width: int):
+        """The KV cache ``generate`` keeps for ``rows`` decode rows at prompt bucket ``width``,
+        as jax.ShapeDtypeStructs with the layout it is created with (nothing allocated)."""
+        cache = jax.eval_shape(lambda: self.model.init_cache(rows, width + self.cfg.max_new_tokens))
+        if self._batch_sharding is None:
+            return cache
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            cache, self.layout(cache))
+
+    def lower(self, params, rows: int, width: int):
+        """The program ``generate`` runs for ``rows`` rows (prompts x group size) at prompt
+        bucket ``width``, lowered on abstract arguments (``params`` may be ShapeDtypeStructs):
+        (a description, the jax Lowered, the abstract cache it is given). For
+        trustrl.tools.aot_check; needs a batch sharding (a mesh)."""
+        m, n = self.cfg.max_rows, self.cfg.max_new_tokens
+        spec = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)
+        mesh = self._batch_sharding.mesh
+        replicated = NamedSharding(mesh, P())
+        key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                   sharding=replicated)
+        slots = min(rows, m) if m else rows
+        cache = self.abstract_cache(slots, width)
+        if slots < rows and self.cfg.continuous and self.model.insert is not None:
+            tok = spec((-(-rows // slots) * slots, width), self._batch_sharding)
+            return (f"{rows} rows through {slots} continuous slots x ({width} + {n}) tokens",
+                    self._run_continuous.lower(params, tok, tok, spec((), replicated), cache,
+                                               key), cache)
+        tok = spec((slots, width), self._batch_sharding)
+        what = f"{slots} rows x ({width} + {n}) tokens" + (
+            f", {-(-rows // slots)} calls" if slots < rows else "")
+        return what, self._run.lower(params, tok, tok, cache, key), cache
+
     def num_compilations(self) -> int:
         """Distinct compiled shapes so far (the bucketing keeps this small)."""
         return self._run._cache_size() + self._run_continuous._cache_size()
@@ -376,10 +409,18 @@ class Sampler:
             return self._generate_in_parts(params, expanded, width, key, len(prompts), group_size)
         return self._generate_rows(params, expanded, width, key, len(prompts), group_size)
 
+    def release(self):
+        """Frees the kept KV cache (the next call allocates a new one): e.g. the evaluation
+        sampler's between evaluations, so it holds no device memory during training."""
+        self._caches.clear()
+
     def _cache(self, rows: int, width: int):
-        """The donated KV cache of this (rows, length) bucket, created on first use."""
+        """The donated KV cache of this (rows, length) bucket, created on first use. One cache
+        is kept at a time: a call of another shape frees the previous one, so a second prompt
+        bucket replaces the first's cache instead of holding both."""
         cache_key = (rows, width + self.cfg.max_new_tokens)
         cache = self._caches.pop(cache_key, None)
+        self._caches.clear()
         if cache is None:
             init = functools.partial(self.model.init_cache, *cache_key)
             if self._batch_sharding is not None:  # created in place, sharded (multi-process too)

@@ -106,6 +106,25 @@ def rollout_batch(r: Rollout, advantages, old_logp=None) -> dict:
     return batch
 
 
+def batch_shapes(rows: int, prompt_len: int, num_new: int, *, topk: int = 0,
+                 old_logp: bool = False) -> dict:
+    """The shapes / dtypes of ``rollout_batch``'s arrays for ``rows`` sequences of ``prompt_len``
+    + ``num_new`` tokens (jax.ShapeDtypeStructs, unsharded): what the score pass and the train
+    step are compiled for (trustrl.tools.aot_check)."""
+    s = jax.ShapeDtypeStruct
+    t = prompt_len + num_new
+    out = dict(tokens=s((rows, t), jnp.int32), valid=s((rows, t), jnp.int32),
+               positions=s((rows, t), jnp.int32), response_tokens=s((rows, num_new), jnp.int32),
+               response_mask=s((rows, num_new), jnp.int32),
+               rollout_logp=s((rows, num_new), jnp.float32), advantages=s((rows,), jnp.float32))
+    if topk:
+        out.update(topk_ids=s((rows, num_new, topk), jnp.int32),
+                   topk_logp=s((rows, num_new, topk), jnp.float32))
+    if old_logp:
+        out["old_logp"] = s((rows, num_new), jnp.float32)
+    return out
+
+
 def token_logp_entropy(logits, tokens):
     """The plain head's (log_softmax [.., V], logp, entropy): the reference for the fused one."""
     logp_full = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -114,10 +133,33 @@ def token_logp_entropy(logits, tokens):
     return logp_full, logp, entropy
 
 
-def score(params, batch, *, model_cfg, temperature: float = 1.0, mesh=None):
-    """Trainer-precision log-probs of the sampled tokens: pi_old at the rollout parameters."""
-    return policy.response_head(params, model_cfg, batch, temperature=temperature,
-                                mesh=mesh)["logp"]
+def strided_split(x, parts: int):
+    """[b, ...] -> [parts, b / parts, ...], part i = rows i, i + parts, i + 2 parts, ... (a
+    strided split keeps each device's rows on that device)."""
+    return jnp.moveaxis(x.reshape(x.shape[0] // parts, parts, *x.shape[1:]), 1, 0)
+
+
+def strided_join(x):
+    """The inverse of ``strided_split``: [parts, b / parts, ...] -> [b, ...]."""
+    return jnp.moveaxis(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def score(params, batch, *, model_cfg, temperature: float = 1.0, mesh=None,
+          microbatches: int = 1):
+    """Trainer-precision log-probs [b, N] of the sampled tokens: pi_old at the rollout
+    parameters. ``microbatches`` > 1: the rows in that many parts, one after another (a
+    lax.map), so the program's activations are one part's, whatever the iteration's size."""
+    keys = ("tokens", "positions", "valid", "response_tokens")
+    rows = batch["tokens"].shape[0]
+    if microbatches < 1 or rows % microbatches:
+        raise ValueError(f"the score pass cannot split {rows} rows into microbatches="
+                         f"{microbatches} (must be >= 1 and divide it)")
+    head = lambda b: policy.response_head(params, model_cfg, b, temperature=temperature,
+                                          mesh=mesh)["logp"]
+    if microbatches == 1:
+        return head({k: batch[k] for k in keys})
+    parts = {k: strided_split(batch[k], microbatches) for k in keys}
+    return strided_join(jax.lax.map(head, parts))
 
 
 def _combine_metrics(stacked: dict, tokens) -> dict:
@@ -221,8 +263,7 @@ def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, los
     if microbatches == 1:
         (loss, metrics), grads = grad_fn(state.params, batch)
     else:
-        split = lambda x: jnp.moveaxis(
-            x.reshape(bsz // microbatches, microbatches, *x.shape[1:]), 1, 0)
+        split = functools.partial(strided_split, parts=microbatches)
 
         def accumulate(acc, mb):
             (loss_i, metrics_i), grads_i = grad_fn(state.params, mb)

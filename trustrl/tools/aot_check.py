@@ -6,16 +6,24 @@ against the chip's HBM.
     python -m trustrl.tools.aot_check --config=configs/default.py:tiny --topology=cpu:8
 
 Compiled (on abstract arrays, jax.ShapeDtypeStruct with the run's shardings; nothing is
-allocated):
+allocated), each the program trustrl.main runs (built by the same trustrl.experiment
+functions), traced under the target's mesh so "auto" kernels resolve as on the pod (splash on
+TPU, inside a shard_map):
   init     the fresh train state (params, Adam moments, counters) with its shardings
-  train    one optimizer step of a minibatch: (prompts_per_iter x group_size / minibatches) rows
-           x (--prompt_len + rollout.max_new_tokens) tokens, in train.microbatches micro-batches
-  sampler  one rollout call: rollout.max_rows rows at a time (0: all prompts_per_iter x
-           group_size) of --prompt_len prompt tokens + rollout.max_new_tokens, with its KV cache
-           (rollout.continuous: every row's prompt and output buffers, max_rows decode slots)
-Per chip: arguments + outputs + temporaries - aliased (donated) bytes, from XLA's
-compiled.memory_analysis(). Exits 1, naming the phases, when one does not fit
-(--hbm_gib, default the chip's HBM); 2 on bad flags.
+  rollout  one iteration's sampling: prompts_per_iter x group_size rows of --prompt_len (its
+           bucket) + rollout.max_new_tokens, rollout.max_rows at a time (continuous slots or
+           split calls), with the KV cache the sampler keeps
+  score    the score pass (pi_old of the whole iteration) in train.score_microbatches parts
+  train    one optimizer step of a minibatch ((prompts_per_iter x group_size / minibatches)
+           rows) in train.microbatches micro-batches
+  eval     evaluation's greedy pass (eval.num_prompts rows) and, as eval_k, its eval.k samples
+           per prompt (the rollout sampler)
+Per chip: the program (arguments + outputs + temporaries - aliased (donated) bytes, from
+XLA's compiled.memory_analysis()) plus what the run keeps alive beside it ("held": the train
+state during sampling, the rollout params, the rollout sampler's KV cache and the iteration's
+batch during the score pass and the train step), computed from the abstract arrays of the same
+objects; the largest sum is the iteration's peak. Exits 1, naming the phases, when one does not
+fit (--hbm_gib, default the TPU compiler's own limit for the chip, HBM_GIB); 2 on bad flags.
 
 The model: model.hf_dir/config.json when it exists, else --model (a preset of MODELS), else the
 preset named by hf_dir's last component (e.g. /mnt/models/Qwen3-8B-Base -> qwen3-8b).
@@ -26,6 +34,7 @@ Any config field can be overridden as in trustrl.main (``--config.train.microbat
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -37,8 +46,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 GiB = 2 ** 30
-# HBM per chip (GiB) by the topology name's prefix
-HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+# The memory per device the TPU compiler allows (GiB), by the topology name's prefix: read from
+# its RESOURCE_EXHAUSTED message ("exceeds available HBM (95.74G)") with libtpu 0.0.42.1; less
+# than the marketed HBM (v5p 95, v5e 16, v6e 32 GiB; v4's 32 GiB chip is two 16 GiB cores).
+HBM_GIB = {"v4": 15.25, "v5e": 15.75, "v5p": 95.74, "v6e": 31.25}
 # HF config.json fields of dense models this tool can size without their files
 _QWEN3 = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, head_dim=128,
               num_key_value_heads=8, rope_theta=1000000.0, rms_norm_eps=1e-6,
@@ -57,7 +68,7 @@ MODELS = {
     "qwen3-32b": dict(_QWEN3, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
                       num_attention_heads=64, tie_word_embeddings=False),
 }
-PHASES = ("init", "train", "sampler")
+PHASES = ("init", "rollout", "score", "train", "eval")
 
 
 def _define_flags():
@@ -88,7 +99,7 @@ def parse_topology(name: str) -> tuple[str, int | None, float | None]:
         if int(m.group(1)) < 1:
             raise ValueError(f"--topology={name}: need at least one CPU device")
         return "cpu", int(m.group(1)), None
-    m = re.fullmatch(r"(v4|v5e|v5litepod|v5p|v6e):(\d+(x\d+){1,2})", name)
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(x\d+){1,2})", name)
     if not m:
         raise ValueError(f"--topology={name!r} is not valid: use a TPU generation and chip grid "
                          f"({', '.join(f'{g}:AxB[xC]' for g in HBM_GIB)}, e.g. v5p:2x4x4) or "
@@ -132,37 +143,87 @@ def compiled_memory(compiled) -> dict:
                 temp=m.temp_size_in_bytes / GiB, total=total / GiB)
 
 
+def per_chip_gib(tree) -> float:
+    """GiB one device holds of a pytree of sharded jax.ShapeDtypeStructs (or arrays): each leaf's
+    shard shape (its sharding's ``shard_shape``) times its item size; replicated leaves whole."""
+    import jax
+    import numpy as np
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total / GiB
+
+
 def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=print) -> list:
-    """Compiles the phases for cfg.mesh over ``devices``; returns one row dict per phase."""
+    """Compiles the phases for cfg.mesh over ``devices``; returns one row dict per phase, each
+    with the program's memory and ``held``: what the run keeps alive on the chip during it
+    ({name: GiB per chip}, from the same objects the run holds), so ``total + held`` is the
+    phase's peak."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from trustrl import experiment, hf, losses, policy, sharding
+    from trustrl import attention, experiment, hf, losses, policy, sharding
+    from trustrl import config_validation as cv
     from trustrl import model as model_lib
     from trustrl import train_step as ts
-    from trustrl.sampler import Sampler
+    from trustrl.sampler import prompt_bucket
 
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     model_cfg = hf.config_from_hf(hf_config, param_dtype=cfg.model.param_dtype,
                                   dtype=cfg.model.dtype, remat=cfg.model.remat)
+    model_cfg = dataclasses.replace(model_cfg, attention=cfg.model.get("attention", "auto"))
     roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype, cfg.rollout.head_dtype)
     total_steps = cfg.train.iterations * cfg.train.epochs * cfg.train.minibatches
     tx = ts.make_optimizer(cfg.optim, total_steps)
     state_sh = ts.state_shardings(model_cfg, tx, mesh)
     replicated = NamedSharding(mesh, P())
+    sampler, eval_greedy = experiment.samplers(cfg, _EosOnly(), roll_cfg, mesh)
 
     def abstract(shapes, shardings):
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
 
+    def batched(shapes):
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                        sharding=sharding.batch_sharding(mesh, len(v.shape)))
+                for k, v in shapes.items()}
+
     params = abstract(model_lib.param_shapes(model_cfg), state_sh.params)
     roll_params = abstract(model_lib.param_shapes(roll_cfg),
                            model_lib.param_shardings(roll_cfg, mesh))
+    state = ts.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                          params=params,
+                          opt_state=abstract(jax.eval_shape(tx.init, params), state_sh.opt_state),
+                          skipped=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
     rows, n_new = cfg.rollout.prompts_per_iter * cfg.rollout.group_size, cfg.rollout.max_new_tokens
+    width = prompt_bucket(prompt_len, sampler.cfg)
+    method = cfg.loss.method
+    need_old = method in losses.NEEDS_OLD_LOGP
+    topk = sampler.cfg.record_topk
+    iteration = batched(ts.batch_shapes(rows, width, n_new, topk=topk, old_logp=need_old))
+    mb_rows = rows // cfg.train.minibatches
+    minibatch = batched(ts.batch_shapes(mb_rows, width, n_new, topk=topk, old_logp=need_old))
+    with jax.set_mesh(mesh):  # what the run traces under: "auto" kernels resolve for it
+        kernel = attention.resolve(model_cfg.attention, width + n_new, model_cfg.compute_dtype)
+    log(f"  assumed: prompt bucket {width} (--prompt_len={prompt_len}), {rows} rows of "
+        f"{width} + {n_new} tokens per iteration, attention {model_cfg.attention!r} -> "
+        f"{kernel!r} on {devices[0].platform}, rollout {cfg.rollout.dtype}, mu's top-K "
+        f"recorded: {topk or 'no'}, score pass: "
+        + (f"{cv.score_microbatches(cfg)} part(s)" if cfg.train.score_pass or need_old
+           else "off") + (f", eval: {cfg.eval.num_prompts} greedy + {cfg.eval.num_prompts} x "
+                          f"{cfg.eval.k} sampled rows" if cfg.eval.every else ", eval: off"))
+
+    # what the run keeps on the chip between its programs (trustrl.train._loop)
+    rollout_cache = sampler.abstract_cache(min(rows, sampler.cfg.max_rows or rows), width)
+    held_state = {"train state": per_chip_gib(state)}
+    held_cache = {"rollout sampler's KV cache": per_chip_gib(rollout_cache)}
+    held_roll = {"rollout params": per_chip_gib(roll_params)}
+    held_batch = {"iteration's batch": per_chip_gib(iteration)}
     out = []
 
-    def record(phase, shape, lower):
+    def record(phase, shape, lower, held):
         t0 = time.perf_counter()
         try:
             memory = compiled_memory(lower().compile())
@@ -173,9 +234,12 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
             temp = float(m.group(1)) / {"G": 1, "M": 2 ** 10, "K": 2 ** 20}[m.group(2)]
             memory = dict(args=float("nan"), out=float("nan"), temp=temp, total=float("inf"),
                           refused=str(e).split("RESOURCE_EXHAUSTED: ", 1)[1].splitlines()[0])
-        row = dict(phase=phase, shape=shape, compile_s=time.perf_counter() - t0, **memory)
-        log(f"  {phase}: {shape}: " + (f"{row['total']:.2f} GiB per chip" if "refused" not in
-                                       row else f"refused by the compiler: {row['refused']}")
+        row = dict(phase=phase, shape=shape, compile_s=time.perf_counter() - t0, held=held,
+                   **memory)
+        row["peak"] = row["total"] + sum(held.values())
+        log(f"  {phase}: {shape}: " + (f"{row['total']:.2f} GiB per chip + {sum(held.values()):.2f}"
+                                       f" held = {row['peak']:.2f}" if "refused" not in row else
+                                       f"refused by the compiler: {row['refused']}")
             + f" ({row['compile_s']:.1f} s)")
         out.append(row)
 
@@ -183,65 +247,31 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
         init = jax.jit(lambda p: ts.TrainState(
             step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
             skipped=jnp.zeros((), jnp.int32)), out_shardings=state_sh)
-        record("init", "train state", lambda: init.lower(params))
+        record("init", "train state", lambda: init.lower(params), {})
 
-    if "train" in phases:
-        mb = rows // cfg.train.minibatches
-        t = prompt_len + n_new
-        s = lambda shape, dtype: jax.ShapeDtypeStruct(
-            shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-        batch = dict(tokens=s((mb, t), jnp.int32), valid=s((mb, t), jnp.int32),
-                     positions=s((mb, t), jnp.int32), response_tokens=s((mb, n_new), jnp.int32),
-                     response_mask=s((mb, n_new), jnp.int32),
-                     rollout_logp=s((mb, n_new), jnp.float32), advantages=s((mb,), jnp.float32))
-        if cfg.loss.method in ts.TOPK_METHODS:
-            k = cfg.rollout.record_topk
-            batch.update(topk_ids=s((mb, n_new, k), jnp.int32),
-                         topk_logp=s((mb, n_new, k), jnp.float32))
-        if cfg.loss.method in losses.NEEDS_OLD_LOGP:
-            batch["old_logp"] = s((mb, n_new), jnp.float32)
-        state = ts.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                              params=params,
-                              opt_state=abstract(jax.eval_shape(tx.init, params),
-                                                 state_sh.opt_state),
-                              skipped=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
-        step = jax.jit(functools.partial(
-            ts.train_step, model_cfg=model_cfg, loss_cfg=cfg.loss, tx=tx, mesh=mesh,
-            rollout_model_cfg=roll_cfg, temperature=float(cfg.rollout.temperature),
-            microbatches=cfg.train.microbatches), donate_argnums=(0,),
-            out_shardings=(state_sh, replicated))
-        with jax.set_mesh(mesh):
-            record("train", f"{mb} x ({prompt_len} + {n_new}) tokens, "
+    with jax.set_mesh(mesh):
+        if "rollout" in phases:  # the train state stays on the chips while it samples
+            what, lowered, _ = sampler.lower(roll_params, rows, width)
+            record("rollout", what, lambda: lowered, held_state)
+        if "score" in phases and (cfg.train.score_pass or need_old):
+            score = experiment.score_program(cfg, model_cfg, mesh)
+            record("score", f"{rows} x ({width} + {n_new}) tokens in "
+                   f"{cv.score_microbatches(cfg)} part(s)",
+                   lambda: score.lower(params, iteration),
+                   {"optimizer state": per_chip_gib(state.opt_state), **held_roll,
+                    **held_cache})
+        if "train" in phases:  # the donated state is an argument; the iteration's batch is kept
+            step = experiment.train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh)
+            record("train", f"{mb_rows} x ({width} + {n_new}) tokens, "
                    f"{cfg.train.microbatches} micro-batch(es)",
-                   lambda: step.lower(state, batch, roll_params))
-
-    if "sampler" in phases:
-        max_rows = cfg.rollout.max_rows
-        b = min(rows, max_rows) if max_rows else rows
-        sampler = Sampler(policy.decode_model(roll_cfg),
-                          experiment._sampler_cfg(cfg, _EosOnly(), greedy=False),
-                          batch_sharding=sharding.batch_sharding(mesh))
-        cache_len = prompt_len + n_new
-        cache = jax.eval_shape(lambda: sampler.model.init_cache(b, cache_len))
-        cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                             cache, sampler.layout(cache))
-        key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                                   sharding=replicated)
-        if b < rows and cfg.rollout.continuous:  # all rows' prompts / outputs, b decode slots
-            padded = -(-rows // b) * b
-            tok = jax.ShapeDtypeStruct((padded, prompt_len), jnp.int32,
-                                       sharding=sharding.batch_sharding(mesh))
-            count = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-            what, lower = (f"{rows} rows through {b} continuous slots x ({prompt_len} + {n_new}) "
-                           "tokens", lambda: sampler._run_continuous.lower(
-                               roll_params, tok, tok, count, cache, key))
-        else:
-            tok = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32,
-                                       sharding=sharding.batch_sharding(mesh))
-            what, lower = (f"{b} rows x ({prompt_len} + {n_new}) tokens",
-                           lambda: sampler._run.lower(roll_params, tok, tok, cache, key))
-        with jax.set_mesh(mesh):
-            record("sampler", what, lower)
+                   lambda: step.lower(state, minibatch, roll_params), {**held_cache, **held_batch})
+        if "eval" in phases and cfg.eval.every:  # greedy (rollout sampler's cache freed first)
+            n_eval = cfg.eval.num_prompts
+            what, lowered, _ = eval_greedy.lower(roll_params, n_eval, width)
+            record("eval", "greedy: " + what, lambda: lowered, {**held_state})
+            if cfg.eval.k > 1:
+                what, lowered, _ = sampler.lower(roll_params, n_eval * cfg.eval.k, width)
+                record("eval_k", f"pass@{cfg.eval.k}: " + what, lambda: lowered, held_state)
     return out
 
 
@@ -306,24 +336,37 @@ def main(argv):
 
 
 def report(rows, hbm: float | None) -> tuple[str, str | None]:
-    """(the table, None when every phase fits else the line naming those that do not)."""
-    lines = [f"\n{'phase':8} | {'shape':52} | {'args':>8} | {'temp':>9} | {'total GiB':>9} | "
-             f"{'HBM':>5} | fits | compile s"]
+    """(the table, None when every phase's peak fits else the line naming those that do not).
+    A phase's peak is its program (arguments + outputs + temporaries - donated) plus what the
+    run keeps alive beside it (``held``); the iteration's peak is the largest."""
+    lines = [f"\n{'phase':8} | {'program':52} | {'args':>7} | {'temp':>7} | {'total':>7} | "
+             f"{'held':>7} | {'peak GiB':>8} | {'limit':>6} | fits | compile s"]
     over = []
     for r in rows:
+        held = sum(r.get("held", {}).values())
+        peak = r.get("peak", r["total"] + held)
         fits = "NO" if "refused" in r else "-" if hbm is None else (
-            "yes" if r["total"] <= hbm else "NO")
+            "yes" if peak <= hbm else "NO")
         if fits == "NO":
             over.append(r["phase"])
-        lines.append(f"{r['phase']:8} | {r['shape']:52} | {r['args']:8.4g} | {r['temp']:9.4g} | "
-                     f"{r['total']:9.4g} | {'-' if hbm is None else f'{hbm:.0f}':>5} | "
-                     f"{fits:4} | {r['compile_s']:9.1f}")
+        lines.append(f"{r['phase']:8} | {r['shape'][:52]:52} | {r['args']:7.3g} | "
+                     f"{r['temp']:7.4g} | {r['total']:7.4g} | {held:7.3g} | {peak:8.4g} | "
+                     f"{'-' if hbm is None else f'{hbm:g}':>6} | {fits:4} | {r['compile_s']:9.1f}")
+    peaks = [r.get("peak", r["total"]) for r in rows]
+    if rows:
+        worst = rows[peaks.index(max(peaks))]
+        lines.append(f"whole iteration: peak {max(peaks):.4g} GiB per chip ({worst['phase']})"
+                     + ("" if hbm is None else f" of {hbm:g}"))
+        for r in rows:
+            if r.get("held"):
+                lines.append(f"  held during {r['phase']}: " + ", ".join(
+                    f"{k} {v:.3g}" for k, v in r["held"].items()))
     if not over:
         return "\n".join(lines), None
     limit = f"{hbm:g} GiB per chip" if hbm is not None else "the device memory"
     return "\n".join(lines), (f"aot_check: {', '.join(over)} do(es) not fit in {limit}; more "
-                              f"train.microbatches, a smaller rollout.max_rows, more chips on "
-                              f"fsdp / tensor, or remat")
+                              f"train.microbatches / train.score_microbatches, a smaller "
+                              f"rollout.max_rows, more chips on fsdp / tensor, or remat")
 
 
 if __name__ == "__main__":
