@@ -45,10 +45,22 @@ sanity-quant: $(BASE_STAMP)
 # worker fills the idle core-time; measured 3.11 leg 22:43 -> 16:36 with the cheaper compile).
 # --dist load --maxschedchunk 1: one test at a time to whichever worker is free, in the order
 # tests/conftest.py sorts them (longest first), so no long test is left running alone at the end.
+# The TPU compile checks (tests/test_aot_check.py, tests/test_continuous.py) compile for a TPU
+# topology from this CPU host with libtpu's compile-only devices: the libtpu that the installed
+# jax pins (its `tpu` extra) goes into $(LIBTPU), outside the venv's site-packages, so only the
+# subprocesses that ask for it load it (TRUSTRL_LIBTPU_PATH).
 XDIST ?= 3
-test: $(STAMP)
+LIBTPU = $(VENV)/libtpu
+LIBTPU_STAMP = $(LIBTPU)/.installed
+$(LIBTPU_STAMP): $(STAMP)
+	rm -rf $(LIBTPU)
+	$(PIP) install -q --no-deps --target $(LIBTPU) "$$($(VENV)/bin/python .ci/libtpu_requirement.py)"
+	touch $(LIBTPU_STAMP)
+
+test: $(STAMP) $(LIBTPU_STAMP)
 	$(VENV)/bin/python .ci/versions.py
-	$(VENV)/bin/python -m pytest -q -n $(XDIST) --dist load --maxschedchunk 1 --durations=15 tests
+	TRUSTRL_LIBTPU_PATH=$(abspath $(LIBTPU)) $(VENV)/bin/python -m pytest -q -n $(XDIST) \
+	  --dist load --maxschedchunk 1 --durations=15 tests
 
 # The newest stack: Python 3.12 (jax >= 0.11 needs it; PY312=... overrides the search in
 # .ci/find-python), the newest releases setup.py allows, no torch / transformers (their parity

@@ -10,15 +10,21 @@
 # the trained tokenizer go there (gcsfs, installed with the `gcs` extra); each worker builds the
 # tfds dataset on its own disk (~/.cache/trustrl/workdirs/...). gs:// workdirs are tested
 # against a local GCS emulator (tests/test_storage.py), not a real bucket.
-# Check first that the config fits the slice, from any machine with libtpu:
+# Check first that the config fits the slice, from any machine (libtpu's compile-only devices):
+#   pip install 'libtpu==0.0.42.1'
 #   python -m trustrl.tools.aot_check --config=CONFIG --topology=v5p:2x4x4
 set -euo pipefail
 if [ $# -lt 4 ]; then
   echo "usage: $0 TPU_NAME ZONE CONFIG WORKDIR [overrides...]" >&2; exit 2
 fi
 NAME=$1; ZONE=$2; CONFIG=$3; WORKDIR=$4; shift 4
+# The jax / libtpu pair that trustrl.tools.aot_check's pod tables were compiled with (and CI's
+# TPU compile check runs): docs/pod_memory.md. Change both together, then regenerate the tables.
+JAX_VERSION=0.10.2
+LIBTPU_VERSION=0.0.42.1
 REPO=$(git rev-parse --show-toplevel)
 gcloud compute tpus tpu-vm scp --recurse "$REPO" "$NAME":~/trustrl --zone "$ZONE" --worker=all
 gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "
-  cd ~/trustrl && python3 -m venv .venv && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]' &&
+  cd ~/trustrl && python3 -m venv .venv &&
+  .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]==$JAX_VERSION' 'libtpu==$LIBTPU_VERSION' &&
   .venv/bin/python -m trustrl.main --config=$CONFIG --workdir=$WORKDIR --multihost $*"

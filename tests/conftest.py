@@ -162,12 +162,16 @@ _TORCH_ABSENT = re.compile(r"could not import '(torch|transformers)'")
 
 def pytest_terminal_summary(terminalreporter):
     """One line that .ci/run counts: skips for absent torch / transformers (the 3.12 leg installs
-    neither; the 3.11 leg must have none) apart from skips for any other reason."""
+    neither; the 3.11 leg must have none), for absent libtpu (the TPU compile checks: the 3.11
+    leg must run them) and for any other reason."""
     reasons = [str(r.longrepr[2] if isinstance(r.longrepr, tuple) else r.longrepr)
                for r in terminalreporter.stats.get("skipped", [])]
     torch_absent = sum(bool(_TORCH_ABSENT.search(reason)) for reason in reasons)
+    libtpu_absent = sum("libtpu is not installed" in reason for reason in reasons)
     terminalreporter.write_line(f"skips: {torch_absent} skipped (torch absent), "
-                                f"{len(reasons) - torch_absent} skipped (other reasons)")
+                                f"{libtpu_absent} skipped (libtpu absent), "
+                                f"{len(reasons) - torch_absent - libtpu_absent} skipped "
+                                f"(other reasons)")
 
 
 @contextlib.contextmanager

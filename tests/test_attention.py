@@ -80,6 +80,34 @@ def test_splash_interpret_equals_xla():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("heads", [(8, 4), (4, 2)])  # (4, 2): kv heads do not divide tensor=4
+def test_splash_under_shard_map_equals_blockwise_on_a_2x4_mesh(heads):
+    """Under a (fsdp=2, tensor=4) mesh the splash kernel runs inside a shard_map (a Mosaic
+    kernel cannot be partitioned by XLA): rows split over fsdp, heads over tensor where they
+    divide; values and gradients equal the blockwise reference (Pallas interpret mode)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from trustrl import sharding
+    mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=4))
+    qkv, valid, w = _batch(40, *heads)
+    qkv = tuple(jnp.concatenate([x, x[::-1] * 0.5]) for x in qkv)  # 6 rows: 3 per fsdp shard
+    valid, w = jnp.concatenate([valid, valid[::-1]]), jnp.concatenate([w, w[::-1]])
+    want, want_g = _value_and_grads(functools.partial(A.blockwise_attention, block_size=16),
+                                    qkv, valid, w)
+    fn = functools.partial(A.attend, backend="splash")
+    with jax.set_mesh(mesh):
+        assert A.target_platform() == "cpu"  # the mesh's devices: interpret mode here
+        place = lambda x: jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH_AXES)))
+        qkv, valid, w = tuple(map(place, qkv)), place(valid), place(w)
+        got, got_g = _value_and_grads(fn, qkv, valid, w)
+        jaxpr = str(jax.make_jaxpr(fn)(*qkv, valid))
+    assert "shard_map" in jaxpr
+    assert A.splash_specs(mesh, qkv[0].shape, qkv[1].shape)[0] == P(
+        sharding.BATCH_AXES, None, "tensor" if heads == (8, 4) else None, None)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    for a, b in zip(got_g, want_g):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+
+
 @on_gpu
 def test_cudnn_equals_xla_on_gpu():
     qkv32, valid, w = _batch(64, 4, 2, d=64)

@@ -265,7 +265,7 @@ def test_refill_writes_the_cache_in_place(target, subprocess_env):
         if not (libtpu or importlib.util.find_spec("libtpu")):
             pytest.skip("libtpu is not installed (make test installs it; TRUSTRL_LIBTPU_PATH)")
         env.update(PYTHONPATH=os.pathsep.join(filter(None, [libtpu, env.get("PYTHONPATH")])),
-                   TPU_WORKER_HOSTNAMES="localhost")
+                   TPU_WORKER_HOSTNAMES="localhost", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
         env.pop("JAX_PLATFORMS", None)
     done = subprocess.run([sys.executable, "-c", REFILL_TEMP, target], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)

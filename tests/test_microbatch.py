@@ -104,3 +104,36 @@ def test_microbatches_must_divide_the_minibatch():
         config_validation.validate(cfg)
     cfg.train.microbatches = 2
     config_validation.validate(cfg)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_score_pass_in_parts_equals_one_pass(sharded):
+    # the score pass (pi_old of the whole iteration) in 2 / 4 / 8 strided parts == in one
+    mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=4)) if sharded else None
+    mcfg = ModelConfig.tiny_shardable(vocab_size=V)
+    params = init_params(mcfg, jax.random.key(1), mesh)
+    batch = _batch(3)
+    score = lambda n: jax.jit(functools.partial(ts.score, model_cfg=mcfg, temperature=0.7,
+                                                mesh=mesh, microbatches=n))(params, batch)
+    one = np.asarray(score(1))
+    assert one.shape == (B, N) and np.all(one < 0)
+    for n in (2, 4, 8):
+        np.testing.assert_allclose(np.asarray(score(n)), one, atol=1e-6, rtol=1e-6)
+    # the split really is strided and is undone: rows come back in their order
+    x = jnp.arange(B * 3).reshape(B, 3)
+    np.testing.assert_array_equal(ts.strided_split(x, 4)[1], x[1::4])
+    np.testing.assert_array_equal(ts.strided_join(ts.strided_split(x, 4)), x)
+    with pytest.raises(ValueError, match="cannot split 8 rows into microbatches=3"):
+        score(3)
+
+
+def test_score_microbatches_default_and_validation():
+    cfg = default.get_config("tiny")
+    cfg.train.minibatches, cfg.train.microbatches = 2, 2
+    assert config_validation.score_microbatches(cfg) == 4  # a train micro-batch's rows
+    cfg.train.score_microbatches = 8
+    assert config_validation.score_microbatches(cfg) == 8
+    config_validation.validate(cfg)
+    cfg.train.score_microbatches = 3
+    with pytest.raises(ValueError, match="not divisible by train.score_microbatches=3"):
+        config_validation.validate(cfg)

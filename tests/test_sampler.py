@@ -134,6 +134,18 @@ def test_no_recompile_within_bucket():
     assert s.num_compilations() == 2  # the 32 bucket
 
 
+def test_one_kv_cache_is_kept_and_release_frees_it():
+    s = Sampler(bigram_model(), SamplerConfig(max_new_tokens=3, record_topk=2))
+    s.generate(table(), [[1, 2]], 2, jax.random.key(0))
+    assert list(s._caches) == [(2, 16 + 3)]
+    s.generate(table(), [[1] * 20], 2, jax.random.key(0))  # a second prompt bucket (32)
+    assert list(s._caches) == [(2, 32 + 3)]  # replaces the first bucket's cache
+    s.generate(table(), [[1, 2]], 3, jax.random.key(0))  # more rows
+    assert list(s._caches) == [(3, 16 + 3)]
+    s.release()
+    assert not s._caches
+
+
 def test_sharded_equals_unsharded():
     from trustrl.sharding import batch_sharding, make_mesh
     mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})

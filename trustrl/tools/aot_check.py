@@ -74,7 +74,7 @@ PHASES = ("init", "rollout", "score", "train", "eval")
 def _define_flags():
     """The command line's flags (defined when run as a program: trustrl.main defines --config
     too, and both modules are imported by the tests)."""
-    global _CONFIG, _TOPOLOGY, _MODEL, _HBM, _PROMPT_LEN, _PHASES
+    global _CONFIG, _TOPOLOGY, _MODEL, _HBM, _PROMPT_LEN, _PHASES, _JSON
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                               lock_config=True)
     _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:2x4x4, v5e:4x4, "
@@ -85,6 +85,8 @@ def _define_flags():
                               "chip's HBM; none for cpu:N).")
     _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row (the bucket).")
     _PHASES = flags.DEFINE_list("phases", list(PHASES), f"Which of {list(PHASES)} to compile.")
+    _JSON = flags.DEFINE_string("json", None, "Also write the rows, the settings assumed and the "
+                                "versions to this JSON file (benchmarks/pod_memory.py reads it).")
 
 
 def _fail(msg: str):
@@ -300,6 +302,9 @@ def main(argv):
                                    + f" --xla_force_host_platform_device_count={n_cpu}")
         os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # compile-only: no TPU workers
+    # compile-only devices touch no chip: several checks (and tests) may run at once without
+    # libtpu's one-process-per-host lock file
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
     from trustrl import config_validation as cv
     try:
@@ -322,13 +327,29 @@ def main(argv):
                   f"--topology=cpu:N")
     print(f"aot_check: {_TOPOLOGY.value} ({len(devices)} chips, {devices[0].device_kind}), mesh "
           f"{dict(cfg.mesh)}, model from {source}, jax {jax.__version__}")
+    assumed = []
+    log = lambda line: (print(line, flush=True), assumed.append(line.strip()[len("assumed: "):])
+                        if line.strip().startswith("assumed: ") else None)
     try:
         rows = check(cfg, devices, hf_config=hf_config, prompt_len=_PROMPT_LEN.value,
-                     phases=_PHASES.value)
+                     phases=_PHASES.value, log=log)
     except ValueError as e:
         _fail(str(e))
     table, verdict = report(rows, hbm)
     print(table)
+    if _JSON.value:
+        import importlib.metadata
+        versions = {}
+        for name in ("jax", "jaxlib", "libtpu"):
+            try:
+                versions[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                versions[name] = None
+        with open(_JSON.value, "w") as f:
+            json.dump(dict(topology=_TOPOLOGY.value, chips=len(devices), model=source,
+                           mesh=dict(cfg.mesh), hbm_gib=hbm, assumed=assumed, versions=versions,
+                           fits=verdict is None, rows=rows), f, indent=1,
+                      default=lambda x: None)
     print(f"(total {time.perf_counter() - t0:.0f} s)")
     if verdict:
         print(verdict, file=sys.stderr)
