@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.record_topk = 20  # K of the recorded rollout top-K (top-K methods need it)
     c.rollout.max_rows = 0  # rows decoded at once (0 = all); bounds the sampler's memory
     c.rollout.continuous = True  # max_rows slots refilled as rows end (else split calls)
-    c.rollout.refill_rows = 0  # rows prefilled per refill (0 = max_rows / 8)
+    c.rollout.refill_rows = 0  # rows prefilled per refill (0 = max_rows / 8, at most 8)
     c.rollout.dtype = "bfloat16"  # rollout precision: float32 / bfloat16 / int8 / fp8 weights
     c.rollout.head_dtype = ""  # "" = rollout.dtype; "float32": fp32 LM head on the rollout trunk
     c.rollout.dynamic_sampling = False  # drop all-equal-reward groups and refill

@@ -122,7 +122,12 @@ def test_held_memory_against_a_hand_count():
     cache = m.num_layers * 2 * (2 * m.num_kv_heads * s * m.head_dim * 2) + 2 * s + 4  # bf16 k / v
     assert held["train"]["rollout sampler's KV cache"] * gib == cache
     n, t = cfg.rollout.max_new_tokens, 16 + cfg.rollout.max_new_tokens
-    assert held["train"]["iteration's batch"] * gib == 2 * 4 * (3 * t + 3 * n + 1)
+    # tokens / valid / positions [t], response tokens / mask / mu / pi_old (score pass) [n],
+    # the advantage, and the Rollout's prompt tokens / mask [16] and finish / group index: int32
+    # or float32, 2 rows per device
+    assert cfg.train.score_pass
+    assert held["train"]["iteration's batch"] * gib == 2 * 4 * (3 * t + 4 * n + 1)
+    assert held["train"]["rollout record's prompts"] * gib == 2 * 4 * (2 * 16 + 2)
     for r in rows:
         assert r["peak"] == r["total"] + sum(r["held"].values()) > r["total"] > 0
 

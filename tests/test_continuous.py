@@ -274,3 +274,10 @@ def test_refill_writes_the_cache_in_place(target, subprocess_env):
     cache = 4 * 64 * 2 * 1024 * 64 * 2
     assert scatter >= cache  # the reference really copies (else this says nothing)
     assert windowed < (cache / 16 if target == "tpu" else 0.6 * scatter), (windowed, scatter)
+
+
+def test_auto_refill_rows():
+    from trustrl import continuous
+    assert continuous.refill_rows(4, 0) == 1 and continuous.refill_rows(32, 0) == 4
+    assert continuous.refill_rows(512, 0) == continuous.AUTO_REFILL_MAX == 8  # compile size
+    assert continuous.refill_rows(512, 64) == 64 and continuous.refill_rows(4, 9) == 4

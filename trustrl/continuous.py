@@ -42,9 +42,18 @@ class _State(NamedTuple):
     out: tuple             # tokens, mask, logp [R, N]; topk ids / logp [R, N, K]; finish [R]
 
 
+# The refill's cache writes are unrolled per row (model.insert_rows: rows x layers x 4 small
+# in-place updates), so the compiled program grows with the rows per refill: measured on this
+# 2-core VM, the Qwen3-0.6B sampler of configs/qwen3_tpu.py (512 slots, 512 + 2,048 tokens)
+# compiled for v5p in 162 s at 8 rows per refill and 755 s at 64 (and Qwen3-8B's ran out of the
+# VM's 24 GiB at 64). The automatic refill size stops at this many rows.
+AUTO_REFILL_MAX = 8
+
+
 def refill_rows(slots: int, refill: int) -> int:
-    """Rows prefilled per refill (0 = auto: an eighth of the slots, at least 1)."""
-    return min(slots, refill or max(1, slots // 8))
+    """Rows prefilled per refill (0 = auto: an eighth of the slots, at least 1, at most
+    AUTO_REFILL_MAX)."""
+    return min(slots, refill or min(AUTO_REFILL_MAX, max(1, slots // 8)))
 
 
 def generate(params, prompt_tokens, prompt_mask, num_rows, cache, key, *, model,

@@ -204,7 +204,8 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     method = cfg.loss.method
     need_old = method in losses.NEEDS_OLD_LOGP
     topk = sampler.cfg.record_topk
-    iteration = batched(ts.batch_shapes(rows, width, n_new, topk=topk, old_logp=need_old))
+    scored = cfg.train.score_pass or need_old  # old_logp of the whole iteration is then kept
+    iteration = batched(ts.batch_shapes(rows, width, n_new, topk=topk, old_logp=scored))
     mb_rows = rows // cfg.train.minibatches
     minibatch = batched(ts.batch_shapes(mb_rows, width, n_new, topk=topk, old_logp=need_old))
     with jax.set_mesh(mesh):  # what the run traces under: "auto" kernels resolve for it
@@ -222,7 +223,11 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     held_state = {"train state": per_chip_gib(state)}
     held_cache = {"rollout sampler's KV cache": per_chip_gib(rollout_cache)}
     held_roll = {"rollout params": per_chip_gib(roll_params)}
-    held_batch = {"iteration's batch": per_chip_gib(iteration)}
+    prompts = batched({k: jax.ShapeDtypeStruct(shape, jnp.int32) for k, shape in (
+        ("prompt_tokens", (rows, width)), ("prompt_mask", (rows, width)),
+        ("finish_reason", (rows,)), ("group_index", (rows,)))})  # the Rollout's own arrays
+    held_batch = {"iteration's batch": per_chip_gib(iteration),
+                  "rollout record's prompts": per_chip_gib(prompts)}
     out = []
 
     def record(phase, shape, lower, held):
