@@ -34,6 +34,18 @@ ENTRIES = {
         "Qwen3-32B, rollout.max_rows = 256, v5p-64",
         ["--config=configs/qwen3_tpu.py", "--topology=v5p:2x4x4", "--model=qwen3-32b",
          "--config.rollout.max_rows=256"]),
+    # issue 25's goal: the continuous sampler's temporaries <= 1.2x the split-call sampler's at
+    # the same slots (its refill once copied every layer's cache)
+    "qwen3-0.6b-continuous": (
+        "The rollout sampler alone, Qwen3-0.6B, 4,096 rows x (512 + 2,048) through 512 "
+        "continuous slots (the default), v5p-64",
+        ["--config=configs/qwen3_tpu.py", "--topology=v5p:2x4x4", "--model=qwen3-0.6b",
+         "--phases=rollout", "--config.rollout.max_new_tokens=2048"]),
+    "qwen3-0.6b-split": (
+        "The same rows as 8 split calls of 512 rows (rollout.continuous = False)",
+        ["--config=configs/qwen3_tpu.py", "--topology=v5p:2x4x4", "--model=qwen3-0.6b",
+         "--phases=rollout", "--config.rollout.max_new_tokens=2048",
+         "--config.rollout.continuous=false"]),
     "qwen3-8b-v6e": (
         "Qwen3-8B at 1,024 + 8,000 tokens, v6e-32 (32 GiB chips): 128 rollout slots, "
         "128 micro-batches",
@@ -114,10 +126,10 @@ rollout sampler, the score pass, the train step, evaluation's greedy and pass@k 
 compiled for the named TPU topology from a CPU machine with libtpu's compile-only devices,
 with the kernels the pod resolves ("auto" attention = splash inside a shard_map). "program
 total" is XLA's memory analysis of the compiled program (arguments + outputs + temporaries -
-donated); "held" is what the run keeps on the chip beside it (the train state while sampling,
-the rollout params, the rollout sampler's KV cache and the iteration's batch during the score
-pass and the train step), counted from the same abstract arrays; "peak" is their sum. GiB per
-chip. Rerun `PYTHONPATH=.venv/libtpu python benchmarks/pod_memory.py` after any change to a
+donated); "held" is what the run keeps on the chip beside it (the train state while sampling;
+the optimizer state, the rollout params and the iteration's batch, and with
+rollout.keep_kv_cache the rollout sampler's KV cache, during the score pass and the train step),
+counted from the same abstract arrays; "peak" is their sum. GiB per chip. Rerun `PYTHONPATH=.venv/libtpu python benchmarks/pod_memory.py` after any change to a
 config, a kernel or the model.
 """
 

@@ -101,6 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.max_rows = 0  # rows decoded at once (0 = all); bounds the sampler's memory
     c.rollout.continuous = True  # max_rows slots refilled as rows end (else split calls)
     c.rollout.refill_rows = 0  # rows prefilled per refill (0 = max_rows / 8, at most 8)
+    # keep the sampler's KV cache on the devices from one rollout to the next (saves one
+    # allocation per iteration; False frees it before the score pass and the train step)
+    c.rollout.keep_kv_cache = False
     c.rollout.dtype = "bfloat16"  # rollout precision: float32 / bfloat16 / int8 / fp8 weights
     c.rollout.head_dtype = ""  # "" = rollout.dtype; "float32": fp32 LM head on the rollout trunk
     c.rollout.dynamic_sampling = False  # drop all-equal-reward groups and refill

@@ -7,10 +7,11 @@ needs a second task, not wired in yet).
 
 Layout: 32 chips (v5p-64 = 32 chips, 64 cores); mesh data=1, fsdp=8, tensor=4. Parameters and
 optimizer state are FSDP-sharded over 8, attention heads / MLP / vocabulary over 4 (the exact
-full-vocabulary divergence then reduces over the 4-way tensor axis). Per-chip memory, compiled
-for v5p 2x4x4 from a CPU machine (python -m trustrl.tools.aot_check --config=configs/qwen3_tpu.py
---topology=v5p:2x4x4; table in docs/performance.md): initial train state 3.8 GiB, train step
-27.5 GiB, sampler 44.2 GiB of the chip's 95. Launch on every worker:
+full-vocabulary divergence then reduces over the 4-way tensor axis). Per-chip memory of every
+phase (rollout, score pass, train step, evaluation, and what stays on the chip between them),
+compiled for v5p 2x4x4 from a CPU machine with the kernels the pod runs (python -m
+trustrl.tools.aot_check --config=configs/qwen3_tpu.py --topology=v5p:2x4x4): the table is
+docs/pod_memory.md (benchmarks/pod_memory.py). Launch on every worker:
 
     bash launch/tpu_pod.sh NAME ZONE configs/qwen3_tpu.py gs://BUCKET/runs/qwen3_8b_dppo
 
@@ -39,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.group_size = 16
     c.rollout.max_new_tokens = 16384
     c.rollout.dtype = "bfloat16"
-    c.rollout.max_rows = 512  # 8 sampler calls of 512 rows: 44 GiB per chip (4,096 at once: no fit)
+    c.rollout.max_rows = 512  # 512 continuous decode slots (4,096 rows at once do not fit)
     c.loss.method = "dppo_binary_tv"
     c.loss.delta_low = c.loss.delta_high = 0.2
     c.loss.is_cap = 5.0
@@ -49,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.1
     c.train.iterations = 300
     c.train.minibatches = 4
-    c.train.microbatches = 64  # 16 of the 1,024 rows per micro-batch: 27.5 GiB per chip
+    c.train.microbatches = 64  # 16 of the 1,024 rows per micro-batch (2 per chip)
     c.eval.every = 25
     c.eval.num_prompts = 256  # held-out prompts
     c.eval.k = 32  # avg@32 / pass@32

@@ -108,6 +108,11 @@ def test_held_memory_against_a_hand_count():
     cfg.mesh = dict(data=8, fsdp=1, tensor=1)
     cfg.rollout.prompts_per_iter, cfg.rollout.group_size = 8, 2  # 16 rows: 2 per device
     hf, _ = aot_check.model_hf_config(cfg, None)
+    assert not cfg.rollout.keep_kv_cache  # the default: freed after each rollout, not held
+    held = aot_check.check(cfg, jax.devices()[:8], hf_config=hf, prompt_len=16,
+                           phases=("train",), log=lambda *_: None)[0]["held"]
+    assert set(held) == {"iteration's batch", "rollout record's prompts"}
+    cfg.rollout.keep_kv_cache = True
     rows = aot_check.check(cfg, jax.devices()[:8], hf_config=hf, prompt_len=16,
                            phases=("rollout", "train"), log=lambda *_: None)
     held = {r["phase"]: r["held"] for r in rows}

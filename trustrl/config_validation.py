@@ -27,6 +27,7 @@ OPERATIONAL = ("log.", "mesh.", "eval.every", "checkpoint.every", "checkpoint.ma
                "task.data_dir", "warmstart.cache_dir",
                "train.microbatches",  # exact gradient accumulation: memory, not the update
                "train.score_microbatches",  # the score pass in parts: memory, not the values
+               "rollout.keep_kv_cache",  # memory between iterations, not the rollouts
                "model.attention")  # the kernel, not the math (backends agree to float error)
 
 
@@ -115,6 +116,7 @@ def validate(cfg):
                  "task.manual_dir", "warmstart.cache_dir"), str)
     _typed(cfg, ("model.tie_word_embeddings", "model.remat", "tokenizer.split_digits",
                  "rollout.dynamic_sampling", "rollout.continuous", "train.score_pass",
+                 "rollout.keep_kv_cache",
                  "log.tensorboard", "log.progress"), bool)
 
     for k in ("seed", "task.seed", "warmstart.seed"):  # numpy / tfds seeds are non-negative
@@ -341,7 +343,7 @@ _ABSENT = "<absent>"
 # and with max_rows > 0 it draws rollouts from the same distribution as the older split calls.
 ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.continuous": True,
                 "rollout.refill_rows": 0, "warmstart.dtype": "", "model.attention": "auto",
-                "train.score_microbatches": 0}
+                "train.score_microbatches": 0, "rollout.keep_kv_cache": True}
 
 
 def config_changes(old: dict, new: dict):

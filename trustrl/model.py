@@ -19,8 +19,10 @@ Padding and position convention (the sampler and the trainer rely on it)
   gives the same logits as the unpadded row.
 * Causality is by slot (column) order, not by position value.
 * Attention (``trustrl.attention``): the training forward and ``prefill`` run the backend named by
-  ``attention`` ("auto": blockwise online softmax for long sequences, cuDNN / splash on GPU /
-  TPU); ``decode_step`` attends one query against the cache with the einsum reference.
+  ``attention`` ("auto": for the platform of the mesh the program is traced under: splash on
+  TPU, inside a shard_map over rows and heads; cuDNN on GPU; the einsum reference or blockwise
+  online softmax on CPU); ``decode_step`` attends one query against the cache with the einsum
+  reference.
 * Layers: with ``scan_layers`` (default) the decoder is one ``nn.scan`` over parameters stacked
   on a leading "layers" axis (``params["layers"]["attn"]["q_proj"]`` is [L, E, H, D]), each layer
   rematerialised by the ``remat`` policy; ``scan_layers=False`` is the unrolled reference

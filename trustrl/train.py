@@ -125,6 +125,8 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
         params_roll = sharding.cpu_sync(run.rollout_params(state.params))
         r, host_r, examples, rewards, extra = _collect(env, run.sampler, params_roll,
                                                        run.prompt_iter, k_roll, cfg, run.mesh)
+        if not cfg.rollout.get("keep_kv_cache", False):  # not on the chips during the update
+            run.sampler.release()
         validate(host_r, run.model_cfg.vocab_size)
         if cfg.rollout.overlong == "filter":
             r = r.replace(response_mask=r.response_mask * (r.finish_reason != FINISH_LENGTH)[:, None])

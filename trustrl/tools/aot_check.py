@@ -20,8 +20,8 @@ TPU, inside a shard_map):
            per prompt (the rollout sampler)
 Per chip: the program (arguments + outputs + temporaries - aliased (donated) bytes, from
 XLA's compiled.memory_analysis()) plus what the run keeps alive beside it ("held": the train
-state during sampling, the rollout params, the rollout sampler's KV cache and the iteration's
-batch during the score pass and the train step), computed from the abstract arrays of the same
+state during sampling; the optimizer state, the rollout params, the iteration's batch and, with
+rollout.keep_kv_cache, the rollout sampler's KV cache during the score pass and the train step), computed from the abstract arrays of the same
 objects; the largest sum is the iteration's peak. Exits 1, naming the phases, when one does not
 fit (--hbm_gib, default the TPU compiler's own limit for the chip, HBM_GIB); 2 on bad flags.
 
@@ -221,7 +221,8 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     # what the run keeps on the chip between its programs (trustrl.train._loop)
     rollout_cache = sampler.abstract_cache(min(rows, sampler.cfg.max_rows or rows), width)
     held_state = {"train state": per_chip_gib(state)}
-    held_cache = {"rollout sampler's KV cache": per_chip_gib(rollout_cache)}
+    held_cache = ({"rollout sampler's KV cache": per_chip_gib(rollout_cache)}
+                  if cfg.rollout.get("keep_kv_cache", False) else {})
     held_roll = {"rollout params": per_chip_gib(roll_params)}
     prompts = batched({k: jax.ShapeDtypeStruct(shape, jnp.int32) for k, shape in (
         ("prompt_tokens", (rows, width)), ("prompt_mask", (rows, width)),
