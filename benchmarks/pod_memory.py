@@ -27,11 +27,8 @@ ENTRIES = {
         "Qwen3-8B, the paper's 1,024 prompts x (512 + 16,384) tokens per minibatch "
         "(configs/qwen3_tpu.py as it is: score pass and evaluation on), v5p-64",
         ["--config=configs/qwen3_tpu.py", "--topology=v5p:2x4x4"]),
-    "qwen3-32b-v5p": (
-        "Qwen3-32B with the same settings, v5p-64",
-        ["--config=configs/qwen3_tpu.py", "--topology=v5p:2x4x4", "--model=qwen3-32b"]),
     "qwen3-32b-v5p-256rows": (
-        "Qwen3-32B, rollout.max_rows = 256, v5p-64",
+        "Qwen3-32B with the same settings but rollout.max_rows = 256, v5p-64",
         ["--config=configs/qwen3_tpu.py", "--topology=v5p:2x4x4", "--model=qwen3-32b",
          "--config.rollout.max_rows=256"]),
     # issue 25's goal: the continuous sampler's temporaries <= 1.2x the split-call sampler's at
