@@ -126,8 +126,9 @@ total" is XLA's memory analysis of the compiled program (arguments + outputs + t
 donated); "held" is what the run keeps on the chip beside it (the train state while sampling;
 the optimizer state, the rollout params and the iteration's batch, and with
 rollout.keep_kv_cache the rollout sampler's KV cache, during the score pass and the train step),
-counted from the same abstract arrays; "peak" is their sum. GiB per chip. Rerun `PYTHONPATH=.venv/libtpu python benchmarks/pod_memory.py` after any change to a
-config, a kernel or the model.
+counted from the same abstract arrays; "peak" is their sum. GiB per chip. Rerun
+`PYTHONPATH=.venv/libtpu python benchmarks/pod_memory.py` after any change to a config, a kernel
+or the model.
 """
 
 

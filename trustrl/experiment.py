@@ -145,12 +145,17 @@ def _saved_tokenizer(saved: str, vocab_size: int) -> Tokenizer | None:
 
 def model_config(cfg, vocab_size: int) -> ModelConfig:
     m = cfg.model
-    return ModelConfig(
+    return with_run_fields(cfg, ModelConfig(
         vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
         head_dim=m.head_dim, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
-        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
-        attention=m.get("attention", "auto"))
+        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat))
+
+
+def with_run_fields(cfg, model_cfg: ModelConfig) -> ModelConfig:
+    """``model_cfg`` (built from the fields, a HF config.json or a preset) with the config's
+    kernel choice, which no checkpoint carries: model.attention."""
+    return dataclasses.replace(model_cfg, attention=cfg.model.get("attention", "auto"))
 
 
 def _sampler_cfg(cfg, tokenizer, *, greedy: bool, record_topk: bool | None = None
@@ -201,7 +206,7 @@ def build(cfg, workdir: str, mesh=None) -> Run:
         model_cfg, params = hf.load_hf_dir(cfg.model.hf_dir, mesh=mesh,
                                            param_dtype=cfg.model.param_dtype,
                                            dtype=cfg.model.dtype, remat=cfg.model.remat)
-        model_cfg = dataclasses.replace(model_cfg, attention=cfg.model.get("attention", "auto"))
+        model_cfg = with_run_fields(cfg, model_cfg)
     else:
         model_cfg = model_config(cfg, tokenizer.vocab_size)
         params = init_params(model_cfg, k_init, mesh)

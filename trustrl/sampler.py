@@ -322,7 +322,7 @@ class Sampler:
     def __init__(self, model: DecodeModel, cfg: SamplerConfig, *, batch_sharding=None):
         cfg.validate(model.vocab_size)
         self.model, self.cfg = model, cfg
-        self.batch_sharding = self._batch_sharding = batch_sharding
+        self.batch_sharding = batch_sharding
         # The KV cache is allocated once per (batch, length) bucket and donated to every call,
         # which hands it back: XLA updates it in place, no per-iteration reallocation. Stale
         # entries from the previous call are never attended (the model masks unwritten slots).
@@ -345,8 +345,8 @@ class Sampler:
         dynamic row index on the batch-sharded cache made the SPMD partitioner build the update
         as a full-size temporary: a copy of the whole cache (measured: Qwen3-0.6B on v5p 2x4x4,
         512 slots x 1,024 columns, +1.65 GiB of temporaries, the cache's size)."""
-        mesh = self._batch_sharding.mesh
-        batch_axes = self._batch_sharding.spec[0]
+        mesh = self.batch_sharding.mesh
+        batch_axes = self.batch_sharding.spec[0]
 
         def spec_without_batch(sh, x):
             return P(*((None,) + tuple(sh.spec)[1:x.ndim])) if x.ndim else P()
@@ -374,7 +374,7 @@ class Sampler:
 
     def layout(self, tree):
         """The NamedShardings ``_constrain`` gives the leaves of ``tree`` (arrays or shapes)."""
-        mesh, spec = self._batch_sharding.mesh, self._batch_sharding.spec
+        mesh, spec = self.batch_sharding.mesh, self.batch_sharding.spec
         tensor = mesh.shape.get("tensor", 1)
 
         def spec_of(x):
@@ -390,7 +390,7 @@ class Sampler:
         """The KV cache ``generate`` keeps for ``rows`` decode rows at prompt bucket ``width``,
         as jax.ShapeDtypeStructs with the layout it is created with (nothing allocated)."""
         cache = jax.eval_shape(lambda: self.model.init_cache(rows, width + self.cfg.max_new_tokens))
-        if self._batch_sharding is None:
+        if self.batch_sharding is None:
             return cache
         return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                             cache, self.layout(cache))
@@ -402,18 +402,18 @@ class Sampler:
         trustrl.tools.aot_check; needs a batch sharding (a mesh)."""
         m, n = self.cfg.max_rows, self.cfg.max_new_tokens
         spec = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)
-        mesh = self._batch_sharding.mesh
+        mesh = self.batch_sharding.mesh
         replicated = NamedSharding(mesh, P())
         key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                    sharding=replicated)
         slots = min(rows, m) if m else rows
         cache = self.abstract_cache(slots, width)
         if slots < rows and self.cfg.continuous and self.model.insert is not None:
-            tok = spec((-(-rows // slots) * slots, width), self._batch_sharding)
+            tok = spec((-(-rows // slots) * slots, width), self.batch_sharding)
             return (f"{rows} rows through {slots} continuous slots x ({width} + {n}) tokens",
                     self._run_continuous.lower(params, tok, tok, spec((), replicated), cache,
                                                key), cache)
-        tok = spec((slots, width), self._batch_sharding)
+        tok = spec((slots, width), self.batch_sharding)
         what = f"{slots} rows x ({width} + {n}) tokens" + (
             f", {-(-rows // slots)} calls" if slots < rows else "")
         return what, self._run.lower(params, tok, tok, cache, key), cache
@@ -451,15 +451,15 @@ class Sampler:
         self._caches.clear()
         if cache is None:
             init = functools.partial(self.model.init_cache, *cache_key)
-            if self._batch_sharding is not None:  # created in place, sharded (multi-process too)
+            if self.batch_sharding is not None:  # created in place, sharded (multi-process too)
                 cache = jax.jit(lambda: self._constrain(init()))()
             else:
                 cache = init()
         return cache_key, cache
 
     def _place(self, toks, mask):
-        if self._batch_sharding is not None:  # each process places its rows (multihost.to_global)
-            return multihost.to_global((toks, mask), self._batch_sharding)
+        if self.batch_sharding is not None:  # each process places its rows (multihost.to_global)
+            return multihost.to_global((toks, mask), self.batch_sharding)
         return jnp.asarray(toks), jnp.asarray(mask)
 
     def _generate_continuous(self, params, expanded, width, key, n_prompts, group_size):

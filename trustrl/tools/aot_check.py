@@ -21,8 +21,9 @@ TPU, inside a shard_map):
 Per chip: the program (arguments + outputs + temporaries - aliased (donated) bytes, from
 XLA's compiled.memory_analysis()) plus what the run keeps alive beside it ("held": the train
 state during sampling; the optimizer state, the rollout params, the iteration's batch and, with
-rollout.keep_kv_cache, the rollout sampler's KV cache during the score pass and the train step), computed from the abstract arrays of the same
-objects; the largest sum is the iteration's peak. Exits 1, naming the phases, when one does not
+rollout.keep_kv_cache, the rollout sampler's KV cache during the score pass and the train
+step), computed from the abstract arrays of the same objects; the largest sum is the
+iteration's peak. Exits 1, naming the phases, when one does not
 fit (--hbm_gib, default the TPU compiler's own limit for the chip, HBM_GIB); 2 on bad flags.
 
 The model: model.hf_dir/config.json when it exists, else --model (a preset of MODELS), else the
@@ -34,8 +35,6 @@ Any config field can be overridden as in trustrl.main (``--config.train.microbat
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import os
 import re
@@ -175,7 +174,7 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     model_cfg = hf.config_from_hf(hf_config, param_dtype=cfg.model.param_dtype,
                                   dtype=cfg.model.dtype, remat=cfg.model.remat)
-    model_cfg = dataclasses.replace(model_cfg, attention=cfg.model.get("attention", "auto"))
+    model_cfg = experiment.with_run_fields(cfg, model_cfg)
     roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype, cfg.rollout.head_dtype)
     total_steps = cfg.train.iterations * cfg.train.epochs * cfg.train.minibatches
     tx = ts.make_optimizer(cfg.optim, total_steps)
@@ -214,9 +213,9 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
         f"{width} + {n_new} tokens per iteration, attention {model_cfg.attention!r} -> "
         f"{kernel!r} on {devices[0].platform}, rollout {cfg.rollout.dtype}, mu's top-K "
         f"recorded: {topk or 'no'}, score pass: "
-        + (f"{cv.score_microbatches(cfg)} part(s)" if cfg.train.score_pass or need_old
-           else "off") + (f", eval: {cfg.eval.num_prompts} greedy + {cfg.eval.num_prompts} x "
-                          f"{cfg.eval.k} sampled rows" if cfg.eval.every else ", eval: off"))
+        + (f"{cv.score_microbatches(cfg)} part(s)" if scored else "off")
+        + (f", eval: {cfg.eval.num_prompts} greedy + {cfg.eval.num_prompts} x {cfg.eval.k} "
+           f"sampled rows" if cfg.eval.every else ", eval: off"))
 
     # what the run keeps on the chip between its programs (trustrl.train._loop)
     rollout_cache = sampler.abstract_cache(min(rows, sampler.cfg.max_rows or rows), width)
@@ -261,7 +260,7 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
         if "rollout" in phases:  # the train state stays on the chips while it samples
             what, lowered, _ = sampler.lower(roll_params, rows, width)
             record("rollout", what, lambda: lowered, held_state)
-        if "score" in phases and (cfg.train.score_pass or need_old):
+        if "score" in phases and scored:
             score = experiment.score_program(cfg, model_cfg, mesh)
             record("score", f"{rows} x ({width} + {n_new}) tokens in "
                    f"{cv.score_microbatches(cfg)} part(s)",
@@ -276,7 +275,7 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
         if "eval" in phases and cfg.eval.every:  # greedy (rollout sampler's cache freed first)
             n_eval = cfg.eval.num_prompts
             what, lowered, _ = eval_greedy.lower(roll_params, n_eval, width)
-            record("eval", "greedy: " + what, lambda: lowered, {**held_state})
+            record("eval", "greedy: " + what, lambda: lowered, held_state)
             if cfg.eval.k > 1:
                 what, lowered, _ = sampler.lower(roll_params, n_eval * cfg.eval.k, width)
                 record("eval_k", f"pass@{cfg.eval.k}: " + what, lambda: lowered, held_state)
