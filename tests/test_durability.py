@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from trustrl import checkpoint as ckpt_lib
-from trustrl import durable, experiment, tasks, train, warmstart
+from trustrl import durable, experiment, integrity, tasks, train, warmstart
 from trustrl import tokenizer as tk
 from trustrl.metrics import MetricWriter, read_jsonl
 
@@ -334,9 +334,11 @@ def test_warm_start_without_eos_fails_even_with_a_cache(tmp_path, examples):
 
 
 def test_corrupt_warm_start_cache_is_reported_and_ignored(tmp_path, capsys):
+    """Entries that match their integrity record but not the model (or hold non-finite values)
+    are rejected too, and kept aside (see test_integrity.py for entries failing the record)."""
     params = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.ones(4)}}
     path = str(tmp_path / "warmstart-x.msgpack")
-    durable.atomic_write(path, flax.serialization.msgpack_serialize(
+    integrity.write_file(path, flax.serialization.msgpack_serialize(
         jax.tree.map(np.asarray, params)))
     loaded = warmstart._load_cached(path, params)
     np.testing.assert_array_equal(np.asarray(loaded["a"]), np.asarray(params["a"]))
@@ -348,11 +350,14 @@ def test_corrupt_warm_start_cache_is_reported_and_ignored(tmp_path, capsys):
                      (flax.serialization.msgpack_serialize({"a": np.full((2, 3), np.nan),
                                                             "b": {"c": np.ones(4)}}),
                       "non-finite")]:
-        open(path, "wb").write(bad)
+        integrity.write_file(path, bad)
         assert warmstart._load_cached(path, params) is None
         out = capsys.readouterr().out
         assert f"warm start: ignoring cache {path}, training again" in out
         assert re.search(why, out), out
+        assert not os.path.exists(path)  # kept aside, not deleted
+        aside = re.search(r"kept it as (\S+)", out).group(1)
+        assert open(aside, "rb").read() == bad  # the earlier ones are not overwritten
 
 
 # --- workdir --------------------------------------------------------------------------------------

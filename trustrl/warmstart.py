@@ -6,7 +6,9 @@ signal. The warm start trains on (formatted prompt, " answer<eos>") pairs (with 
 on the loss of the answer part, on purpose: the base policy should solve a fraction of the
 problems, leaving room for RL. The result is cached under ``warmstart.cache_dir`` keyed by
 everything it depends on (model, tokenizer vocabulary, task, warm-start settings, seed), so every
-run of a sweep starts from the identical base without paying for it again.
+run of a sweep starts from the identical base without paying for it again. Each cache entry has
+an integrity record (size and sha256, trustrl.integrity) checked when it is read: a damaged entry,
+or one without a record, is reported, kept aside (renamed ``*.damaged-<time>``) and trained again.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trustrl import multihost, policy, sharding, storage, tasks
+from trustrl import integrity, multihost, policy, sharding, storage, tasks
 from trustrl.model import token_logp_and_entropy
 
 
@@ -183,15 +185,18 @@ def warm_start(cfg, env, model_cfg, params, mesh):
         if multihost.is_primary():
             storage.makedirs(ws.cache_dir)
             blob = flax.serialization.msgpack_serialize(host)
-            storage.write(path, blob)  # atomic: a half-written cache entry is never read
+            # atomic, then its record: an entry without one is not trusted (see _load_cached)
+            integrity.write_file(path, blob)
     return params
 
 
 def _load_cached(path, params):
-    """The cached params placed like ``params``, or None (reported) when the file is unreadable
-    or does not match params' tree and shapes: the caller trains the warm start again."""
+    """The cached params placed like ``params``, or None (reported) when the file does not match
+    its integrity record (or has none), is unreadable, or does not match params' tree and
+    shapes: the caller trains the warm start again. The rejected file is kept aside (process 0
+    renames it to ``*.damaged-<time>``, with its record), never deleted or overwritten."""
     try:
-        host = flax.serialization.msgpack_restore(storage.read_bytes(path))
+        host = flax.serialization.msgpack_restore(integrity.read_file(path, "warm-start cache"))
         host = flax.serialization.from_state_dict(params, host)
         bad = [jax.tree_util.keystr(k) for (k, x), ref in zip(
             jax.tree_util.tree_leaves_with_path(host), jax.tree.leaves(params))
@@ -201,8 +206,11 @@ def _load_cached(path, params):
         if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(host)):
             raise ValueError("it holds non-finite values")
     except Exception as e:  # noqa: BLE001 - msgpack / flax raise assorted types for bad bytes
-        print(f"warm start: ignoring cache {path}, training again: {type(e).__name__}: {e}",
-              flush=True)
+        # every process read the same bytes (and so fails alike) before process 0 renames them
+        multihost.sync("trustrl_warmstart_rejected")
+        aside = f"; kept it as {integrity.keep_aside(path)}" if multihost.is_primary() else ""
+        why = str(e) if isinstance(e, integrity.IntegrityError) else f"{type(e).__name__}: {e}"
+        print(f"warm start: ignoring cache {path}, training again: {why}{aside}", flush=True)
         return None
     print(f"warm start: loaded {path}")
     return jax.tree.map(lambda x, ref: multihost.to_global(np.asarray(x, ref.dtype), ref.sharding),
