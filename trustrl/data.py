@@ -41,7 +41,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from trustrl import rewards, tasks
+from trustrl import integrity, rewards, tasks
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +245,33 @@ def math_builder(dataset: str, *, manual_dir: str, data_dir: str):
 
 
 def build(builder, manual_dir: str | None = None):
-    """download_and_prepare (a no-op when already built) and return {split: data source}."""
+    """download_and_prepare (a no-op when already built) and return {split: data source}.
+
+    The built dataset directory gets an integrity record (trustrl.integrity.record_tree: size and
+    sha256 of every file) right after the build, checked before each later read. A built
+    directory that fails it (a truncated or changed shard, a missing file) or has none (built by
+    an older trustrl, or a kill before the record) is reported naming the file, kept aside
+    (renamed ``<version>.damaged-<time>``, never deleted) and built again from the config, then
+    checked again."""
+    root = builder.data_dir
+    if os.path.exists(os.path.join(root, "dataset_info.json")):  # built before
+        try:
+            integrity.verify_tree(root, "tfds dataset")
+        except integrity.IntegrityError as e:
+            aside = integrity.keep_aside(root)
+            print(f"data: {e}; kept it as {aside} and building the dataset again", flush=True)
+            # a new builder: this one read the damaged directory's dataset_info.json
+            builder = type(builder)(config=builder.builder_config,
+                                    data_dir=builder._original_state["data_dir"],
+                                    file_format="array_record")
+        else:
+            return builder.as_data_source()
     tfds = _tfds()
     download_config = tfds.download.DownloadConfig(
         manual_dir=manual_dir, compute_stats=tfds.download.ComputeStatsMode.SKIP)
     builder.download_and_prepare(download_config=download_config)
+    integrity.record_tree(root)
+    integrity.verify_tree(root, "tfds dataset")  # what is read is what was just recorded
     return builder.as_data_source()
 
 
@@ -480,18 +502,29 @@ def read_math_files(dataset: str, manual_dir) -> dict:
 
 # --- loading ---------------------------------------------------------------------------------------
 
-def _decode(example) -> dict:
+def _decode(example, where: str = "", key=None) -> dict:
+    """The example with str values; raises IntegrityError naming ``where`` (the split's files)
+    when a field reads as None: tfds decodes the records of a truncated or changed array_record
+    shard that way, and training on them must not pass silently."""
+    if not isinstance(example, Mapping) or any(example.get(k) is None for k in FIELDS):
+        missing = (sorted(k for k in FIELDS if example.get(k) is None)
+                   if isinstance(example, Mapping) else "all")
+        raise integrity.IntegrityError(
+            f"{where or 'dataset'}: example {key} reads as None (fields {missing}): its shard is "
+            f"damaged (truncated or changed); move the dataset directory away so it is built "
+            f"again")
     return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in example.items()}
 
 
 class Examples(collections.abc.Sequence):
     """Random-access examples (python str values) over a tfds data source, optionally a subset
-    given by indices."""
+    given by indices. ``where`` names the files read (in the error for an unreadable example)."""
 
-    def __init__(self, source, indices=None, name: str = ""):
+    def __init__(self, source, indices=None, name: str = "", where: str = ""):
         self._source = source
         self._indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.name = name
+        self.where = where or name
 
     def __len__(self):
         return len(self._source) if self._indices is None else len(self._indices)
@@ -507,13 +540,14 @@ class Examples(collections.abc.Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return _decode(self._source[self._resolve(i)])
+        key = self._resolve(i)
+        return _decode(self._source[key], self.where, key)
 
     def __getitems__(self, indices) -> list:
         keys = [self._resolve(i) for i in indices]
         getitems = getattr(self._source, "__getitems__", None)
         records = getitems(keys) if getitems is not None else [self._source[k] for k in keys]
-        return [_decode(r) for r in records]
+        return [_decode(r, self.where, k) for r, k in zip(records, keys)]
 
     def __repr__(self):
         return f"Examples({self.name!r}, {len(self)} examples)"
@@ -558,7 +592,8 @@ def load_examples(task_cfg, split: str, data_dir: str, *, seed: int = 0) -> Sequ
             sources = build(builder)
         if split not in sources:
             raise ValueError(f"{name} has no {split!r} split: task.num_{split}=0")
-        return Examples(sources[split], name=f"{builder.builder_config.name}/{split}")
+        return _checked(Examples(sources[split], name=f"{builder.builder_config.name}/{split}",
+                                 where=_shards(builder, split)))
     manual_dir = _cfg(task_cfg, "manual_dir", "")
     with multihost.primary_first(f"tfds:{name}:{split}"):
         builder = math_builder(name, manual_dir=manual_dir, data_dir=data_dir)
@@ -568,7 +603,7 @@ def load_examples(task_cfg, split: str, data_dir: str, *, seed: int = 0) -> Sequ
         raise ValueError(f"{name}: the files in {manual_dir!r} hold only a test split (an "
                          f"evaluation set); train on another dataset")
     if "test" in sources or (split == "train" and num_test < 1):
-        return Examples(sources[split], name=label)
+        return _checked(Examples(sources[split], name=label, where=_shards(builder, split)))
     # No test split in the files: hold num_test problems out of train, reproducibly (seed).
     train = sources["train"]
     if num_test < 1:
@@ -579,8 +614,23 @@ def load_examples(task_cfg, split: str, data_dir: str, *, seed: int = 0) -> Sequ
                          f"(train has {len(train)})")
     held = held_out_indices(len(train), num_test, seed)
     if split == "test":
-        return Examples(train, held, name=f"{label} (held out of train)")
-    return Examples(train, np.setdiff1d(np.arange(len(train)), held), name=label)
+        return _checked(Examples(train, held, name=f"{label} (held out of train)",
+                                 where=_shards(builder, "train")))
+    return _checked(Examples(train, np.setdiff1d(np.arange(len(train)), held), name=label,
+                             where=_shards(builder, "train")))
+
+
+def _shards(builder, split: str) -> str:
+    """The array_record files of a split (named in the error for an unreadable example)."""
+    return os.path.join(builder.data_dir, f"{builder.name}-{split}.array_record-*")
+
+
+def _checked(examples: Examples) -> Examples:
+    """Reads the first and last example, so a damaged shard fails at load time, before any
+    training (every later read is checked too: Examples raises for an example read as None)."""
+    if len(examples):
+        examples.__getitems__([0, len(examples) - 1])
+    return examples
 
 
 def held_out_indices(num_examples: int, num_test: int, seed: int = 0) -> np.ndarray:
