@@ -180,7 +180,7 @@ def _free_port():
 def test_connection_refused_names_the_url():
     url = f"http://127.0.0.1:{_free_port()}"
     client = ec.EngineClient(url, SamplerConfig(max_new_tokens=4, record_topk=2), V,
-                             check_rows=0, model="m", timeout=5)
+                             check_rows=0, model="m", timeout=5, engine="vllm")
     with pytest.raises(ec.EngineError, match=f"cannot reach the rollout engine at {url}"):
         client.generate([[1, 2]], 1)
 
@@ -228,7 +228,7 @@ def _choice(tokens, logps, tops=None, finish="length", index=0):
 def test_malformed_and_failed_answers_are_clear(canned):
     url = f"http://127.0.0.1:{canned.server_address[1]}"
     client = ec.EngineClient(url, SamplerConfig(max_new_tokens=2, record_topk=0), V,
-                             check_rows=0, model="m", timeout=0.5)
+                             check_rows=0, model="m", timeout=0.5, engine="vllm")
     cases = [
         ((200, b"<html>not json", 0), f"malformed JSON from the rollout engine at {url}"),
         ((500, json.dumps({"object": "error", "message": "CUDA out of memory"}).encode(), 0),
