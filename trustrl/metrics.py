@@ -4,8 +4,11 @@ Only process 0 writes (multi-host runs compute the same metrics on every host). 
 kept consistent with the checkpoints: each row is appended and fsynced in one write (a failed
 write is truncated away), and a (re)opened MetricWriter repairs the file atomically: a partial
 last line (a kill, a full disk) is dropped and so are rows past the resumed iteration, which the
-run replays. TensorBoard event files are append-only and left as they are: after a resume they
-may hold a replayed step twice (TensorBoard draws both points).
+run replays; what a repair drops is kept in metrics.jsonl.removed. The per-row check (every line
+must parse as a JSON object with an integer step) is its integrity check: the file grows by a
+row each iteration, so a whole-file hash would be stale after every append. TensorBoard event
+files are append-only and left as they are: after a resume they may hold a replayed step twice
+(TensorBoard draws both points).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import warnings
 import jax
 import numpy as np
 
-from trustrl import storage
+from trustrl import integrity, storage
 
 
 def to_python(metrics: dict) -> dict:
@@ -41,10 +44,10 @@ def _parse(line: bytes):
 
 def _scan(path: str):
     """(rows as (row, raw line), problems as (line number, why), whether the file ends with a
-    newline) of a metrics file."""
+    newline, the raw unreadable lines) of a metrics file."""
     chunks = storage.read_bytes(path).split(b"\n")
     tail = chunks.pop()  # b"" when the file ends with a newline, else an unterminated last line
-    rows, problems = [], []
+    rows, problems, bad = [], [], []
     for n, raw in enumerate(chunks + ([tail] if tail.strip() else []), start=1):
         if not raw.strip():
             continue
@@ -52,28 +55,42 @@ def _scan(path: str):
         if row is None:
             partial = n == len(chunks) + 1
             problems.append((n, ("partial last line, " if partial else "") + why))
+            bad.append(raw)
         else:
             rows.append((row, raw))
-    return rows, problems, not tail.strip()
+    return rows, problems, not tail.strip(), bad
 
 
 def repair_jsonl(path: str, resume_step: int | None = None) -> dict:
     """Rewrites metrics.jsonl (atomically) without unreadable lines and, when ``resume_step`` is
     given, without rows whose step exceeds it (the resumed run writes them again).
 
-    Returns {"unreadable": [(line number, why)], "replayed": number of rows dropped}; prints what
-    it dropped. Nothing is rewritten when nothing is dropped."""
-    rows, problems, terminated = _scan(path)
+    What it removes is kept first: appended to PATH.removed (trustrl.integrity.keep_removed,
+    under a header saying when and why), so a repair never loses a line. Returns
+    {"unreadable": [(line number, why)], "replayed": number of rows dropped, "removed_to": the
+    side file or None}; prints what it dropped and where it is kept. Nothing is rewritten when
+    nothing is dropped."""
+    rows, problems, terminated, bad = _scan(path)
     kept = [raw for row, raw in rows if resume_step is None or row["step"] <= resume_step]
-    replayed = len(rows) - len(kept)
+    dropped = [raw for row, raw in rows if resume_step is not None and row["step"] > resume_step]
+    replayed = len(dropped)
+    side = None
+    if bad:  # kept before the rewrite: a kill in between leaves a line twice, never nowhere
+        side = integrity.keep_removed(path, b"".join(raw + b"\n" for raw in bad),
+                                      f"{len(bad)} unreadable line(s) (lines "
+                                      f"{', '.join(str(n) for n, _ in problems)})")
+    if dropped:
+        side = integrity.keep_removed(path, b"".join(raw + b"\n" for raw in dropped),
+                                      f"{replayed} row(s) after step {resume_step}, which the "
+                                      f"resumed run writes again")
     if problems or replayed or not terminated:  # a complete unterminated row gets its newline
         storage.write(path, b"".join(raw + b"\n" for raw in kept))
         for n, why in problems:
-            print(f"metrics: dropped line {n} of {path}: {why}", flush=True)
+            print(f"metrics: dropped line {n} of {path}: {why} (kept in {side})", flush=True)
         if replayed:
             print(f"metrics: dropped {replayed} rows of {path} after step {resume_step} "
-                  f"(the resumed run writes them again)", flush=True)
-    return {"unreadable": problems, "replayed": replayed}
+                  f"(the resumed run writes them again; kept in {side})", flush=True)
+    return {"unreadable": problems, "replayed": replayed, "removed_to": side}
 
 
 class MetricWriter:
@@ -117,7 +134,7 @@ def read_jsonl(path: str) -> list[dict]:
 
     Unreadable lines (a partial row from a killed run) are skipped with a warning naming the
     file and line numbers."""
-    raw_rows, problems, _ = _scan(path)
+    raw_rows, problems, _, _ = _scan(path)
     if problems:
         warnings.warn(f"{path}: skipped {len(problems)} unreadable line(s): " + "; ".join(
             f"line {n}: {why}" for n, why in problems), stacklevel=2)
