@@ -299,20 +299,33 @@ def test_from_dir_names_the_broken_file(tmp_path, examples):
 
 
 @pytest.mark.parametrize("damage", ["empty_config", "missing_config", "missing_vocab"])
-def test_run_tokenizer_is_rebuilt_when_incomplete(tmp_path, capsys, examples, damage):
+def test_run_tokenizer_damaged_is_refused_or_rebuilt_without_record(tmp_path, capsys, examples,
+                                                                   damage):
+    """With its integrity record, a damaged saved tokenizer is refused naming the file; without
+    one (an older trustrl's non-atomic save) an incomplete one is kept aside and trained again."""
     cfg = tiny()
     wd = str(tmp_path)
     first = experiment._tokenizer(cfg, wd, examples)
     saved = tmp_path / "tokenizer"
+    damaged = {"empty_config": "tokenizer_config.json", "missing_config": "tokenizer_config.json",
+               "missing_vocab": "tokenizer.json"}[damage]
     {"empty_config": lambda: (saved / "tokenizer_config.json").write_text(""),
      "missing_config": lambda: (saved / "tokenizer_config.json").unlink(),
      "missing_vocab": lambda: (saved / "tokenizer.json").unlink()}[damage]()
+    with pytest.raises(integrity.IntegrityError,
+                       match=rf"refusing to resume: {saved}/{damaged} .*(has 0 bytes|missing)"):
+        experiment._tokenizer(cfg, wd, examples)
+    (saved / integrity.TREE_RECORD).unlink()  # as saved by an older trustrl
     capsys.readouterr()
     again = experiment._tokenizer(cfg, wd, examples)
-    assert f"tokenizer: {saved} is incomplete, training it again" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"tokenizer: {saved} is incomplete" in out and "training it again" in out
+    aside = re.search(r"kept it as (\S+)", out).group(1)
+    assert os.path.isdir(aside)  # nothing deleted
     assert again.eos_id is not None and again.eos_id == first.eos_id
     assert again.backend.to_str() == first.backend.to_str()  # identical vocabulary
     assert tk.Tokenizer.from_dir(saved).eos_id == first.eos_id  # and saved complete again
+    integrity.verify_tree(str(saved), "tokenizer", strict=True)  # with its record
     with pytest.raises(ValueError, match=r"has 264 tokens but tokenizer.vocab_size=270"):
         experiment._tokenizer(tiny(**{"tokenizer.vocab_size": 270}), wd, examples)
 
@@ -412,6 +425,9 @@ def test_run_recovers_from_damaged_checkpoint_metrics_and_tokenizer(tmp_path, ca
     with open(wd / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "rew')
     (wd / "tokenizer" / "tokenizer_config.json").write_text("")
+    # a tokenizer with its integrity record would be refused (test_integrity.py): this one is
+    # as an older trustrl's interrupted, non-atomic save left it, with no record
+    (wd / "tokenizer" / integrity.TREE_RECORD).unlink()
     capsys.readouterr()
     state, _ = train.train(tiny(**common, **{"train.iterations": 3}), str(wd))
     out = capsys.readouterr().out
@@ -419,6 +435,8 @@ def test_run_recovers_from_damaged_checkpoint_metrics_and_tokenizer(tmp_path, ca
     assert f"step 2 in {ckpt_dir} cannot be restored" in out and "sha256 mismatch" in out
     assert "fell back to step 1" in out and "at iteration 1" in out
     assert "dropped line 3 of" in out and "dropped 1 rows" in out
+    removed = (wd / "metrics.jsonl.removed").read_text()  # what the repair dropped is kept
+    assert '{"step": 3, "rew' in removed and '"step": 2' in removed
     assert [r["step"] for r in read_jsonl(str(wd / "metrics.jsonl"))] == [1, 2, 3]
     assert int(state.step) == 3 * 2  # iterations 2 and 3 replayed on top of step 1 (2 minibatches)
     assert sorted(os.listdir(ckpt_dir)) == ["2", "3"]

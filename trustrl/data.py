@@ -254,7 +254,7 @@ def build(builder, manual_dir: str | None = None):
     (renamed ``<version>.damaged-<time>``, never deleted) and built again from the config, then
     checked again."""
     root = builder.data_dir
-    if os.path.exists(os.path.join(root, "dataset_info.json")):  # built before
+    if os.path.isdir(root):  # built before (or a damaged build: dataset_info.json lost)
         try:
             integrity.verify_tree(root, "tfds dataset")
         except integrity.IntegrityError as e:

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trustrl import (config_validation as cv, data, filtering, hf, multihost, policy, rewards,
-                     sharding, storage, tasks, train_step as ts, warmstart)
+from trustrl import (config_validation as cv, data, filtering, hf, integrity, multihost, policy,
+                     rewards, sharding, storage, tasks, train_step as ts, warmstart)
 from trustrl.model import ModelConfig, init_params
 from trustrl.sampler import Sampler, SamplerConfig
 from trustrl.tokenizer import Tokenizer, train_bpe
@@ -86,28 +86,104 @@ class Run:
 
 def _tokenizer(cfg, workdir: str, train_examples) -> Tokenizer:
     """The run's tokenizer: from a path / the model dir, or a byte-level BPE trained on the task
-    text (saved in the workdir so a resumed run uses the identical vocabulary)."""
+    text, saved in the workdir (WORKDIR/tokenizer, with an integrity record: trustrl.integrity)
+    so a resumed run uses the identical vocabulary.
+
+    On resume the saved tokenizer is checked against its record: a changed, missing or added
+    file is refused (IntegrityError naming the file), never replaced, since the run's
+    checkpoints were trained with the recorded vocabulary. A saved tokenizer without a record (an
+    older trustrl's run, or a kill between the save and its record) is compared with the
+    tokenizer trained again from the task data (BPE training is deterministic in its input):
+    identical, it is recorded and used; different, it is refused. An unrecorded, incomplete one
+    (an older trustrl's non-atomic save) is kept aside and trained again. Remote workdirs keep
+    it in the workdir and load it through a host-local copy."""
     path = cfg.tokenizer.path or cfg.model.hf_dir
     if path:
         return Tokenizer.from_dir(path)
     saved = storage.join(workdir, "tokenizer")
+    recorded = _check_saved_tokenizer(saved)  # None: nothing saved, else whether it has a record
+    load = saved
     if storage.is_remote(workdir):  # tokenizers load from local files: a host-local copy
-        local = os.path.join(storage.local_dir(workdir), f"tokenizer.p{jax.process_index()}")
-        if os.path.exists(local):
-            shutil.rmtree(local)
-        if storage.isfile(storage.join(saved, "tokenizer.json")):
-            storage.copy_tree(saved, local)
-        tokenizer = _saved_tokenizer(local, cfg.tokenizer.vocab_size)
-        if tokenizer is not None:
-            return tokenizer
-        tokenizer = _train_tokenizer(cfg, train_examples, local)
-        if jax.process_index() == 0:
-            storage.copy_tree(local, saved)  # the run's vocabulary lives with its checkpoints
-        return tokenizer
-    tokenizer = _saved_tokenizer(saved, cfg.tokenizer.vocab_size)
+        load = os.path.join(storage.local_dir(workdir), f"tokenizer.p{jax.process_index()}")
+        if os.path.exists(load):  # a copy from an earlier start: copied afresh
+            shutil.rmtree(load)
+        if recorded is not None and storage.isfile(storage.join(saved, "tokenizer.json")):
+            storage.copy_tree(saved, load)
+    tokenizer = _saved_tokenizer(load, saved, recorded)
     if tokenizer is not None:
+        if not recorded:
+            _adopt_unrecorded(cfg, train_examples, saved, load)
+        if tokenizer.vocab_size != cfg.tokenizer.vocab_size:
+            raise ValueError(f"{saved} has {tokenizer.vocab_size} tokens but tokenizer.vocab_size"
+                             f"={cfg.tokenizer.vocab_size}: this workdir was started with another "
+                             f"vocabulary; use a new workdir (or move {saved} away if the "
+                             f"workdir has no checkpoints)")
         return tokenizer
-    return _train_tokenizer(cfg, train_examples, saved if jax.process_index() == 0 else None)
+    primary = jax.process_index() == 0
+    if load != saved:
+        if os.path.exists(load):
+            shutil.rmtree(load)
+        tokenizer = _train_tokenizer(cfg, train_examples, load)
+        if primary:  # the run's vocabulary lives with its checkpoints
+            _publish_tokenizer(load, saved)
+        return tokenizer
+    tokenizer = _train_tokenizer(cfg, train_examples, saved if primary else None)
+    if primary:
+        integrity.record_tree(saved)
+    return tokenizer
+
+
+def _check_saved_tokenizer(saved: str) -> bool | None:
+    """None when the workdir has no saved tokenizer; True when it matches its integrity record;
+    False when it has none. Raises IntegrityError (refusing it) when it differs."""
+    if not storage.isdir(saved):
+        return None
+    try:
+        integrity.verify_tree(saved, "the run's trained tokenizer", strict=True)
+    except integrity.MissingRecord:
+        return False
+    except integrity.IntegrityError as e:
+        raise integrity.IntegrityError(
+            f"tokenizer: refusing to resume: {e}. The run's checkpoints were trained with the "
+            f"recorded tokenizer; restore it, or use a new workdir") from None
+    return True
+
+
+def _publish_tokenizer(local: str, saved: str):
+    """Copies a tokenizer trained into a host-local directory to the (remote) workdir, with its
+    integrity record last: a kill during the copy leaves a tokenizer without a record (checked
+    against a retrained one on resume), never a record listing files not yet copied."""
+    integrity.record_tree(local)
+    names = sorted(storage.files(local))
+    for rel in [n for n in names if n != integrity.TREE_RECORD] + [integrity.TREE_RECORD]:
+        storage.copy_file(storage.join(local, *rel.split("/")), storage.join(saved, rel))
+
+
+def _adopt_unrecorded(cfg, train_examples, saved: str, load: str):
+    """A saved tokenizer without an integrity record is used only if it is byte for byte the one
+    the task data trains (then process 0 records it); otherwise IntegrityError refuses it."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = os.path.join(tmp, "tokenizer")
+        _train_tokenizer(cfg, train_examples, None).save(fresh)
+        want = {n: open(os.path.join(fresh, n), "rb").read() for n in os.listdir(fresh)}
+    have = storage.files(load)
+    for name in sorted(set(want) | set(have)):
+        if name not in have or name not in want or storage.read_bytes(
+                os.path.join(load, name)) != want[name]:
+            how = ("is missing" if name not in have else "is not part of a trained tokenizer"
+                   if name not in want else "differs from the tokenizer this run's task data "
+                   "trains")
+            raise integrity.IntegrityError(
+                f"tokenizer: refusing to resume: {storage.join(saved, name)} {how}, and {saved} "
+                f"has no integrity record ({integrity.TREE_RECORD}: written by an older trustrl, "
+                f"or a kill before the record) to tell whether it is the run's original. If it "
+                f"is, record it (python -m trustrl.integrity record {saved}); else use a new "
+                f"workdir")
+    if jax.process_index() == 0:
+        integrity.record_tree(saved)
+    print(f"tokenizer: {saved} had no integrity record; it is identical to the tokenizer the "
+          f"task data trains, recorded it", flush=True)
 
 
 def _train_tokenizer(cfg, train_examples, save_dir) -> Tokenizer:
@@ -121,25 +197,29 @@ def _train_tokenizer(cfg, train_examples, save_dir) -> Tokenizer:
                      split_digits=cfg.tokenizer.split_digits)
 
 
-def _saved_tokenizer(saved: str, vocab_size: int) -> Tokenizer | None:
-    """The trained tokenizer a previous start of the run saved, or None if there is none or it
-    is incomplete (a kill during an older, non-atomic save): then it is deleted and trained
-    again, which gives the identical vocabulary (BPE training is deterministic in its input)."""
-    if not os.path.exists(saved):
+def _saved_tokenizer(load: str, saved: str, recorded: bool | None) -> Tokenizer | None:
+    """The trained tokenizer a previous start of the run saved (``saved``, loaded from ``load``:
+    the same directory, or its local copy), or None if there is none or, without an integrity
+    record, it is incomplete (a kill during an older, non-atomic save): then process 0 keeps it
+    aside (renamed, never deleted) and it is trained again, which gives the identical vocabulary
+    (BPE training is deterministic in its input)."""
+    if recorded is None or not os.path.exists(load) and not recorded:
+        if recorded is not None and jax.process_index() == 0:  # unrecorded, tokenizer.json gone
+            print(f"tokenizer: {saved} is incomplete (no tokenizer.json), training it again; "
+                  f"kept it as {integrity.keep_aside(saved)}", flush=True)
         return None
     try:
-        tokenizer = Tokenizer.from_dir(saved)
+        tokenizer = Tokenizer.from_dir(load)
         if tokenizer.eos_id is None:  # without it the warm start and sampler have no stop token
             raise ValueError(f"{saved}/tokenizer_config.json names no eos_token of the vocabulary")
     except (OSError, ValueError) as e:
-        print(f"tokenizer: {saved} is incomplete, training it again: {e}", flush=True)
-        if jax.process_index() == 0:
-            shutil.rmtree(saved)
+        if recorded:  # it is what the run recorded: nothing to rebuild it from that is the same
+            raise ValueError(f"tokenizer: {saved} matches its integrity record but cannot be "
+                             f"used: {e}") from None
+        aside = integrity.keep_aside(saved) if jax.process_index() == 0 else None
+        print(f"tokenizer: {saved} is incomplete, training it again: {e}"
+              + (f"; kept it as {aside}" if aside else ""), flush=True)
         return None
-    if tokenizer.vocab_size != vocab_size:
-        raise ValueError(f"{saved} has {tokenizer.vocab_size} tokens but tokenizer.vocab_size="
-                         f"{vocab_size}: this workdir was started with another vocabulary; use "
-                         f"a new workdir (or delete {saved} if the workdir has no checkpoints)")
     return tokenizer
 
 
@@ -181,10 +261,26 @@ def _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir):
     warm_key = warmstart.cache_key(cfg, env, model_cfg)
     info = filtering.filter_train(cfg, env, model_cfg, _sampler_cfg(cfg, tokenizer, greedy=False),
                                   params, mesh, warm_key)
-    if multihost.is_primary():
-        storage.write(storage.join(workdir, "filter.json"),  # what this run trained on
-                      json.dumps({k: v for k, v in info.items() if k != "rates"}))
+    if multihost.is_primary():  # what this run trained on, with its integrity record
+        _record_filter(storage.join(workdir, "filter.json"),
+                       json.dumps({k: v for k, v in info.items() if k != "rates"}))
     env.train = [env.train[i] for i in info["kept"]]
+
+
+def _record_filter(path: str, text: str):
+    """Writes WORKDIR/filter.json and its integrity record. The one an earlier start wrote is
+    replaced only when it is identical; otherwise (damaged, unrecorded, or another filter) it
+    is kept aside (renamed, reported in one line), never overwritten."""
+    if storage.exists(path):
+        why = None
+        try:
+            if integrity.read_file(path, "the run's training-set filter") != text.encode():
+                why = "it differs from the filter this start computed"
+        except integrity.IntegrityError as e:
+            why = str(e)
+        if why:
+            print(f"filter: {path}: {why}; kept it as {integrity.keep_aside(path)}", flush=True)
+    integrity.write_file(path, text)
 
 
 def build(cfg, workdir: str, mesh=None) -> Run:

@@ -4,7 +4,9 @@ Each of the first ``task.filter_pool`` training problems is sampled ``task.filte
 times from the base policy (the warm-started parameters, in the trainer's precision, at the
 rollout temperature); problems solved at a rate in [solve_band_low, solve_band_high] are kept.
 The sampling key comes from ``warmstart.seed``, not the RL seed, so every run of a sweep trains
-on the same problems; the kept indices are cached beside the warm start.
+on the same problems; the kept indices are cached beside the warm start, with an integrity
+record (trustrl.integrity): a damaged cache entry, or one without a record, is reported, kept
+aside and computed again.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import json
 import jax
 import numpy as np
 
-from trustrl import multihost, policy, sharding, storage
+from trustrl import integrity, multihost, policy, sharding, storage
 from trustrl.sampler import Sampler
 
 
@@ -54,9 +56,9 @@ def filter_train(cfg, env, model_cfg, sampler_cfg, params, mesh, warm_key: str) 
     path = _cache_path(cfg, warm_key)
     multihost.sync("trustrl_filter_cache")  # every process sees the same cache state
     if path and storage.exists(path):
-        out = json.loads(storage.read_text(path))
-        print(f"filter: loaded {path}")
-        return out
+        out = _load_cached(path)
+        if out is not None:
+            return out
     t = cfg.task
     pool = [env.train[i] for i in range(min(t.filter_pool, len(env.train)))]
     sampler = Sampler(policy.decode_model(model_cfg),
@@ -78,5 +80,25 @@ def filter_train(cfg, env, model_cfg, sampler_cfg, params, mesh, warm_key: str) 
           f"{rates[kept].mean():.3f})")
     if path and multihost.is_primary():
         storage.makedirs(storage.dirname(path))
-        storage.write(path, json.dumps(out))  # atomic
+        integrity.write_file(path, json.dumps(out))  # atomic, then its integrity record
+    return out
+
+
+def _load_cached(path: str) -> dict | None:
+    """The cached filter, or None (reported in one line naming the file) when it does not match
+    its integrity record, has none, or is not a filter: then process 0 keeps it aside (renamed
+    ``*.damaged-<time>``, never deleted) and the filter is computed again and re-cached."""
+    try:
+        out = json.loads(integrity.read_file(path, "training-set filter cache").decode("utf-8"))
+        if not isinstance(out, dict) or not isinstance(out.get("kept"), list) or not all(
+                isinstance(i, int) and i >= 0 for i in out["kept"]) or not out["kept"]:
+            raise ValueError("it holds no list of kept problem indices")
+    except (integrity.IntegrityError, UnicodeDecodeError, ValueError) as e:
+        multihost.sync("trustrl_filter_rejected")  # every process has read it before the rename
+        aside = f"; kept it as {integrity.keep_aside(path)}" if multihost.is_primary() else ""
+        why = str(e) if isinstance(e, integrity.IntegrityError) else f"{type(e).__name__}: {e}"
+        print(f"filter: ignoring cache {path}, computing the filter again: {why}{aside}",
+              flush=True)
+        return None
+    print(f"filter: loaded {path}")
     return out

@@ -114,9 +114,10 @@ def record_tree(root: str, exclude=()):
                   json.dumps({"version": 1, "files": files}, indent=1, sort_keys=True) + "\n")
 
 
-def verify_tree(root: str, what: str):
+def verify_tree(root: str, what: str, strict: bool = False):
     """Checks every file listed in ROOT/trustrl_integrity.json (missing, resized, changed); files
-    not listed are ignored. Raises IntegrityError / MissingRecord naming the first bad file."""
+    not listed are ignored, or with ``strict`` an error too (a file added to a tokenizer directory
+    changes what loads). Raises IntegrityError / MissingRecord naming the first bad file."""
     rpath = storage.join(root, TREE_RECORD)
     if not storage.exists(rpath):
         raise MissingRecord(f"{root} ({what}) has no integrity record {rpath}, so it cannot be "
@@ -127,6 +128,10 @@ def verify_tree(root: str, what: str):
         raise IntegrityError(f"the integrity record {rpath} of {root} ({what}) is unreadable "
                              f"({type(e).__name__}: {e})") from None
     present = storage.files(root)
+    added = sorted(set(present) - set(files) - {TREE_RECORD})
+    if strict and added:
+        raise IntegrityError(f"{storage.join(root, *added[0].split('/'))} ({what}) was added "
+                             f"after it was written (not listed in {rpath})")
     for rel, want in sorted(files.items()):
         full = storage.join(root, *rel.split("/"))
         if rel not in present:
@@ -163,3 +168,32 @@ def keep_removed(path: str, removed: bytes, why: str) -> str:
     storage.append(side, header + removed + (b"" if removed.endswith(b"\n") else b"\n"),
                    "keep removed content in")
     return side
+
+
+def main(argv=None) -> int:
+    """python -m trustrl.integrity {record,check} PATH...: records a file or directory as it is
+    now (e.g. a tokenizer saved by an older trustrl, known to be the run's original), or checks
+    it against its record."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m trustrl.integrity", description=main.__doc__)
+    p.add_argument("action", choices=("record", "check"))
+    p.add_argument("paths", nargs="+")
+    args = p.parse_args(argv)
+    bad = 0
+    for path in args.paths:
+        tree = storage.isdir(path)
+        if args.action == "record":
+            (record_tree if tree else write_record)(path)
+            print(f"recorded {path}")
+            continue
+        try:
+            (verify_tree if tree else verify_file)(path, "checked by hand")
+            print(f"ok {path}")
+        except IntegrityError as e:
+            print(f"error: {e}")
+            bad += 1
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
