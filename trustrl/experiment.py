@@ -214,8 +214,8 @@ def _saved_tokenizer(load: str, saved: str, recorded: bool | None) -> Tokenizer 
             raise ValueError(f"{saved}/tokenizer_config.json names no eos_token of the vocabulary")
     except (OSError, ValueError) as e:
         if recorded:  # it is what the run recorded: nothing to rebuild it from that is the same
-            raise ValueError(f"tokenizer: {saved} matches its integrity record but cannot be "
-                             f"used: {e}") from None
+            raise integrity.IntegrityError(f"tokenizer: {saved} matches its integrity record "
+                                           f"but cannot be used: {e}") from None
         aside = integrity.keep_aside(saved) if jax.process_index() == 0 else None
         print(f"tokenizer: {saved} is incomplete, training it again: {e}"
               + (f"; kept it as {aside}" if aside else ""), flush=True)

