@@ -4,6 +4,7 @@ The server samples with trustrl's own Sampler, so a seeded request must give bac
 record the sampler produces; its trap modes return the log-probs that real engines get wrong,
 and the client must refuse them by comparing with a real trainer-side recompute.
 """
+import dataclasses
 import http.server
 import json
 import socket
@@ -328,3 +329,227 @@ def test_serve_sampler_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--logprobs_mode" in out and "raw_before_temperature" in out
+
+
+# ------------------------------------------------------- chat-shape log-probs (llama.cpp)
+
+
+def _entry(i, lp, top=(), raw=None):
+    """A llama.cpp logprobs.content entry; raw: its bytes when not its own (a gap before it)."""
+    own = list(f"<{i}>".encode())
+    return {"id": i, "token": f"<{i}>", "bytes": own if raw is None else raw, "logprob": lp,
+            "top_logprobs": [{"id": j, "token": f"<{j}>", "bytes": list(f"<{j}>".encode()),
+                              "logprob": v} for j, v in top]}
+
+
+def _answer(entries, finish="length", used=None, prompt_tokens=2):
+    return {"choices": [{"text": "", "index": 0, "finish_reason": finish,
+                         "logprobs": {"content": entries}}],
+            "usage": {"completion_tokens": len(entries) if used is None else used,
+                      "prompt_tokens": prompt_tokens}}
+
+
+def _rows(answers, k=2, eos=(7,), n=3, group=1, prompts=([4, 5],)):
+    cfg = SamplerConfig(max_new_tokens=n, record_topk=k, eos_ids=eos)
+    return ec.rollout_from_response(answers, [np.asarray(p) for p in prompts], group, cfg, V,
+                                    engine="llama.cpp")
+
+
+def test_chat_shape_is_read_natively():
+    tops = lambda i: [(i, -0.5), (i + 1, -1.5)]  # noqa: E731
+    r = _rows([_answer([_entry(4, -0.5, tops(4)), _entry(9, -3.0, tops(5)),
+                        _entry(7, -0.5, tops(7))], "stop")])
+    np.testing.assert_array_equal(r.response_tokens, [[4, 9, 7]])
+    np.testing.assert_allclose(r.rollout_logp, [[-0.5, -3.0, -0.5]])
+    # the sampled 9 is not in its top 2: forced into the last slot
+    np.testing.assert_array_equal(r.rollout_topk_ids[0], [[4, 5], [5, 9], [7, 8]])
+    assert int(r.finish_reason[0]) == rollout_lib.FINISH_EOS
+    # vLLM's chat endpoint: no 'id', the token as 'token_id:N'
+    e = {"token": "token_id:4", "logprob": -0.1, "top_logprobs": [
+        {"token": "token_id:4", "logprob": -0.1}, {"token": "token_id:3", "logprob": -2.5}]}
+    r = _rows([_answer([e, e, e])])
+    np.testing.assert_array_equal(r.response_tokens, [[4, 4, 4]])
+    assert int(r.finish_reason[0]) == rollout_lib.FINISH_LENGTH
+
+
+def test_gaps_are_refused_on_every_row():
+    tops = lambda i: [(i, -0.5), (i + 1, -1.5)]  # noqa: E731
+    ok = [_entry(4, -0.5, tops(4)), _entry(5, -0.5, tops(5)), _entry(7, -0.5, tops(7))]
+    # usage counts one token more than the entries: an EOS-ended row with a gap is refused too
+    with pytest.raises(ec.EngineError, match="choice 1 .* generated 4 tokens .* returned "
+                       "log-probs for 3: 1 left out .*multi-byte UTF-8"):
+        _rows([_answer(ok, "stop"), _answer(ok, "stop", used=4)], group=2)
+    # a row cut at max_tokens with a gap is a gap, not "the engine's context limit"
+    with pytest.raises(ec.EngineError, match="generated 3 tokens .* log-probs for 2"):
+        _rows([_answer(ok[:2], "length", used=3)])
+    # the bytes of a left-out token merged into the next entry (batched answers, no usage)
+    gapped = _entry(5, -0.5, tops(5), raw=[0xE6, 0x96] + list(b"<5>"))
+    body = _answer([ok[0], gapped, ok[2]], "stop")
+    del body["usage"]
+    with pytest.raises(ec.EngineError, match="choice 0 token 1 .* a gap before this token.*"
+                       "b'\\\\xe6\\\\x96<5>'.* token 5 alone is b'<5>'"):
+        _rows([body])
+    # the prompt's length in usage: a row that answers another prompt
+    with pytest.raises(ec.EngineError, match="usage.prompt_tokens 3, but its prompt 0 has 2"):
+        _rows([_answer(ok, "stop", prompt_tokens=3)])
+
+
+def test_post_sampling_probabilities_and_their_omissions():
+    e = lambda i, p, top: {"id": i, "token": "x", "bytes": [120], "prob": p,  # noqa: E731
+                           "top_probs": [{"id": j, "token": "x", "bytes": [120], "prob": q}
+                                         for j, q in top]}
+    r = _rows([_answer([e(4, 0.5, [(4, 0.5), (3, 0.25)])] * 3)])
+    np.testing.assert_allclose(r.rollout_logp, np.log(0.5), rtol=1e-6)
+    np.testing.assert_allclose(r.rollout_topk_logp[0, 0], np.log([0.5, 0.25]), rtol=1e-6)
+    with pytest.raises(ec.EngineError, match="1 top_logprobs .* expected at least K=2 .*"
+                       "post_sampling_probs it omits the tokens its sampling chain zeroed"):
+        _rows([_answer([e(4, 1.0, [(4, 1.0)])] * 3)])
+    with pytest.raises(ec.EngineError, match="'prob' 0 is not in \\(0, 1\\]"):
+        _rows([_answer([e(4, 0, [(4, 0.5), (3, 0.5)])] * 3)])
+
+
+def test_stopping_that_differs_from_the_request_is_refused():
+    # EOS 7 holds half the mass at every position, yet no row ever ends: banned EOS
+    runs_on = _entry(4, -0.7, [(4, -0.7), (7, -0.7)])
+    many = [_answer([runs_on] * 24)] * 3
+    with pytest.raises(ec.EngineError, match="runs on without an EOS id \\[7\\] although the "
+                       "engine's own log-probs give them mass.*ignore_eos=true"):
+        _rows(many, n=24, group=3)
+    # the same mass over fewer tokens per row: only all rows together are conclusive
+    few = [_answer([runs_on] * 8)] * 4
+    with pytest.raises(ec.EngineError, match="none of the 4 choices .* ended on an EOS id"):
+        _rows(few, n=8, group=4)
+    # a row that ended on EOS breaks the all-rows test; low EOS mass never triggers it
+    _rows(few[:3] + [_answer([runs_on] * 7 + [_entry(7, -0.7, [(4, -0.7), (7, -0.7)])],
+                             "stop")], n=8, group=4)
+    quiet = _entry(4, -0.01, [(4, -0.01), (7, -9.0)])
+    _rows([_answer([quiet] * 24)] * 3, n=24, group=3)
+    # a row ending on an id outside eos_ids: llama.cpp stops on its own end-of-generation set
+    with pytest.raises(ec.EngineError, match="last token 0 is not an EOS id \\[7\\]: llama.cpp "
+                       "ignores stop_token_ids .* make SamplerConfig.eos_ids that set"):
+        _rows([_answer([_entry(4, -0.5, [(4, -0.5), (5, -1)]), _entry(0, -0.5, [(0, -0.5),
+                                                                               (5, -1)])],
+                       "stop")])
+
+
+def test_llama_cpp_request_and_refused_options():
+    cfg = SamplerConfig(max_new_tokens=5, temperature=1.0, eos_ids=(2,), record_topk=0)
+    body = ec.build_request([np.asarray([1, 2])], 1, cfg, model="m", seed=7, engine="llama.cpp")
+    assert body["prompt"] == [1, 2] and body["n"] == 1 and body["logprobs"] == 1
+    assert "ignore_eos" not in body and "stop_token_ids" not in body
+    assert body["samplers"] == ["temperature", "top_k", "top_p"] and body["top_k"] == 0
+    assert "post_sampling_probs" not in body and body["seed"] == 7
+    hot = SamplerConfig(max_new_tokens=5, temperature=0.7, eos_ids=(2,), record_topk=4)
+    assert ec.build_request([np.asarray([1])], 1, hot, model="m", engine="llama.cpp")[
+        "post_sampling_probs"] is True
+    with pytest.raises(ValueError, match="one row"):
+        ec.build_request([np.asarray([1])], 2, cfg, model="m", engine="llama.cpp")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        ec.build_request([np.asarray([1])], 1, cfg, model="m", engine="tgi")
+    mk = lambda c, **kw: ec.EngineClient("http://127.0.0.1:1", c, V, check_rows=0,  # noqa: E731
+                                         engine="llama.cpp", **kw)
+    for key, why in [("ignore_eos", "BANS its end-of-generation tokens"),
+                     ("stop_token_ids", "ignores stop_token_ids"),
+                     ("post_sampling_probs", "at temperature != 1 only")]:
+        with pytest.raises(ValueError, match=f"extra_body\\['{key}'\\] with "
+                           f"engine='llama.cpp': .*{why}"):
+            mk(cfg, extra_body={key: True})
+    with pytest.raises(ValueError, match="temperature=0.7 with top_p=0.9 .* llama.cpp.*trap b"):
+        mk(SamplerConfig(max_new_tokens=5, temperature=0.7, top_p=0.9, eos_ids=(2,)))
+    with pytest.raises(ValueError, match="engine must be one of"):
+        ec.EngineClient("http://x", cfg, V, check_rows=0, engine="tgi")
+    with pytest.raises(ValueError, match="precision must be one of .*'q4'.* got 'int3'"):
+        mk(cfg, precision="int3")
+    assert mk(cfg, precision="q4").tolerances.max_mean_abs == ec.PRECISIONS["q4"]
+
+
+def test_row_seeds_are_distinct_across_prompts_samples_and_steps():
+    seeds = {ec.row_seed(step, p, s) for step in range(20) for p in range(8) for s in range(8)}
+    assert len(seeds) == 20 * 8 * 8  # llama.cpp's own n uses seed + s: step 1 = step 0 shifted
+    assert all(0 <= x < 2 ** 31 - 1 for x in seeds)
+    assert ec.row_seed(3, 1, 2) == ec.row_seed(3, 1, 2)
+
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """Sends headers, then one byte every 0.1 s for a long time (a stuck or hostile server)."""
+
+    def do_POST(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            for _ in range(1000):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+
+    def log_message(self, *a):
+        pass
+
+
+def test_timeout_is_a_deadline_per_request():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/completions"
+        t0 = time.monotonic()
+        with pytest.raises(ec.EngineError, match="no answer .* within 1 s \\(a deadline"):
+            ec.http_json(url, {"x": 1}, timeout=1)
+        assert time.monotonic() - t0 < 3  # a per-read timeout would wait 100 s
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# ------------------------------------------------------ the check covers every row
+
+
+def test_every_row_is_checked(server, policy_, capsys):
+    cfg, params = policy_
+    client = _client(server, policy_, max_new_tokens=12)
+    prompts = _prompts((3, 9, 5, 4, 7, 6, 2, 8))
+    r = client.generate(prompts, 2, seed=SEED)  # 16 rows, 8 in full, 8 on 8 tokens
+    st = client.last_check
+    assert st["rows"] == 16 and st["full_rows"] == 8 and st["mean_abs"] < 1e-5
+    assert "log-prob check over" in capsys.readouterr().out  # the gap is printed either way
+    rec = ec.policy_recompute(params, cfg)
+    full = set(ec._check_rows(16, 8, SEED).tolist())
+    late = [row for row in range(8, 16) if row not in full]
+    assert late  # rows the old check (the first 8) never saw
+    logp = np.asarray(r.rollout_logp).copy()
+    logp[late[0]] = np.where(np.asarray(r.response_mask)[late[0]] > 0, -0.3, 0.0)
+    with pytest.raises(ec.EngineLogprobError,
+                       match=f"row\\(s\\) \\[{late[0]}\\] .*fabricated log-probs") as e:
+        ec.check_logprobs(r.replace(rollout_logp=logp), rec, client.cfg, seed=SEED)
+    assert e.value.trap == "row_mismatch" and e.value.stats["worst_row"] == late[0]
+    # rows answering another prompt: swap the responses of rows 10 and 15 (prompts 5 and 7),
+    # both beyond the first 8 rows the check used to cover. The tiny model barely depends on the
+    # prompt, so the 2 rows stay under the row tolerance; the batch's mean |d| still refuses them
+    order = np.arange(16)
+    order[[10, 15]] = [15, 10]
+    swapped = r.replace(**{f: getattr(r, f)[order] for f in (
+        "response_tokens", "response_mask", "rollout_logp", "rollout_topk_ids",
+        "rollout_topk_logp", "finish_reason")})
+    with pytest.raises(ec.EngineLogprobError) as e:
+        ec.check_logprobs(swapped, rec, client.cfg, seed=SEED)
+    assert e.value.trap in ("row_mismatch", "mismatch") and e.value.stats["worst_row"] in (10, 15)
+
+
+def test_precision_sets_the_tolerance(policy_):
+    """The same bf16 engine: passes as bf16, refused when declared fp32 (tolerance 0.01)."""
+    cfg, params = policy_
+    with serve_sampler.SamplerServer(params, cfg, rollout_dtype="bfloat16") as s:
+        scfg = SamplerConfig(max_new_tokens=12, record_topk=K, eos_ids=EOS, temperature=0.7)
+        rec = ec.policy_recompute(params, cfg)
+        r = ec.EngineClient(s.url, scfg, V, recompute=rec, check_rows=0).generate(
+            _prompts((3, 9, 5)), 2, seed=SEED)
+    # measured mean |d| 0.004: inside bf16's 0.05, outside a tolerance of 0.001
+    st = ec.check_logprobs(r, rec, scfg, tol=ec.Tolerances.for_precision("bf16"))
+    assert st["precision"] == "bf16" and st["max_mean_abs"] == 0.05
+    with pytest.raises(ec.EngineLogprobError, match="tolerance 0.001 for the declared engine "
+                       "precision 'fp32'"):
+        ec.check_logprobs(r, rec, scfg, tol=dataclasses.replace(
+            ec.Tolerances.for_precision("fp32"), max_mean_abs=0.001))
