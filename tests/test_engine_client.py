@@ -5,8 +5,10 @@ record the sampler produces; its trap modes return the log-probs that real engin
 and the client must refuse them by comparing with a real trainer-side recompute.
 """
 import dataclasses
+import gzip
 import http.server
 import json
+import pathlib
 import socket
 import threading
 import time
@@ -553,3 +555,157 @@ def test_precision_sets_the_tolerance(policy_):
                        "precision 'fp32'"):
         ec.check_logprobs(r, rec, scfg, tol=dataclasses.replace(
             ec.Tolerances.for_precision("fp32"), max_mean_abs=0.001))
+
+
+# ------------------------------------ recorded llama.cpp answers (tests/fixtures/llama_cpp)
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "llama_cpp"
+SMOL_V = 49152  # SmolLM2's vocabulary
+
+
+def _fixture(name):
+    path = FIXTURES / name
+    raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+    d = json.loads(raw)
+    cfg = SamplerConfig(**{**d["cfg"], "eos_ids": tuple(d["cfg"]["eos_ids"])})
+    return d, cfg, [np.asarray(p) for p in d["prompts"]]
+
+
+class _Replay(http.server.BaseHTTPRequestHandler):
+    """llama-server as recorded: each POST must be one of the recorded request bodies."""
+
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": "smollm2", "object": "model",
+                                                         "owned_by": "llamacpp"}]})
+        elif self.path == "/props":
+            self._send(200, {"total_slots": 4})
+        else:
+            self._send(404, {"error": {"code": 404, "message": "File Not Found"}})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        answer = self.server.recorded.get(json.dumps(body, sort_keys=True))
+        if answer is None:
+            self._send(400, {"error": {"code": 400, "message": f"not recorded: {body}"}})
+        else:
+            self._send(200, answer)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def replay():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Replay)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+    def serve(d):
+        httpd.recorded = {json.dumps(q, sort_keys=True): a
+                          for q, a in zip(d["requests"], d["answers"], strict=True)}
+        return f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        yield serve
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_llama_cpp_replay_builds_the_record(replay):
+    d, cfg, prompts = _fixture("t1_ascii.json")
+    client = ec.EngineClient(replay(d), cfg, SMOL_V, check_rows=0)  # engine="auto"
+    # the client's own requests (one per row, row seeds, llama.cpp's fields) are the recorded
+    # ones: the replay server answers nothing else
+    r = client.generate(prompts, d["group_size"], seed=d["seed"])
+    assert client.engine == "llama.cpp" and client.concurrency == 4
+    rollout_lib.validate(r, SMOL_V)
+    assert all(q["n"] == 1 and "ignore_eos" not in q for q in d["requests"])
+    for row, a in enumerate(d["answers"]):
+        content = a["choices"][0]["logprobs"]["content"]
+        m = len(content)
+        assert m == a["usage"]["completion_tokens"]
+        np.testing.assert_array_equal(r.response_tokens[row, :m], [e["id"] for e in content])
+        np.testing.assert_allclose(r.rollout_logp[row, :m], [e["logprob"] for e in content],
+                                   rtol=1e-6)
+        assert int(r.response_mask[row].sum()) == m
+        ended = a["choices"][0]["finish_reason"] == "stop"
+        assert ended == (int(r.finish_reason[row]) == rollout_lib.FINISH_EOS)
+        assert ended == (content[-1]["id"] in cfg.eos_ids)
+    np.testing.assert_array_equal(r.group_index, [0, 0, 1, 1])
+
+
+def test_llama_cpp_replay_utf8_gap_is_refused(replay):
+    d, cfg, prompts = _fixture("utf8_gap.json")
+    a = d["answers"][0]
+    assert a["usage"]["completion_tokens"] == len(a["choices"][0]["logprobs"]["content"]) + 1
+    client = ec.EngineClient(replay(d), cfg, SMOL_V, check_rows=0)
+    with pytest.raises(ec.EngineError, match="choice 0 token 2 .* a gap before this token: .*"
+                       "b'\\\\xd1\\\\x91' but token 235 alone is b'\\\\x91'.* multi-byte UTF-8"):
+        client.generate(prompts, 1, seed=d["seed"])
+    # without the bytes (an engine that sends none): the usage count still tells
+    stripped = json.loads(json.dumps(a))
+    for e in stripped["choices"][0]["logprobs"]["content"]:
+        del e["bytes"]
+    with pytest.raises(ec.EngineError, match="generated 12 tokens \\(usage.completion_tokens\\) "
+                       "but returned log-probs for 11: 1 left out"):
+        ec.rollout_from_response([stripped], prompts, 1, cfg, SMOL_V, engine="llama.cpp")
+
+
+def test_llama_cpp_replay_ignore_eos_is_refused():
+    d, cfg, prompts = _fixture("ignore_eos.json.gz")
+    assert all(q["ignore_eos"] is True for q in d["requests"])
+    finish = [a["choices"][0]["finish_reason"] for a in d["answers"]]
+    assert finish == ["length"] * 32  # 0 of 32 rows ended
+    # row 30 (a Hebrew ramble) also left 12 tokens out: refused first
+    with pytest.raises(ec.EngineError, match="choice 30 .* gap"):
+        ec.rollout_from_response(d["answers"], prompts, 4, cfg, SMOL_V, engine="llama.cpp")
+    with pytest.raises(ec.EngineError, match="none of the 28 choices .* ended on an EOS id "
+                       "\\[0, 2\\] .*\\(chance of that: 1.4e-08\\).*ignore_eos=true"):
+        ec.rollout_from_response(d["answers"][:28], prompts[:7], 4, cfg, SMOL_V,
+                                 engine="llama.cpp")
+    # the same prompts and seeds as the client sends them: rows end, nothing is refused
+    e, cfg, prompts = _fixture("eos_ends.json.gz")
+    assert [q["seed"] for q in e["requests"]] == [q["seed"] for q in d["requests"][:8]]
+    r = ec.rollout_from_response(e["answers"], prompts, 4, cfg, SMOL_V, engine="llama.cpp")
+    assert (np.asarray(r.finish_reason) == rollout_lib.FINISH_EOS).sum() >= 2
+
+
+def test_llama_cpp_replay_post_sampling_probs(replay):
+    d, cfg, prompts = _fixture("t07_post_sampling.json")
+    assert d["requests"][0]["post_sampling_probs"] is True and cfg.temperature == 0.7
+    r = ec.EngineClient(replay(d), cfg, SMOL_V, check_rows=0).generate(prompts, 1,
+                                                                       seed=d["seed"])
+    content = d["answers"][0]["choices"][0]["logprobs"]["content"]
+    np.testing.assert_allclose(r.rollout_logp[0, :len(content)],
+                               np.log([e["prob"] for e in content]), rtol=1e-5)
+    # with top_p=0.9 the chain zeroes tokens and they are left out: fewer than K=20 entries
+    d, cfg, prompts = _fixture("t07_top_p_post_sampling.json")
+    assert len(d["answers"][0]["choices"][0]["logprobs"]["content"][0]["top_probs"]) == 7
+    with pytest.raises(ec.EngineError, match="7 top_logprobs .* expected at least K=20 .*"
+                       "post_sampling_probs it omits the tokens its sampling chain zeroed"):
+        ec.rollout_from_response(d["answers"], prompts, 1, cfg, SMOL_V, engine="llama.cpp")
+    with pytest.raises(ValueError, match="top_p=0.9 .* on llama.cpp"):  # refused up front
+        ec.EngineClient(replay(d), cfg, SMOL_V, check_rows=0, engine="llama.cpp")
+
+
+def test_llama_cpp_replay_logprobs_0_and_n_above_parallel():
+    d, cfg, prompts = _fixture("logprobs0_and_n64.json")
+    assert d["requests"][0]["logprobs"] == 0
+    assert d["answers"][0]["choices"][0]["logprobs"] is None
+    with pytest.raises(ec.EngineError, match="no logprobs object .*\\(llama.cpp returns none "
+                       "for logprobs: 0\\)"):
+        ec.rollout_from_response(d["answers"][:1], prompts, 1, cfg, SMOL_V, engine="llama.cpp")
+    # the client asks logprobs = max(K, 1) and never sends n > 1 to llama.cpp
+    assert ec.build_request(prompts, 1, SamplerConfig(max_new_tokens=4, record_topk=0),
+                            model="m", engine="llama.cpp")["logprobs"] == 1
+    assert "Field 'n': Value must be between 1 <= value <= 4, but got 64" in d["answers"][1][
+        "http_error"]

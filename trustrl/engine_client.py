@@ -95,8 +95,10 @@ and compares, per token, d = returned - recomputed(T):
       "the engine's weights differ from the trainer's" (or another model, tokenizer, or
       precision). An engine on other weights that is much sharper than the trainer, with
       almost no token below the recompute, would be reported as trap (b).
-  one row off: a row whose mean |d| over its checked tokens exceeds max_row_mean_abs (1.0
-      nats; 0.5 at fp32): "fabricated log-probs, or the row answers another prompt".
+  rows off: up to half the rows with a mean |d| over their checked tokens above
+      max_row_mean_abs (1.0 nats; 0.5 at fp32) while the other rows pass: "fabricated
+      log-probs, or the row answers another prompt" (checked first; when more rows are off,
+      the traps above name the engine-wide cause, and rows still off after them are refused).
 The check raises ``EngineLogprobError`` (``.trap`` in "before_temperature",
 "renormalised_truncation", "mismatch", "row_mismatch"; ``.stats`` the measured numbers); it
 never corrects the record, and prints the measured gap either way (``log=``).
@@ -160,7 +162,7 @@ class EngineLogprobError(EngineError):
 
 
 # max_mean_abs per declared engine precision (nats per token; module docstring for the numbers)
-PRECISIONS = {"fp32": 0.01, "bf16": 0.05, "fp16": 0.05, "q8": 0.05, "q4": 0.15}
+PRECISIONS = {"fp32": 0.01, "bf16": 0.05, "fp16": 0.05, "q8": 0.05, "q4": 0.12}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -690,9 +692,10 @@ def check_logprobs(r: Rollout, recompute: Callable, cfg: SamplerConfig, *, rows:
     per_row = np.bincount(row_of, np.abs(d), b) / np.maximum(np.bincount(row_of, None, b), 1)
     worst = int(np.argmax(per_row))
     stats.update(worst_row=worst, worst_row_mean_abs=float(per_row[worst]))
-    where = (f"over {stats['tokens']} response tokens ({stats['full_rows']} rows in full, the "
-             f"first {stats['row_tokens']} tokens of the other {b - stats['full_rows']}) from "
-             f"{url}")
+    where = (f"over {stats['tokens']} response tokens ("
+             + (f"all {b} rows in full" if len(full) == b else
+                f"{stats['full_rows']} rows in full, the first {stats['row_tokens']} tokens of "
+                f"the other {b - stats['full_rows']}") + f") from {url}")
     if log is not None:
         log(f"engine_client: log-prob check {where}: mean |returned - recomputed| "
             f"{stats['mean_abs']:.3g} nats (signed {stats['mean']:+.3g}, max "
@@ -700,14 +703,14 @@ def check_logprobs(r: Rollout, recompute: Callable, cfg: SamplerConfig, *, rows:
             f"tolerance {tol.max_mean_abs:g} for precision {tol.precision}")
     bad = np.flatnonzero(per_row > tol.max_row_mean_abs)
     rest_d = np.abs(d[~np.isin(row_of, bad)])
-    if len(bad) and (not rest_d.size or rest_d.mean() <= tol.max_mean_abs):
-        # a few rows far off while the others agree: those rows, not the engine's weights
+    if len(bad) and 2 * len(bad) <= b and rest_d.size and rest_d.mean() <= tol.max_mean_abs:
+        # a minority of rows far off while the others agree: those rows, not the engine
         raise EngineLogprobError(
             f"row(s) {bad[:5].tolist()} (prompt(s) "
             f"{np.asarray(r.group_index)[bad[:5]].tolist()}) from {url}: their log-probs differ "
             f"from the trainer's recompute by {per_row[bad[0]]:.3g} nats on average over "
             f"their checked tokens (row tolerance {tol.max_row_mean_abs:g}) while the other rows "
-            f"agree to {rest_d.mean() if rest_d.size else 0:.3g}: fabricated log-probs, or the "
+            f"agree to {rest_d.mean():.3g}: fabricated log-probs, or the "
             "row answers another prompt", "row_mismatch", stats)
     if raw:
         raw = np.concatenate(raw)
