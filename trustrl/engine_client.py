@@ -87,11 +87,13 @@ and compares, per token, d = returned - recomputed(T):
       ~1% of the mass per token (-log Z < MIN_SIGNAL) is not detected; its effect on mu is then
       below bf16 noise as well.
   too large: mean|d| > max_mean_abs, set from the engine's declared ``precision``
-      (``Tolerances.for_precision``): fp32 0.01, bf16 / fp16 0.05 (the default), q8 0.05, q4
-      0.15 nats. Measured: SmolLM2-135M with a bf16 rollout against the fp32 trainer ~0.01 mean
-      |log pi/mu| (docs/mismatch_profile.md), the tiny test model 0.004; llama.cpp on the Q4_1
-      GGUF against exactly its dequantised weights 0.06-0.08 (kernel noise: ggml quantises the
-      activations too), weights with 0.02 x std noise 0.16+ (docs/rollout_engines.md):
+      (``Tolerances.for_precision``): fp32 0.01, bf16 / fp16 0.05 (the default), q8 0.05
+      (not measured), q4 0.12 nats. Measured: SmolLM2-135M with a bf16 rollout against the fp32
+      trainer ~0.01 mean |log pi/mu| (docs/mismatch_profile.md), the tiny test model 0.004;
+      llama.cpp (CPU) on SmolLM2's Q4_1 GGUF against exactly its dequantised weights 0.061 at
+      T=1, 0.059 at T=0.7 (kernel noise: ggml quantises the activations too), on an F32 GGUF of
+      the same weights 0.0013, against weights with 0.02 x std noise 0.185 (docs/
+      rollout_engines.md):
       "the engine's weights differ from the trainer's" (or another model, tokenizer, or
       precision). An engine on other weights that is much sharper than the trainer, with
       almost no token below the recompute, would be reported as trap (b).
