@@ -426,6 +426,21 @@ def test_stopping_that_differs_from_the_request_is_refused():
                              "stop")], n=8, group=4)
     quiet = _entry(4, -0.01, [(4, -0.01), (7, -9.0)])
     _rows([_answer([quiet] * 24)] * 3, n=24, group=3)
+    # an honest truncating / greedy sampler cannot draw an EOS outside its set: no alarm
+    tail = _entry(4, -0.05, [(4, -0.05), (7, -3.0)])  # EOS p = 0.05 outside top_p 0.9 / top_k 1
+    for kw in (dict(top_p=0.9), dict(top_k=1)):
+        cfg = SamplerConfig(max_new_tokens=24, record_topk=2, eos_ids=(7,), **kw)
+        ec.rollout_from_response([_answer([tail] * 24)] * 32, [np.asarray([4, 5])], 32, cfg, V,
+                                 engine="llama.cpp")
+    with pytest.raises(ec.EngineError, match="none of the 32 choices"):  # untruncated: 36 nats
+        _rows([_answer([tail] * 24)] * 32, n=24, group=32)
+    greedy = SamplerConfig(max_new_tokens=24, record_topk=2, eos_ids=(7,), greedy=True)
+    ec.rollout_from_response([_answer([runs_on] * 24)] * 3, [np.asarray([4, 5])], 3, greedy, V,
+                             engine="llama.cpp")  # EOS ties the argmax at a lower rank: id 4
+    argmax_eos = _entry(4, -0.9, [(7, -0.6), (4, -0.9)])
+    with pytest.raises(ec.EngineError, match="choice 0 .* runs on without an EOS id"):
+        ec.rollout_from_response([_answer([argmax_eos] * 24)], [np.asarray([4, 5])], 1,
+                                 greedy, V, engine="llama.cpp")
     # a row ending on an id outside eos_ids: llama.cpp stops on its own end-of-generation set
     with pytest.raises(ec.EngineError, match="last token 0 is not an EOS id \\[7\\]: llama.cpp "
                        "ignores stop_token_ids .* make SamplerConfig.eos_ids that set"):

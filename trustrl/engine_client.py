@@ -468,12 +468,33 @@ def _stop_hint(engine: str) -> str:
             "returned)")
 
 
+def _eos_mass(top: dict, eos: set, top_p: float, top_k: int, greedy: bool) -> float:
+    """The probability the sampler could draw an EOS id at one position, from the returned
+    entries (the top ones): greedy 1 when an EOS id is the argmax, else 0; otherwise the mass of
+    the EOS ids inside the top-k / top-p set (a lower bound of its renormalised mass)."""
+    order = sorted(top.items(), key=lambda kv: (-kv[1], kv[0]))
+    if greedy:
+        return 1.0 if order and order[0][0] in eos else 0.0
+    p, cum = 0.0, 0.0
+    for rank, (i, lp) in enumerate(order):
+        if (top_k > 0 and rank >= top_k) or cum >= top_p:
+            break  # outside the truncated set: the sampler cannot draw it
+        if i in eos:
+            p += math.exp(lp)
+        cum += math.exp(lp)
+    return p
+
+
 def check_stopping(rows: Sequence[tuple], eos: set, *, alpha: float = NO_EOS_ALPHA,
-                   engine: str = "vllm", url: str = "the engine"):
+                   engine: str = "vllm", url: str = "the engine", top_p: float = 1.0,
+                   top_k: int = 0, greedy: bool = False):
     """Refuses rows that run on although the engine's OWN log-probs give the EOS ids mass.
 
     rows: (row, ids, [{id: logp} per token], ended_on_eos) per row. For each position that did
-    not draw an EOS id, p = the returned mass of the EOS ids among its entries (a lower bound).
+    not draw an EOS id, p = the returned mass of the EOS ids among its entries that the sampler
+    could draw (``_eos_mass``: inside top-k / top-p; greedy: 1 if an EOS id is the argmax), a
+    lower bound of the drawing probability when the log-probs are the sampled distribution's
+    (tempered: trap (a) engines are refused by check_logprobs, but may be named here first).
     Under a sampler that draws from those probabilities, L = prod 1 / (1 - p) over a row's
     non-EOS positions, times 0 once it draws EOS, is a martingale of mean 1, so P(L >= c) <= 1/c
     (Ville): a row with L >= rows / alpha, or all rows together (none ended) with prod L >=
@@ -484,7 +505,7 @@ def check_stopping(rows: Sequence[tuple], eos: set, *, alpha: float = NO_EOS_ALP
         for t, tok in enumerate(ids):
             if tok in eos or not tops or t >= len(tops):
                 continue
-            p = sum(math.exp(v) for i, v in tops[t].items() if i in eos)
+            p = _eos_mass(tops[t], eos, top_p, top_k, greedy)
             s -= math.log1p(-min(p, 1 - 1e-12))
         logl[row] = s
     if not logl:
@@ -619,7 +640,8 @@ def rollout_from_response(body: Any, prompts: Sequence[np.ndarray], group_size: 
                 f"{url}: usage.completion_tokens is {used} but the log-probs hold {total} "
                 f"tokens over {b} rows: the engine left tokens out of its log-probs (or counts "
                 "differently); the record would hold token sequences that were never generated")
-    check_stopping(stopping, eos, engine=engine, url=url)
+    check_stopping(stopping, eos, engine=engine, url=url, top_p=float(cfg.top_p),
+                   top_k=cfg.top_k, greedy=cfg.greedy)
     width = prompt_bucket(max(len(p) for p in prompts), cfg)
     ptoks, pmask = left_pad([p for p in prompts for _ in range(group_size)], width)
     r = Rollout(
@@ -892,8 +914,11 @@ class EngineClient:
                 seed=None if seed is None else row_seed(seed, i, s))
                 for i, p in enumerate(prompts) for s in range(group_size)]
             post = functools.partial(http_json, url, timeout=self.timeout, api_key=self.api_key)
-            with concurrent.futures.ThreadPoolExecutor(self._slots()) as pool:
+            pool = concurrent.futures.ThreadPoolExecutor(self._slots())
+            try:
                 answer = list(pool.map(post, bodies))
+            finally:  # on the first failure, the queued rows are not sent
+                pool.shutdown(wait=False, cancel_futures=True)
         else:
             body = build_request(prompts, group_size, self.cfg, model=model, seed=seed,
                                  extra=self.extra_body, engine=engine)
