@@ -114,7 +114,10 @@ def isfile(path) -> bool:
 def makedirs(path):
     """os.makedirs(exist_ok=True); nothing for a remote path (prefixes need no creation)."""
     if not is_remote(path):
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise durable.storage_error(e, path, "create the directory") from e
 
 
 def open(path, mode: str = "rb") -> IO:  # noqa: A001 - the module's open, like os.open
@@ -140,7 +143,10 @@ def write(path, data: bytes | str):
     if not is_remote(path):
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
-            os.makedirs(parent, exist_ok=True)
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as e:
+                raise durable.storage_error(e, parent, "create the directory") from e
         durable.atomic_write(path, data)
         return
     blob = data.encode("utf-8") if isinstance(data, str) else data
@@ -163,7 +169,10 @@ def append(path, data: bytes, what: str = "append to"):
             raise durable.StorageError(e.errno, e.strerror.replace("cannot write", f"cannot {what}",
                                                                1)) from e
         return
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:  # read-only, missing directory, permissions: named, not raw
+        raise durable.storage_error(e, path, what) from e
     try:
         size = os.fstat(fd).st_size
         try:
@@ -183,7 +192,12 @@ def append(path, data: bytes, what: str = "append to"):
 
 def remove(path):
     if not is_remote(path):
-        os.remove(path)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise durable.storage_error(e, path, "remove") from e
         return
     fs, p = _fs(path)
     fs.rm_file(p)
@@ -236,7 +250,10 @@ def move_tree(src, dst):
     """Renames a directory (local: os.rename); remote: every object is copied, then the source
     objects are deleted (object stores have no rename)."""
     if not is_remote(src):
-        os.rename(src, dst)
+        try:
+            os.rename(src, dst)
+        except OSError as e:
+            raise durable.storage_error(e, dst, f"move {src} to") from e
         return
     for rel in files(src):
         copy_file(join(src, rel), join(dst, rel))
@@ -246,8 +263,13 @@ def move_tree(src, dst):
 def copy_file(src, dst):
     """Copies one file between any two paths (local or remote, either way)."""
     if not is_remote(src) and not is_remote(dst):
-        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-        shutil.copyfile(src, dst)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            shutil.copyfile(src, dst)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise durable.storage_error(e, dst, f"copy {src} to") from e
         return
     write(dst, read_bytes(src))
 
