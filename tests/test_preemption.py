@@ -71,13 +71,13 @@ def _rows(wd):
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def _term_after_rows(proc, wd, n, timeout=300):
+def _term_after_rows(proc, wd, n, timeout=300, sig=signal.SIGTERM):
     deadline = time.time() + timeout
     while len(_rows(wd)) < n:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "the run wrote no metrics in time"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
@@ -101,3 +101,18 @@ def test_sigterm_checkpoints_at_an_iteration_boundary_and_the_rerun_resumes(tmp_
     again = cv.latest_checkpoint(str(wd))
     assert again > stopped
     assert [r["step"] for r in _rows(wd)] == list(range(1, again + 1))
+
+
+@pytest.mark.slow
+def test_sigint_is_handled_as_sigterm(tmp_path, subprocess_env):
+    """Ctrl-C: the iteration in flight finishes and is checkpointed (nothing since the last
+    periodic checkpoint is lost); exit status 130."""
+    from trustrl import config_validation as cv
+    wd = tmp_path / "run"
+    code, out, err = _term_after_rows(_start(wd, subprocess_env), wd, 2, sig=signal.SIGINT)
+    stopped = cv.latest_checkpoint(str(wd))  # checkpoint.every=0: only the interrupt saves
+    assert code == 130, err[-3000:]
+    assert stopped is not None and 2 <= stopped < 40
+    assert f"preempted (SIGINT): checkpoint saved at iteration {stopped}" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert [r["step"] for r in _rows(wd)] == list(range(1, stopped + 1))

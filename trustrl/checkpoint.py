@@ -105,6 +105,7 @@ def state_nbytes(state) -> int:
 
 class Checkpointer:
     def __init__(self, workdir: str, max_to_keep: int = 2):
+        self.workdir = workdir
         self.directory = storage.join(storage.absolute(workdir), "checkpoints")
         self.damaged_directory = storage.join(storage.absolute(workdir), "checkpoints_damaged")
         self.max_to_keep = max_to_keep

@@ -31,6 +31,54 @@ OPERATIONAL = ("log.", "mesh.", "eval.every", "checkpoint.every", "checkpoint.ma
                "model.attention")  # the kernel, not the math (backends agree to float error)
 
 
+MAX_SEED = 2**32 - 1
+# Below this, logits / T overflow float32 (|logits| ~ 1e2 / 1e-36), so the log-probs that define
+# mu are not finite; greedy decoding is the evaluation's argmax sampler, not a tiny temperature.
+MIN_TEMPERATURE = 1e-3
+
+
+def check_model_shape(num_heads: int, num_kv_heads: int, head_dim: int, where: str):
+    """The attention shape a model needs (trustrl.model.ModelConfig's own checks, early)."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{where}num_heads={num_heads} must be a multiple of {where}"
+                         f"num_kv_heads={num_kv_heads} (grouped-query attention shares each kv "
+                         f"head among num_heads / num_kv_heads query heads)")
+    if head_dim % 2:
+        raise ValueError(f"{where}head_dim={head_dim} must be even (rotary embeddings rotate "
+                         f"pairs of dimensions)")
+
+
+def check_vocab(cfg, vocab_size: int, source: str):
+    """The sampling fields that need the vocabulary's size (``source`` names where it is from)."""
+    r = cfg.rollout
+    if r.top_k > vocab_size:
+        raise ValueError(f"rollout.top_k={r.top_k} is larger than the vocabulary ({source} = "
+                         f"{vocab_size}); valid: 0 (off) <= top_k <= {vocab_size}")
+    if cfg.loss.method in train_step.TOPK_METHODS and r.record_topk > vocab_size:
+        raise ValueError(f"rollout.record_topk={r.record_topk} is larger than the vocabulary "
+                         f"({source} = {vocab_size}); valid: 1 <= K <= {vocab_size}")
+
+
+def check_built(cfg, vocab_size: int, model_cfg, mesh):
+    """The checks that need the built artefacts (tokenizer, model config, device mesh), run by
+    experiment.build as soon as they exist, before any training. Raises ValueError."""
+    check_vocab(cfg, vocab_size, "the tokenizer's vocabulary")
+    if model_cfg.vocab_size < vocab_size:
+        raise ValueError(f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the "
+                         f"tokenizer's ({vocab_size})")
+    check_model_shape(model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim, "model ")
+    check_mesh_rows(cfg, dict(mesh.shape))
+
+
+def check_mesh_rows(cfg, mesh_shape: dict):
+    """rollout.max_rows against the mesh's batch axes (data x fsdp), once -1 is resolved."""
+    shards = int(mesh_shape.get("data", 1)) * int(mesh_shape.get("fsdp", 1))
+    if cfg.rollout.max_rows and cfg.rollout.max_rows % shards:
+        raise ValueError(f"rollout.max_rows={cfg.rollout.max_rows} is not divisible by the "
+                         f"mesh's batch axes (data x fsdp = {shards} with mesh {mesh_shape}); "
+                         f"each call's rows are split over them")
+
+
 def score_microbatches(cfg) -> int:
     """Parts of the score pass: train.score_microbatches, or (0) minibatches x microbatches, so
     the score program holds as many rows at once as a train micro-batch."""
@@ -119,17 +167,33 @@ def validate(cfg):
                  "rollout.keep_kv_cache",
                  "log.tensorboard", "log.progress"), bool)
 
-    for k in ("seed", "task.seed", "warmstart.seed"):  # numpy / tfds seeds are non-negative
+    for k in ("seed", "task.seed", "warmstart.seed"):  # numpy / tfds seeds: [0, 2**32)
         _int(cfg, k, 0)
+        if _get(cfg, k) > MAX_SEED:
+            raise ValueError(f"{k} must be an int in [0, {MAX_SEED}] (numpy's seed range), got "
+                             f"{_get(cfg, k)}")
     if not cfg.model.hf_dir:  # built from these fields (a pretrained model brings its own)
         for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
                   "head_dim"):
             _int(cfg, f"model.{k}", 1)
         _float(cfg, "model.rope_theta", 0, open_low=True)
-    if not (cfg.tokenizer.path or cfg.model.hf_dir):
+        check_model_shape(cfg.model.num_heads, cfg.model.num_kv_heads, cfg.model.head_dim,
+                          "model.")
+    if not (cfg.tokenizer.path or cfg.model.hf_dir):  # the BPE trained for the run
+        from trustrl.tokenizer import DEFAULT_SPECIAL_TOKENS
         _int(cfg, "tokenizer.vocab_size", 1)
+        low = 256 + len(DEFAULT_SPECIAL_TOKENS)
+        if cfg.tokenizer.vocab_size < low:
+            raise ValueError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is below the "
+                             f"trained BPE's 256 byte symbols + {len(DEFAULT_SPECIAL_TOKENS)} "
+                             f"special tokens = {low}; valid: >= {low}")
 
     t = cfg.task
+    if t.name in data.SYNTHETIC_TASKS:  # the builder's own check of the operator set
+        try:
+            data.synthetic_config_name(t.name, 1, t.operations, 1, 1, 0)
+        except ValueError as e:
+            raise ValueError(f"task.operations={t.operations!r}: {e}") from None
     if "://" in t.data_dir:
         raise ValueError(f"task.data_dir={t.data_dir!r}: the tfds dataset is built with local "
                          f"file writers, so task.data_dir must be a local path; leave it empty "
@@ -187,12 +251,14 @@ def validate(cfg):
                "zero advantages and give no gradient")
         raise ValueError(f"rollout.group_size must be >= 2 with loss.advantage="
                          f"{cfg.loss.advantage!r}, got {r.group_size}: {why}")
-    _float(cfg, "rollout.temperature", 0, open_low=True)
+    _float(cfg, "rollout.temperature", MIN_TEMPERATURE)
     _float(cfg, "rollout.top_p", 0, 1, open_low=True)
     _int(cfg, "rollout.top_k", 0)
     _int(cfg, "rollout.record_topk", 0)
     if cfg.loss.method in ("dppo_topk_tv", "dppo_topk_kl") and r.record_topk < 1:
         raise ValueError(f"{cfg.loss.method} needs rollout.record_topk >= 1 (K of mu's top-K)")
+    if not (cfg.tokenizer.path or cfg.model.hf_dir):  # else checked against the files' vocab
+        check_vocab(cfg, cfg.tokenizer.vocab_size, "tokenizer.vocab_size")
     _int(cfg, "rollout.max_refill_rounds", 0)
     _int(cfg, "rollout.max_rows", 0)
     _int(cfg, "rollout.refill_rows", 0)
@@ -251,9 +317,10 @@ def check_environment(cfg, workdir: str, devices=None):
     from trustrl import data, sharding
     devices = jax.devices() if devices is None else devices
     try:
-        sharding.make_mesh(cfg.mesh, devices)
+        mesh = sharding.make_mesh(cfg.mesh, devices)
     except ValueError as e:
         raise ValueError(f"mesh does not fit the {len(devices)} available devices: {e}") from None
+    check_mesh_rows(cfg, dict(mesh.shape))
     if cfg.model.hf_dir:
         d = cfg.model.hf_dir
         if not os.path.isdir(d):
@@ -267,6 +334,7 @@ def check_environment(cfg, workdir: str, devices=None):
         if missing:
             raise ValueError(f"model.hf_dir={d!r} is not a Hugging Face model directory: "
                              f"missing {', '.join(missing)}")
+        _check_hf_config(cfg, os.path.join(d, "config.json"))
     tok = cfg.tokenizer.path or cfg.model.hf_dir
     if tok and not os.path.isfile(os.path.join(tok, "tokenizer.json")):
         field = "tokenizer.path" if cfg.tokenizer.path else "model.hf_dir"
@@ -287,6 +355,21 @@ def check_environment(cfg, workdir: str, devices=None):
                              f"{t.manual_dir!r} have no test split, so task.num_test problems "
                              f"are held out of train for eval")
     _check_workdir(workdir)
+
+
+def _check_hf_config(cfg, path: str):
+    """The checks of check_built that a Hugging Face config.json answers before any load."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf_cfg = json.load(f)
+        heads = int(hf_cfg["num_attention_heads"])
+        kv = int(hf_cfg.get("num_key_value_heads") or heads)
+        head_dim = int(hf_cfg.get("head_dim") or int(hf_cfg["hidden_size"]) // heads)
+        vocab = int(hf_cfg["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"model.hf_dir: cannot read {path}: {type(e).__name__}: {e}") from None
+    check_model_shape(heads, kv, head_dim, f"{path}: ")
+    check_vocab(cfg, vocab, f"vocab_size of {path}")
 
 
 def _check_workdir(workdir: str):
@@ -364,28 +447,87 @@ def _describe(changes) -> str:
     return ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
 
 
+def checkpoint_config(workdir: str, step: int) -> dict | None:
+    """The config a checkpoint recorded in its host state (``config``), or None when the step
+    has none (saved by an older trustrl). The host state is Orbax's JSON item ``host``, covered
+    by the step's sha256 manifest."""
+    from trustrl import storage
+    host_dir = storage.join(workdir, "checkpoints", str(step), "host")
+    for name in ("metadata",):  # Orbax's JsonSave file name (0.11 .. 0.12)
+        path = storage.join(host_dir, name)
+        if storage.exists(path):
+            try:
+                host = json.loads(storage.read_text(path))
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise ValueError(f"cannot read {path}, the host state of checkpoint {step}: "
+                                 f"{type(e).__name__}: {e}") from None
+            config = host.get("config") if isinstance(host, dict) else None
+            return config if isinstance(config, dict) else None
+    return None
+
+
+def recorded_config(workdir: str, step: int, allow_changes: bool = False):
+    """(the run's recorded config as a nested dict, where it came from, notices).
+
+    ``workdir/config.json`` checked against its integrity record (an edited or truncated
+    config.json is refused: it no longer says what the run was); without config.json, the copy
+    in checkpoint ``step``. Neither: a ValueError unless ``allow_changes`` (then None)."""
+    from trustrl import integrity, storage
+    path = storage.join(workdir, CONFIG_FILE)
+    notices = []
+    if storage.exists(path):
+        try:
+            raw = integrity.read_file(path, "the config of the run being resumed")
+        except integrity.MissingRecord:
+            raw = storage.read_bytes(path)  # written before integrity records: trusted once
+            notices.append(f"notice: {path} has no integrity record (written by an older "
+                           f"trustrl); it is recorded when this run starts")
+        except integrity.IntegrityError as e:
+            raise ValueError(f"{e}; restore the file (checkpoint {step} holds the run's config "
+                             f"in its host state) or resume with a new --workdir") from None
+        except OSError as e:
+            raise ValueError(f"cannot read {path}, the config of the run being resumed: "
+                             f"{e}") from None
+        try:
+            return json.loads(raw), path, notices
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"cannot read {path}, the config of the run being resumed: "
+                             f"{e}") from None
+    config = checkpoint_config(workdir, step)
+    where = storage.join(workdir, "checkpoints", str(step), "host")
+    if config is not None:
+        notices.append(f"notice: {path} is missing; checking the config against the copy in "
+                       f"checkpoint {step} ({where}); {CONFIG_FILE} is written again when this "
+                       f"run starts")
+        return config, where, notices
+    if not allow_changes:
+        raise ValueError(
+            f"--workdir={workdir!r} has checkpoints (iteration {step}) but no {CONFIG_FILE}, and "
+            f"checkpoint {step} holds no copy of the config (saved by an older trustrl), so "
+            f"nothing says which config the run used; restore {path}, use a new --workdir, or "
+            f"pass --allow_config_change to continue with this config")
+    notices.append(f"warning: {workdir} has checkpoints (iteration {step}) but no recorded "
+                   f"config; continuing with this one (--allow_config_change), recorded when "
+                   f"the run starts")
+    return None, None, notices
+
+
 def check_resume(cfg, workdir: str, allow_changes: bool = False):
-    """Compares cfg with the config recorded in a workdir that has checkpoints.
+    """Compares cfg with the config recorded by the run in a workdir that has checkpoints
+    (``recorded_config``).
 
     Returns (notices to print, semantic changes accepted by allow_changes, the checkpointed
     iteration or None). Raises ValueError listing every semantic change (old -> new) unless
-    allow_changes.
+    allow_changes. Writes nothing: the run records its config once it has started
+    (``record_config``), so a resume that fails leaves the recorded config as it was.
     """
     step = latest_checkpoint(workdir)
     if step is None:
         return [], [], None
-    from trustrl import storage
-    path = storage.join(workdir, CONFIG_FILE)
-    if not storage.exists(path):
-        return [f"notice: {workdir} has checkpoints (iteration {step}) but no {CONFIG_FILE} "
-                f"(a run from before configs were recorded): resuming without checking that the "
-                f"config matches, and recording this one"], [], step
-    try:
-        old = json.loads(storage.read_text(path))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path}, the config of the run being resumed: {e}") from None
+    old, path, notices = recorded_config(workdir, step, allow_changes)
+    if old is None:
+        return notices, [], step
     semantic, operational = config_changes(flatten(old), flatten(cfg))
-    notices = []
     for k, a, b in operational:
         if k == "train.iterations":
             mult = cfg.train.epochs * cfg.train.minibatches
@@ -403,18 +545,21 @@ def check_resume(cfg, workdir: str, allow_changes: bool = False):
             f"config ({path}): {_describe(semantic)}; rerun with the recorded values, use a new "
             f"--workdir, or pass --allow_config_change to continue with the new config")
     if semantic:
+        from trustrl import storage
         notices.append(f"warning: continuing the run from iteration {step} with a changed config "
                        f"(--allow_config_change): {_describe(semantic)}; recorded in "
-                       f"{storage.join(workdir, CHANGES_FILE)}")
+                       f"{storage.join(workdir, CHANGES_FILE)} once the run has started")
     return notices, semantic, step
 
 
 def record_config(cfg, workdir: str, changes=(), step=None):
-    """Writes workdir/config.json atomically (trustrl.storage.write); appends accepted semantic
-    changes, with the iteration they start at, to workdir/config_changes.jsonl."""
-    from trustrl import storage
-    storage.write(storage.join(workdir, CONFIG_FILE),
-                  json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    """Writes workdir/config.json atomically with its integrity record (trustrl.integrity);
+    appends accepted semantic changes, with the iteration they start at, to
+    workdir/config_changes.jsonl. Called once the run has started (its checkpoint restored),
+    so a failed start leaves the recorded config as it was."""
+    from trustrl import integrity, storage
+    integrity.write_file(storage.join(workdir, CONFIG_FILE),
+                         json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     if changes:
         storage.append(storage.join(workdir, CHANGES_FILE), (json.dumps(
             {"iteration": step, "changes": {k: [a, b] for k, a, b in changes}}) + "\n").encode())

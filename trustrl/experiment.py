@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -283,6 +284,16 @@ def _record_filter(path: str, text: str):
     integrity.write_file(path, text)
 
 
+def data_fingerprint(env) -> str:
+    """sha256 of the run's train and test examples in order (what every process must share)."""
+    h = hashlib.sha256()
+    for split in (env.train, env.test):
+        h.update(str(len(split)).encode())
+        for ex in split:
+            h.update(json.dumps(ex, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
 def build(cfg, workdir: str, mesh=None) -> Run:
     """Everything a run needs; ``mesh``: the device mesh of cfg.mesh (made here when None)."""
     mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
@@ -306,6 +317,7 @@ def build(cfg, workdir: str, mesh=None) -> Run:
     else:
         model_cfg = model_config(cfg, tokenizer.vocab_size)
         params = init_params(model_cfg, k_init, mesh)
+    cv.check_built(cfg, tokenizer.vocab_size, model_cfg, mesh)  # before any training
     # the base (warm start + training-set filter) may be built at another compute dtype than
     # the trainer's, so that e.g. a bf16-compute trainer starts from the fp32 runs' base
     base_cfg = (dataclasses.replace(model_cfg, dtype=cfg.warmstart.dtype)

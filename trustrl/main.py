@@ -38,6 +38,9 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "With --multihost: this process's id in [0, num_processes) (default: "
     "JAX_PROCESS_ID, or detected).")
+_COORDINATOR_TIMEOUT = flags.DEFINE_integer(
+    "coordinator_timeout", 60, "With --multihost: seconds a process waits to join the "
+    "coordinator before it stops with an error naming the address.")
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir although fields that change the run's "
     "semantics differ from its recorded config.json (the changes are printed and logged).")
@@ -119,7 +122,7 @@ def _parse_flags(argv):
     """absl flag parsing whose every failure exits 2 with one line, no traceback."""
     try:
         return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - a config file's own errors (SyntaxError, ...) too
         _fail(describe_parse_error(argv, e))
 
 
@@ -164,6 +167,140 @@ def distributed_kwargs(multihost: bool, coordinator, num_processes, process_id,
     return kwargs
 
 
+def initialize_distributed(dist: dict, timeout_s: int):
+    """jax.distributed.initialize, failing within seconds with one line naming the address:
+    process 0 first checks that it can bind the coordinator's port (a port in use made the
+    service crash); the others wait at most ``timeout_s`` for the coordinator."""
+    import jax
+    address = dist.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address and dist.get("process_id") == 0:
+        host, _, port = address.rpartition(":")
+        import socket
+        with socket.socket() as s:
+            try:
+                s.bind(("" if host in ("localhost", "127.0.0.1", "0.0.0.0") else host, int(port)))
+            except OSError as e:
+                if e.errno in (98, 48, 10048):  # EADDRINUSE (Linux, macOS, Windows)
+                    _fail(f"error: the coordinator address {address} is in use on this host "
+                          f"(another run or program holds port {port}); pick another port in "
+                          f"--coordinator_address / JAX_COORDINATOR_ADDRESS for every process")
+                # another host's name (its address is not local): jax binds to all interfaces
+    where = address or "(auto-detected)"
+    why = (f"error: the processes of this run did not all join the coordinator at {where} "
+           f"within {timeout_s} s (--coordinator_timeout): one has not started, failed before "
+           f"joining (see its output), or uses another address / --num_processes")
+    # jax's own timeout ends the process with a C++ abort and a stack dump; this timer ends
+    # it first with one line (connect releases the GIL while it waits)
+    import threading
+    timer = threading.Timer(timeout_s, lambda: (print(why, file=sys.stderr, flush=True),
+                                                os._exit(2)))
+    timer.daemon = True
+    timer.start()
+    try:
+        jax.distributed.initialize(**dist, initialization_timeout=timeout_s + 60)
+    except Exception as e:  # noqa: BLE001 - XlaRuntimeError / RuntimeError / ValueError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        _fail(f"error: cannot join the run's coordinator at {where}: {type(e).__name__}: "
+              f"{first}")
+    finally:
+        timer.cancel()
+
+
+def fingerprint(cfg, wd: str) -> dict:
+    """What every process of a run must agree on: the resolved config (every field), the
+    workdir, the trustrl code (a hash of its sources) and the jax version."""
+    import hashlib
+
+    import jax
+    from trustrl import config_validation as cv
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for d, dirs, names in sorted(os.walk(root)):
+        dirs.sort()
+        for n in sorted(names):
+            if n.endswith(".py"):
+                h.update(os.path.relpath(os.path.join(d, n), root).encode())
+                with open(os.path.join(d, n), "rb") as f:
+                    h.update(hashlib.sha256(f.read()).digest())
+    out = {f"config.{k}": v for k, v in cv.flatten(cfg).items()}
+    out.update({"workdir": wd, "trustrl code (sha256 of trustrl/*.py)": h.hexdigest()[:16],
+                "jax version": jax.__version__, "--allow_config_change": _ALLOW_CHANGE.value})
+    return out
+
+
+def quiet_library_tracebacks():
+    """Log records of Orbax / TensorStore background threads (and of asyncio, which logs their
+    tasks' unretrieved exceptions) keep their message (first line) but lose their traceback: a
+    failed save logs the same error from ~5 threads with ~100-line tracebacks each, burying the
+    run's own one-line error (which names the step, directory and cause). The records still say
+    what failed, and where."""
+    import logging as std_logging
+
+    def one_line(record):
+        if any(f"/{lib}/" in record.pathname for lib in ("orbax", "tensorstore", "asyncio")):
+            if record.exc_info or record.exc_text:
+                record.exc_info, record.exc_text = None, None
+            message = record.getMessage().splitlines()
+            record.msg, record.args = (message[0][:400] if message else ""), None
+        return True
+
+    for handler in std_logging.getLogger().handlers:
+        handler.addFilter(one_line)
+
+    # TensorStore's completion callbacks of a failed restore land on Orbax's event loop after it
+    # closed; C++ prints each one through sys.excepthook (a dozen identical tracebacks)
+    previous, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def closed_loop(value) -> bool:
+        return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+    def excepthook(kind, value, tb):
+        if not closed_loop(value):
+            previous(kind, value, tb)
+
+    def unraisablehook(info):
+        if closed_loop(info.exc_value):
+            return
+        tb, files = info.exc_traceback, []
+        while tb is not None:
+            files.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        if any("/orbax/" in f or "/tensorstore/" in f for f in files):  # a failed save / restore
+            first = (str(info.exc_value).strip().splitlines() or [""])[0][:300]
+            print(f"(ignored in Orbax: {type(info.exc_value).__name__}: {first})",
+                  file=sys.stderr, flush=True)
+            return
+        previous_unraisable(info)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+def _last_line(line: str):
+    """The run's one error line, written to the stderr descriptor in one write: library
+    threads still printing through sys.stderr cannot interleave with it or break it."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - a stream another thread broke; the line still goes out
+        pass
+    os.write(2, ("\n" + line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
+
+
+def _exit_now(code: int):
+    """Exits at once after the run's last line: library threads still failing (TensorStore
+    callbacks on Orbax's closed event loop) cannot print after it, and none is waited for."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os._exit(code)
+
+
+def _error_line(e: BaseException) -> str:
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)  # no "[Errno 30]"
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"{USAGE}: unexpected arguments {argv[1:]}")
@@ -173,54 +310,69 @@ def main(argv):
     if not wd:
         _fail(f"{USAGE}: --workdir is required")
     logging.set_verbosity(logging.WARNING)  # Orbax / tfds INFO lines drown the progress bar
+    quiet_library_tracebacks()
     try:
         dist = distributed_kwargs(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
     except ValueError as e:
         _fail(f"{USAGE}: {e}")
-    if dist is not None:
-        import jax
-        jax.distributed.initialize(**dist)  # before check_environment counts the devices
     from trustrl import config_validation as cv
     try:
-        cv.validate(cfg)
-        cv.check_environment(cfg, wd)
-        notices, changes, step = cv.check_resume(cfg, wd, allow_changes=_ALLOW_CHANGE.value)
+        cv.validate(cfg)  # the config alone, before joining the other processes
     except ValueError as e:
         _fail(f"invalid config: {e}")
-    for line in notices:
-        print(line)
-    import jax
+    if dist is not None:  # before check_environment counts the devices
+        initialize_distributed(dist, _COORDINATOR_TIMEOUT.value)
+    from trustrl import multihost
+    from trustrl.multihost import PeerError
+    try:  # every process has the same config, code and workdir, or all stop here
+        multihost.check_agree("start", fingerprint(cfg, wd))
+    except PeerError as e:
+        _fail(f"error: {e}")
+    try:
+        cv.check_environment(cfg, wd)
+        cv.check_resume(cfg, wd, allow_changes=_ALLOW_CHANGE.value)  # printed by train
+    except ValueError as e:
+        multihost.report_failure(f"invalid config: {e}")
+        _fail(f"invalid config: {e}")
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
-    from trustrl import train
-    from trustrl import multihost
-    from trustrl import storage
-    if multihost.is_primary():
-        storage.makedirs(wd)
-        cv.record_config(cfg, wd, changes, step)
-    multihost.sync("trustrl_config_recorded")  # every process has checked it first
+    from trustrl import storage, train
     from trustrl.checkpoint import CheckpointError
     from trustrl.durable import StorageError
-    from trustrl.preemption import EXIT_CODE, Preempted
+    from trustrl.integrity import IntegrityError
+    from trustrl.preemption import Preempted
+    from trustrl.workdir_lock import WorkdirLocked
     try:
-        train.train(cfg, wd)
-    except (StorageError, CheckpointError) as e:  # already one clear line naming the path
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        train.train(cfg, wd, allow_config_change=_ALLOW_CHANGE.value)
     except Preempted as e:  # checkpointed at an iteration boundary; a rerun resumes
         print(str(e), file=sys.stderr, flush=True)
-        sys.exit(EXIT_CODE)
-    except BaseException:
-        if jax.process_count() > 1:
-            # a normal exit would wait in jax's shutdown barrier for the other processes, which
-            # wait in a collective for this one; leaving at once lets the coordination service
-            # report this process as failed and end the others (after its heartbeat timeout)
+        sys.exit(e.exit_code)
+    except BaseException as e:
+        if isinstance(e, SystemExit):
+            raise
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C before the loop (build, compile)
+            _last_line("interrupted (SIGINT) before the first iteration finished; nothing of "
+                       "this start was checkpointed; rerun the same command to start again")
+            multihost.report_failure("interrupted (SIGINT)")
+            _exit_now(130)
+        known = isinstance(e, (StorageError, CheckpointError, IntegrityError, WorkdirLocked,
+                               PeerError, ValueError))
+        kind = "invalid config" if type(e) is ValueError else "error"
+        line = f"{kind}: {_error_line(e)}" if known else f"error: {type(e).__name__}: " \
+            f"{_error_line(e)}"
+        lost = None if known else multihost.diagnose_peers()  # a collective failed: whose fault?
+        if lost:
+            known, line = True, f"error: {lost}; here: {line[len('error: '):]}"[:1000]
+        if not known:  # a bug or an unforeseen failure: its traceback, then the one line
             import traceback
             traceback.print_exc()
-            sys.stderr.flush()
-            os._exit(1)
-        raise
+        _last_line(line)
+        multihost.report_failure(line)  # the others stop at once, naming this process
+        # os._exit, not sys.exit: a normal exit would join the library threads a failure left
+        # waiting (Orbax's save threads wait 300 s for signals that never come) and, with
+        # several processes, wait in jax's shutdown barrier for peers stuck in a collective
+        _exit_now(2 if kind == "invalid config" else 1)
     if not multihost.is_primary():  # process 0 writes the plots and prints the summary
         return
     from trustrl import metrics, plot, summary

@@ -12,15 +12,210 @@ The rules the loop follows (docs/scaling.md, "Multi-process runs"):
   under ``primary_first``: process 0 runs the block while the others wait, then they run it and
   find what process 0 wrote (a built dataset, a trained tokenizer, the warm-start cache).
 
+Processes agree or stop (``exchange`` / ``check_agree``, through the coordination service's
+key-value store): at start every process publishes a fingerprint of its resolved config, code
+version and data, and all stop with one message naming the processes and fields that differ.
+During the run a ``PeerWatch`` thread publishes a heartbeat and watches the others': a process
+that fails publishes its error line first (``report_failure``), and a process that stops
+responding (killed, lost host) is named after ``PEER_TIMEOUT_S``; either way every survivor
+prints one line naming the lost process and exits, instead of waiting in a collective for
+jax's heartbeat timeout.
+
 With one process every helper reduces to the single-host operation.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+
+PEER_TIMEOUT_S = float(os.environ.get("TRUSTRL_PEER_TIMEOUT_S", "60"))
+HANDSHAKE_TIMEOUT_S = float(os.environ.get("TRUSTRL_HANDSHAKE_TIMEOUT_S", "120"))
+
+
+class PeerError(RuntimeError):
+    """Another process of the run differs, failed, or does not answer."""
+
+
+def _client():
+    from jax._src import distributed
+    client = distributed.global_state.client
+    if client is None:
+        raise PeerError("jax.distributed is not initialized")
+    return client
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def exchange(name: str, value: str, timeout_s: float | None = None) -> list[str]:
+    """Every process publishes ``value`` under ``name`` and gets every process's value (index =
+    process). ``name`` must be new for each exchange. Raises PeerError naming a process that
+    did not publish within ``timeout_s`` or that reported a failure meanwhile."""
+    n = jax.process_count()
+    if n == 1:
+        return [value]
+    timeout_s = HANDSHAKE_TIMEOUT_S if timeout_s is None else timeout_s
+    client = _client()
+    client.key_value_set(f"trustrl/x/{name}/{jax.process_index()}", value)
+    out = []
+    for i in range(n):
+        deadline = time.monotonic() + timeout_s
+        while True:  # short waits, so that a peer's failure report ends the wait at once
+            try:
+                out.append(client.blocking_key_value_get(f"trustrl/x/{name}/{i}", 1000))
+                break
+            except Exception as e:  # noqa: BLE001 - a timeout, or the coordinator is gone
+                failure = _try_get(client, f"trustrl/failed/{i}")
+                if failure is not None:
+                    raise PeerError(f"process {i} of {n} failed: {failure}") from None
+                if "DEADLINE_EXCEEDED" not in str(e) and "deadline" not in str(e).lower():
+                    raise PeerError(f"lost the coordinator ({_address()}) while waiting for "
+                                    f"process {i} at '{name}': {_first_line(e)}") from None
+                if time.monotonic() > deadline:
+                    raise PeerError(f"process {i} of {n} did not reach '{name}' within "
+                                    f"{timeout_s:g} s (it failed, hangs, or runs another "
+                                    f"program)") from None
+    return out
+
+
+def _try_get(client, key):
+    try:
+        return client.key_value_try_get(key)
+    except Exception:  # noqa: BLE001 - NOT_FOUND
+        return None
+
+
+def _address() -> str:
+    from jax._src import distributed
+    return f"coordinator {distributed.global_state.coordinator_address}"
+
+
+def check_agree(name: str, fingerprint: dict):
+    """All processes compare ``fingerprint`` (a JSON-able dict of str -> JSON values) with
+    process 0's; raises PeerError (the same message on every process) naming each process and
+    field that differs. One process: nothing to compare."""
+    values = [json.loads(v) for v in exchange(name, json.dumps(fingerprint, sort_keys=True))]
+    ref, diffs = values[0], []
+    for i, v in enumerate(values[1:], 1):
+        fields = sorted(k for k in set(ref) | set(v) if ref.get(k) != v.get(k))
+        for k in fields[:4]:
+            diffs.append(f"process {i} has {k}={_short(v.get(k))} where process 0 has "
+                         f"{_short(ref.get(k))}")
+        if len(fields) > 4:
+            diffs.append(f"process {i}: {len(fields) - 4} more fields differ")
+    if diffs:
+        raise PeerError(f"the processes of this run disagree ({name}): " + "; ".join(diffs) +
+                        "; start every process with the same command, code and data")
+
+
+def _short(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def report_failure(message: str):
+    """Publishes this process's one-line error, so the others stop at once and name it."""
+    if jax.process_count() == 1:
+        return
+    try:
+        _client().key_value_set(f"trustrl/failed/{jax.process_index()}", message[:500],
+                                allow_overwrite=True)
+    except Exception:  # noqa: BLE001 - the coordinator may be gone already
+        pass
+
+
+def diagnose_peers(wait_s: float = 6.0) -> str | None:
+    """After a collective failed: which process is gone? A published failure, or a heartbeat
+    (PeerWatch, every 2 s) that does not move for ``wait_s``; None when every peer looks alive
+    (one process: None)."""
+    n = jax.process_count()
+    if n == 1:
+        return None
+    me = jax.process_index()
+    try:
+        client = _client()
+        before = {i: _try_get(client, f"trustrl/alive/{i}") for i in range(n) if i != me}
+        deadline = time.monotonic() + wait_s
+        while True:
+            for i in before:
+                failure = _try_get(client, f"trustrl/failed/{i}")
+                if failure is not None:
+                    return f"process {i} of {n} failed: {failure}"
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        still = [i for i in before if _try_get(client, f"trustrl/alive/{i}") == before[i]]
+    except Exception as e:  # noqa: BLE001 - the coordination service is gone with process 0
+        return f"lost the {_address()} (process 0 ended or its host was lost): {_first_line(e)}"
+    if still:
+        return (f"process{'es' if len(still) > 1 else ''} {', '.join(map(str, still))} of {n} "
+                f"stopped responding (no heartbeat for {wait_s:g} s: killed, or its host was lost)")
+    return None
+
+
+class PeerWatch:
+    """A daemon thread that publishes this process's heartbeat every ``period`` s and exits
+    the process (status 1, one line on stderr naming the lost process) when another process
+    reported a failure, stopped heart-beating for ``timeout`` s, or the coordinator is gone.
+    One process: does nothing."""
+
+    def __init__(self, timeout: float | None = None, period: float = 2.0, exit=os._exit):
+        self.timeout = PEER_TIMEOUT_S if timeout is None else timeout
+        self.period, self._exit = period, exit
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if jax.process_count() > 1:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="trustrl-peers")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        return False
+
+    def _run(self):
+        client, me, n = _client(), jax.process_index(), jax.process_count()
+        seen = {i: (None, time.monotonic()) for i in range(n) if i != me}
+        beat = 0
+        while not self._stop.wait(self.period):
+            beat += 1
+            try:
+                client.key_value_set(f"trustrl/alive/{me}", str(beat), allow_overwrite=True)
+                lost = None
+                for i in seen:
+                    failure = _try_get(client, f"trustrl/failed/{i}")
+                    if failure is not None:
+                        lost = f"process {i} of {n} failed: {failure}"
+                        break
+                    value = _try_get(client, f"trustrl/alive/{i}")
+                    if value != seen[i][0]:
+                        seen[i] = (value, time.monotonic())
+                    elif time.monotonic() - seen[i][1] > self.timeout:
+                        lost = (f"process {i} of {n} stopped responding (no heartbeat for "
+                                f"{time.monotonic() - seen[i][1]:.0f} s: killed, or its host "
+                                f"was lost)")
+                        break
+            except Exception as e:  # noqa: BLE001 - the coordination service is unreachable
+                lost = (f"lost the {_address()} (process 0 ended or its host was lost): "
+                        f"{_first_line(e)}")
+            if lost and not self._stop.is_set():
+                print(f"error: {lost}; stopping this process ({me}) too; rerun the same "
+                      f"command to resume from the last checkpoint", file=sys.stderr, flush=True)
+                self._exit(1)
+                return
 
 
 def is_primary() -> bool:

@@ -5,6 +5,7 @@ the plain Python loop that composes them (read it top to bottom).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import jax
@@ -13,8 +14,9 @@ import numpy as np
 
 from trustrl import advantages as adv_lib
 from trustrl import checkpoint as ckpt_lib
+from trustrl import config_validation as cv
 from trustrl import (durable, evaluation, experiment, losses, multihost, preemption, sharding,
-                     storage, train_step as ts)
+                     storage, train_step as ts, workdir_lock)
 from trustrl.metrics import MetricWriter
 from trustrl.rollout import FINISH_LENGTH, mismatch_stats, validate
 
@@ -73,17 +75,40 @@ def _check_storage(cfg, workdir: str):
         durable.check_free_space(path, durable.MIN_FREE_BYTES, f"the run's outputs ({what})")
 
 
-def train(cfg, workdir: str):
-    """Runs (or resumes) cfg in workdir. Returns (final TrainState, last iteration's metrics)."""
-    _check_storage(cfg, workdir)
-    mesh = sharding.make_mesh(cfg.mesh)
-    # under the mesh, the model's activation sharding constraints apply (batch over data+fsdp)
-    with jax.set_mesh(mesh):
-        run = experiment.build(cfg, workdir, mesh)  # tokenizer, data, model, optimizer, samplers
-        return _run(cfg, workdir, run)
+def train(cfg, workdir: str, *, allow_config_change: bool = False):
+    """Runs (or resumes) cfg in workdir. Returns (final TrainState, last iteration's metrics).
+
+    The workdir is locked for the run (trustrl.workdir_lock; process 0 holds it, every process
+    learns whether it got it); a resume is checked against the run's recorded config
+    (config_validation.check_resume, ``allow_config_change`` as the CLI flag), and the config is
+    recorded only once the checkpoint is restored, just before the first iteration."""
+    durable.check_writable(workdir, "workdir")  # read-only / below a file: named, before the lock
+    lock = contextlib.ExitStack()
+    with lock, multihost.PeerWatch():
+        error = None
+        if multihost.is_primary():
+            try:
+                lock.enter_context(workdir_lock.hold(workdir))
+            except workdir_lock.WorkdirLocked as e:
+                error = str(e)
+        status = multihost.exchange("workdir_lock", error or "")[0]
+        if status:
+            raise workdir_lock.WorkdirLocked(status)
+        notices, changes, _ = cv.check_resume(cfg, workdir, allow_config_change)
+        for line in notices:
+            print(line, flush=True)
+        _check_storage(cfg, workdir)
+        mesh = sharding.make_mesh(cfg.mesh)
+        # under the mesh, the model's activation sharding constraints apply (batch over data+fsdp)
+        with jax.set_mesh(mesh):
+            run = experiment.build(cfg, workdir, mesh)  # tokenizer, data, model, optimizer, ...
+            if jax.process_count() > 1:  # every process built or read the same examples
+                multihost.check_agree("data", {"data (sha256 of the train / test examples)":
+                                               experiment.data_fingerprint(run.env)})
+            return _run(cfg, workdir, run, changes)
 
 
-def _run(cfg, workdir, run):
+def _run(cfg, workdir, run, changes=()):
     ckpt = ckpt_lib.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
     state, key, start = run.state, run.key, 0
     if ckpt.latest_step() is not None:
@@ -93,6 +118,9 @@ def _run(cfg, workdir, run):
         run.prompt_iter.restore(host["data"])
         print(f"resumed from {ckpt.directory} at iteration {start}")
     ckpt.check_space(state)
+    if multihost.is_primary():  # the run has started: its config (and accepted changes) now
+        cv.record_config(cfg, workdir, changes, start if changes else None)
+    multihost.sync("trustrl_config_recorded")
     writer = MetricWriter(workdir, cfg.log.tensorboard, resume_step=start)  # drops replayed rows
     if start == 0 and cfg.eval.every:
         # step 0: the base before any update, the reference of every later eval. Its key is
@@ -176,9 +204,11 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
                             mismatch=f"{metrics.get('rollout/mismatch_mean', float('nan')):.1e}")
         stop = not last and watcher.should_stop(it + 1)
+        workdir_lock.check(ckpt.workdir)  # a lease lost to another run: stop before saving
         if (cfg.checkpoint.every and (it + 1) % cfg.checkpoint.every == 0) or last or stop:
             ckpt.save(it + 1, state, {"iteration": it + 1, "data": run.prompt_iter.state(),
-                                      "key": np.asarray(jax.random.key_data(key)).tolist()})
+                                      "key": np.asarray(jax.random.key_data(key)).tolist(),
+                                      "config": cfg.to_dict()})  # what config.json says
         if stop:
             raise preemption.Preempted(it + 1, watcher.received)
     return state, metrics
