@@ -4,6 +4,7 @@ The server samples with trustrl's own Sampler, so a seeded request must give bac
 record the sampler produces; its trap modes return the log-probs that real engines get wrong,
 and the client must refuse them by comparing with a real trainer-side recompute.
 """
+import contextlib
 import dataclasses
 import gzip
 import http.server
@@ -209,17 +210,23 @@ class _Canned(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def canned():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Canned)
+@contextlib.contextmanager
+def _http_server(handler):
+    """A threaded local HTTP server with ``handler``, shut down when the block ends."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         yield httpd
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def canned():
+    with _http_server(_Canned) as httpd:
+        yield httpd
 
 
 def _choice(tokens, logps, tops=None, finish="length", index=0):
@@ -586,16 +593,9 @@ def _fixture(name):
     return d, cfg, [np.asarray(p) for p in d["prompts"]]
 
 
-class _Replay(http.server.BaseHTTPRequestHandler):
-    """llama-server as recorded: each POST must be one of the recorded request bodies."""
-
-    def _send(self, code, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+class _Replay(serve_sampler._Handler):
+    """llama-server as recorded: each POST must be one of the recorded request bodies (the
+    stand-in server's JSON replies, ``_send``, with llama-server's routes)."""
 
     def do_GET(self):
         if self.path == "/v1/models":
@@ -620,19 +620,12 @@ class _Replay(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def replay():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Replay)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-
-    def serve(d):
-        httpd.recorded = {json.dumps(q, sort_keys=True): a
-                          for q, a in zip(d["requests"], d["answers"], strict=True)}
-        return f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with _http_server(_Replay) as httpd:
+        def serve(d):
+            httpd.recorded = {json.dumps(q, sort_keys=True): a
+                              for q, a in zip(d["requests"], d["answers"], strict=True)}
+            return f"http://127.0.0.1:{httpd.server_address[1]}"
         yield serve
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_llama_cpp_replay_builds_the_record(replay):

@@ -368,7 +368,7 @@ def test_a_killed_process_is_named_by_the_survivor(tmp_path, subprocess_env):
     (["--config.task.seed=4294967296"], "task.seed must be an int in [0, 4294967295]"),
     (["--config.mesh.data=-1", "--config.rollout.max_rows=3"],
      "rollout.max_rows=3 is not divisible by the mesh's batch axes (data x fsdp = 2"),
-    (["--config.rollout.temperature=1e-30"], "rollout.temperature must be in [0.001, inf)"),
+    (["--config.rollout.temperature=1e-30"], "rollout.temperature=1e-30 is below 0.001: logits / T then overflow"),
 ])
 def test_values_known_before_any_build_fail_before_writing(tmp_path, subprocess_env, args,
                                                            needle):

@@ -32,8 +32,10 @@ OPERATIONAL = ("log.", "mesh.", "eval.every", "checkpoint.every", "checkpoint.ma
 
 
 MAX_SEED = 2**32 - 1
-# Below this, logits / T overflow float32 (|logits| ~ 1e2 / 1e-36), so the log-probs that define
-# mu are not finite; greedy decoding is the evaluation's argmax sampler, not a tiny temperature.
+# The smallest rollout temperature. Far below it logits / T overflow float32 and the log-probs
+# that define mu stop being finite (1e-30 did in the tiny config; 1e-3 ran); long before that
+# sampling is argmax decoding with log-probs of ~0, which no loss can learn from. Greedy
+# decoding is the evaluation's argmax sampler, not a tiny temperature.
 MIN_TEMPERATURE = 1e-3
 
 
@@ -251,7 +253,11 @@ def validate(cfg):
                "zero advantages and give no gradient")
         raise ValueError(f"rollout.group_size must be >= 2 with loss.advantage="
                          f"{cfg.loss.advantage!r}, got {r.group_size}: {why}")
-    _float(cfg, "rollout.temperature", MIN_TEMPERATURE)
+    _float(cfg, "rollout.temperature", 0, open_low=True)
+    if r.temperature < MIN_TEMPERATURE:
+        raise ValueError(f"rollout.temperature={r.temperature:g} is below {MIN_TEMPERATURE:g}: "
+                         f"logits / T then overflow (the rollout log-probs that define mu are "
+                         f"not finite) and sampling is argmax; valid: >= {MIN_TEMPERATURE:g}")
     _float(cfg, "rollout.top_p", 0, 1, open_low=True)
     _int(cfg, "rollout.top_k", 0)
     _int(cfg, "rollout.record_topk", 0)
