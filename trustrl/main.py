@@ -6,8 +6,11 @@ field or value exits with status 2 and one ``invalid config: ...`` (or ``usage: 
 the workdir is not created. Rerunning in a workdir with checkpoints resumes it, only with the
 config it recorded (``DIR/config.json``), up to operational fields and a longer
 ``train.iterations``; ``--allow_config_change`` continues with other changes, listing them.
-SIGTERM (preemption, maintenance) stops the run after the iteration in flight, with a
-checkpoint, and exits with status 143; rerunning the same command resumes it.
+SIGTERM (preemption, maintenance) or SIGINT stops the run after the iteration in flight, with a
+checkpoint, and exits with status 143 (130); rerunning the same command resumes it. One run per
+workdir (trustrl.workdir_lock); with --multihost the processes check that they agree on config,
+code and data, and a failed or lost process is named by the others (trustrl.multihost). Every
+failure ends with one ``error: ...`` line, last on stderr (docs/reliability.md).
 """
 from __future__ import annotations
 
