@@ -368,7 +368,8 @@ def test_a_killed_process_is_named_by_the_survivor(tmp_path, subprocess_env):
     (["--config.task.seed=4294967296"], "task.seed must be an int in [0, 4294967295]"),
     (["--config.mesh.data=-1", "--config.rollout.max_rows=3"],
      "rollout.max_rows=3 is not divisible by the mesh's batch axes (data x fsdp = 2"),
-    (["--config.rollout.temperature=1e-30"], "rollout.temperature=1e-30 is below 0.001: logits / T then overflow"),
+    (["--config.rollout.temperature=1e-30"],
+     "rollout.temperature=1e-30 is below 0.001: logits / T then overflow"),
 ])
 def test_values_known_before_any_build_fail_before_writing(tmp_path, subprocess_env, args,
                                                            needle):
@@ -412,6 +413,24 @@ def test_a_hf_dir_is_checked_from_its_config_json(tmp_path):
         with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
             cv.check_environment(cfg, str(tmp_path / "wd"))
     assert isinstance(cfg, ml_collections.ConfigDict)
+
+
+def test_a_tokenizer_path_is_checked_against_the_sampling_fields(tmp_path):
+    from configs import default
+    from trustrl.tokenizer import train_bpe
+    d = tmp_path / "tok"
+    train_bpe(["1 + 2 = 3", "4 + 5 = 9"] * 20, 262, save_dir=str(d))
+    cfg = default.get_config("tiny")
+    cfg.tokenizer.path = str(d)
+    cfg.rollout.top_k = 263
+    with pytest.raises(ValueError, match=r"rollout.top_k=263 is larger than the vocabulary \(the "
+                                         r"vocabulary of .*tokenizer.json = 262\)"):
+        cv.check_environment(cfg, str(tmp_path / "wd"))
+    cfg.rollout.top_k = 262
+    cv.check_environment(cfg, str(tmp_path / "wd"))  # at the vocabulary's size: fine
+    (d / "tokenizer.json").write_text("{broken")
+    with pytest.raises(ValueError, match="tokenizer.path: cannot load .*tokenizer.json"):
+        cv.check_environment(cfg, str(tmp_path / "wd"))
 
 
 def test_storage_errors_name_the_path_instead_of_raw_os_errors(tmp_path):

@@ -346,6 +346,15 @@ def check_environment(cfg, workdir: str, devices=None):
         field = "tokenizer.path" if cfg.tokenizer.path else "model.hf_dir"
         raise ValueError(f"{field}={tok!r} has no tokenizer.json (trustrl loads fast-tokenizer "
                          f"directories)")
+    if cfg.tokenizer.path and not cfg.model.hf_dir:  # the model is built at this vocabulary
+        path = os.path.join(tok, "tokenizer.json")
+        try:
+            import tokenizers
+            vocab = tokenizers.Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library's errors are untyped
+            raise ValueError(f"tokenizer.path: cannot load {path}: {type(e).__name__}: "
+                             f"{str(e)[:200]}") from None
+        check_vocab(cfg, vocab, f"the vocabulary of {path}")
     t = cfg.task
     if t.name in data.MATH_DATASETS:
         try:
