@@ -364,7 +364,10 @@ def test_a_killed_process_is_named_by_the_survivor(tmp_path, subprocess_env):
                                             "BPE's 256 byte symbols + 3 special tokens = 259"),
     (["--config.model.num_heads=3", "--config.model.num_kv_heads=2"],
      "model.num_heads=3 must be a multiple of model.num_kv_heads=2"),
-    (["--config.task.operations=+?"], "task.operations='+?'"),
+    (["--config.task.operations=+?"], "task.operations='+?': arithmetic operations='+?' must "
+                                      "be a non-empty string of"),
+    (["--config.task.difficulty=40"], "arithmetic difficulty (digits per operand) must be in "
+                                      "[1, 12], got 40"),
     (["--config.task.seed=4294967296"], "task.seed must be an int in [0, 4294967295]"),
     (["--config.mesh.data=-1", "--config.rollout.max_rows=3"],
      "rollout.max_rows=3 is not divisible by the mesh's batch axes (data x fsdp = 2"),

@@ -191,11 +191,14 @@ def validate(cfg):
                              f"special tokens = {low}; valid: >= {low}")
 
     t = cfg.task
-    if t.name in data.SYNTHETIC_TASKS:  # the builder's own check of the operator set
+    if t.name in data.SYNTHETIC_TASKS:  # the generator's own limits (difficulty, operators)
+        from trustrl import tasks
+        _int(cfg, "task.difficulty", 1)
         try:
-            data.synthetic_config_name(t.name, 1, t.operations, 1, 1, 0)
+            tasks.check_task(t.name, t.difficulty, t.operations)
         except ValueError as e:
-            raise ValueError(f"task.operations={t.operations!r}: {e}") from None
+            raise ValueError(f"task.difficulty={t.difficulty}, task.operations="
+                             f"{t.operations!r}: {e}") from None
     if "://" in t.data_dir:
         raise ValueError(f"task.data_dir={t.data_dir!r}: the tfds dataset is built with local "
                          f"file writers, so task.data_dir must be a local path; leave it empty "

@@ -177,7 +177,8 @@ def evaluate_expression(text: str, max_len: int = 200):
 
 # --- split generation ------------------------------------------------------------------------------
 
-def _check(task: str, difficulty: int, operations: str) -> None:
+def check_task(task: str, difficulty: int, operations: str) -> None:
+    """The generator's limits of a synthetic task (raises ValueError naming the valid range)."""
     if task not in TASK_NAMES:
         raise ValueError(f"unknown synthetic task {task!r}; choose one of {list(TASK_NAMES)}")
     if task == "arithmetic":
@@ -207,7 +208,7 @@ def generate_splits(task: str, *, difficulty: int, num_train: int, num_test: int
     possible and never appear in train; raises ValueError when the problem space is too small for
     that (e.g. 1-digit addition has 100 problems).
     """
-    _check(task, difficulty, operations)
+    check_task(task, difficulty, operations)
     if num_train < 1 or num_test < 0:
         raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
     test_rng = np.random.default_rng([seed, 1])
