@@ -25,7 +25,8 @@ from ml_collections import ConfigDict, config_flags
 
 USAGE = ("usage: python -m trustrl.main --config=FILE[:VARIANT] --workdir=DIR "
          "[--config.FIELD=VALUE ...] [--allow_config_change] "
-         "[--multihost [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]]")
+         "[--multihost [--coordinator_address=HOST:PORT --num_processes=N --process_id=I] "
+         "[--coordinator_timeout=SECONDS]]")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file[:variant].",
                                           lock_config=True)
