@@ -19,13 +19,12 @@ is restored unverified, with a printed warning.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from trustrl import durable, storage
+from trustrl import durable, integrity, storage
 
 MANIFEST = "trustrl_manifest.json"
 
@@ -35,11 +34,7 @@ class CheckpointError(RuntimeError):
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with storage.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return integrity.file_digest(path)["sha256"]
 
 
 def _step_files(step_dir: str) -> dict[str, int]:

@@ -15,6 +15,7 @@ failure ends with one ``error: ...`` line, last on stderr (docs/reliability.md).
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib.util
 import os
 import re
@@ -184,7 +185,7 @@ def initialize_distributed(dist: dict, timeout_s: int):
             try:
                 s.bind(("" if host in ("localhost", "127.0.0.1", "0.0.0.0") else host, int(port)))
             except OSError as e:
-                if e.errno in (98, 48, 10048):  # EADDRINUSE (Linux, macOS, Windows)
+                if e.errno == errno.EADDRINUSE:
                     _fail(f"error: the coordinator address {address} is in use on this host "
                           f"(another run or program holds port {port}); pick another port in "
                           f"--coordinator_address / JAX_COORDINATOR_ADDRESS for every process")
@@ -329,10 +330,11 @@ def main(argv):
         initialize_distributed(dist, _COORDINATOR_TIMEOUT.value)
     from trustrl import multihost
     from trustrl.multihost import PeerError
-    try:  # every process has the same config, code and workdir, or all stop here
-        multihost.check_agree("start", fingerprint(cfg, wd))
-    except PeerError as e:
-        _fail(f"error: {e}")
+    if dist is not None:  # every process has the same config, code and workdir, or all stop
+        try:
+            multihost.check_agree("start", fingerprint(cfg, wd))
+        except PeerError as e:
+            _fail(f"error: {e}")
     try:
         cv.check_environment(cfg, wd)
         cv.check_resume(cfg, wd, allow_changes=_ALLOW_CHANGE.value)  # printed by train

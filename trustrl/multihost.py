@@ -76,9 +76,9 @@ def exchange(name: str, value: str, timeout_s: float | None = None) -> list[str]
                 out.append(client.blocking_key_value_get(f"trustrl/x/{name}/{i}", 1000))
                 break
             except Exception as e:  # noqa: BLE001 - a timeout, or the coordinator is gone
-                failure = _try_get(client, f"trustrl/failed/{i}")
+                failure = _failure(client, i, n)
                 if failure is not None:
-                    raise PeerError(f"process {i} of {n} failed: {failure}") from None
+                    raise PeerError(failure) from None
                 if "DEADLINE_EXCEEDED" not in str(e) and "deadline" not in str(e).lower():
                     raise PeerError(f"lost the coordinator ({_address()}) while waiting for "
                                     f"process {i} at '{name}': {_first_line(e)}") from None
@@ -99,6 +99,16 @@ def _try_get(client, key):
 def _address() -> str:
     from jax._src import distributed
     return f"coordinator {distributed.global_state.coordinator_address}"
+
+
+def _failure(client, i: int, n: int) -> str | None:
+    """Process i's published one-line error (report_failure), as the survivors say it."""
+    failure = _try_get(client, f"trustrl/failed/{i}")
+    return None if failure is None else f"process {i} of {n} failed: {failure}"
+
+
+def _lost_coordinator(e: BaseException) -> str:
+    return f"lost the {_address()} (process 0 ended or its host was lost): {_first_line(e)}"
 
 
 def check_agree(name: str, fingerprint: dict):
@@ -149,15 +159,15 @@ def diagnose_peers(wait_s: float = 6.0) -> str | None:
         deadline = time.monotonic() + wait_s
         while True:
             for i in before:
-                failure = _try_get(client, f"trustrl/failed/{i}")
+                failure = _failure(client, i, n)
                 if failure is not None:
-                    return f"process {i} of {n} failed: {failure}"
+                    return failure
             if time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         still = [i for i in before if _try_get(client, f"trustrl/alive/{i}") == before[i]]
     except Exception as e:  # noqa: BLE001 - the coordination service is gone with process 0
-        return f"lost the {_address()} (process 0 ended or its host was lost): {_first_line(e)}"
+        return _lost_coordinator(e)
     if still:
         return (f"process{'es' if len(still) > 1 else ''} {', '.join(map(str, still))} of {n} "
                 f"stopped responding (no heartbeat for {wait_s:g} s: killed, or its host was lost)")
@@ -196,9 +206,8 @@ class PeerWatch:
                 client.key_value_set(f"trustrl/alive/{me}", str(beat), allow_overwrite=True)
                 lost = None
                 for i in seen:
-                    failure = _try_get(client, f"trustrl/failed/{i}")
-                    if failure is not None:
-                        lost = f"process {i} of {n} failed: {failure}"
+                    lost = _failure(client, i, n)
+                    if lost is not None:
                         break
                     value = _try_get(client, f"trustrl/alive/{i}")
                     if value != seen[i][0]:
@@ -209,8 +218,7 @@ class PeerWatch:
                                 f"was lost)")
                         break
             except Exception as e:  # noqa: BLE001 - the coordination service is unreachable
-                lost = (f"lost the {_address()} (process 0 ended or its host was lost): "
-                        f"{_first_line(e)}")
+                lost = _lost_coordinator(e)
             if lost and not self._stop.is_set():
                 print(f"error: {lost}; stopping this process ({me}) too; rerun the same "
                       f"command to resume from the last checkpoint", file=sys.stderr, flush=True)

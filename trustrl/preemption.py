@@ -20,6 +20,7 @@ second Ctrl-C while the iteration finishes still waits for it (use SIGKILL to st
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -52,7 +53,6 @@ class Watcher:
         self.received = signal.Signals(signum).name
 
     def _interrupt_as_term(self, signum, frame):  # noqa: ARG002 - several processes
-        import os
         os.kill(os.getpid(), signal.SIGTERM)  # jax's preemption notifier takes it from here
 
     def __enter__(self):
