@@ -45,7 +45,7 @@ sanity-quant: $(BASE_STAMP)
 # worker fills the idle core-time; measured 3.11 leg 22:43 -> 16:36 with the cheaper compile).
 # --dist load --maxschedchunk 1: one test at a time to whichever worker is free, in the order
 # tests/conftest.py sorts them (longest first), so no long test is left running alone at the end.
-# The TPU compile checks (tests/test_aot_check.py, tests/test_continuous.py) compile for a TPU
+# The TPU compile checks (tests/tools/test_aot_check.py, tests/rollout/test_continuous.py) compile for a TPU
 # topology from this CPU host with libtpu's compile-only devices: the libtpu that the installed
 # jax pins (its `tpu` extra) goes into $(LIBTPU), outside the venv's site-packages, so only the
 # subprocesses that ask for it load it (TRUSTRL_LIBTPU_PATH).
@@ -67,7 +67,7 @@ test: $(STAMP) $(LIBTPU_STAMP)
 # tests skip). Re-resolved on every run: --upgrade-strategy eager moves every dependency up.
 # To keep CI within its time budget this leg leaves out the `slow` tests (>= ~10 s: notebooks,
 # whole training runs, SmolLM2 builds, benchmarks, the heaviest equivalence tests), which the
-# 3.11 leg runs; one tiny run with a resume (tests/test_summary.py) still goes end to end here.
+# 3.11 leg runs; one tiny run with a resume (tests/analysis/test_summary.py) still goes end to end here.
 $(LATEST_VENV)/bin/python:
 	py="$(PY312)"; [ -n "$$py" ] || py="$$(.ci/find-python 3.12)" && "$$py" -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip

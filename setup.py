@@ -30,7 +30,7 @@ TEST_CORE = [
     "nbclient>=0.11,<0.12",
     "nbformat>=5.10,<6",
     "ipykernel>=7,<8",
-    # gs:// workdirs (tests/test_storage.py): gcsfs against a local GCS emulator
+    # gs:// workdirs (tests/infra/test_storage.py): gcsfs against a local GCS emulator
     "gcsfs>=2026.10,<2027",
     "gcp-storage-emulator>=2026.7.19,<2027",
 ]

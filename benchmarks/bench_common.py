@@ -8,8 +8,8 @@ import time
 import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from trustrl import hf  # noqa: E402
-from trustrl import model as M  # noqa: E402
+from trustrl.model import hf  # noqa: E402
+from trustrl.model import transformer as M  # noqa: E402
 
 
 def default_shape(quick: bool = False) -> M.ModelConfig:

@@ -40,7 +40,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmarks import train_memory  # noqa: E402
-from trustrl import model as M  # noqa: E402
+from trustrl.model import transformer as M  # noqa: E402
+from trustrl.model.vocab_head import token_logp_and_entropy  # noqa: E402
 
 
 def matmul_flops_per_token(cfg: M.ModelConfig, length: int) -> float:
@@ -72,7 +73,7 @@ def bench_trustrl(cfg: M.ModelConfig, batch: int, length: int, steps: int) -> di
 
     def loss(p):
         logits = M.forward_logits(p, cfg, tokens[:, :-1], positions[:, :-1], valid[:, :-1])
-        return -jnp.mean(M.token_logp_and_entropy(logits, tokens[:, 1:])[0])
+        return -jnp.mean(token_logp_and_entropy(logits, tokens[:, 1:])[0])
 
     grad = jax.jit(jax.value_and_grad(loss))
     sec = _median_time(lambda: jax.block_until_ready(grad(params)), steps)
@@ -114,8 +115,8 @@ def bench_torch(cfg: M.ModelConfig, batch: int, length: int, steps: int, device:
 def bench_rollout(cfg: M.ModelConfig, rows: int, prompt: int, new_tokens: int) -> dict:
     """Sampler tokens/s, greedy, EOS off: bf16 at K = 0 and K = 20, int8 / fp8 weights at K = 20
     (issue 15's GPU row). Keys: (rollout dtype, K)."""
-    from trustrl import policy
-    from trustrl.sampler import Sampler, SamplerConfig
+    from trustrl.model import policy
+    from trustrl.rollout.sampler import Sampler, SamplerConfig
     import bench_common
     params = M.init_params(cfg, jax.random.key(0))
     prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (rows, prompt)).tolist()

@@ -3,7 +3,7 @@ r"""Time per phase of an RL iteration (rollout, scoring, update) and tokens/s.
     python benchmarks/iteration_profile.py [--iterations 6] [--smollm2_dir assets/smollm2-135m]
         [--quick]
 
-Runs the real training loop (trustrl.train.train) for a few iterations of
+Runs the real training loop (trustrl.training.loop.train) for a few iterations of
   (1) the embedded default (configs/default.py: 4 layers, d=128, 32 prompts x 8 samples,
       8 new tokens, bf16 rollout / fp32 trainer), warm start skipped (it does not change timing);
   (2) SmolLM2-135M-Instruct (when --smollm2_dir holds it: `python -m trustrl.tools.get_smollm2
@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from trustrl import train  # noqa: E402
-from trustrl.metrics import read_jsonl  # noqa: E402
+from trustrl.training import loop as train  # noqa: E402
+from trustrl.infra.metrics import read_jsonl  # noqa: E402
 
 PHASES = ("time/rollout_s", "time/score_s", "time/update_s", "time/iteration_s")
 

@@ -7,13 +7,14 @@ Run:
 The script sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before importing jax, so the
 sharded rows run on 8 simulated CPU devices on any machine.
 
-Table 1: jitted jax.value_and_grad of trustrl.losses.policy_loss w.r.t. logp (loss + gradient;
-the metrics dict is not returned, so XLA drops it) for every method in trustrl.losses.METHODS
+Table 1: jitted jax.value_and_grad of trustrl.core.losses.policy_loss w.r.t. logp (loss + gradient;
+the metrics dict is not returned, so XLA drops it) for every method in trustrl.core.losses.METHODS
 on the same [B, T] inputs, median of N interleaved repeats after warm-up, relative to ppo_clip.
 Methods that take a divergence get it as an input (the train step computes it); the "+ topk_*"
 rows also compute topk_tv / topk_kl from [B, T, K=20] log-probs inside the same jit.
 
-Table 2: exact full-vocabulary TV / KL(mu || pi) (trustrl.divergences.full_tv / full_kl) from two
+Table 2: exact full-vocabulary TV / KL(mu || pi) (trustrl.core.divergences.full_tv / full_kl) from
+two
 fp32 logits arrays [8, 128, V = 151,936] (1,024 tokens, 2 x 622 MB), unsharded on one device vs
 the vocabulary sharded over a make_mesh({data: 1, fsdp: 1, tensor: 8}) mesh. Memory is the
 compiled executable's memory_analysis() per device: arguments + outputs + temporaries.
@@ -89,8 +90,8 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding  # noqa: E402
 
-from trustrl import divergences, losses  # noqa: E402
-from trustrl.sharding import make_mesh  # noqa: E402
+from trustrl.core import divergences, losses  # noqa: E402
+from trustrl.infra.sharding import make_mesh  # noqa: E402
 
 # Thresholds per method family (PAPER secs. 3-4); they do not change the cost.
 _DELTAS = {
@@ -133,11 +134,12 @@ def make_step(method, topk_fn=None, with_metrics=False):
         if topk_fn is not None:
             divergence = topk_fn(lpi_k, lmu_k)
         extra = {}
-        if method in losses._NEEDS_DIVERGENCE:
+        spec = losses.METHODS[method]
+        if spec.divergence:
             extra["divergence"] = divergence
-        if method in losses.NEEDS_OLD_LOGP:
+        if spec.needs_old_logp:
             extra["old_logp"] = old_logp
-        if method in losses._NEEDS_ALPHA:
+        if spec.needs_alpha:
             extra["alpha"] = 0.1
 
         def loss_fn(lp):

@@ -8,7 +8,8 @@ Run:
     python benchmarks/model_forward.py --no_flatten                      # einsum instead of 2-D matmuls
     python benchmarks/model_forward.py --quick                           # tiny sizes, seconds
 
-Both sides run fp32 on the same weights (trustrl exports its params with trustrl.hf.save_hf_dir, or
+Both sides run fp32 on the same weights (trustrl exports its params with
+trustrl.model.hf.save_hf_dir, or
 both load DIR) on one CPU device with the same thread count (torch.set_num_threads = the cores XLA
 uses). trustrl: jax.jit of forward_logits, and of value_and_grad of the mean token log-prob
 (token_logp_and_entropy). transformers: model(ids).logits under torch.no_grad (its default sdpa
@@ -32,6 +33,7 @@ latency-bound, where torch's fused CPU sdpa attention beats XLA's unfused attent
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import statistics
@@ -45,8 +47,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402  (puts the repository root on sys.path)
-from trustrl import hf  # noqa: E402
-from trustrl import model as M  # noqa: E402
+from trustrl.model import hf  # noqa: E402
+from trustrl.model import transformer as M  # noqa: E402
+from trustrl.model.vocab_head import token_logp_and_entropy  # noqa: E402
 
 
 def _median_time(fn, warmup, repeats):
@@ -67,7 +70,7 @@ def bench_trustrl(params, cfg, tokens, warmup, repeats):
 
     def loss(p):
         logits = M.forward_logits(p, cfg, tokens[:, :-1], positions[:, :-1], ones[:, :-1])
-        return -jnp.mean(M.token_logp_and_entropy(logits, tokens[:, 1:])[0])
+        return -jnp.mean(token_logp_and_entropy(logits, tokens[:, 1:])[0])
 
     grad = jax.jit(jax.value_and_grad(loss))
     t_fwd = _median_time(lambda: fwd(params, tokens=tokens, positions=positions,
@@ -121,10 +124,10 @@ def main(argv=None):
 
     import torch
     torch.set_num_threads(args.threads)
-    M.FLATTEN_MATMULS = not args.no_flatten
+    flat = not args.no_flatten
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = bench_common.default_shape(args.quick)
+        cfg = dataclasses.replace(bench_common.default_shape(args.quick), flatten_matmuls=flat)
         params = bench_common.export_random(cfg, os.path.join(tmp, "tiny"))
         batch, seq = (2, 16) if args.quick else (8, 128)
         rows.append(run_row(bench_common.label(cfg), cfg, params, os.path.join(tmp, "tiny"),
@@ -132,9 +135,10 @@ def main(argv=None):
 
         if args.smollm2_dir:
             cfg, params = hf.load_hf_dir(args.smollm2_dir)
+            cfg = dataclasses.replace(cfg, flatten_matmuls=flat)
             rows.append(run_row("smollm2-135m", cfg, params, args.smollm2_dir, 4, 128, args))
         elif args.smollm2_random:
-            cfg = M.ModelConfig.smollm2_135m()
+            cfg = M.ModelConfig.smollm2_135m(flatten_matmuls=flat)
             params = bench_common.export_random(cfg, os.path.join(tmp, "smollm2"))
             rows.append(run_row("smollm2-135m (random w)", cfg, params,
                                 os.path.join(tmp, "smollm2"), 4, 128, args))
@@ -142,7 +146,7 @@ def main(argv=None):
             print("smollm2-135m: skipped (pass --smollm2_dir DIR from "
                   "`python -m trustrl.tools.get_smollm2 DIR`, or --smollm2_random)")
 
-    print(f"threads={args.threads} flatten_matmuls={M.FLATTEN_MATMULS} "
+    print(f"threads={args.threads} flatten_matmuls={flat} "
           f"median of {args.repeats} after {args.warmup} warm-up")
     header = (f"{'model':26} | {'batch x seq':>11} | {'fwd tok/s trustrl':>17} | {'torch':>9} | "
               f"{'ratio':>6} | {'fwd+bwd tok/s trustrl':>21} | {'torch':>9} | {'ratio':>6}")

@@ -17,7 +17,7 @@ with a Qwen-sized vocabulary (V = 151,936) where the head dominates.
 Table 3, decode attention at long responses: 16-token prompts + 4,096 new tokens, batch 8,
 attention over blocks of 256 cache slots up to the last written one against one pass over
 the whole preallocated cache (ModelConfig.decode_block_size = 0).
-Table 4, quantised rollouts: weight-only int8 / fp8 (trustrl.quant) against bf16 (and fp32),
+Table 4, quantised rollouts: weight-only int8 / fp8 (trustrl.model.quant) against bf16 (and fp32),
 batch 32, 64 new tokens, K = 20.
 Best of --repeats interleaved calls, compile excluded (each variant is warmed up once).
 
@@ -63,9 +63,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402  (puts the repository root on sys.path)
-from trustrl import model as M  # noqa: E402
-from trustrl import policy  # noqa: E402
-from trustrl.sampler import DecodeModel, Sampler, SamplerConfig  # noqa: E402
+from trustrl.model import transformer as M  # noqa: E402
+from trustrl.model import policy  # noqa: E402
+from trustrl.model.policy import DecodeModel  # noqa: E402
+from trustrl.rollout.sampler import Sampler, SamplerConfig  # noqa: E402
 
 EOS = 1
 

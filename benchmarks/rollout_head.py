@@ -7,7 +7,8 @@ Run:
 Same process, same prompts and sampling keys: a bf16 rollout engine (policy.rollout_config(cfg,
 "bfloat16", head_dtype)) samples responses at T = 0.7; the fp32 trainer recomputes the sampled
 tokens' log-probs; the table gives mean |pi - mu| and max |log pi - log mu| over the response
-tokens (trustrl.rollout.mismatch_stats, what the trainer logs every iteration), and the rollout's
+tokens (trustrl.rollout.record.mismatch_stats, what the trainer logs every iteration), and the
+rollout's
 generated tokens/s (best of --repeats calls after a warm-up; compile excluded) for
 head_dtype "" (the whole model in bf16) and "float32" (``rollout.head_dtype``: fp32 head weights
 and matmul on the bf16 trunk), plus an fp32 rollout as the floor.
@@ -35,9 +36,10 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from trustrl import hf, policy, rollout as rollout_lib  # noqa: E402
-from trustrl import model as M  # noqa: E402
-from trustrl.sampler import Sampler, SamplerConfig  # noqa: E402
+from trustrl.model import hf, policy
+from trustrl.rollout import record as rollout_lib  # noqa: E402
+from trustrl.model import transformer as M  # noqa: E402
+from trustrl.rollout.sampler import Sampler, SamplerConfig  # noqa: E402
 
 ROWS = (("bfloat16", ""), ("bfloat16", "float32"), ("float32", ""))
 
@@ -77,7 +79,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     if args.smollm2_dir and not args.quick:
         cfg, params = hf.load_hf_dir(args.smollm2_dir)
-        from trustrl.tokenizer import Tokenizer
+        from trustrl.data.tokenizer import Tokenizer
         tok = Tokenizer.from_dir(args.smollm2_dir)
         topics = ["the sea", "prime numbers", "a bicycle", "rain", "chess", "bread", "the moon",
                   "music", "a river", "trees", "fire", "winter", "a library", "coffee", "bees",

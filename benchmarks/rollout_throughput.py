@@ -6,7 +6,8 @@ Run:
     python benchmarks/rollout_throughput.py                     # tiny config only
     python benchmarks/rollout_throughput.py --quick             # tiny sizes, seconds (smoke test)
 
-Same weights on both sides (the tiny config is exported with trustrl.hf.save_hf_dir; SmolLM2 is
+Same weights on both sides (the tiny config is exported with trustrl.model.hf.save_hf_dir; SmolLM2
+is
 loaded from DIR by both), same process, same CPU thread count (torch.set_num_threads = the cores
 XLA's CPU client uses), the same random prompts of PROMPT_LEN tokens, greedy decoding, and exactly
 --new-tokens generated tokens per row: EOS stopping is off on both sides (trustrl: no eos_ids;
@@ -75,9 +76,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402  (puts the repository root on sys.path)
-from trustrl import hf, policy  # noqa: E402
-from trustrl import model as M  # noqa: E402
-from trustrl.sampler import Sampler, SamplerConfig  # noqa: E402
+from trustrl.model import hf, policy  # noqa: E402
+from trustrl.model import transformer as M  # noqa: E402
+from trustrl.rollout.sampler import Sampler, SamplerConfig  # noqa: E402
 
 PROMPT_LEN = 16
 

@@ -5,7 +5,7 @@ Run:
     python benchmarks/topk_record.py --quick    # small sizes, seconds (smoke test)
 
 The op: jitted, one decode step's [B, V] float32 log-probs -> the K = 20 set with the sampled
-token forced in (trustrl.divergences.build_topk_set), against the step's unavoidable softmax +
+token forced in (trustrl.core.divergences.build_topk_set), against the step's unavoidable softmax +
 sampling work in the same process (the ratio column):
   * lax.top_k over the whole row: XLA's TopK (what the sampler used first);
   * chunked (the default): the K chunks of --chunk ids with the largest maxima, then lax.top_k
@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402  (puts the repository root on sys.path)
-from trustrl import divergences  # noqa: E402
+from trustrl.core import divergences  # noqa: E402
 
 
 def op_table(batch, vocabs, k, repeats, chunk):

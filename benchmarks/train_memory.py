@@ -5,7 +5,7 @@ Run:
     python benchmarks/train_memory.py --small        # tiny shapes, seconds (the test runs this)
     python benchmarks/train_memory.py --only=1x16384 # one of the two shapes
 
-What is measured: ``jax.jit(trustrl.train_step.train_step, donate_argnums=0)`` (dppo_binary_tv,
+What is measured: ``jax.jit(trustrl.training.step.train_step, donate_argnums=0)`` (dppo_binary_tv,
 fp32 master weights, bf16 compute, AdamW + clipping, as configs/qwen3_tpu.py) lowered on ABSTRACT
 params / optimizer state / batch (jax.ShapeDtypeStruct: nothing is allocated) and compiled for
 one CPU device; ``compiled.memory_analysis()`` gives temp + argument + output bytes (the donated
@@ -64,9 +64,11 @@ import jax.numpy as jnp
 import ml_collections
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from trustrl import model as M  # noqa: E402
-from trustrl import policy  # noqa: E402
-from trustrl import train_step as ts  # noqa: E402
+from trustrl.model import transformer as M  # noqa: E402
+from trustrl.model import policy  # noqa: E402
+from trustrl.model.vocab_head import log_softmax_terms  # noqa: E402
+from trustrl.core import losses  # noqa: E402
+from trustrl.training import optim, step as ts  # noqa: E402
 from trustrl.tools.aot_check import compiled_memory  # noqa: E402
 
 GiB = 2 ** 30
@@ -93,7 +95,7 @@ def loss_config(method="dppo_binary_tv"):
 
 
 def optimizer():
-    return ts.make_optimizer(ml_collections.ConfigDict(dict(
+    return optim.make_optimizer(ml_collections.ConfigDict(dict(
         learning_rate=1e-6, warmup_steps=10, b1=0.9, b2=0.999, weight_decay=0.1,
         grad_clip=1.0, schedule="constant", final_lr_frac=1.0)), 1)
 
@@ -121,27 +123,26 @@ def measure_train_step(cfg: M.ModelConfig, shape, method="dppo_binary_tv",
     """Lowers and compiles the real train step on abstract inputs; no array is allocated.
 
     The exact methods (dppo_full_*) also get abstract bf16 rollout parameters (mu's hidden
-    states are recomputed from them). ``fused_head=False``: the plain head (policy.FUSED_HEAD);
-    ``loss_fused=False``: the fused head with its recomputing backward (ts.LOSS_FUSED_HEAD).
+    states are recomputed from them). ``fused_head=False``: the plain head (train_step's
+    head="plain"); ``loss_fused=False``: the fused head with its recomputing backward
+    (head="fused"); else the default, head="loss_fused".
     """
     tx = optimizer()
     roll_cfg = policy.rollout_config(cfg, "bfloat16")
-    roll_params = M.param_shapes(roll_cfg) if method in ts.FULL_METHODS else None
+    spec = losses.METHODS[method]
+    roll_params = M.param_shapes(roll_cfg) if spec.divergence == "full" else None
+    head = "plain" if not fused_head else "loss_fused" if loss_fused else "fused"
     step = jax.jit(functools.partial(ts.train_step, model_cfg=cfg, loss_cfg=loss_config(method),
                                      tx=tx, rollout_model_cfg=roll_cfg,
-                                     microbatches=microbatches), donate_argnums=(0,))
+                                     microbatches=microbatches, head=head),
+                   donate_argnums=(0,))
     batch = abstract_batch(*shape)
-    if method in ts.TOPK_METHODS:
+    if spec.divergence == "topk":
         b, _, n = shape
         batch.update(topk_ids=jax.ShapeDtypeStruct((b, n, 20), jnp.int32),
                      topk_logp=jax.ShapeDtypeStruct((b, n, 20), jnp.float32))
     t0 = time.perf_counter()
-    saved = policy.FUSED_HEAD, ts.LOSS_FUSED_HEAD
-    policy.FUSED_HEAD, ts.LOSS_FUSED_HEAD = fused_head, loss_fused
-    try:
-        compiled = step.lower(abstract_state(cfg, tx), batch, roll_params).compile()
-    finally:
-        policy.FUSED_HEAD, ts.LOSS_FUSED_HEAD = saved
+    compiled = step.lower(abstract_state(cfg, tx), batch, roll_params).compile()
     return dict(compiled_memory(compiled), compile_s=time.perf_counter() - t0)
 
 
@@ -153,7 +154,7 @@ def measure_head(cfg: M.ModelConfig, shape) -> dict:
     targets = jax.ShapeDtypeStruct((b, n), jnp.int32)
 
     def loss(params, hidden, targets):
-        _, logp, ent = ts.token_logp_entropy(M.lm_head(params, cfg, hidden), targets)
+        _, logp, ent = log_softmax_terms(M.lm_head(params, cfg, hidden), targets)
         return jnp.mean(logp) + jnp.mean(ent)
 
     t0 = time.perf_counter()

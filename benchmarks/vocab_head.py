@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from trustrl import vocab_head as vh  # noqa: E402
+from trustrl.model import vocab_head as vh  # noqa: E402
 
 GiB = 2 ** 30
 VOCAB = 151936

@@ -8,7 +8,7 @@ Hardware / time: 2 CPU cores, a few minutes on an idle machine: a byte-level BPE
 trained on the task text (seconds), a ~0.8M-parameter decoder is warm-started with supervised
 steps on worked examples until the answer loss is below 0.15 (cached under workdirs/cache), the
 base is evaluated on 256 held-out prompts (step 0 of metrics.jsonl), then 150 RL iterations at a
-cosine-decayed learning rate. The closing summary (trustrl.summary) prints the first / last
+cosine-decayed learning rate. The closing summary (trustrl.analysis.summary) prints the first / last
 10-iteration training reward and the held-out change since step 0 with standard errors;
 docs/demo_robustness.md has the measured spread over seeds and emulated CPU code paths.
 
@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # trainer parameter dtype
     c.model.dtype = "float32"  # trainer compute dtype
     c.model.remat = False  # rematerialise each layer in the backward pass
-    # attention kernel (trustrl.attention.BACKENDS); "auto" picks for the mesh's devices:
+    # attention kernel (trustrl.model.attention.BACKENDS); "auto" picks for the mesh's devices:
     # splash on TPU, cuDNN on GPU (bf16), the einsum reference / blockwise on CPU
     c.model.attention = "auto"
 
@@ -65,7 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.template = "plain"  # plain | chat
     c.task.reward_correct = 1.0  # reward of a correct answer
     c.task.reward_wrong = 0.0  # reward of a wrong / malformed answer
-    # Long-tailed filler (trustrl.tasks): worked answers say filler_min..filler_max pseudo-words
+    # Long-tailed filler (trustrl.data.tasks): worked answers say filler_min..filler_max
+    # pseudo-words
     # from a Zipf(filler_zipf) law over a filler_words lexicon before "Answer: x" (0 = none).
     c.task.filler_words = 0
     c.task.filler_zipf = 1.1
@@ -112,11 +113,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.overlong_penalty = -1.0  # reward of a truncated response with "penalty"
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.method = "dppo_binary_tv"  # see trustrl.losses.METHODS
+    c.loss.method = "dppo_binary_tv"  # see trustrl.core.losses.METHODS
     c.loss.delta_low = 0.15  # threshold on the A < 0 side (eps_low for ratio clips)
     c.loss.delta_high = 0.15  # threshold on the A > 0 side (eps_high for ratio clips)
     c.loss.is_cap = float("inf")  # IS weight cap C (inf = none)
-    c.loss.agg = "token-mean"  # see trustrl.losses.AGGREGATIONS
+    c.loss.agg = "token-mean"  # see trustrl.core.losses.AGGREGATIONS
     c.loss.alpha = 0.1  # mu cutoff of relax_* methods (ignored otherwise)
     c.loss.advantage = "group_mean"  # group_mean | grpo | rloo
     c.loss.trm_divergence = "binary_tv"  # token divergence trm_seq masks on

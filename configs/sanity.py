@@ -3,19 +3,20 @@ bf16 rollout / fp32 trainer mismatch. ``--config=configs/sanity.py:NAME[,small]`
 
 Setup (shared by every run; only the loss and, for the controls, the rollout dtype differ):
   * task: synthetic 2-digit addition whose worked answers first say 1-5 filler pseudo-words
-    drawn from a Zipf(1.1) law over a 3,000-word lexicon (trustrl.tasks), then "Answer: x". The
+    drawn from a Zipf(1.1) law over a 3,000-word lexicon (trustrl.data.tasks), then "Answer: x". The
     byte-level BPE has 3,072 tokens, so the policy samples from a long-tailed vocabulary at
     every filler step, as an LLM does in a reasoning trace; the reward reads only the answer;
   * base: the cached supervised warm start (3,000 steps, answer-part loss ~0.19), then the
     training set is filtered to problems the base solves 20-80% of the time (8 samples each, of
-    the first 1,024 problems; trustrl.filtering);
+    the first 1,024 problems; trustrl.training.filtering);
   * rollout bf16 (weights, activations, KV cache) vs trainer fp32 at equal parameters: the
     natural mismatch of two code paths, no artificial noise;
   * PROMPTS_PER_ITER x 8 responses per iteration (the paper: 64 x 8; halved for CPU time), 4
     gradient steps per iteration as in the paper, one learning rate for every method
     (LEARNING_RATE, chosen on a pilot with the pg_is_fp32 control, docs/results.md);
   * NAME from SANITY_METHODS; the *_fp32 controls roll out in fp32 (no mismatch), the *_int8 /
-    *_fp8 runs roll out with 8-bit weights (trustrl.quant; issue 15's study, get_quant_sweep(),
+    *_fp8 runs roll out with 8-bit weights (trustrl.model.quant; issue 15's study,
+    get_quant_sweep(),
     variant "long" = 200 iterations), the *_bf16trainer runs train in bf16 compute.
 Collapse (defined before running): after its best 10-iteration mean training reward, a run's
 10-iteration mean falls below half of that best and stays there to the end, with max (pi - mu)
@@ -36,7 +37,7 @@ SANITY_METHODS = {
     **{name: (name, "bfloat16", "float32") for name in methods.PAPER_METHODS},
     "pg_is_fp32": ("pg_is", "float32", "float32"),
     "dppo_binary_tv_fp32": ("dppo_binary_tv", "float32", "float32"),
-    # issue 15: an 8-bit weight-only rollout (trustrl.quant) against the fp32 trainer
+    # issue 15: an 8-bit weight-only rollout (trustrl.model.quant) against the fp32 trainer
     **{f"{name}_{q}": (name, q, "float32") for q in QUANT_DTYPES for name in methods.PAPER_METHODS},
     # ... and the paper's own setting: a bf16 trainer (fp32 master weights, bf16 compute) with a
     # bf16 rollout, from the same (fp32-built) base

@@ -7,7 +7,8 @@ Runs ``python -m trustrl.main --config=configs/default.py`` for every RL seed x 
 (config fields ``seed`` and ``warmstart.seed``) and, with ``--xla``, for RL seed 0 / warm-start
 seed 0 under other XLA CPU code paths (XLA_FLAGS below; each gets its own warm-start cache, so
 its base is rebuilt on that code path as on another machine). Then prints a markdown table per
-run (trustrl.summary: first / last 10 iterations of training reward, held-out greedy pass@1 and
+run (trustrl.analysis.summary: first / last 10 iterations of training reward, held-out greedy
+pass@1 and
 T=1 reward before RL and at the end, ± one standard error) with the mean / min / max over runs,
 and writes it to WORKDIR/table.md. Runs that finished are not rerun (trustrl.main resumes).
 On an idle 2-core CPU each run takes a few minutes; at most ``--parallel`` run at once.
@@ -22,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launch.sweep import run_commands, split_passthrough  # noqa: E402
-from trustrl import summary  # noqa: E402
-from trustrl.metrics import read_jsonl  # noqa: E402
+from trustrl.analysis import summary  # noqa: E402
+from trustrl.infra.metrics import read_jsonl  # noqa: E402
 
 # emulated machines: flags that change XLA's CPU code generation (each accepted by jaxlib 0.10)
 XLA_VARIANTS = {

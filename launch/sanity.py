@@ -6,7 +6,7 @@ r"""The laptop-scale sanity study (configs/sanity.py): run every method x seed, 
 Runs configs/sanity.py's get_sweep() through launch/sweep.py (runs already finished are skipped
 by resuming), then writes OUT/results_table.md (final / best training reward, collapse
 iteration, iterations to reach the reward threshold, held-out reward, mismatch, masked fraction,
-wall time; mean +- spread over seeds) and OUT/sanity_plots/*.png via trustrl.plot.
+wall time; mean +- spread over seeds) and OUT/sanity_plots/*.png via trustrl.analysis.plot.
 ``--small`` is the CI-sized variant (tiny model, 3 iterations, 1 seed of two methods).
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from launch import sweep  # noqa: E402
-from trustrl import plot  # noqa: E402
-from trustrl.metrics import read_jsonl  # noqa: E402
+from trustrl.analysis import plot  # noqa: E402
+from trustrl.infra.metrics import read_jsonl  # noqa: E402
 
 CONFIG = "configs/sanity.py"
 THRESHOLD = 0.9  # training reward (10-iteration mean) counted as "reached"
@@ -160,7 +160,8 @@ def mismatch_profile(workdir: str, batches: int = 4, small: bool = False,
     table."""
     import jax
     from configs import sanity as sanity_cfg
-    from trustrl import experiment, rollout, train_step as ts
+    from trustrl.training import experiment, step as ts
+    from trustrl.rollout import record as rollout
 
     lines = ["| rollout | mu bucket | tokens | share | mean abs(pi-mu) | mean abs(log pi/mu) | "
              "max ratio |", "|---|---|---|---|---|---|---|"]

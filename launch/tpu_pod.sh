@@ -5,11 +5,11 @@
 # up the pod topology itself (GPU clusters: --coordinator_address / --num_processes /
 # --process_id). A SIGTERM (maintenance event, preemption) checkpoints and exits 143; rerun to
 # resume. Multi-process runs are tested on CPU (2 processes x 4 devices on localhost equal
-# 1 x 8, tests/test_multiprocess.py), not on a pod. WORKDIR is a gs:// bucket path (or a
+# 1 x 8, tests/infra/test_multiprocess.py), not on a pod. WORKDIR is a gs:// bucket path (or a
 # filesystem every worker mounts): config, checkpoints, metrics, TensorBoard events, plots and
 # the trained tokenizer go there (gcsfs, installed with the `gcs` extra); each worker builds the
 # tfds dataset on its own disk (~/.cache/trustrl/workdirs/...). gs:// workdirs are tested
-# against a local GCS emulator (tests/test_storage.py), not a real bucket.
+# against a local GCS emulator (tests/infra/test_storage.py), not a real bucket.
 # Check first that the config fits the slice, from any machine (libtpu's compile-only devices):
 #   pip install 'libtpu==0.0.42.1'
 #   python -m trustrl.tools.aot_check --config=CONFIG --topology=v5p:2x4x4

@@ -227,3 +227,7 @@ import sys  # noqa: E402
 
 # configs/ and launch/ live at the repository root, next to the installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The tests mirror the package (tests/<layer>/); a test may import another layer's test helpers
+# (``from test_train import tiny``), so every layer folder is importable.
+for _layer in ("core", "infra", "data", "model", "rollout", "training", "analysis", "tools"):
+    sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), _layer))

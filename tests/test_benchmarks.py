@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from trustrl import losses
+from trustrl.core import losses
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "loss_overhead.py"
 

@@ -8,8 +8,9 @@ config it recorded (``DIR/config.json``), up to operational fields and a longer
 ``train.iterations``; ``--allow_config_change`` continues with other changes, listing them.
 SIGTERM (preemption, maintenance) or SIGINT stops the run after the iteration in flight, with a
 checkpoint, and exits with status 143 (130); rerunning the same command resumes it. One run per
-workdir (trustrl.workdir_lock); with --multihost the processes check that they agree on config,
-code and data, and a failed or lost process is named by the others (trustrl.multihost). Every
+workdir (trustrl.infra.workdir_lock); with --multihost the processes check that they agree on
+config,
+code and data, and a failed or lost process is named by the others (trustrl.infra.multihost). Every
 failure ends with one ``error: ...`` line, last on stderr (docs/reliability.md).
 """
 from __future__ import annotations
@@ -217,7 +218,7 @@ def fingerprint(cfg, wd: str) -> dict:
     import hashlib
 
     import jax
-    from trustrl import config_validation as cv
+    from trustrl.training import resume
     root = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256()
     for d, dirs, names in sorted(os.walk(root)):
@@ -227,7 +228,7 @@ def fingerprint(cfg, wd: str) -> dict:
                 h.update(os.path.relpath(os.path.join(d, n), root).encode())
                 with open(os.path.join(d, n), "rb") as f:
                     h.update(hashlib.sha256(f.read()).digest())
-    out = {f"config.{k}": v for k, v in cv.flatten(cfg).items()}
+    out = {f"config.{k}": v for k, v in resume.flatten(cfg).items()}
     out.update({"workdir": wd, "trustrl code (sha256 of trustrl/*.py)": h.hexdigest()[:16],
                 "jax version": jax.__version__, "--allow_config_change": _ALLOW_CHANGE.value})
     return out
@@ -321,15 +322,15 @@ def main(argv):
                                   _PROCESS_ID.value)
     except ValueError as e:
         _fail(f"{USAGE}: {e}")
-    from trustrl import config_validation as cv
+    from trustrl.training import config_validation as cv, resume
     try:
         cv.validate(cfg)  # the config alone, before joining the other processes
     except ValueError as e:
         _fail(f"invalid config: {e}")
     if dist is not None:  # before check_environment counts the devices
         initialize_distributed(dist, _COORDINATOR_TIMEOUT.value)
-    from trustrl import multihost
-    from trustrl.multihost import PeerError
+    from trustrl.infra import multihost
+    from trustrl.infra.multihost import PeerError
     if dist is not None:  # every process has the same config, code and workdir, or all stop
         try:
             multihost.check_agree("start", fingerprint(cfg, wd))
@@ -337,18 +338,19 @@ def main(argv):
             _fail(f"error: {e}")
     try:
         cv.check_environment(cfg, wd)
-        cv.check_resume(cfg, wd, allow_changes=_ALLOW_CHANGE.value)  # printed by train
+        resume.check_resume(cfg, wd, allow_changes=_ALLOW_CHANGE.value)  # printed by train
     except ValueError as e:
         multihost.report_failure(f"invalid config: {e}")
         _fail(f"invalid config: {e}")
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
-    from trustrl import storage, train
-    from trustrl.checkpoint import CheckpointError
-    from trustrl.durable import StorageError
-    from trustrl.integrity import IntegrityError
-    from trustrl.preemption import Preempted
-    from trustrl.workdir_lock import WorkdirLocked
+    from trustrl.infra import storage
+    from trustrl.training import loop as train
+    from trustrl.infra.checkpoint import CheckpointError
+    from trustrl.infra.storage import StorageError
+    from trustrl.infra.integrity import IntegrityError
+    from trustrl.infra.preemption import Preempted
+    from trustrl.infra.workdir_lock import WorkdirLocked
     try:
         train.train(cfg, wd, allow_config_change=_ALLOW_CHANGE.value)
     except Preempted as e:  # checkpointed at an iteration boundary; a rerun resumes
@@ -381,7 +383,8 @@ def main(argv):
         _exit_now(2 if kind == "invalid config" else 1)
     if not multihost.is_primary():  # process 0 writes the plots and prints the summary
         return
-    from trustrl import metrics, plot, summary
+    from trustrl.infra import metrics
+    from trustrl.analysis import plot, summary
     rows = metrics.read_jsonl(storage.join(wd, "metrics.jsonl"))
     plot.plot_runs([wd], storage.join(wd, "plots"))
     summary.print_summary(rows)

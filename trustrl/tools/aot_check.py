@@ -6,7 +6,7 @@ against the chip's HBM.
     python -m trustrl.tools.aot_check --config=configs/default.py:tiny --topology=cpu:8
 
 Compiled (on abstract arrays, jax.ShapeDtypeStruct with the run's shardings; nothing is
-allocated), each the program trustrl.main runs (built by the same trustrl.experiment
+allocated), each the program trustrl.main runs (built by the same trustrl.training.experiment
 functions), traced under the target's mesh so "auto" kernels resolve as on the pod (splash on
 TPU, inside a shard_map):
   init     the fresh train state (params, Adam moments, counters) with its shardings
@@ -163,50 +163,42 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     phase's peak."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from trustrl import attention, experiment, hf, losses, policy, sharding
-    from trustrl import config_validation as cv
-    from trustrl import model as model_lib
-    from trustrl import train_step as ts
-    from trustrl.sampler import prompt_bucket
+    from trustrl.model import attention, hf, policy
+    from trustrl.training import experiment
+    from trustrl.core import losses
+    from trustrl.infra import sharding
+    from trustrl.training import config_validation as cv
+    from trustrl.model import transformer as model_lib
+    from trustrl.training import step as ts
+    from trustrl.rollout.sampler import prompt_bucket
 
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     model_cfg = hf.config_from_hf(hf_config, param_dtype=cfg.model.param_dtype,
                                   dtype=cfg.model.dtype, remat=cfg.model.remat)
     model_cfg = experiment.with_run_fields(cfg, model_cfg)
     roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype, cfg.rollout.head_dtype)
-    total_steps = cfg.train.iterations * cfg.train.epochs * cfg.train.minibatches
-    tx = ts.make_optimizer(cfg.optim, total_steps)
+    tx = experiment.optimizer(cfg)
     state_sh = ts.state_shardings(model_cfg, tx, mesh)
-    replicated = NamedSharding(mesh, P())
     sampler, eval_greedy = experiment.samplers(cfg, _EosOnly(), roll_cfg, mesh)
 
     def abstract(shapes, shardings):
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
 
-    def batched(shapes):
-        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                        sharding=sharding.batch_sharding(mesh, len(v.shape)))
-                for k, v in shapes.items()}
-
     params = abstract(model_lib.param_shapes(model_cfg), state_sh.params)
     roll_params = abstract(model_lib.param_shapes(roll_cfg),
                            model_lib.param_shardings(roll_cfg, mesh))
-    state = ts.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                          params=params,
-                          opt_state=abstract(jax.eval_shape(tx.init, params), state_sh.opt_state),
-                          skipped=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
+    state = ts.abstract_state(params, tx, state_sh)
     rows, n_new = cfg.rollout.prompts_per_iter * cfg.rollout.group_size, cfg.rollout.max_new_tokens
     width = prompt_bucket(prompt_len, sampler.cfg)
     method = cfg.loss.method
-    need_old = method in losses.NEEDS_OLD_LOGP
+    need_old = losses.METHODS[method].needs_old_logp
     topk = sampler.cfg.record_topk
     scored = cfg.train.score_pass or need_old  # old_logp of the whole iteration is then kept
-    iteration = batched(ts.batch_shapes(rows, width, n_new, topk=topk, old_logp=scored))
+    iteration = experiment.batch_spec(cfg, sampler.cfg, rows, width, mesh, old_logp=scored)
     mb_rows = rows // cfg.train.minibatches
-    minibatch = batched(ts.batch_shapes(mb_rows, width, n_new, topk=topk, old_logp=need_old))
+    minibatch = experiment.batch_spec(cfg, sampler.cfg, mb_rows, width, mesh, old_logp=need_old)
     with jax.set_mesh(mesh):  # what the run traces under: "auto" kernels resolve for it
         kernel = attention.resolve(model_cfg.attention, width + n_new, model_cfg.compute_dtype)
     log(f"  assumed: prompt bucket {width} (--prompt_len={prompt_len}), {rows} rows of "
@@ -217,15 +209,17 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
         + (f", eval: {cfg.eval.num_prompts} greedy + {cfg.eval.num_prompts} x {cfg.eval.k} "
            f"sampled rows" if cfg.eval.every else ", eval: off"))
 
-    # what the run keeps on the chip between its programs (trustrl.train._loop)
+    # what the run keeps on the chip between its programs (trustrl.training.loop._loop)
     rollout_cache = sampler.abstract_cache(min(rows, sampler.cfg.max_rows or rows), width)
     held_state = {"train state": per_chip_gib(state)}
     held_cache = ({"rollout sampler's KV cache": per_chip_gib(rollout_cache)}
                   if cfg.rollout.get("keep_kv_cache", False) else {})
     held_roll = {"rollout params": per_chip_gib(roll_params)}
-    prompts = batched({k: jax.ShapeDtypeStruct(shape, jnp.int32) for k, shape in (
-        ("prompt_tokens", (rows, width)), ("prompt_mask", (rows, width)),
-        ("finish_reason", (rows,)), ("group_index", (rows,)))})  # the Rollout's own arrays
+    prompts = {k: jax.ShapeDtypeStruct(shape, jnp.int32,
+                                       sharding=sharding.batch_sharding(mesh, len(shape)))
+               for k, shape in (("prompt_tokens", (rows, width)), ("prompt_mask", (rows, width)),
+                                ("finish_reason", (rows,)), ("group_index", (rows,)))}
+    # (the Rollout's own arrays)
     held_batch = {"iteration's batch": per_chip_gib(iteration),
                   "rollout record's prompts": per_chip_gib(prompts)}
     out = []
@@ -251,9 +245,7 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
         out.append(row)
 
     if "init" in phases:
-        init = jax.jit(lambda p: ts.TrainState(
-            step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-            skipped=jnp.zeros((), jnp.int32)), out_shardings=state_sh)
+        init = ts.init_program(tx, state_sh)
         record("init", "train state", lambda: init.lower(params), {})
 
     with jax.set_mesh(mesh):
@@ -311,7 +303,7 @@ def main(argv):
     # libtpu's one-process-per-host lock file
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
-    from trustrl import config_validation as cv
+    from trustrl.training import config_validation as cv
     try:
         cv.validate(cfg)
     except ValueError as e:

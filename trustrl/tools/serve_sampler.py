@@ -7,7 +7,8 @@
     python -m trustrl.tools.serve_sampler --tiny_vocab 128        # random tiny model
 
 Serves GET /v1/models and POST /v1/completions (stdlib ThreadingHTTPServer; requests run one
-at a time). It binds 127.0.0.1 only. A request is what ``trustrl.engine_client`` sends: token-id
+at a time). It binds 127.0.0.1 only. A request is what ``trustrl.rollout.engine_client`` sends:
+token-id
 ``prompt`` (a list of ints or a list of such lists), ``n``, ``max_tokens``, ``temperature`` (0:
 greedy), ``top_p``, ``top_k`` (<= 0: off), ``logprobs`` (K <= ``max_logprobs``, default 20, as
 vLLM), ``stop_token_ids``, ``seed`` (the sampler's key is jax.random.key(seed); without one a
@@ -45,9 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trustrl import policy
-from trustrl.rollout import FINISH_EOS
-from trustrl.sampler import Sampler, SamplerConfig, filter_logits
+from trustrl.model import policy
+from trustrl.model.transformer import DTYPES
+from trustrl.rollout.record import FINISH_EOS
+from trustrl.rollout.sampler import Sampler, SamplerConfig, filter_logits
 
 LOGPROBS_MODES = ("processed", "raw_before_temperature", "renormalised_truncated")
 NEG_INF = -9999.0  # vLLM's OpenAI layer clamps log-probs to this (JSON has no -inf)
@@ -91,7 +93,7 @@ def _emulated_logprobs(params, tokens, positions, valid, *, model_cfg, num_respo
 
 
 class SamplerServer:
-    """/v1/completions from ``trustrl.sampler.Sampler`` on ``params`` (module docstring).
+    """/v1/completions from ``trustrl.rollout.sampler.Sampler`` on ``params`` (module docstring).
 
     params, model_cfg: the policy (the trainer's fp32 parameters); rollout_dtype: the precision
     the server samples at (policy.rollout_config / cast_params). A context manager: the server
@@ -327,12 +329,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m trustrl.tools.serve_sampler",
         description="Serve /v1/completions (vLLM format, token-id prompts) from trustrl's "
-                    "Sampler on 127.0.0.1, for trustrl.engine_client tests and demos.")
+                    "Sampler on 127.0.0.1, for trustrl.rollout.engine_client tests and demos.")
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf_dir", help="a Hugging Face model directory (trustrl.hf.load_hf_dir)")
+    src.add_argument("--hf_dir",
+                     help="a Hugging Face model directory (trustrl.model.hf.load_hf_dir)")
     src.add_argument("--tiny_vocab", type=int, help="a random tiny model with this vocabulary")
     ap.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0: any free)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    ap.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="rollout precision (default float32)")
     ap.add_argument("--logprobs_mode", default="processed", choices=LOGPROBS_MODES,
                     help="processed: trustrl's contract; the others emulate the traps")
@@ -344,14 +347,14 @@ def main(argv=None) -> int:
     if args.hf_dir:
         import os
 
-        from trustrl import hf
+        from trustrl.model import hf
         model_cfg, params = hf.load_hf_dir(args.hf_dir)
         if os.path.exists(os.path.join(args.hf_dir, "tokenizer.json")):
-            from trustrl.tokenizer import Tokenizer
+            from trustrl.data.tokenizer import Tokenizer
             tok = Tokenizer.from_dir(args.hf_dir)
             detokenize = lambda i: tok.decode([i])  # noqa: E731
     else:
-        from trustrl import model as model_lib
+        from trustrl.model import transformer as model_lib
         model_cfg = model_lib.ModelConfig.tiny(args.tiny_vocab)
         params = model_lib.init_params(model_cfg, jax.random.key(args.seed))
     server = SamplerServer(params, model_cfg, rollout_dtype=args.dtype,

@@ -1,0 +1,166 @@
+"""trustrl.tools.aot_check: per-chip memory of the run's compiled programs for a topology."""
+import importlib.util
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from configs import default, qwen3_tpu
+from trustrl.tools import aot_check
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def _run(args, env):
+    return subprocess.run([sys.executable, "-m", "trustrl.tools.aot_check", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_topology_and_model_resolution():
+    # the TPU compiler's own limits (its RESOURCE_EXHAUSTED message), not the marketed HBM
+    assert aot_check.parse_topology("v5p:2x4x4") == ("tpu", None, 95.74)
+    assert aot_check.parse_topology("v5e:4x4") == ("tpu", None, 15.75)
+    assert aot_check.parse_topology("v6e:4x8") == ("tpu", None, 31.25)
+    assert aot_check.parse_topology("cpu:8") == ("cpu", 8, None)
+    with pytest.raises(ValueError, match="not valid: use a TPU generation"):
+        aot_check.parse_topology("v9:2x2")
+    with pytest.raises(ValueError, match="not valid"):  # libtpu does not know this name
+        aot_check.parse_topology("v5litepod:2x2")
+    cfg = qwen3_tpu.get_config()  # hf_dir /mnt/models/Qwen3-8B-Base is absent here
+    hf, source = aot_check.model_hf_config(cfg, None)
+    assert source == "preset qwen3-8b" and hf["hidden_size"] == 4096
+    assert aot_check.model_hf_config(cfg, "qwen3-32b")[0]["num_hidden_layers"] == 64
+    with pytest.raises(ValueError, match="not a preset; choose one of"):
+        aot_check.model_hf_config(cfg, "gpt5")
+    tiny = default.get_config("tiny")
+    hf, source = aot_check.model_hf_config(tiny, None)
+    assert source == "config" and hf["vocab_size"] == tiny.tokenizer.vocab_size
+    # the presets are valid HF configs of the shape they name (8.2B parameters for 8B)
+    from trustrl.model import hf as hf_lib
+    from trustrl.model import transformer as model_lib
+    import jax
+    import numpy as np
+    shapes = model_lib.param_shapes(hf_lib.config_from_hf(aot_check.MODELS["qwen3-8b"]))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert 8.1e9 < n < 8.3e9, n
+
+
+@pytest.mark.slow
+def test_cpu_topology_tiny_config_and_the_fit_verdict(subprocess_env):
+    done = _run(["--config=configs/default.py:tiny", "--topology=cpu:8"], subprocess_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if " | " in line]
+    assert [line.split()[0] for line in table] == ["phase", "init", "rollout", "score", "train",
+                                                   "eval", "eval_k"]
+    for line in table[1:]:
+        peak = float(line.split("|")[6])
+        assert 0 < peak < 1, line  # a tiny model: well under 1 GiB per device
+    assert "attention 'auto' -> 'blockwise' on cpu" in done.stdout  # 512 + 4 columns on CPU
+    assert "whole iteration: peak" in done.stdout
+    # fewer sampler rows than the iteration has: the continuous-batching program is compiled
+    done = _run(["--config=configs/default.py:tiny", "--topology=cpu:8", "--phases=rollout",
+                 "--config.rollout.max_rows=2"], subprocess_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 rows through 2 continuous slots" in done.stdout
+    # a limit nothing fits in: exit 1 naming the phases (the same verdict as report())
+    done = _run(["--config=configs/default.py:tiny", "--topology=cpu:8", "--hbm_gib=1e-6",
+                 "--phases=init"], subprocess_env)
+    assert done.returncode == 1
+    assert "init do(es) not fit in 1e-06 GiB per chip" in done.stderr
+
+
+def test_report_verdict():
+    rows = [dict(phase="init", shape="s", args=1.0, temp=0.0, total=3.8, compile_s=1.0),
+            dict(phase="train", shape="s", args=2.9, temp=24.6, total=27.5, compile_s=86.0,
+                 held={"cache": 60.0, "batch": 1.0}),
+            dict(phase="rollout", shape="s", args=float("nan"), temp=313.2, total=float("inf"),
+                 compile_s=57.0, refused="Ran out of memory on HBM")]
+    table, verdict = aot_check.report(rows, 95.74)
+    assert [line.split("|")[8].strip() for line in table.splitlines()[2:5]] == ["yes", "yes",
+                                                                               "NO"]
+    assert verdict.startswith("aot_check: rollout do(es) not fit in 95.74 GiB per chip")
+    assert aot_check.report(rows[:1], 3.0)[1].startswith("aot_check: init do(es) not fit")
+    assert aot_check.report(rows[:2], None)[1] is None  # no limit (cpu:N): no verdict
+    # the program fits alone (27.5) but not with what the run holds beside it (+ 61)
+    assert aot_check.report(rows[:2], 80.0)[1].startswith("aot_check: train do(es) not fit")
+    assert "held during train: cache 60, batch 1" in table
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--topology=v9:1x1"], "is not valid: use a TPU generation"),
+    (["--topology=cpu:8", "--phases=init,sampler"], "--phases: unknown ['sampler']"),
+    (["--topology=cpu:8", "--config.rollout.max_rows=3"], "rollout.max_rows=3 is not divisible"),
+])
+def test_bad_flags_exit_2(args, needle, subprocess_env):
+    done = _run(["--config=configs/default.py:tiny", *args], subprocess_env)
+    assert done.returncode == 2 and needle in done.stderr, done.stderr[-2000:]
+
+
+def test_held_memory_against_a_hand_count():
+    # tiny config, every parameter replicated (data=8): the run keeps the train state during
+    # sampling, the rollout sampler's KV cache and the iteration's batch during the train step
+    import jax
+    import numpy as np
+    from trustrl.model import transformer as model_lib
+    cfg = default.get_config("tiny")
+    cfg.mesh = dict(data=8, fsdp=1, tensor=1)
+    cfg.rollout.prompts_per_iter, cfg.rollout.group_size = 8, 2  # 16 rows: 2 per device
+    hf, _ = aot_check.model_hf_config(cfg, None)
+    assert not cfg.rollout.keep_kv_cache  # the default: freed after each rollout, not held
+    held = aot_check.check(cfg, jax.devices()[:8], hf_config=hf, prompt_len=16,
+                           phases=("train",), log=lambda *_: None)[0]["held"]
+    assert set(held) == {"iteration's batch", "rollout record's prompts"}
+    cfg.rollout.keep_kv_cache = True
+    rows = aot_check.check(cfg, jax.devices()[:8], hf_config=hf, prompt_len=16,
+                           phases=("rollout", "train"), log=lambda *_: None)
+    held = {r["phase"]: r["held"] for r in rows}
+    from trustrl.model import hf as hf_lib
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model_lib.param_shapes(
+        hf_lib.config_from_hf(hf))))
+    gib = 2 ** 30
+    # params + Adam mu + nu in fp32, and 4 int32 scalars: step, skipped, Adam's count and the
+    # learning-rate schedule's count
+    assert held["rollout"]["train state"] * gib == 3 * 4 * n_params + 4 * 4
+    m, s = cfg.model, 16 + cfg.rollout.max_new_tokens
+    cache = m.num_layers * 2 * (2 * m.num_kv_heads * s * m.head_dim * 2) + 2 * s + 4  # bf16 k / v
+    assert held["train"]["rollout sampler's KV cache"] * gib == cache
+    n, t = cfg.rollout.max_new_tokens, 16 + cfg.rollout.max_new_tokens
+    # tokens / valid / positions [t], response tokens / mask / mu / pi_old (score pass) [n],
+    # the advantage, and the Rollout's prompt tokens / mask [16] and finish / group index: int32
+    # or float32, 2 rows per device
+    assert cfg.train.score_pass
+    assert held["train"]["iteration's batch"] * gib == 2 * 4 * (3 * t + 4 * n + 1)
+    assert held["train"]["rollout record's prompts"] * gib == 2 * 4 * (2 * 16 + 2)
+    for r in rows:
+        assert r["peak"] == r["total"] + sum(r["held"].values()) > r["total"] > 0
+
+
+LIBTPU_PATH = __import__("os").environ.get("TRUSTRL_LIBTPU_PATH", "")
+
+
+@pytest.mark.skipif(not (HAS_LIBTPU or LIBTPU_PATH), reason="libtpu is not installed (`make "
+                    "test` installs libtpu==0.0.42.1, the libtpu of jax 0.10.2, into "
+                    ".venv/libtpu and sets TRUSTRL_LIBTPU_PATH)")
+def test_tpu_topology_compiles_every_phase_with_splash(subprocess_env):
+    """What the pod runs, compiled for a TPU topology from this CPU host: "auto" is splash there,
+    in a shard_map (rows over data, heads over tensor); every phase lowers and fits. Before
+    issue 25 this compiled blockwise attention (the host's backend), and with splash it failed:
+    'Mosaic kernels cannot be automatically partitioned'."""
+    import os
+    env = dict(subprocess_env, TPU_WORKER_HOSTNAMES="localhost")
+    env.pop("JAX_PLATFORMS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the CPU tests' cache: not for TPU programs
+    if LIBTPU_PATH:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [LIBTPU_PATH, env.get("PYTHONPATH")]))
+    done = _run(["--config=configs/default.py:tiny", "--topology=v5p:2x2x2",
+                 "--config.rollout.max_rows=4"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(8 chips, TPU v5" in done.stdout
+    assert "attention 'auto' -> 'splash' on tpu" in done.stdout
+    assert "8 rows through 4 continuous slots" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.split(" ")[0] in aot_check.PHASES
+            + ("eval_k",) and " | " in line]
+    assert [r.split()[0] for r in rows] == ["init", "rollout", "score", "train", "eval", "eval_k"]
+    assert all(" yes " in line for line in rows), rows

@@ -1,0 +1,166 @@
+"""Glue between the model, the sampler and the trainer: one policy, two precisions.
+
+The trainer runs ``model_cfg`` (default fp32). The rollout engine runs the SAME parameters cast to
+the rollout precision (default bf16 weights, activations and KV cache) through the KV-cache
+decode path, so the training-inference mismatch is real, as with vLLM vs FSDP:
+
+    roll_cfg = policy.rollout_config(model_cfg, "bfloat16")
+    sampler = Sampler(policy.decode_model(roll_cfg), SamplerConfig(...))
+    rollout = sampler.generate(policy.cast_params(params, roll_cfg), prompts, group_size, key)
+    logits = policy.response_logits(params, model_cfg, rollout.tokens, rollout.positions,
+                                    rollout.valid_mask, num_response=N)   # trainer side
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from trustrl.model import transformer as model_lib
+from trustrl.model import quant
+from trustrl.model import vocab_head
+
+
+class DecodeModel(NamedTuple):
+    """A policy as seen by the sampler (all pure, closed over the model config).
+
+    init_cache(batch, max_len) -> cache pytree
+    prefill(params, tokens [B, P], positions [B, P], valid [B, P], cache)
+        -> (logits of the last column [B, V] float32, cache)
+    decode(params, tokens [B], positions [B], cache) -> (logits [B, V] float32, cache)
+    """
+    init_cache: Callable[..., Any]
+    prefill: Callable[..., Any]
+    decode: Callable[..., Any]
+    vocab_size: int
+    # insert(cache, new_cache, slots [R]) -> cache: a prefilled R-row cache into those rows at
+    # the write column (transformer.insert_rows); continuous batching needs it (None: not supported)
+    insert: Callable[..., Any] | None = None
+
+
+def response_logits_slice(logits_bl, prompt_len: int, num_response: int):
+    """Logits that predict the response tokens: positions P-1 .. P+N-2 of a [B, P+N, ...] array."""
+    return logits_bl[:, prompt_len - 1: prompt_len - 1 + num_response]
+
+
+ROLLOUT_DTYPES = model_lib.DTYPES + quant.QUANT
+HEAD_DTYPES = ("",) + model_lib.DTYPES  # "": the trunk's dtype
+HEADS = ("fused", "plain")
+
+
+def rollout_config(model_cfg: model_lib.ModelConfig, dtype: str,
+                   head_dtype: str = "") -> model_lib.ModelConfig:
+    """The rollout engine's view of the model: parameters and activations in ``dtype``;
+    ``head_dtype="float32"``: the vocabulary head's weights and matmul in float32 (the trunk
+    stays in ``dtype``). ``dtype`` "int8" / "fp8": the trunk's matmul kernels stored in 8 bits
+    with per-channel scales (trustrl.model.quant), everything else and the activations in bf16."""
+    if dtype not in ROLLOUT_DTYPES:
+        raise ValueError(f"rollout dtype must be one of {ROLLOUT_DTYPES}, got {dtype!r}")
+    if head_dtype not in HEAD_DTYPES:
+        raise ValueError(f"rollout head dtype must be '', 'float32' or 'bfloat16', got "
+                         f"{head_dtype!r}")
+    weight_quant = dtype if dtype in quant.QUANT else ""
+    dtype = "bfloat16" if weight_quant else dtype
+    return dataclasses.replace(model_cfg, param_dtype=dtype, dtype=dtype, remat=False,
+                               head_dtype=head_dtype, weight_quant=weight_quant)
+
+
+def cast_params(params, model_cfg: model_lib.ModelConfig):
+    """Parameters cast to ``model_cfg``'s storage dtypes: ``param_dtype``, and ``head_dtype``
+    for the vocabulary head (a no-op where they already are); under ``weight_quant`` the
+    matmul kernels are quantised from the given (e.g. float32 master) values."""
+    if model_cfg.weight_quant and not any(quant.is_quantized(x) for x in jax.tree.leaves(params)):
+        params = quant.quantize_params(params, model_cfg.weight_quant, model_cfg.scan_layers)
+    dtype, head = jnp.dtype(model_cfg.param_dtype), model_cfg.head_dtype
+    head_names = {"embedding" if model_cfg.tie_word_embeddings else "lm_head"} if head else set()
+
+    def cast(path, x):
+        if quant.is_quantized(x) or getattr(path[-1], "key", "").endswith(quant.SCALE_SUFFIX):
+            return x
+        want = jnp.dtype(head) if any(getattr(k, "key", None) in head_names for k in path) \
+            else dtype
+        return x if x.dtype == want else x.astype(want)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def decode_model(model_cfg: model_lib.ModelConfig) -> DecodeModel:
+    """The sampler's view of the model: prefill / decode closed over the (static) config."""
+    return DecodeModel(
+        init_cache=lambda batch, max_len: model_lib.init_cache(model_cfg, batch, max_len),
+        prefill=lambda p, *a: model_lib.prefill(p, model_cfg, *a),
+        decode=lambda p, *a: model_lib.decode_step(p, model_cfg, *a),
+        vocab_size=model_cfg.vocab_size, insert=model_lib.insert_rows)
+
+
+def response_hidden(params, model_cfg: model_lib.ModelConfig, tokens, positions, valid, *,
+                    num_response: int):
+    """Final-normed hidden states [B, N, E] that predict the N response tokens of [B, P + N]
+    sequences (positions P-1 .. P+N-2); the input of the (fused) vocabulary head."""
+    prompt_len = tokens.shape[1] - num_response
+    if prompt_len < 1:
+        raise ValueError(f"sequences of length {tokens.shape[1]} have no prompt before "
+                         f"num_response={num_response} response tokens")
+    hidden = model_lib.forward(params, model_cfg, tokens, positions, valid)
+    return response_logits_slice(hidden, prompt_len, num_response)
+
+
+def response_logits(params, model_cfg: model_lib.ModelConfig, tokens, positions, valid, *,
+                    num_response: int, temperature: float = 1.0):
+    """Tempered logits [B, N, V] float32 predicting the N response tokens of [B, P + N] sequences.
+
+    The plain head (the reference for trustrl.model.vocab_head, and what notebooks inspect): the
+    vocabulary head runs only on the N hidden states that predict response tokens, not on the
+    prompt. Logits are divided by the sampling ``temperature``, so log_softmax of them is the
+    distribution rollout_logp was recorded under.
+    """
+    hidden = response_hidden(params, model_cfg, tokens, positions, valid,
+                             num_response=num_response)
+    logits = model_lib.lm_head(params, model_cfg, hidden)
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def response_head(params, model_cfg: model_lib.ModelConfig, batch, *, temperature: float = 1.0,
+                  mu_params=None, mu_model_cfg=None, topk_ids=None, mesh=None,
+                  logp_grad=None, head: str = "fused", on_correction=None) -> dict:
+    """The fused vocabulary head (trustrl.model.vocab_head) on the response positions of ``batch``
+    (tokens / positions / valid / response_tokens): logp (differentiable), entropy, and with
+    ``topk_ids`` log pi at those ids, with ``mu_params`` (frozen, at ``mu_model_cfg``'s
+    precision) the exact TV / KL(mu || pi). No [tokens, vocab] array is kept. ``logp_grad``:
+    the loss-fused head (see vocab_head.fused_head, also for ``on_correction``). ``head="plain"``:
+    the same outputs from
+    [tokens, vocab] logits (vocab_head.plain_head, the reference; benchmarks measure it)."""
+    if head not in HEADS:
+        raise ValueError(f"head={head!r} is not valid; choose one of {HEADS}")
+    n = batch["response_tokens"].shape[1]
+    args = (batch["tokens"], batch["positions"], batch["valid"])
+    hidden = response_hidden(params, model_cfg, *args, num_response=n)
+    w, axis = vocab_head.head_weight(params, model_cfg)
+    mu_hidden = mu_w = None
+    if mu_params is not None:
+        mu_cfg = model_cfg if mu_model_cfg is None else mu_model_cfg
+        mu_params = jax.lax.stop_gradient(mu_params)
+        mu_hidden = response_hidden(mu_params, mu_cfg, *args, num_response=n)
+        mu_w = vocab_head.head_weight(mu_params, mu_cfg)[0]
+    kwargs = dict(w_vocab_axis=axis, mu_hidden=mu_hidden, mu_w=mu_w, topk_ids=topk_ids,
+                  temperature=temperature)
+    if head == "plain":  # O(tokens x vocab) memory
+        return vocab_head.plain_head(hidden, w, batch["response_tokens"], **kwargs)
+    return vocab_head.fused_head(hidden, w, batch["response_tokens"], mesh=mesh,
+                                 token_chunk=model_cfg.head_token_chunk,
+                                 vocab_chunk=model_cfg.head_vocab_chunk, logp_grad=logp_grad,
+                                 on_correction=on_correction,
+                                 **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "num_response", "temperature"))
+def response_logp(params, model_cfg, tokens, positions, valid, *, num_response: int,
+                  temperature: float = 1.0):
+    """Trainer-side log-probs [B, N] of the response tokens (the last N columns of ``tokens``),
+    through the fused head."""
+    batch = dict(tokens=tokens, positions=positions, valid=valid,
+                 response_tokens=tokens[:, -num_response:])
+    return response_head(params, model_cfg, batch, temperature=temperature)["logp"]

@@ -1,0 +1,406 @@
+"""Start-up checks of a run, before anything is written: every bad value fails with a ValueError
+that names the field and the valid choices.
+
+* ``validate(cfg)``: the config alone (types, ranges, choices, fields that must agree).
+* ``check_environment(cfg, workdir)``: what the config points at on this host (devices for the
+  mesh, model / tokenizer / data directories, the workdir). Reads only.
+Resuming a workdir (the config it recorded, what may change) is trustrl.training.resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from trustrl.core import advantages, losses
+from trustrl.training import optim
+from trustrl.data import datasets
+from trustrl.model import attention, policy, transformer
+
+OVERLONG = ("none", "filter", "penalty")
+MAX_SEED = 2**32 - 1
+# The smallest rollout temperature. Far below it logits / T overflow float32 and the log-probs
+# that define mu stop being finite (1e-30 did in the tiny config; 1e-3 ran); long before that
+# sampling is argmax decoding with log-probs of ~0, which no loss can learn from. Greedy
+# decoding is the evaluation's argmax sampler, not a tiny temperature.
+MIN_TEMPERATURE = 1e-3
+
+
+def check_model_shape(num_heads: int, num_kv_heads: int, head_dim: int, where: str):
+    """The attention shape a model needs (trustrl.model.transformer.ModelConfig's own checks,
+    early)."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{where}num_heads={num_heads} must be a multiple of {where}"
+                         f"num_kv_heads={num_kv_heads} (grouped-query attention shares each kv "
+                         f"head among num_heads / num_kv_heads query heads)")
+    if head_dim % 2:
+        raise ValueError(f"{where}head_dim={head_dim} must be even (rotary embeddings rotate "
+                         f"pairs of dimensions)")
+
+
+def _divergence(cfg) -> str:
+    """The divergence source of cfg.loss.method (losses.METHODS), '' for an unknown method."""
+    spec = losses.METHODS.get(cfg.loss.method)
+    return spec.divergence if spec else ""
+
+
+def check_vocab(cfg, vocab_size: int, source: str):
+    """The sampling fields that need the vocabulary's size (``source`` names where it is from)."""
+    r = cfg.rollout
+    if r.top_k > vocab_size:
+        raise ValueError(f"rollout.top_k={r.top_k} is larger than the vocabulary ({source} = "
+                         f"{vocab_size}); valid: 0 (off) <= top_k <= {vocab_size}")
+    if _divergence(cfg) == "topk" and r.record_topk > vocab_size:
+        raise ValueError(f"rollout.record_topk={r.record_topk} is larger than the vocabulary "
+                         f"({source} = {vocab_size}); valid: 1 <= K <= {vocab_size}")
+
+
+def check_built(cfg, vocab_size: int, model_cfg, mesh):
+    """The checks that need the built artefacts (tokenizer, model config, device mesh), run by
+    experiment.build as soon as they exist, before any training. Raises ValueError."""
+    check_vocab(cfg, vocab_size, "the tokenizer's vocabulary")
+    if model_cfg.vocab_size < vocab_size:
+        raise ValueError(f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the "
+                         f"tokenizer's ({vocab_size})")
+    check_model_shape(model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim, "model ")
+    check_mesh_rows(cfg, dict(mesh.shape))
+
+
+def check_mesh_rows(cfg, mesh_shape: dict):
+    """rollout.max_rows against the mesh's batch axes (data x fsdp), once -1 is resolved."""
+    shards = int(mesh_shape.get("data", 1)) * int(mesh_shape.get("fsdp", 1))
+    if cfg.rollout.max_rows and cfg.rollout.max_rows % shards:
+        raise ValueError(f"rollout.max_rows={cfg.rollout.max_rows} is not divisible by the "
+                         f"mesh's batch axes (data x fsdp = {shards} with mesh {mesh_shape}); "
+                         f"each call's rows are split over them")
+
+
+def score_microbatches(cfg) -> int:
+    """Parts of the score pass: train.score_microbatches, or (0) minibatches x microbatches, so
+    the score program holds as many rows at once as a train micro-batch."""
+    n = int(cfg.train.get("score_microbatches", 0))
+    return n or int(cfg.train.minibatches) * int(cfg.train.microbatches)
+
+
+def _batch_shards(cfg) -> int | None:
+    """data x fsdp of cfg.mesh, or None when one of them is -1 (known only with the devices)."""
+    sizes = [int(cfg.mesh[a]) for a in ("data", "fsdp")]
+    return None if -1 in sizes else sizes[0] * sizes[1]
+
+
+def _choice(name, value, valid):
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(valid)}")
+
+
+def _get(cfg, name):
+    node = cfg
+    for part in name.split("."):
+        if part not in node:
+            raise ValueError(f"the config has no field {name!r}")
+        node = node[part]
+    return node
+
+
+def _int(cfg, name, low=None):
+    """cfg[name] must be an int (not a bool, not a float such as 2.5) and >= low."""
+    v = _get(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    if low is not None and v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v}")
+    return v
+
+
+def _float(cfg, name, low=None, high=None, *, open_low=False, open_high=False, inf_ok=False):
+    """cfg[name] must be a finite number (inf too when inf_ok) in the given interval."""
+    v = _get(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be a number, got {v!r} ({type(v).__name__})")
+    if math.isnan(v) or (math.isinf(v) and not inf_ok):
+        raise ValueError(f"{name} must be finite, got {v}")
+    below = low is not None and (v <= low if open_low else v < low)
+    above = high is not None and (v >= high if open_high else v > high)
+    if below or above:
+        lo = "(-inf" if low is None else f"{'(' if open_low else '['}{low}"
+        hi = "inf)" if high is None else f"{high}{')' if open_high else ']'}"
+        raise ValueError(f"{name} must be in {lo}, {hi}, got {v}")
+    return v
+
+
+def _typed(cfg, names, kind):
+    for name in names:
+        v = _get(cfg, name)
+        if not isinstance(v, kind):
+            raise ValueError(f"{name} must be a {kind.__name__}, got {v!r} ({type(v).__name__})")
+
+
+def validate(cfg):
+    """Checks the config alone; raises ValueError naming the first bad field."""
+    from trustrl.data import datasets as data, rewards  # the dataset and task registries
+    _choice("loss.method", cfg.loss.method, losses.METHODS)
+    _choice("loss.agg", cfg.loss.agg, losses.AGGREGATIONS)
+    _choice("loss.advantage", cfg.loss.advantage, tuple(advantages.ADVANTAGE_FNS))
+    _choice("loss.trm_divergence", cfg.loss.trm_divergence, ("binary_tv", "binary_kl"))
+    for k in ("delta_low", "delta_high"):
+        _float(cfg, f"loss.{k}", 0, open_low=True)
+    _float(cfg, "loss.is_cap", 0, open_low=True, inf_ok=True)
+    if losses.METHODS[cfg.loss.method].needs_alpha:
+        _float(cfg, "loss.alpha", 0, 1, open_low=True)
+    _choice("rollout.dtype", cfg.rollout.dtype, policy.ROLLOUT_DTYPES)
+    _choice("rollout.head_dtype", cfg.rollout.head_dtype, policy.HEAD_DTYPES)
+    _choice("model.dtype", cfg.model.dtype, transformer.DTYPES)
+    _choice("model.param_dtype", cfg.model.param_dtype, transformer.DTYPES)
+    _choice("model.attention", cfg.model.attention, attention.BACKENDS)
+    _choice("warmstart.dtype", cfg.warmstart.dtype, ("",) + transformer.DTYPES)
+    _choice("rollout.overlong", cfg.rollout.overlong, OVERLONG)
+    _choice("task.template", cfg.task.template, datasets.TEMPLATES)
+    _choice("task.name", cfg.task.name, tuple(rewards.TASKS))
+    _typed(cfg, ("model.hf_dir", "tokenizer.path", "task.operations", "task.data_dir",
+                 "task.manual_dir", "warmstart.cache_dir"), str)
+    _typed(cfg, ("model.tie_word_embeddings", "model.remat", "tokenizer.split_digits",
+                 "rollout.dynamic_sampling", "rollout.continuous", "train.score_pass",
+                 "rollout.keep_kv_cache",
+                 "log.tensorboard", "log.progress"), bool)
+
+    for k in ("seed", "task.seed", "warmstart.seed"):  # numpy / tfds seeds: [0, 2**32)
+        _int(cfg, k, 0)
+        if _get(cfg, k) > MAX_SEED:
+            raise ValueError(f"{k} must be an int in [0, {MAX_SEED}] (numpy's seed range), got "
+                             f"{_get(cfg, k)}")
+    if not cfg.model.hf_dir:  # built from these fields (a pretrained model brings its own)
+        for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                  "head_dim"):
+            _int(cfg, f"model.{k}", 1)
+        _float(cfg, "model.rope_theta", 0, open_low=True)
+        check_model_shape(cfg.model.num_heads, cfg.model.num_kv_heads, cfg.model.head_dim,
+                          "model.")
+    if not (cfg.tokenizer.path or cfg.model.hf_dir):  # the BPE trained for the run
+        from trustrl.data.tokenizer import DEFAULT_SPECIAL_TOKENS
+        _int(cfg, "tokenizer.vocab_size", 1)
+        low = 256 + len(DEFAULT_SPECIAL_TOKENS)
+        if cfg.tokenizer.vocab_size < low:
+            raise ValueError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is below the "
+                             f"trained BPE's 256 byte symbols + {len(DEFAULT_SPECIAL_TOKENS)} "
+                             f"special tokens = {low}; valid: >= {low}")
+
+    t = cfg.task
+    if t.name in data.SYNTHETIC_TASKS:  # the generator's own limits (difficulty, operators)
+        from trustrl.data import tasks
+        _int(cfg, "task.difficulty", 1)
+        try:
+            tasks.check_task(t.name, t.difficulty, t.operations)
+        except ValueError as e:
+            raise ValueError(f"task.difficulty={t.difficulty}, task.operations="
+                             f"{t.operations!r}: {e}") from None
+    if "://" in t.data_dir:
+        raise ValueError(f"task.data_dir={t.data_dir!r}: the tfds dataset is built with local "
+                         f"file writers, so task.data_dir must be a local path; leave it empty "
+                         f"to build it in the workdir (for a gs:// workdir, on the host's local "
+                         f"disk, see trustrl.infra.storage.local_dir)")
+    if t.name in data.MATH_DATASETS:
+        if not t.manual_dir:
+            raise ValueError(f"task.name={t.name!r} reads downloaded files: set task.manual_dir "
+                             f"to their directory (layout: {data.MATH_LAYOUTS[t.name]})")
+        _int(cfg, "task.num_test", 0)  # the held-out size when the files have no test split
+    else:
+        _int(cfg, "task.difficulty", 1)
+        _int(cfg, "task.num_train", 1)
+        _int(cfg, "task.num_test", 1)  # the held-out problems every eval reads
+    _float(cfg, "task.reward_correct")
+    _float(cfg, "task.reward_wrong")
+    if not t.reward_correct > t.reward_wrong:
+        raise ValueError(f"task.reward_correct ({t.reward_correct}) must be greater than "
+                         f"task.reward_wrong ({t.reward_wrong})")
+    _int(cfg, "task.filler_words", 0)
+    if t.filler_words:
+        _float(cfg, "task.filler_zipf", 0, open_low=True)
+        _int(cfg, "task.filler_min", 0)
+        _int(cfg, "task.filler_max", 0)
+        if not 0 <= t.filler_min <= t.filler_max:
+            raise ValueError(f"need 0 <= task.filler_min <= task.filler_max, got "
+                             f"{t.filler_min}, {t.filler_max}")
+    _int(cfg, "task.filter_samples", 0)
+    if t.filter_samples:
+        _int(cfg, "task.filter_pool", 1)
+        _float(cfg, "task.solve_band_low")
+        _float(cfg, "task.solve_band_high")
+        if not 0 <= t.solve_band_low <= t.solve_band_high <= 1:
+            raise ValueError(f"need 0 <= task.solve_band_low <= task.solve_band_high <= 1, got "
+                             f"{t.solve_band_low}, {t.solve_band_high}")
+
+    w = cfg.warmstart
+    _int(cfg, "warmstart.steps", 0)
+    if w.steps and cfg.model.hf_dir:
+        raise ValueError("warmstart.steps > 0 with model.hf_dir: the warm start is for models "
+                         "trained from scratch; set warmstart.steps=0 for a pretrained model")
+    if w.steps:
+        _int(cfg, "warmstart.batch_size", 1)
+        _float(cfg, "warmstart.learning_rate", 0, open_low=True)
+        _float(cfg, "warmstart.target_loss", 0)
+
+    r = cfg.rollout
+    for k in ("prompts_per_iter", "max_new_tokens"):
+        _int(cfg, f"rollout.{k}", 1)
+    _int(cfg, "rollout.group_size", 1)
+    if r.group_size < 2:  # every advantage in ADVANTAGE_FNS is relative to the group
+        why = ("rloo's leave-one-out baseline divides by group_size - 1"
+               if cfg.loss.advantage == "rloo" else
+               "the advantage is relative to the group's other responses, so groups of 1 have "
+               "zero advantages and give no gradient")
+        raise ValueError(f"rollout.group_size must be >= 2 with loss.advantage="
+                         f"{cfg.loss.advantage!r}, got {r.group_size}: {why}")
+    _float(cfg, "rollout.temperature", 0, open_low=True)
+    if r.temperature < MIN_TEMPERATURE:
+        raise ValueError(f"rollout.temperature={r.temperature:g} is below {MIN_TEMPERATURE:g}: "
+                         f"logits / T then overflow (the rollout log-probs that define mu are "
+                         f"not finite) and sampling is argmax; valid: >= {MIN_TEMPERATURE:g}")
+    _float(cfg, "rollout.top_p", 0, 1, open_low=True)
+    _int(cfg, "rollout.top_k", 0)
+    _int(cfg, "rollout.record_topk", 0)
+    if _divergence(cfg) == "topk" and r.record_topk < 1:
+        raise ValueError(f"{cfg.loss.method} needs rollout.record_topk >= 1 (K of mu's top-K)")
+    if not (cfg.tokenizer.path or cfg.model.hf_dir):  # else checked against the files' vocab
+        check_vocab(cfg, cfg.tokenizer.vocab_size, "tokenizer.vocab_size")
+    _int(cfg, "rollout.max_refill_rounds", 0)
+    _int(cfg, "rollout.max_rows", 0)
+    _int(cfg, "rollout.refill_rows", 0)
+    if r.overlong == "penalty":
+        _float(cfg, "rollout.overlong_penalty")
+
+    _float(cfg, "optim.learning_rate", 0, open_low=True)
+    _int(cfg, "optim.warmup_steps", 0)
+    _float(cfg, "optim.b1", 0, 1, open_high=True)
+    _float(cfg, "optim.b2", 0, 1, open_high=True)
+    _float(cfg, "optim.weight_decay", 0)
+    _float(cfg, "optim.grad_clip", 0)
+    _choice("optim.schedule", cfg.optim.schedule, optim.SCHEDULES)
+    _float(cfg, "optim.final_lr_frac", 0, 1)
+
+    for k in ("iterations", "epochs", "minibatches"):
+        _int(cfg, f"train.{k}", 1)
+    batch = r.prompts_per_iter * r.group_size
+    if batch % cfg.train.minibatches:
+        raise ValueError(f"prompts_per_iter * group_size = {batch} is not divisible by "
+                         f"train.minibatches={cfg.train.minibatches}")
+    _int(cfg, "train.microbatches", 1)
+    if (batch // cfg.train.minibatches) % cfg.train.microbatches:
+        raise ValueError(f"a minibatch of {batch // cfg.train.minibatches} sequences "
+                         f"(prompts_per_iter * group_size / train.minibatches) is not divisible "
+                         f"by train.microbatches={cfg.train.microbatches}")
+    _int(cfg, "train.score_microbatches", 0)
+    if batch % score_microbatches(cfg):
+        raise ValueError(f"prompts_per_iter * group_size = {batch} is not divisible by "
+                         f"train.score_microbatches={cfg.train.score_microbatches}")
+    _int(cfg, "eval.every", 0)
+    if cfg.eval.every:
+        _int(cfg, "eval.num_prompts", 1)
+        _int(cfg, "eval.k", 1)
+    _int(cfg, "checkpoint.every", 0)
+    # 0 would keep no checkpoint: a rerun would silently start over and append to metrics.jsonl
+    _int(cfg, "checkpoint.max_to_keep", 1)
+
+    sizes = [_get(cfg, f"mesh.{a}") for a in ("data", "fsdp", "tensor")]
+    if (any(isinstance(s, bool) or not isinstance(s, int) for s in sizes)
+            or sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes)):
+        raise ValueError(f"mesh sizes must be positive ints with at most one -1, got "
+                         f"{dict(cfg.mesh)}")
+    shards = _batch_shards(cfg)
+    if cfg.rollout.max_rows and shards and cfg.rollout.max_rows % shards:
+        raise ValueError(f"rollout.max_rows={cfg.rollout.max_rows} is not divisible by the "
+                         f"mesh's batch axes (data x fsdp = {shards}); each call's rows are "
+                         f"split over them")
+
+
+def check_environment(cfg, workdir: str, devices=None):
+    """Checks what cfg points at on this host: the mesh against the devices (jax.devices() by
+    default), model.hf_dir, tokenizer.path, the task files, and the workdir. Writes nothing."""
+    import jax
+
+    from trustrl.data import datasets as data
+    from trustrl.infra import sharding
+    devices = jax.devices() if devices is None else devices
+    try:
+        mesh = sharding.make_mesh(cfg.mesh, devices)
+    except ValueError as e:
+        raise ValueError(f"mesh does not fit the {len(devices)} available devices: {e}") from None
+    check_mesh_rows(cfg, dict(mesh.shape))
+    if cfg.model.hf_dir:
+        d = cfg.model.hf_dir
+        if not os.path.isdir(d):
+            raise ValueError(f"model.hf_dir={d!r} is not a directory (build one with "
+                             f"`python -m trustrl.tools.get_smollm2 DIR`, or set model.hf_dir='' "
+                             f"to train a model from scratch)")
+        missing = [f for f in ("config.json",) if not os.path.isfile(os.path.join(d, f))]
+        if not any(os.path.isfile(os.path.join(d, f))
+                   for f in ("model.safetensors", "model.safetensors.index.json")):
+            missing.append("model.safetensors (or model.safetensors.index.json)")
+        if missing:
+            raise ValueError(f"model.hf_dir={d!r} is not a Hugging Face model directory: "
+                             f"missing {', '.join(missing)}")
+        _check_hf_config(cfg, os.path.join(d, "config.json"))
+    tok = cfg.tokenizer.path or cfg.model.hf_dir
+    if tok and not os.path.isfile(os.path.join(tok, "tokenizer.json")):
+        field = "tokenizer.path" if cfg.tokenizer.path else "model.hf_dir"
+        raise ValueError(f"{field}={tok!r} has no tokenizer.json (trustrl loads fast-tokenizer "
+                         f"directories)")
+    if cfg.tokenizer.path and not cfg.model.hf_dir:  # the model is built at this vocabulary
+        path = os.path.join(tok, "tokenizer.json")
+        try:
+            import tokenizers
+            vocab = tokenizers.Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library's errors are untyped
+            raise ValueError(f"tokenizer.path: cannot load {path}: {type(e).__name__}: "
+                             f"{str(e)[:200]}") from None
+        check_vocab(cfg, vocab, f"the vocabulary of {path}")
+    t = cfg.task
+    if t.name in data.MATH_DATASETS:
+        try:
+            files = data.find_math_files(t.name, t.manual_dir)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"task.manual_dir={t.manual_dir!r}: {e}") from None
+        if "train" not in files:
+            raise ValueError(f"task.name={t.name!r}: the files in task.manual_dir="
+                             f"{t.manual_dir!r} hold only a test split (an evaluation set); "
+                             f"train on another dataset")
+        if "test" not in files and t.num_test < 1:
+            raise ValueError(f"task.num_test must be >= 1: the files in task.manual_dir="
+                             f"{t.manual_dir!r} have no test split, so task.num_test problems "
+                             f"are held out of train for eval")
+    _check_workdir(workdir)
+
+
+def _check_hf_config(cfg, path: str):
+    """The checks of check_built that a Hugging Face config.json answers before any load."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf_cfg = json.load(f)
+        heads = int(hf_cfg["num_attention_heads"])
+        kv = int(hf_cfg.get("num_key_value_heads") or heads)
+        head_dim = int(hf_cfg.get("head_dim") or int(hf_cfg["hidden_size"]) // heads)
+        vocab = int(hf_cfg["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"model.hf_dir: cannot read {path}: {type(e).__name__}: {e}") from None
+    check_model_shape(heads, kv, head_dim, f"{path}: ")
+    check_vocab(cfg, vocab, f"vocab_size of {path}")
+
+
+def _check_workdir(workdir: str):
+    if not workdir:
+        raise ValueError("--workdir is empty")
+    from trustrl.infra import storage
+    if storage.is_remote(workdir):  # gs://..., checked by a probe upload when the run starts
+        storage.check_supported(workdir)
+        if storage.isfile(workdir):
+            raise ValueError(f"--workdir={workdir!r} exists and is an object, not a directory")
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir!r} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--workdir={workdir!r} cannot be created: {parent!r} is not a directory")
+    target = workdir if os.path.isdir(workdir) else parent
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir={workdir!r}: {target!r} is not writable")

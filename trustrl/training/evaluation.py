@@ -1,0 +1,67 @@
+"""Held-out evaluation: greedy pass@1, and pass@k / maj@k from k samples per prompt.
+
+pass@k uses the unbiased estimator of Chen et al. (2021) with n = k samples (then simply
+"any correct"); maj@k is the accuracy of the most frequent extracted answer.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import jax
+import numpy as np
+
+
+def pass_at_k(correct: np.ndarray, k: int) -> float:
+    """correct: [num_prompts, n] booleans. Unbiased pass@k averaged over prompts."""
+    n = correct.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n={n}, got k={k}")
+    c = correct.sum(1)
+    # 1 - C(n - c, k) / C(n, k), computed as a product to stay exact for small n
+    fail = np.ones(len(c))
+    for i in range(k):
+        fail *= np.clip((n - c - i) / (n - i), 0, None)
+    return float(np.mean(1 - fail))
+
+
+def majority_at_k(answers: list[list[str | None]], truth_ok) -> float:
+    """answers[p]: extracted answers of prompt p; truth_ok(p, answer) -> bool."""
+    hits = []
+    for p, ans in enumerate(answers):
+        votes = Counter(a for a in ans if a is not None)
+        hits.append(bool(votes) and truth_ok(p, votes.most_common(1)[0][0]))
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def evaluate(run, params_roll, key, cfg) -> dict:
+    env = run.env
+    examples = env.eval_examples(cfg.eval.num_prompts)
+    prompts = env.encode_prompts(examples)
+    answers = [ex["answer"] for ex in examples]
+    # one sampler's KV cache on the chips at a time (what aot_check counts): the rollout
+    # sampler's goes before the greedy pass, the greedy one's before the sampled pass
+    run.sampler.release()
+    greedy = run.eval_greedy.generate(params_roll, prompts, 1, key)
+    run.eval_greedy.release()
+    rew_g = env.score(env.decode_responses(greedy), answers)
+    # num_prompts lets readers give each score its sampling error (trustrl.analysis.summary)
+    out = {"eval/pass@1": float(np.mean(rew_g >= env.correct_threshold)),
+           "eval/num_prompts": len(examples)}
+    k = cfg.eval.k
+    if k > 1:
+        sampled = run.sampler.generate(params_roll, prompts, k, jax.random.fold_in(key, 1))
+        texts = env.decode_responses(sampled)
+        rew = env.score(texts, [a for a in answers for _ in range(k)])
+        correct = (rew >= env.correct_threshold).reshape(len(examples), k)
+        extracted = [env.extract_answer(t) for t in texts]
+        grouped = [extracted[i * k:(i + 1) * k] for i in range(len(examples))]
+        out[f"eval/pass@{k}"] = pass_at_k(correct, k)
+        out[f"eval/maj@{k}"] = majority_at_k(
+            grouped, lambda p, a: env.answer_matches(a, answers[p]))
+        out["eval/sampled_reward_mean"] = float(rew.mean())
+        # prompts are the independent units (a prompt's k samples are correlated): the standard
+        # error of the mean over prompts of each prompt's mean reward
+        per_prompt = rew.reshape(len(examples), k).mean(1)
+        out["eval/sampled_reward_se"] = float(per_prompt.std(ddof=1) / np.sqrt(len(examples))
+                                              if len(examples) > 1 else np.nan)
+    return out

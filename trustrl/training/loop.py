@@ -1,0 +1,216 @@
+"""The RL loop: rollout (mu) -> rewards -> advantages -> scoring -> updates -> log / eval / save.
+
+Everything heavy is a jitted function from trustrl.rollout.sampler / trustrl.training.step; this
+file is
+the plain Python loop that composes them (read it top to bottom).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trustrl.core import advantages as adv_lib
+from trustrl.infra import checkpoint as ckpt_lib
+from trustrl.training import resume
+from trustrl.infra import multihost, preemption, sharding, storage, workdir_lock
+from trustrl.training import evaluation, experiment, step as ts
+from trustrl.core import losses
+from trustrl.infra.metrics import MetricWriter
+from trustrl.rollout.record import FINISH_LENGTH, mismatch_stats, validate
+
+
+def _rewards(env, host_rollout, examples, group_size, cfg):
+    texts = env.decode_responses(host_rollout)
+    answers = [ex["answer"] for ex in examples for _ in range(group_size)]
+    rewards = env.score(texts, answers)
+    if cfg.rollout.overlong == "penalty":
+        rewards = np.where(host_rollout.finish_reason == FINISH_LENGTH,
+                           cfg.rollout.overlong_penalty, rewards)
+    return rewards.astype(np.float32)
+
+
+def _collect(env, sampler, params_roll, prompt_iter, key, cfg, mesh):
+    """Samples one iteration's groups; with dynamic sampling, keeps only groups whose rewards
+    differ and refills (a bounded number of rounds) to a fixed batch size. Returns the rollout
+    on the devices, its host copy (numpy, gathered from every process), the examples, the
+    rewards and extra metrics."""
+    g, n = cfg.rollout.group_size, cfg.rollout.prompts_per_iter
+    kept_ex, kept_r, kept_rew = [], [], []
+    for round_ in range(1 + (cfg.rollout.max_refill_rounds if cfg.rollout.dynamic_sampling else 0)):
+        examples = next(prompt_iter)
+        key, sub = jax.random.split(key)
+        r = sampler.generate(params_roll, env.encode_prompts(examples), g, sub)
+        host = multihost.to_host(r)
+        rew = _rewards(env, host, examples, g, cfg)
+        if not cfg.rollout.dynamic_sampling:
+            return r, host, examples, rew, {}
+        informative = rew.reshape(-1, g).std(axis=1) > 0
+        for i in np.flatnonzero(informative):
+            kept_ex.append(examples[i])
+            kept_r.append(jax.tree.map(lambda x: x[i * g:(i + 1) * g], host))
+            kept_rew.append(rew[i * g:(i + 1) * g])
+        if len(kept_ex) >= n:
+            break
+    if len(kept_ex) < n:  # not enough informative groups: top up with the last round's groups
+        for i in np.flatnonzero(~informative)[: n - len(kept_ex)]:
+            kept_ex.append(examples[i])
+            kept_r.append(jax.tree.map(lambda x: x[i * g:(i + 1) * g], host))
+            kept_rew.append(rew[i * g:(i + 1) * g])
+    host = jax.tree.map(lambda *xs: np.concatenate(xs[:n]), *kept_r)
+    host = host.replace(group_index=np.repeat(np.arange(n, dtype=np.int32), g))
+    r = multihost.to_global(host, jax.tree.map(
+        lambda x: sharding.batch_sharding(mesh, x.ndim), host))
+    return r, host, kept_ex[:n], np.concatenate(kept_rew[:n]), {"rollout/refill_rounds": round_}
+
+
+def _check_storage(cfg, workdir: str):
+    """Fails before any expensive work when a directory the run writes is read-only or full."""
+    dirs = {workdir: "workdir", storage.join(workdir, "checkpoints"): "checkpoint directory"}
+    if cfg.warmstart.steps > 0 and cfg.warmstart.cache_dir:
+        dirs[cfg.warmstart.cache_dir] = "warmstart.cache_dir"
+    for path, what in dirs.items():
+        storage.check_writable(path, what)
+        storage.check_free_space(path, storage.MIN_FREE_BYTES, f"the run's outputs ({what})")
+
+
+def train(cfg, workdir: str, *, allow_config_change: bool = False):
+    """Runs (or resumes) cfg in workdir. Returns (final TrainState, last iteration's metrics).
+
+    The workdir is locked for the run (trustrl.infra.workdir_lock; process 0 holds it, every process
+    learns whether it got it); a resume is checked against the run's recorded config
+    (resume.check_resume, ``allow_config_change`` as the CLI flag), and the config is
+    recorded only once the checkpoint is restored, just before the first iteration."""
+    storage.check_writable(workdir, "workdir")  # read-only / below a file: named, before the lock
+    lock = contextlib.ExitStack()
+    with lock, multihost.PeerWatch():
+        error = None
+        if multihost.is_primary():
+            try:
+                lock.enter_context(workdir_lock.hold(workdir))
+            except workdir_lock.WorkdirLocked as e:
+                error = str(e)
+        status = multihost.exchange("workdir_lock", error or "")[0]
+        if status:
+            raise workdir_lock.WorkdirLocked(status)
+        notices, changes, _ = resume.check_resume(cfg, workdir, allow_config_change)
+        for line in notices:
+            print(line, flush=True)
+        _check_storage(cfg, workdir)
+        mesh = sharding.make_mesh(cfg.mesh)
+        # under the mesh, the model's activation sharding constraints apply (batch over data+fsdp)
+        with jax.set_mesh(mesh):
+            run = experiment.build(cfg, workdir, mesh)  # tokenizer, data, model, optimizer, ...
+            if jax.process_count() > 1:  # every process built or read the same examples
+                multihost.check_agree("data", {"data (sha256 of the train / test examples)":
+                                               experiment.data_fingerprint(run.env)})
+            return _run(cfg, workdir, run, changes)
+
+
+def _run(cfg, workdir, run, changes=()):
+    ckpt = ckpt_lib.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
+    state, key, start = run.state, run.key, 0
+    if ckpt.latest_step() is not None:
+        state, host = ckpt.restore(state)
+        key = jax.random.wrap_key_data(jnp.asarray(np.asarray(host["key"], np.uint32)))
+        start = host["iteration"]
+        run.prompt_iter.restore(host["data"])
+        print(f"resumed from {ckpt.directory} at iteration {start}")
+    ckpt.check_space(state)
+    if multihost.is_primary():  # the run has started: its config (and accepted changes) now
+        resume.record_config(cfg, workdir, changes, start if changes else None)
+    multihost.sync("trustrl_config_recorded")
+    writer = MetricWriter(workdir, cfg.log.tensorboard, resume_step=start)  # drops replayed rows
+    if start == 0 and cfg.eval.every:
+        # step 0: the base before any update, the reference of every later eval. Its key is
+        # folded off the run's key (not split from it), so the RL trajectory is unchanged.
+        base = sharding.cpu_sync(run.rollout_params(state.params))
+        writer.write(0, evaluation.evaluate(run, base, jax.random.fold_in(key, 0), cfg))
+    bar = None
+    if cfg.log.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.train.iterations, initial=start, desc="rl", dynamic_ncols=True)
+    # SIGTERM: the iteration in flight finishes, is checkpointed, then Preempted is raised
+    try:
+        with preemption.Watcher() as watcher:
+            return _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start)
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        ckpt.close()
+
+
+def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
+    """The iterations start .. cfg.train.iterations; returns (state, last metrics)."""
+    env, g = run.env, cfg.rollout.group_size
+    need_old = losses.METHODS[cfg.loss.method].needs_old_logp
+    metrics = {}
+    for it in range(start, cfg.train.iterations):
+        t0 = time.perf_counter()
+        key, k_roll, k_perm, k_eval = jax.random.split(key, 4)
+        params_roll = sharding.cpu_sync(run.rollout_params(state.params))
+        r, host_r, examples, rewards, extra = _collect(env, run.sampler, params_roll,
+                                                       run.prompt_iter, k_roll, cfg, run.mesh)
+        if not cfg.rollout.get("keep_kv_cache", False):  # not on the chips during the update
+            run.sampler.release()
+        validate(host_r, run.model_cfg.vocab_size)
+        if cfg.rollout.overlong == "filter":
+            r = r.replace(response_mask=r.response_mask * (r.finish_reason != FINISH_LENGTH)[:, None])
+        t_roll = time.perf_counter()
+        advantages = multihost.to_global(  # identical on every process; each places its rows
+            np.asarray(adv_lib.compute_advantages(rewards, g, cfg.loss.advantage), np.float32),
+            sharding.batch_sharding(run.mesh, 1))
+        batch = ts.rollout_batch(r, advantages)
+        old_logp = None
+        if cfg.train.score_pass or need_old:
+            old_logp = sharding.cpu_sync(run.score(state.params, batch))
+            metrics = dict(mismatch_stats(old_logp, r.rollout_logp, r.response_mask))
+            if need_old:
+                batch["old_logp"] = old_logp
+        else:
+            metrics = {}
+        t_score = time.perf_counter()
+        step_metrics = []
+        bsz = batch["tokens"].shape[0]
+        for epoch in range(cfg.train.epochs):
+            perm = multihost.to_host(jax.random.permutation(jax.random.fold_in(k_perm, epoch), bsz))
+            for idx in np.array_split(perm, cfg.train.minibatches):
+                mb = sharding.cpu_sync(jax.tree.map(lambda x: x[idx], batch))
+                state, m = sharding.cpu_sync(run.train_step(state, mb, params_roll))
+                step_metrics.append(m)
+        jax.block_until_ready(state)
+        t_update = time.perf_counter()
+        metrics.update({k: np.mean([float(m[k]) for m in step_metrics]) for k in step_metrics[0]})
+        metrics["train/skipped"] = float(sum(float(m["train/skipped"]) for m in step_metrics))
+        n_resp = multihost.to_host(r.response_mask).sum(1)  # after the overlong filter
+        n_tok = int(n_resp.sum())
+        metrics.update({
+            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            "response/length_mean": float(n_resp.mean()),
+            "response/truncated_frac": float((host_r.finish_reason == FINISH_LENGTH).mean()),
+            "time/rollout_s": t_roll - t0, "time/score_s": t_score - t_roll,
+            "time/update_s": t_update - t_score, "time/iteration_s": t_update - t0,
+            "time/tokens_per_s": n_tok / max(t_update - t0, 1e-9),
+            "train/optimizer_steps": int(state.step), "train/skipped_total": int(state.skipped),
+            **extra})
+        last = it + 1 == cfg.train.iterations
+        if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or last):
+            metrics.update(evaluation.evaluate(run, params_roll, k_eval, cfg))
+        writer.write(it + 1, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                            mismatch=f"{metrics.get('rollout/mismatch_mean', float('nan')):.1e}")
+        stop = not last and watcher.should_stop(it + 1)
+        workdir_lock.check(ckpt.workdir)  # a lease lost to another run: stop before saving
+        if (cfg.checkpoint.every and (it + 1) % cfg.checkpoint.every == 0) or last or stop:
+            ckpt.save(it + 1, state, {"iteration": it + 1, "data": run.prompt_iter.state(),
+                                      "key": np.asarray(jax.random.key_data(key)).tolist(),
+                                      "config": cfg.to_dict()})  # what config.json says
+        if stop:
+            raise preemption.Preempted(it + 1, watcher.received)
+    return state, metrics
