@@ -41,7 +41,7 @@ GFLOP/s that XLA:CPU reaches for those on these 2 cores in fp32 (about 210 at 51
 is 57-66 ms, i.e. essentially the whole measured 57 ms fp32 step (bf16: 43 ms; torch: 103 ms); no
 sampler change can triple that. trustrl's lead comes from one compiled while-loop (no per-token
 Python / dispatch) and an in-place, heads-first KV cache. What was fixed on the way
-(trustrl/model.py; A/B in one process, same machine, quiet):
+(trustrl/model/transformer.py; A/B in one process, same machine, quiet):
   * bf16 matmuls accumulated in bf16 and hit a slow XLA:CPU path (20-50 GFLOP/s); now bf16 x bf16
     -> f32 (oneDNN, 130-240 GFLOP/s) then rounded, and the tied vocab head contracts the embedding
     directly instead of jnp.dot(h, embedding.T) (126 -> 12 ms per call at batch 32 in bf16);

@@ -42,7 +42,7 @@ dppo_full_tv 37.82 -> 15.86. The layers table above predates the fused head (its
 include it).
 
 Rerun 2026-12-05 with a third row per case, the loss-fused head the train step now uses
-(the loss's d loss / d logp handed to the head, ts.LOSS_FUSED_HEAD): the same totals as the
+(the loss's d loss / d logp handed to the head, train_step's head="loss_fused"): the same totals as the
 fused head to 0.01 GiB (14.21 / 15.89 GiB at 1 x 16k, 14.21 / 15.86 GiB at 16 x 1k).
 
 ``--tables=micro``: ``train.microbatches`` (gradient accumulation in the step), defaults,

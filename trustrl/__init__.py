@@ -1,7 +1,7 @@
 """trustrl: divergence-based trust regions (DPPO) for LLM reinforcement learning in JAX.
 
-The package is seven layers, each a folder, each importing only the layers below it
-(tests/test_layering.py holds the order):
+The package is seven layers and its tools on top, each a folder, each importing only the folders
+below it (tests/test_layering.py holds the order):
 
     core/      the paper's math: losses (the DPPO masks, METHODS), divergences, advantages
     infra/     storage, checkpoints, metrics, multi-host, sharding, preemption, integrity
@@ -65,13 +65,22 @@ class _OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pkg, _, name = fullname.rpartition(".")
         if pkg != __name__ or name not in MOVED:
             return None
-        return importlib.util.spec_from_loader(fullname, self)
+        new = importlib.util.find_spec(f"{__name__}.{MOVED[name]}")
+        return importlib.util.spec_from_loader(fullname, self, origin=new.origin)
 
     def create_module(self, spec):
         return importlib.import_module(f"{__name__}.{MOVED[spec.name.rpartition('.')[2]]}")
 
     def exec_module(self, module):
         pass
+
+    # ``python -m trustrl.<old>`` (runpy) runs the new module's code as __main__
+    def get_code(self, fullname):
+        new = f"{__name__}.{MOVED[fullname.rpartition('.')[2]]}"
+        return importlib.util.find_spec(new).loader.get_code(new)
+
+    def is_package(self, fullname):
+        return False
 
 
 if not any(isinstance(f, _OldNames) for f in sys.meta_path):

@@ -229,7 +229,7 @@ def fingerprint(cfg, wd: str) -> dict:
                 with open(os.path.join(d, n), "rb") as f:
                     h.update(hashlib.sha256(f.read()).digest())
     out = {f"config.{k}": v for k, v in resume.flatten(cfg).items()}
-    out.update({"workdir": wd, "trustrl code (sha256 of trustrl/*.py)": h.hexdigest()[:16],
+    out.update({"workdir": wd, "trustrl code (sha256 of trustrl/**/*.py)": h.hexdigest()[:16],
                 "jax version": jax.__version__, "--allow_config_change": _ALLOW_CHANGE.value})
     return out
 

@@ -1,13 +1,16 @@
 """Run-directory paths that are local or on object storage (gs://, s3://, az://, ...).
 
-Every file trustrl writes into a workdir (config, metrics, TensorBoard events, plots, manifests,
-the trained tokenizer) goes through these functions; Orbax writes the checkpoints itself (etils
-epath for its metadata, TensorStore for the arrays), so a workdir is any path both accept.
+Every file trustrl writes into a workdir (config, metrics, plots, manifests, integrity records,
+the trained tokenizer, remote TensorBoard events) goes through these functions. Libraries write
+the rest themselves: Orbax the checkpoints (etils epath for its metadata, TensorStore for the
+arrays), tensorboardX the event files of a local workdir, tfds's array_record writers the
+dataset (always on local disk, see below); the lock file (infra/workdir_lock.py) is a local file
+descriptor (flock) or a lease object written through here. A workdir is any path all accept.
 
 A path with a URL scheme (``gs://bucket/runs/x``) is remote and handled by fsspec (gcsfs for
 gs://: ``pip install -e '.[gcs]'``); anything else is a local path and keeps the crash-safe
-local writes below (fsync before rename). Object stores have no rename and no append, and need none:
-an upload replaces an object atomically (a reader sees the old or the new object, never part of
+local writes below (fsync before rename). Object stores have no rename and no append, and need
+none: an upload replaces an object atomically (a reader sees the old or the new object, never part of
 one), so a remote ``write`` is a plain upload and a remote ``append`` rewrites the object.
 
 Remote workdirs keep the files that must be local on the host: tfds builds its array_record

@@ -1,5 +1,5 @@
 """Builds everything a run needs from its config: mesh, tokenizer, data, model, optimizer,
-samplers and the jitted phase functions. ``train.py`` only composes what ``build`` returns.
+samplers and the jitted phase functions. ``loop.py`` only composes what ``build`` returns.
 """
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """The RL loop: rollout (mu) -> rewards -> advantages -> scoring -> updates -> log / eval / save.
 
 Everything heavy is a jitted function from trustrl.rollout.sampler / trustrl.training.step; this
-file is
-the plain Python loop that composes them (read it top to bottom).
+file is the plain Python loop that composes them (read it top to bottom).
 """
 from __future__ import annotations
 
