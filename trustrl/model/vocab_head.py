@@ -26,7 +26,7 @@ device reduces its slice and the partial statistics are combined with pmax / psu
 backward pass the hidden-state gradient is a psum over the vocabulary shards and the weight
 gradient a psum over the batch shards. Nothing is gathered.
 
-The plain path (``model.lm_head`` + ``jax.nn.log_softmax``) stays as the test reference.
+The plain path (``transformer.lm_head`` + ``jax.nn.log_softmax``) stays as the test reference.
 """
 from __future__ import annotations
 

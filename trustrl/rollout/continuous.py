@@ -13,7 +13,7 @@ One jitted program, fixed shapes, no host round trips:
         sample every slot's next token; write it at (its row, its step) of the output buffers
         decode one step for all S slots (a finished or idle slot's result is discarded)
         if enough slots are free (>= min(R, rows pending)): prefill up to R pending rows in one
-        [R, P] call and insert their keys / values into the free slots (model.insert_rows)
+        [R, P] call and insert their keys / values into the free slots (transformer.insert_rows)
 
 Each slot is a ring of P + N cache columns: the shared write column wraps, a refilled row's
 prompt goes just before it and its tokens follow, at most P + N columns before it ends.
@@ -42,7 +42,7 @@ class _State(NamedTuple):
     out: tuple             # tokens, mask, logp [R, N]; topk ids / logp [R, N, K]; finish [R]
 
 
-# The refill's cache writes are unrolled per row (model.insert_rows: rows x layers x 4 small
+# The refill's cache writes are unrolled per row (transformer.insert_rows: rows x layers x 4 small
 # in-place updates), so the compiled program grows with the rows per refill: measured on this
 # 2-core VM, the Qwen3-0.6B sampler of configs/qwen3_tpu.py (512 slots, 512 + 2,048 tokens)
 # compiled for v5p in 162 s at 8 rows per refill and 755 s at 64 (and Qwen3-8B's ran out of the

@@ -326,7 +326,7 @@ class Sampler:
         self._caches = {}
 
     def _local_insert(self, insert):
-        """``insert`` (model.insert_rows) inside a shard_map over the cache's layout: each
+        """``insert`` (transformer.insert_rows) inside a shard_map over the cache's layout: each
         device writes the refilled rows whose slot is one of its own, into its own shard. A
         dynamic row index on the batch-sharded cache made the SPMD partitioner build the update
         as a full-size temporary: a copy of the whole cache (measured: Qwen3-0.6B on v5p 2x4x4,

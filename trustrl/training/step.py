@@ -36,7 +36,7 @@ class TrainState:
 
 
 def state_shardings(model_cfg, tx, mesh) -> TrainState:
-    """The TrainState's shardings from the logical rules: params as ``model.param_shardings``,
+    """The TrainState's shardings from the logical rules: params as ``transformer.param_shardings``,
     every parameter-shaped optimizer leaf (Adam's mu / nu) as its parameter, the rest (step
     counters, the clip state) replicated."""
     params_sh = model_lib.param_shardings(model_cfg, mesh)
