@@ -1,11 +1,15 @@
 """Tokenizer wrapper: round trips, special ids, chat templates vs transformers, BPE training."""
+import errno
 import json
+import os
 
 import jinja2
 import pytest
 
 from trustrl.data import tokenizer as tk
 from trustrl.data import qwen_vocab
+from trustrl.data import tasks
+from trustrl.infra import storage
 
 TEXTS = {
     "ascii": "The quick brown fox jumps over the lazy dog. 2+2=4; x_1 = (a*b)/c! #tag @user",
@@ -202,3 +206,52 @@ def test_qwen_matches_transformers_qwen2_tokenizer(qwen):
     hf = AutoTokenizer.from_pretrained(str(qwen_vocab.default_dir()))
     for text in list(TEXTS.values()) + ["<|im_start|>user\nhi<|im_end|>\n<think>\n\n</think>"]:
         assert hf(text).input_ids == qwen.encode(text)
+
+
+# --- saving and loading: interrupted saves, broken files -----------------------------------------
+
+@pytest.fixture(scope="module")
+def examples():
+    return tasks.generate_splits("arithmetic", difficulty=2, num_train=256, num_test=0)["train"]
+
+
+def test_interrupted_save_leaves_no_directory(tmp_path, monkeypatch, examples):
+    tok = tk.train_bpe([f"{e['prompt']} {e['answer']}" for e in examples], 264, split_digits=True)
+    real = storage.atomic_write
+    calls = []
+
+    def killed_after_first_file(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands for a kill between the two files
+        real(path, data)
+    monkeypatch.setattr(storage, "atomic_write", killed_after_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        tok.save(tmp_path / "tok")
+    assert sorted(os.listdir(tmp_path)) == []  # neither a half directory nor the temporary one
+    monkeypatch.undo()
+    tok.save(tmp_path / "tok")
+    assert sorted(os.listdir(tmp_path / "tok")) == ["tokenizer.json", "tokenizer_config.json"]
+    # into an existing directory: a failed write keeps the old file whole
+    cfg_file = tmp_path / "tok" / "tokenizer_config.json"
+    old = cfg_file.read_bytes()
+    tok.config["eos_token"] = "<|im_end|>"
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(storage.StorageError, match="No space left"):
+        tok.save(tmp_path / "tok")
+    monkeypatch.undo()
+    assert cfg_file.read_bytes() == old and sorted(os.listdir(tmp_path / "tok")) == [
+        "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_from_dir_names_the_broken_file(tmp_path, examples):
+    tk.train_bpe([f"{e['prompt']} {e['answer']}" for e in examples], 264,
+                 save_dir=tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("")
+    with pytest.raises(ValueError, match=r"tokenizer_config.json is not valid JSON"):
+        tk.Tokenizer.from_dir(tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"tok/tokenizer.json cannot be loaded"):
+        tk.Tokenizer.from_dir(tmp_path / "tok")

@@ -185,3 +185,14 @@ def test_remote_data_dir_is_refused():
     cfg.task.data_dir = "gs://bucket/data"
     with pytest.raises(ValueError, match="task.data_dir must be a local path"):
         cv.validate(cfg)
+
+
+def test_storage_errors_name_the_path_instead_of_raw_os_errors(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(storage.StorageError, match=f"cannot append to {blocker}/m.jsonl"):
+        storage.append(str(blocker / "m.jsonl"), b"row\n")
+    with pytest.raises(storage.StorageError, match="cannot create the directory"):
+        storage.write(str(blocker / "sub" / "f.json"), "{}")
+    with pytest.raises(storage.StorageError, match="cannot create the directory"):
+        storage.makedirs(str(blocker / "d"))

@@ -1,22 +1,17 @@
-"""Bad inputs fail early with errors that name the file / field: HF directories and the sampler."""
+"""Damaged Hugging Face directories: load_hf_dir's errors name the file, shard and key."""
 import dataclasses
 import json
-import math
 import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from trustrl.model import hf
 from trustrl.model import transformer as M
-from trustrl.model.policy import DecodeModel
-from trustrl.rollout.sampler import Sampler, SamplerConfig
 
-# ----------------------------------------------------------------------------- Hugging Face
 
 HV = 128  # vocabulary of the tiny exported models
 
@@ -213,150 +208,3 @@ def test_malformed_json_names_the_file(exported, tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
     with pytest.raises(ValueError, match=r"index\.json has no 'weight_map'"):
         hf.load_hf_dir(str(tmp_path))
-
-
-# ----------------------------------------------------------------------------- sampler
-
-V = 6
-
-
-def bigram_model(vocab=V):
-    """Logits of the next token = a row of the [V, V] params table (as in test_sampler.py)."""
-    return DecodeModel(lambda batch, max_len: jnp.zeros((batch, max_len), jnp.int32),
-                       lambda params, tokens, positions, valid, cache: (params[tokens[:, -1]],
-                                                                        cache),
-                       lambda params, tokens, positions, cache: (params[tokens], cache), vocab)
-
-
-def table(seed=0):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=(V, V)) * 1.5, jnp.float32)
-
-
-def _sampler(**cfg):
-    return Sampler(bigram_model(), SamplerConfig(**{"max_new_tokens": 4, "record_topk": 2,
-                                                    **cfg}))
-
-
-KEY = jax.random.PRNGKey(0)
-
-
-def test_2d_int_array_prompts_equal_list_prompts():
-    s = _sampler()
-    want = s.generate(table(), [[1, 2, 3], [4, 5, 0]], 2, KEY)
-    for prompts in (np.array([[1, 2, 3], [4, 5, 0]], np.int64),
-                    jnp.array([[1, 2, 3], [4, 5, 0]], jnp.int32),
-                    [np.array([1, 2, 3]), (4, 5, 0)]):
-        got = s.generate(table(), prompts, 2, KEY)
-        np.testing.assert_array_equal(got.prompt_tokens, want.prompt_tokens)
-        np.testing.assert_array_equal(got.response_tokens, want.response_tokens)
-    with pytest.raises(ValueError, match=r"prompt array must be 2-D .*got shape \(3,\)"):
-        s.generate(table(), np.array([1, 2, 3]), 2, KEY)
-
-
-@pytest.mark.parametrize("prompts,dtype", [
-    ([[1.0, 2.0]], "float64"),  # integral floats too: never rounded
-    (np.array([[1.5, 2.0]], np.float32), "float32"),
-    ([[True, False]], "bool"),
-])
-def test_non_integer_token_ids_are_rejected(prompts, dtype):
-    with pytest.raises(TypeError, match=rf"prompt 0 has token ids of dtype {dtype}; token ids "
-                                        r"must be integers"):
-        _sampler().generate(table(), prompts, 2, KEY)
-
-
-@pytest.mark.parametrize("prompts,err,msg", [
-    ([[1, 6]], ValueError, r"prompt 0 has token ids \[6\] outside \[0, 6\) \(vocab_size=6\)"),
-    ([[2], [-1, 3]], ValueError, r"prompt 1 has token ids \[-1\] outside \[0, 6\)"),
-    ([], ValueError, "no prompts given"),
-    (np.zeros((0, 3), np.int32), ValueError, "no prompts given"),
-    ([[1], []], ValueError, "prompt 1 is empty"),
-    ([[1], [[2, 3]]], ValueError, r"prompt 1 must be a flat sequence .*shape \(1, 2\)"),
-    ([[1], [[2, 3], [4]]], ValueError, "prompt 1 is not a flat sequence"),
-    ("123", TypeError, "prompts must be a sequence of token-id sequences.*got str"),
-    (["12"], TypeError, "prompt 0 is a str, not token ids"),
-])
-def test_bad_prompts(prompts, err, msg):
-    with pytest.raises(err, match=msg):
-        _sampler().generate(table(), prompts, 2, KEY)
-
-
-def test_eos_ids_int_and_list_become_tuples():
-    assert SamplerConfig(eos_ids=5).eos_ids == (5,)
-    assert SamplerConfig(eos_ids=[5, np.int64(2)]).eos_ids == (5, 2)
-    assert SamplerConfig(eos_ids=np.array([3])).eos_ids == (3,)
-    params = table().at[:, 5].set(-1e9).at[3, 5].set(1e9)  # 5 always (and only) after 3
-    r_int = _sampler(eos_ids=5).generate(params, [[3], [1]], 2, KEY)
-    r_tup = _sampler(eos_ids=(5,)).generate(params, [[3], [1]], 2, KEY)
-    np.testing.assert_array_equal(r_int.response_tokens, r_tup.response_tokens)
-    np.testing.assert_array_equal(r_int.response_mask[:2].sum(1), [1, 1])  # stopped at EOS
-
-
-@pytest.mark.parametrize("eos,err,msg", [
-    ((6,), ValueError, r"eos_ids \[6\] are outside the vocabulary: valid ids are \[0, 6\)"),
-    ((2, 7, 9), ValueError, r"eos_ids \[7, 9\] are outside"),
-    ((-1,), ValueError, "eos_ids must be >= 0, got -1"),
-    ((1.0,), TypeError, "eos_ids must be an int >= 0, got 1.0"),
-    ((True,), TypeError, "eos_ids must be an int >= 0, got True"),
-    ("2", TypeError, "eos_ids must be an int or a sequence of ints"),
-])
-def test_bad_eos_ids(eos, err, msg):
-    with pytest.raises(err, match=msg):
-        _sampler(eos_ids=eos)
-
-
-@pytest.mark.parametrize("group_size,err,msg", [
-    (True, TypeError, r"group_size must be an int >= 1, got True \(bool\)"),
-    (2.0, TypeError, r"group_size must be an int >= 1, got 2.0 \(float\)"),
-    (0, ValueError, "group_size must be >= 1, got 0"),
-])
-def test_bad_group_size(group_size, err, msg):
-    with pytest.raises(err, match=msg):
-        _sampler().generate(table(), [[1]], group_size, KEY)
-
-
-@pytest.mark.parametrize("field,value,err,msg", [
-    ("temperature", math.inf, ValueError, "temperature must be a finite number > 0, got inf"),
-    ("temperature", math.nan, ValueError, "temperature must be a finite number > 0, got nan"),
-    ("temperature", -1.0, ValueError, r"temperature must be > 0 when sampling \(greedy=False\)"),
-    ("temperature", True, ValueError, "temperature must be a finite number > 0, got True"),
-    ("top_p", math.nan, ValueError, r"top_p must be a finite number in \(0, 1\], got nan"),
-    ("top_p", 1.5, ValueError, r"top_p must be in \(0, 1\], got 1.5"),
-    ("max_new_tokens", 0, ValueError, "max_new_tokens must be >= 1, got 0"),
-    ("max_new_tokens", 4.0, TypeError, "max_new_tokens must be an int >= 1, got 4.0"),
-    ("top_k", -1, ValueError, "top_k must be >= 0, got -1"),
-    ("record_topk", True, TypeError, "record_topk must be an int >= 0, got True"),
-    ("min_prompt_bucket", 0, ValueError, "min_prompt_bucket must be >= 1, got 0"),
-    ("max_prompt_len", "64", TypeError, "max_prompt_len must be an int >= 1, got '64'"),
-    ("greedy", "yes", TypeError, "greedy must be a bool, got 'yes'"),
-])
-def test_sampler_config_fails_at_construction(field, value, err, msg):
-    with pytest.raises(err, match=msg):
-        SamplerConfig(**{field: value})
-    with pytest.raises(err, match=msg):  # dataclasses.replace runs the same checks
-        dataclasses.replace(SamplerConfig(), **{field: value})
-
-
-def test_greedy_still_needs_a_finite_positive_temperature():
-    with pytest.raises(ValueError, match=r"temperature must be > 0 \(it defines rollout_logp\)"):
-        SamplerConfig(greedy=True, temperature=0.0)
-    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got inf"):
-        SamplerConfig(greedy=True, temperature=math.inf)
-
-
-def test_vocab_dependent_checks_at_sampler_construction():
-    with pytest.raises(ValueError, match=r"top_k must be in \[0, vocab_size=6\], got 7"):
-        _sampler(top_k=7)
-    with pytest.raises(ValueError, match="record_topk K=7 is larger than the vocabulary"):
-        _sampler(record_topk=7)
-
-
-def test_rejected_call_leaves_the_sampler_usable():
-    s = _sampler()
-    want = s.generate(table(), [[1, 2]], 2, KEY)
-    with pytest.raises(ValueError, match="outside"):
-        s.generate(table(), [[1, 9]], 2, KEY)
-    with pytest.raises(TypeError, match="group_size"):
-        s.generate(table(), [[1, 2]], True, KEY)
-    got = s.generate(table(), [[1, 2]], 2, KEY)
-    np.testing.assert_array_equal(got.response_tokens, want.response_tokens)
-    assert s.num_compilations() == 1
