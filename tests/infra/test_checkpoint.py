@@ -1,5 +1,5 @@
-"""Durable run state: each corruption is produced for real on a saved state, then the recovery or
-the clear error is asserted (checkpoints, metrics.jsonl, tokenizer, warm-start cache, workdir).
+"""Durable checkpoints: each corruption is produced for real on a saved state, then the recovery
+or the clear error is asserted (manifests, damaged steps, full disk, a read-only directory).
 
 Tests run as root, where chmod does not stop writes: a read-only filesystem is simulated by
 making os.fsync fail with EROFS, a full disk by monkeypatching shutil.disk_usage / os.write.

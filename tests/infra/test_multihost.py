@@ -1,6 +1,6 @@
-"""Reliability classes: one run per workdir (locks and leases), the recorded config changes only
-once a run has started, the processes of a run agree or stop, and late failures are early,
-one-line errors. (Integrity records of written files: tests/infra/test_integrity.py.)"""
+"""The processes of a run agree or stop: a disagreeing, missing, failed or killed process is
+named by the others, in one line, early. (Integrity records of written files:
+tests/infra/test_integrity.py.)"""
 import os
 import socket
 import subprocess
