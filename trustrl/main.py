@@ -302,7 +302,9 @@ def _exit_now(code: int):
 
 
 def _error_line(e: BaseException) -> str:
-    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)  # no "[Errno 30]"
+    text = str(e)
+    if isinstance(e, OSError) and e.strerror:  # no "[Errno 30]", but the file when known
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     lines = text.strip().splitlines()
     return lines[0] if lines else type(e).__name__
 

@@ -211,3 +211,20 @@ def test_a_checkpoint_directory_turning_read_only_ends_the_run_in_seconds(tmp_pa
     assert err.count("Traceback") == 0
     rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # nothing torn
+
+
+def test_close_names_the_directory_and_keeps_the_first_error(tmp_path, monkeypatch):
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "wd"))
+    monkeypatch.setattr(ckpt.manager, "close", lambda: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")))
+    with pytest.raises(storage.StorageError, match=r"cannot finish the checkpoints in .*"
+                       r"checkpoints: Read-only file system"):
+        ckpt.close()
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "wd2"))
+    ckpt._unmanifested = [3]
+    monkeypatch.setattr(ckpt.manager, "wait_until_finished", lambda: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(ckpt.manager, "close", lambda: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")))
+    with pytest.raises(storage.StorageError, match="cannot save checkpoint 3 to .*No space"):
+        ckpt.close()  # the pending save's error, not the manager's

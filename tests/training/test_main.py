@@ -74,3 +74,9 @@ def test_a_config_file_with_a_syntax_error_is_one_line(tmp_path, subprocess_env)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert out.stderr.startswith(f"invalid config: --config={bad}: SyntaxError: ")
     assert not (tmp_path / "wd").exists()
+
+
+def test_an_os_error_line_names_its_file():
+    assert cli._error_line(OSError(30, "Read-only file system", "/wd/checkpoints/3")) == \
+        "Read-only file system: /wd/checkpoints/3"
+    assert cli._error_line(OSError(30, "Read-only file system")) == "Read-only file system"

@@ -221,5 +221,21 @@ class Checkpointer:
         self.manager.reload()
 
     def close(self):
-        self._finish_pending()
-        self.manager.close()
+        """Finishes the pending saves, then closes Orbax's manager (its background deletions and
+        finalisation). The first failure is raised, naming the directory."""
+        first = None
+        try:
+            self._finish_pending()
+        except Exception as e:  # noqa: BLE001 - raised below, after the manager is closed
+            first = e
+        try:
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001 - Orbax's thread errors, re-raised clearly
+            if first is None:
+                first = (storage.storage_error(e, self.directory, "finish the checkpoints in")
+                         if isinstance(e, OSError) else
+                         CheckpointError(f"cannot finish the checkpoints in {self.directory}: "
+                                         f"{_cause(e)}"))
+                first.__cause__ = e
+        if first is not None:
+            raise first

@@ -135,12 +135,27 @@ def _run(cfg, workdir, run, changes=()):
     # SIGTERM: the iteration in flight finishes, is checkpointed, then Preempted is raised
     try:
         with preemption.Watcher() as watcher:
-            return _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start)
-    finally:
-        if bar is not None:
-            bar.close()
-        writer.close()
-        ckpt.close()
+            out = _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start)
+    except preemption.Preempted:  # its checkpoint must be complete: closing errors count
+        _close(bar, writer, ckpt)
+        raise
+    except BaseException:  # the first error is the one reported: closing must not replace it
+        for close in (bar.close if bar is not None else None, writer.close, ckpt.close):
+            try:
+                if close is not None:
+                    close()
+            except Exception:  # noqa: BLE001, S110 - secondary to the error being raised
+                pass
+        raise
+    _close(bar, writer, ckpt)
+    return out
+
+
+def _close(bar, writer, ckpt):
+    if bar is not None:
+        bar.close()
+    writer.close()
+    ckpt.close()
 
 
 def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
