@@ -28,6 +28,10 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("layers", None),
     ("norm", None),
+    # mixture of experts: the expert axis of the expert weights, and their embed axis (sharded
+    # like a dense MLP's)
+    ("expert", None),
+    ("expert_embed", "fsdp"),
 )
 
 

@@ -57,10 +57,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.model import attention as attention_lib
+from trustrl.model import moe as moe_lib
 from trustrl.model import quant
 from trustrl.infra import sharding as sharding_lib
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 # Rematerialisation of each layer in the backward pass. "none": keep every activation; "full":
 # keep only each layer's input and recompute the rest; "dots": also keep the outputs of the
 # weight matmuls (jax.checkpoint_policies.dots_with_no_batch_dims_saveable; not the attention's
@@ -90,7 +91,9 @@ class ModelConfig:
     num_heads: int  # query heads H
     num_kv_heads: int  # key / value heads K (GQA: H % K == 0)
     head_dim: int  # D
-    family: str = "llama"  # llama | qwen2 (q/k/v biases) | qwen3 (q/k RMSNorm per head)
+    # llama | qwen2 (q/k/v biases) | qwen3 (q/k RMSNorm per head) | qwen3_moe (qwen3 attention,
+    # mixture-of-experts MLPs: the num_experts fields below)
+    family: str = "llama"
     rope_theta: float = 10000.0
     rope_scaling: Llama3RopeScaling | None = None
     rms_norm_eps: float = 1e-6
@@ -114,6 +117,17 @@ class ModelConfig:
     # trunk; "float32": an fp32 head on the trunk's hidden states, e.g. a bf16 rollout engine
     # with an fp32 LM head). Tied embeddings are then stored in float32 too.
     head_dtype: str = ""
+    # Mixture of experts (family qwen3_moe; Hugging Face Qwen3MoeConfig's fields). Layer i has
+    # experts when i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0; the other
+    # layers keep the dense MLP (intermediate_size). Scanned layers need every layer alike.
+    num_experts: int = 0  # X; 0: a dense model
+    num_experts_per_tok: int = 0  # k experts per token
+    moe_intermediate_size: int = 0  # each expert's SwiGLU width
+    norm_topk_prob: bool = False  # renormalise the k gate weights to sum 1
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    moe_impl: str = "ragged"  # moe.IMPLS: ragged (grouped matmul, dropless) | dense | capacity
+    moe_capacity_factor: float = 0.0  # moe_impl="capacity": rows per expert = factor * N * k / X
 
     def __post_init__(self):
         if isinstance(self.remat, (bool, np.bool_)):  # older configs: remat = True / False
@@ -149,6 +163,44 @@ class ModelConfig:
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be 'float32' or 'bfloat16', got "
                                  f"{getattr(self, name)!r}")
+        object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        self._check_moe()
+
+    def _check_moe(self):
+        moe = self.family == "qwen3_moe"
+        if moe != (self.num_experts > 0):
+            raise ValueError(f"family {self.family!r} with num_experts={self.num_experts}: a "
+                             f"mixture of experts is family 'qwen3_moe' with num_experts >= 1, "
+                             f"a dense model has num_experts=0")
+        if not moe:
+            return
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                             f"[1, num_experts={self.num_experts}]")
+        if self.moe_intermediate_size < 1 or self.decoder_sparse_step < 1:
+            raise ValueError(f"moe_intermediate_size ({self.moe_intermediate_size}) and "
+                             f"decoder_sparse_step ({self.decoder_sparse_step}) must be >= 1")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"mlp_only_layers {bad} are not layers of a {self.num_layers}-layer "
+                             f"model")
+        if self.moe_impl not in moe_lib.IMPLS:
+            raise ValueError(f"unknown moe_impl {self.moe_impl!r}; valid: {moe_lib.IMPLS}")
+        if (self.moe_impl == "capacity") != (self.moe_capacity_factor > 0):
+            raise ValueError(f"moe_capacity_factor={self.moe_capacity_factor} goes with "
+                             f"moe_impl='capacity' (> 0) and only with it (0 otherwise)")
+        if self.scan_layers and len(set(self.sparse_layers)) not in (0, self.num_layers):
+            raise ValueError(f"layers {self.sparse_layers} of {self.num_layers} have experts "
+                             f"(mlp_only_layers / decoder_sparse_step): scanned layers must be "
+                             f"alike, so set scan_layers=False")
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        """The layers with experts (Hugging Face Qwen3MoeDecoderLayer's rule)."""
+        if self.num_experts < 1:
+            return ()
+        return tuple(i for i in range(self.num_layers) if i not in self.mlp_only_layers
+                     and (i + 1) % self.decoder_sparse_step == 0)
 
     @property
     def qkv_bias(self) -> bool:
@@ -156,7 +208,7 @@ class ModelConfig:
 
     @property
     def qk_norm(self) -> bool:
-        return self.family == "qwen3"
+        return self.family in ("qwen3", "qwen3_moe")
 
     @property
     def compute_dtype(self):
@@ -376,17 +428,57 @@ class Mlp(nn.Module):
                       flatten=flat)
 
 
-class Block(nn.Module):
+class MoeMlp(nn.Module):
+    """Qwen3-MoE's sparse block: a float32 router, num_experts SwiGLU experts (model/moe.py).
+
+    ``routes`` [B, T, k] int: replay these experts (R3) with this router's gate weights; None:
+    route by this router. Sows ("intermediates", "moe"): the experts each token went to
+    (``ids`` [B, T, k]) and the per-expert sums of ``moe.load_sums`` over the valid tokens."""
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, valid, mask=None, cache_kv=None, index=None):
-        """-> (x, cache_kv); with cache_kv None this is also ``nn.scan``'s (carry, outputs)."""
+    def __call__(self, x, valid, routes=None):
+        c = self.config
+        b, t, e = x.shape
+        n, k, f = c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size
+        router = _param(self, "router", _normal, (e, n), ("embed", None))
+        w_gate = _param(self, "expert_gate", _normal, (n, e, f), ("expert", "expert_embed", "mlp"))
+        w_up = _param(self, "expert_up", _normal, (n, e, f), ("expert", "expert_embed", "mlp"))
+        w_down = _param(self, "expert_down", _normal, (n, f, e), ("expert", "mlp", "expert_embed"))
+        xf = x.reshape(b * t, e)
+        probs = moe_lib.router_probs(xf, router)
+        if routes is None:
+            weights, ids = moe_lib.route(probs, k, c.norm_topk_prob)
+        else:
+            ids = routes.reshape(b * t, k).astype(jnp.int32)
+            weights = moe_lib.replayed_weights(probs, ids, c.norm_topk_prob)
+        cap = (moe_lib.capacity(b * t, k, n, c.moe_capacity_factor)
+               if c.moe_impl == "capacity" else 0)
+        y = moe_lib.experts(xf, ids, weights, w_gate, w_up, w_down, impl=c.moe_impl,
+                            dtype=c.compute_dtype, capacity_rows=cap)
+        counts, prob_sums, tokens = moe_lib.load_sums(probs, ids, valid.reshape(-1))
+        self.sow("intermediates", "moe", dict(ids=ids.reshape(b, t, k), counts=counts,
+                                              prob_sums=prob_sums, tokens=tokens))
+        return y.reshape(b, t, e).astype(x.dtype)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    sparse: bool = False  # the MLP is the mixture of experts (MoeMlp)
+
+    @nn.compact
+    def __call__(self, x, cos, sin, valid, mask=None, cache_kv=None, index=None, routes=None):
+        """-> (x, cache_kv); with cache_kv None this is also ``nn.scan``'s (carry, outputs).
+        ``routes`` [B, T, k]: the experts to replay in a sparse layer (None: route)."""
         c = self.config
         h, cache_kv = Attention(c, name="attn")(RMSNorm(c, c.hidden_size, name="input_norm")(x),
                                                 cos, sin, valid, mask, cache_kv, index)
         x = _constrain_hidden(x + h)
-        x = x + Mlp(c, name="mlp")(RMSNorm(c, c.hidden_size, name="post_attn_norm")(x))
+        normed = RMSNorm(c, c.hidden_size, name="post_attn_norm")(x)
+        if self.sparse:
+            x = x + MoeMlp(c, name="mlp")(normed, valid, routes)
+        else:
+            x = x + Mlp(c, name="mlp")(normed)
         return _constrain_hidden(x), cache_kv
 
 
@@ -419,36 +511,44 @@ class Transformer(nn.Module):
             # prevent_cse=False is safe (and faster) inside scan, as the jax.checkpoint docs say.
             block = (Block if c.remat == "none"
                      else nn.remat(Block, policy=policy[c.remat], prevent_cse=False))
+            # (cos, sin, valid, mask, cache_kv, index) broadcast; routes [L, B, T, k] scanned
             self.layers = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 3, length=c.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"})(c)
+                block, variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True}, in_axes=(nn.broadcast,) * 6 + (0,),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(c, sparse=bool(c.sparse_layers))
         else:
             block = Block if c.remat == "none" else nn.remat(Block, policy=policy[c.remat])
-            self.layers = [block(c) for _ in range(c.num_layers)]  # layers_0, layers_1, ...
+            sparse = set(c.sparse_layers)  # layers_0, layers_1, ...
+            self.layers = [block(c, sparse=i in sparse) for i in range(c.num_layers)]
         self.final_norm = RMSNorm(c, c.hidden_size)
         if not c.tie_word_embeddings:
             self.lm_head = _param(self, "lm_head", _normal, (c.hidden_size, c.vocab_size),
                                   ("embed", "vocab"), dtype=c.head_dtype)
 
     def __call__(self, tokens, positions, valid, cache: KVCache | None = None,
-                 fresh: bool = False):
+                 fresh: bool = False, routes=None):
         """tokens, positions, valid [B, T] -> (hidden [B, T, E] compute dtype, cache).
 
         ``fresh``: the cache was just emptied, so the new columns only attend each other (a
         prefill runs the configured attention backend instead of the masked reference).
+        ``routes`` [B, T, M, k] int: the experts each token is replayed to in each of the M
+        sparse layers (``config.sparse_layers``, in order; R3); None: every MoE layer routes.
         """
         t = tokens.shape[1]
         valid = valid.astype(bool)
         x = _constrain_hidden(jnp.take(self.embedding, tokens, axis=0).astype(
             self.config.compute_dtype))
         cos, sin = _rope_cos_sin(positions, self.config)
+        per_layer = None if routes is None else jnp.moveaxis(routes, 2, 0)  # [M, B, T, k]
         if cache is None:
-            if self.config.scan_layers:
-                x, _ = self.layers(x, cos, sin, valid)
+            if self.config.scan_layers:  # every layer sparse (M = L) or none (routes unused)
+                x, _ = self.layers(x, cos, sin, valid, None, None, None, per_layer)
             else:
-                for layer in self.layers:
-                    x, _ = layer(x, cos, sin, valid)
+                sparse = self.config.sparse_layers
+                for i, layer in enumerate(self.layers):
+                    x, _ = layer(x, cos, sin, valid, routes=None if per_layer is None or i not in
+                                 sparse else per_layer[sparse.index(i)])
             return self.final_norm(x), None
 
         if self.config.scan_layers:
@@ -500,9 +600,31 @@ def positions_from_mask(valid):
     return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
 
 
-def forward(params, config: ModelConfig, tokens, positions, valid):
-    """The trunk: tokens, positions, valid [B, T] -> final-normed hidden states [B, T, E]."""
-    return Transformer(config).apply({"params": params}, tokens, positions, valid)[0]
+def forward(params, config: ModelConfig, tokens, positions, valid, routes=None):
+    """The trunk: tokens, positions, valid [B, T] -> final-normed hidden states [B, T, E].
+    ``routes`` [B, T, M, k]: replay these experts in the M sparse layers (R3)."""
+    return Transformer(config).apply({"params": params}, tokens, positions, valid,
+                                     routes=routes)[0]
+
+
+def forward_moe(params, config: ModelConfig, tokens, positions, valid, routes=None):
+    """``forward`` and what its MoE layers did: (hidden [B, T, E], moe) with moe["ids"]
+    [B, T, M, k] the experts each token went to in each of the M sparse layers, and per layer
+    the sums of ``moe.load_sums`` ("counts", "prob_sums" [M, X], "tokens" [M])."""
+    (hidden, _), state = Transformer(config).apply(
+        {"params": params}, tokens, positions, valid, routes=routes, mutable=["intermediates"])
+    return hidden, moe_intermediates(state.get("intermediates", {}), config)
+
+
+def moe_intermediates(intermediates, config: ModelConfig) -> dict:
+    """The sparse layers' sown ("intermediates", "moe") dicts, stacked over the layers (the
+    layer axis of "ids" moved after the token axis)."""
+    if config.scan_layers:
+        per_layer = intermediates["layers"]["mlp"]["moe"][0]  # already stacked [L, ...]
+    else:
+        layers = [intermediates[f"layers_{i}"]["mlp"]["moe"][0] for i in config.sparse_layers]
+        per_layer = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return {**per_layer, "ids": jnp.moveaxis(per_layer["ids"], 0, 2)}
 
 
 def lm_head(params, config: ModelConfig, hidden):
