@@ -15,12 +15,14 @@ docs/demo_robustness.md has the measured spread over seeds and emulated CPU code
 Variants (``--config=configs/default.py:VARIANT``):
     default   the command above
     tiny      a shrunken config for tests (seconds; 2x4 mesh-friendly batch sizes)
+    tiny_moe  tiny with a mixture of experts (Qwen3-MoE: 4 experts, top-2, 2 layers); trains on
+              CPU (docs/moe.md)
 
 Any field can be overridden: ``--config.loss.method=dppo_binary_kl --config.loss.delta_low=0.05``.
 """
 import ml_collections
 
-VALID_VARIANTS = ("default", "tiny")
+VALID_VARIANTS = ("default", "tiny", "tiny_moe")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -47,6 +49,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # attention kernel (trustrl.model.attention.BACKENDS); "auto" picks for the mesh's devices:
     # splash on TPU, cuDNN on GPU (bf16), the einsum reference / blockwise on CPU
     c.model.attention = "auto"
+    # Mixture of experts (Hugging Face Qwen3MoeConfig's fields; docs/moe.md). num_experts > 0
+    # builds a qwen3_moe model (qwen3 attention with q/k norm) from these fields; a model.hf_dir
+    # brings its own (only moe_impl / moe_capacity_factor, router_aux_loss_coef and
+    # routing_replay apply to it). Layer i has experts when i is not in mlp_only_layers and
+    # (i + 1) % decoder_sparse_step == 0; the other layers keep the dense intermediate_size MLP.
+    c.model.num_experts = 0  # experts per sparse layer (0: a dense model)
+    c.model.num_experts_per_tok = 0  # top-k experts per token (1 <= k <= num_experts)
+    c.model.moe_intermediate_size = 0  # each expert's SwiGLU width (>= 1 with experts)
+    c.model.norm_topk_prob = True  # renormalise the k gate weights to sum 1 (Qwen3-30B-A3B)
+    c.model.decoder_sparse_step = 1  # every n-th layer has experts
+    c.model.mlp_only_layers = ()  # layer indices that keep the dense MLP
+    # experts kernel (trustrl.model.moe.IMPLS): ragged (grouped matmul, dropless) | dense (one-hot
+    # reference, every expert on every token) | capacity (fixed rows per expert, drops overflow)
+    c.model.moe_impl = "ragged"
+    c.model.moe_capacity_factor = 0.0  # moe_impl="capacity" only: rows = factor * N * k / X
+    c.model.router_aux_loss_coef = 0.0  # load-balancing loss weight (0: off; logged either way)
+    # R3 (rollout routing replay): the trainer routes each token to the experts the rollout
+    # recorded, with gate weights from its own router (MoE models only)
+    c.model.routing_replay = False
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # HF tokenizer dir; empty: train a byte-level BPE on task text
@@ -155,7 +176,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log.tensorboard = True  # also write TensorBoard event files
     c.log.progress = True  # tqdm progress bar
 
-    if variant == "tiny":
+    if variant in ("tiny", "tiny_moe"):
         c.mesh = dict(data=2, fsdp=1, tensor=4)
         c.model.num_layers = 1
         c.model.hidden_size = 32
@@ -181,4 +202,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint.every = 1
         c.log.tensorboard = False
         c.log.progress = False
+    if variant == "tiny_moe":  # tiny, with experts: the CPU smoke / learning preset of MoE
+        c.model.num_layers = 2
+        c.model.num_experts = 4
+        c.model.num_experts_per_tok = 2
+        c.model.moe_intermediate_size = 32
     return c

@@ -15,7 +15,8 @@ import os
 from trustrl.core import advantages, losses
 from trustrl.training import optim
 from trustrl.data import datasets
-from trustrl.model import attention, policy, transformer
+from trustrl.infra import sharding
+from trustrl.model import attention, moe, policy, transformer
 
 OVERLONG = ("none", "filter", "penalty")
 MAX_SEED = 2**32 - 1
@@ -64,6 +65,94 @@ def check_built(cfg, vocab_size: int, model_cfg, mesh):
                          f"tokenizer's ({vocab_size})")
     check_model_shape(model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim, "model ")
     check_mesh_rows(cfg, dict(mesh.shape))
+    where = "model.hf_dir's " if cfg.model.hf_dir else "model."
+    if model_cfg.num_experts > 0:
+        check_expert_split(model_cfg.num_experts, dict(mesh.shape), where)
+    else:
+        check_dense_model(cfg, f"the model ({where}num_experts=0) is dense")
+
+
+# --- mixture of experts ------------------------------------------------------------------------
+
+def check_dense_model(cfg, why: str):
+    """The MoE-only fields of cfg.model must be off for a dense model (``why`` says it is)."""
+    m = cfg.model
+    if m.get("routing_replay", False):
+        raise ValueError(f"model.routing_replay=True needs a mixture of experts, but {why}: there "
+                         f"are no routed experts to record and replay; set "
+                         f"model.routing_replay=False (or model.num_experts > 0)")
+    for name, value, off in (("moe_impl", m.get("moe_impl", "ragged"), "ragged"),
+                             ("moe_capacity_factor", m.get("moe_capacity_factor", 0.0), 0.0),
+                             ("router_aux_loss_coef", m.get("router_aux_loss_coef", 0.0), 0.0)):
+        if value != off:
+            raise ValueError(f"model.{name}={value!r} applies to a mixture of experts only, but "
+                             f"{why}; leave it at {off!r}")
+
+
+def expert_split(mesh_shape: dict) -> tuple[tuple[str, ...], int]:
+    """(mesh axes the logical 'expert' axis maps to in sharding.LOGICAL_RULES, their product in
+    ``mesh_shape``): how many ways the experts of a layer are split."""
+    axes = dict(sharding.LOGICAL_RULES).get("expert")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return axes, math.prod(int(mesh_shape.get(a, 1)) for a in axes)
+
+
+def check_expert_split(num_experts: int, mesh_shape: dict, where: str = "model."):
+    """The experts of a layer must split evenly over the mesh axes of the 'expert' axis."""
+    axes, split = expert_split(mesh_shape)
+    if num_experts % split:
+        named = " x ".join(f"mesh.{a}={int(mesh_shape.get(a, 1))}" for a in axes)
+        raise ValueError(f"{where}num_experts={num_experts} is not divisible by the mesh's "
+                         f"expert split ({named} = {split}: trustrl.infra.sharding.LOGICAL_RULES "
+                         f"shards the 'expert' axis over {list(axes)}); valid: a mesh whose "
+                         f"{' x '.join(axes)} divides {num_experts}")
+
+
+def check_moe_shape(num_experts, k, layers, mlp_only_layers, where: str):
+    """Top-k and the dense layers of a mixture of experts (``where`` prefixes the field names)."""
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"{where}num_experts_per_tok={k} is "
+                         + ("larger than" if k > num_experts else "not valid for")
+                         + f" {where}num_experts={num_experts}: each token is routed to that "
+                         f"many distinct experts; valid: 1 <= num_experts_per_tok <= "
+                         f"{num_experts}")
+    bad = [i for i in mlp_only_layers if not 0 <= i < layers]
+    if bad:
+        raise ValueError(f"{where}mlp_only_layers={list(mlp_only_layers)}: {bad} are not layers of "
+                         f"the {layers}-layer model; valid: indices in [0, {layers - 1}]")
+
+
+def _check_moe(cfg):
+    """The MoE fields of cfg.model (config alone)."""
+    m = cfg.model
+    _choice("model.moe_impl", m.moe_impl, moe.IMPLS)
+    _float(cfg, "model.moe_capacity_factor", 0)
+    if (m.moe_impl == "capacity") != (m.moe_capacity_factor > 0):
+        raise ValueError(
+            f"model.moe_capacity_factor={m.moe_capacity_factor} with model.moe_impl="
+            f"{m.moe_impl!r}: a capacity factor (> 0) goes with moe_impl='capacity' and only "
+            f"with it; valid: moe_impl='capacity' with moe_capacity_factor > 0, or another "
+            f"moe_impl with moe_capacity_factor=0")
+    _float(cfg, "model.router_aux_loss_coef", 0)
+    _typed(cfg, ("model.routing_replay", "model.norm_topk_prob"), bool)
+    if m.hf_dir:  # the checkpoint's shape: _check_hf_config and check_built
+        return
+    _int(cfg, "model.num_experts", 0)
+    if m.num_experts == 0:
+        check_dense_model(cfg, "the model is dense (model.num_experts=0)")
+        return
+    _int(cfg, "model.num_experts_per_tok", 0)
+    for k in ("moe_intermediate_size", "decoder_sparse_step"):
+        _int(cfg, f"model.{k}", 1)
+    layers = _get(cfg, "model.mlp_only_layers")
+    if (not isinstance(layers, (list, tuple))
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)):
+        raise ValueError(f"model.mlp_only_layers must be a tuple of layer indices (ints), got "
+                         f"{layers!r}")
+    check_moe_shape(m.num_experts, m.num_experts_per_tok, m.num_layers, layers, "model.")
+    sizes = _mesh_sizes(cfg)
+    if None not in sizes.values():  # else check_built checks it on the device mesh
+        check_expert_split(m.num_experts, sizes)
 
 
 def check_mesh_rows(cfg, mesh_shape: dict):
@@ -80,6 +169,11 @@ def score_microbatches(cfg) -> int:
     the score program holds as many rows at once as a train micro-batch."""
     n = int(cfg.train.get("score_microbatches", 0))
     return n or int(cfg.train.minibatches) * int(cfg.train.microbatches)
+
+
+def _mesh_sizes(cfg) -> dict:
+    """{axis: size} of cfg.mesh, None for a -1 (known only with the devices)."""
+    return {a: (None if int(v) == -1 else int(v)) for a, v in cfg.mesh.items()}
 
 
 def _batch_shards(cfg) -> int | None:
@@ -310,6 +404,7 @@ def validate(cfg):
         raise ValueError(f"rollout.max_rows={cfg.rollout.max_rows} is not divisible by the "
                          f"mesh's batch axes (data x fsdp = {shards}); each call's rows are "
                          f"split over them")
+    _check_moe(cfg)  # after the mesh: the expert split needs its sizes
 
 
 def check_environment(cfg, workdir: str, devices=None):
@@ -338,7 +433,7 @@ def check_environment(cfg, workdir: str, devices=None):
         if missing:
             raise ValueError(f"model.hf_dir={d!r} is not a Hugging Face model directory: "
                              f"missing {', '.join(missing)}")
-        _check_hf_config(cfg, os.path.join(d, "config.json"))
+        _check_hf_config(cfg, os.path.join(d, "config.json"), dict(mesh.shape))
     tok = cfg.tokenizer.path or cfg.model.hf_dir
     if tok and not os.path.isfile(os.path.join(tok, "tokenizer.json")):
         field = "tokenizer.path" if cfg.tokenizer.path else "model.hf_dir"
@@ -370,8 +465,9 @@ def check_environment(cfg, workdir: str, devices=None):
     _check_workdir(workdir)
 
 
-def _check_hf_config(cfg, path: str):
-    """The checks of check_built that a Hugging Face config.json answers before any load."""
+def _check_hf_config(cfg, path: str, mesh_shape: dict | None = None):
+    """The checks of check_built that a Hugging Face config.json answers before any load
+    (``mesh_shape``: the device mesh's {axis: size}, for a mixture of experts' expert split)."""
     try:
         with open(path, encoding="utf-8") as f:
             hf_cfg = json.load(f)
@@ -379,10 +475,21 @@ def _check_hf_config(cfg, path: str):
         kv = int(hf_cfg.get("num_key_value_heads") or heads)
         head_dim = int(hf_cfg.get("head_dim") or int(hf_cfg["hidden_size"]) // heads)
         vocab = int(hf_cfg["vocab_size"])
+        experts = int(hf_cfg.get("num_experts") or 0)  # Qwen3MoeConfig's keys
+        if experts:
+            k = int(hf_cfg["num_experts_per_tok"])
+            layers = int(hf_cfg["num_hidden_layers"])
+            dense_layers = [int(i) for i in hf_cfg.get("mlp_only_layers") or ()]
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
         raise ValueError(f"model.hf_dir: cannot read {path}: {type(e).__name__}: {e}") from None
     check_model_shape(heads, kv, head_dim, f"{path}: ")
     check_vocab(cfg, vocab, f"vocab_size of {path}")
+    if not experts:
+        check_dense_model(cfg, f"model.hf_dir's model is dense ({path} has no num_experts)")
+        return
+    check_moe_shape(experts, k, layers, dense_layers, f"{path}: ")
+    if mesh_shape is not None:
+        check_expert_split(experts, mesh_shape, f"{path}: ")
 
 
 def _check_workdir(workdir: str):

@@ -185,18 +185,38 @@ def _saved_tokenizer(load: str, saved: str, recorded: bool | None) -> Tokenizer 
 
 
 def model_config(cfg, vocab_size: int) -> ModelConfig:
+    """The model built from cfg.model's fields: llama-like, or with model.num_experts > 0 a
+    qwen3_moe mixture of experts (qwen3 attention; its layers scanned when they are alike, all
+    sparse or all dense, else unrolled: scan_layers=False)."""
     m = cfg.model
-    return with_run_fields(cfg, ModelConfig(
+    moe = {}
+    if m.get("num_experts", 0) > 0:
+        moe = dict(family="qwen3_moe", num_experts=m.num_experts,
+                   num_experts_per_tok=m.num_experts_per_tok,
+                   moe_intermediate_size=m.moe_intermediate_size,
+                   norm_topk_prob=bool(m.norm_topk_prob),
+                   decoder_sparse_step=m.decoder_sparse_step,
+                   mlp_only_layers=tuple(m.mlp_only_layers), scan_layers=False)
+    model_cfg = ModelConfig(
         vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
         head_dim=m.head_dim, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
-        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat))
+        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, **moe)
+    if moe and len(model_cfg.sparse_layers) in (0, model_cfg.num_layers):  # alike: scanned
+        model_cfg = dataclasses.replace(model_cfg, scan_layers=True)
+    return with_run_fields(cfg, model_cfg)
 
 
 def with_run_fields(cfg, model_cfg: ModelConfig) -> ModelConfig:
     """``model_cfg`` (built from the fields, a HF config.json or a preset) with the config's
-    kernel choice, which no checkpoint carries: model.attention."""
-    return dataclasses.replace(model_cfg, attention=cfg.model.get("attention", "auto"))
+    kernel choices, which no checkpoint carries: model.attention and, for a mixture of experts,
+    model.moe_impl / model.moe_capacity_factor."""
+    m = cfg.model
+    kernels = dict(attention=m.get("attention", "auto"))
+    if model_cfg.num_experts > 0:
+        kernels.update(moe_impl=m.get("moe_impl", "ragged"),
+                       moe_capacity_factor=float(m.get("moe_capacity_factor", 0.0)))
+    return dataclasses.replace(model_cfg, **kernels)
 
 
 def _sampler_cfg(cfg, tokenizer, *, greedy: bool, record_topk: bool | None = None

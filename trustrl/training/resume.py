@@ -55,7 +55,14 @@ _ABSENT = "<absent>"
 # and with max_rows > 0 it draws rollouts from the same distribution as the older split calls.
 ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.continuous": True,
                 "rollout.refill_rows": 0, "warmstart.dtype": "", "model.attention": "auto",
-                "train.score_microbatches": 0, "rollout.keep_kv_cache": True}
+                "train.score_microbatches": 0, "rollout.keep_kv_cache": True,
+                # mixture of experts (issue 28): num_experts 0 is the dense model every older
+                # run trained; the other fields are unused by it (values as JSON reads them)
+                "model.num_experts": 0, "model.num_experts_per_tok": 0,
+                "model.moe_intermediate_size": 0, "model.norm_topk_prob": True,
+                "model.decoder_sparse_step": 1, "model.mlp_only_layers": [],
+                "model.moe_impl": "ragged", "model.moe_capacity_factor": 0.0,
+                "model.router_aux_loss_coef": 0.0, "model.routing_replay": False}
 
 
 def config_changes(old: dict, new: dict):
