@@ -6,6 +6,7 @@ file is the plain Python loop that composes them (read it top to bottom).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import jax
@@ -16,6 +17,7 @@ from trustrl.core import advantages as adv_lib
 from trustrl.infra import checkpoint as ckpt_lib
 from trustrl.training import resume
 from trustrl.infra import multihost, preemption, sharding, storage, workdir_lock
+from trustrl.training import config_validation as cv
 from trustrl.training import evaluation, experiment, step as ts
 from trustrl.core import losses
 from trustrl.infra.metrics import MetricWriter
@@ -158,10 +160,24 @@ def _close(bar, writer, ckpt):
     ckpt.close()
 
 
+def routing_program(cfg, model_cfg, mesh):
+    """The jitted ``step.routing_metrics`` of a mixture-of-experts run (None for a dense model):
+    routing mismatch between the rollout's recorded experts and the trainer's own routing, and
+    the pi-mu mismatch split by it, every iteration whose rollout recorded its experts."""
+    if not model_cfg.sparse_layers:
+        return None
+    return jax.jit(functools.partial(
+        ts.routing_metrics, model_cfg=model_cfg, temperature=float(cfg.rollout.temperature),
+        mesh=mesh, microbatches=cv.score_microbatches(cfg),
+        routing_replay=bool(cfg.model.get("routing_replay", False))))
+
+
 def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
     """The iterations start .. cfg.train.iterations; returns (state, last metrics)."""
     env, g = run.env, cfg.rollout.group_size
     need_old = losses.METHODS[cfg.loss.method].needs_old_logp
+    replay = bool(cfg.model.get("routing_replay", False))
+    routing = routing_program(cfg, run.model_cfg, run.mesh)
     metrics = {}
     for it in range(start, cfg.train.iterations):
         t0 = time.perf_counter()
@@ -173,12 +189,18 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
             run.sampler.release()
         validate(host_r, run.model_cfg.vocab_size)
         if cfg.rollout.overlong == "filter":
-            r = r.replace(response_mask=r.response_mask * (r.finish_reason != FINISH_LENGTH)[:, None])
+            r = r.replace(
+                response_mask=r.response_mask * (r.finish_reason != FINISH_LENGTH)[:, None])
         t_roll = time.perf_counter()
         advantages = multihost.to_global(  # identical on every process; each places its rows
             np.asarray(adv_lib.compute_advantages(rewards, g, cfg.loss.advantage), np.float32),
             sharding.batch_sharding(run.mesh, 1))
         batch = ts.rollout_batch(r, advantages)
+        # the recorded experts reach the score pass and the train step only when they replay
+        # them (the programs' inputs are a dense run's otherwise); the routing metrics read them
+        routed = batch.pop("routed_experts", None)
+        if replay and routed is not None:  # without: the score pass / train step name it
+            batch["routed_experts"] = routed
         old_logp = None
         if cfg.train.score_pass or need_old:
             old_logp = sharding.cpu_sync(run.score(state.params, batch))
@@ -187,6 +209,9 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
                 batch["old_logp"] = old_logp
         else:
             metrics = {}
+        if routing is not None and routed is not None:
+            metrics.update(sharding.cpu_sync(routing(state.params, {**batch, "routed_experts":
+                                                                    routed}, old_logp)))
         t_score = time.perf_counter()
         step_metrics = []
         bsz = batch["tokens"].shape[0]

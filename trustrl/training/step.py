@@ -3,7 +3,15 @@
 One module-level pure function per phase:
     score(params, batch)                      -> pi_old log-probs at the rollout parameters
     train_step(state, batch, rollout_params)  -> (state, metrics)
+    routing_metrics(params, batch)            -> a mixture of experts' routing diagnostics
 Batches are dicts of [b, ...] arrays built from a Rollout (see ``rollout_batch``).
+
+Mixture-of-experts models (``model_cfg.sparse_layers``): with ``routing_replay`` (R3) the
+trainer's forward sends every token to the experts the rollout engine recorded
+(``batch["routed_experts"]`` [b, P + N, M, k], M = the sparse layers in order) with gate
+weights from its own router's softmax at those ids (``moe.replayed_weights``), so the router
+keeps its gradient. ``router_aux_loss_coef`` > 0 adds Hugging Face's load-balancing loss.
+Dense models run exactly the code they always ran (no new metrics).
 """
 from __future__ import annotations
 
@@ -17,8 +25,10 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.core import divergences, losses
+from trustrl.model import moe as moe_lib
 from trustrl.model import policy
 from trustrl.model import transformer as model_lib
+from trustrl.model import vocab_head
 from trustrl.rollout.record import Rollout
 
 # The train step's vocabulary head: "loss_fused" (the fused head handed the loss's d loss / d logp,
@@ -72,23 +82,34 @@ def abstract_state(params, tx, shardings: TrainState) -> TrainState:
     return jax.tree.map(spec, shapes, shardings)
 
 
+def routed_dtype(num_experts: int):
+    """The smallest unsigned integer dtype that holds expert ids 0 .. num_experts - 1 (how a
+    rollout records its routed experts)."""
+    return jnp.dtype(jnp.uint8 if num_experts <= 256 else jnp.uint16)
+
+
 def rollout_batch(r: Rollout, advantages, old_logp=None) -> dict:
-    """The arrays train_step consumes, all with a leading batch axis."""
+    """The arrays train_step consumes, all with a leading batch axis; ``routed_experts``
+    [b, P + N, M, k] when the rollout recorded the experts it routed to."""
     batch = dict(tokens=r.tokens, valid=r.valid_mask, positions=r.positions,
                  response_tokens=r.response_tokens, response_mask=r.response_mask,
                  rollout_logp=r.rollout_logp, advantages=jnp.asarray(advantages, jnp.float32))
     if r.rollout_topk_ids is not None:
         batch.update(topk_ids=r.rollout_topk_ids, topk_logp=r.rollout_topk_logp)
+    routed = getattr(r, "routed_experts", None)
+    if routed is not None:
+        batch["routed_experts"] = routed
     if old_logp is not None:
         batch["old_logp"] = old_logp
     return batch
 
 
 def batch_shapes(rows: int, prompt_len: int, num_new: int, *, topk: int = 0,
-                 old_logp: bool = False) -> dict:
+                 old_logp: bool = False, routed_experts=None) -> dict:
     """The shapes / dtypes of ``rollout_batch``'s arrays for ``rows`` sequences of ``prompt_len``
     + ``num_new`` tokens (jax.ShapeDtypeStructs, unsharded): what the score pass and the train
-    step are compiled for (trustrl.tools.aot_check)."""
+    step are compiled for (trustrl.tools.aot_check). ``routed_experts``: a mixture-of-experts
+    ModelConfig whose recorded experts the batch carries (routing replay), or None."""
     s = jax.ShapeDtypeStruct
     t = prompt_len + num_new
     out = dict(tokens=s((rows, t), jnp.int32), valid=s((rows, t), jnp.int32),
@@ -100,7 +121,77 @@ def batch_shapes(rows: int, prompt_len: int, num_new: int, *, topk: int = 0,
                    topk_logp=s((rows, num_new, topk), jnp.float32))
     if old_logp:
         out["old_logp"] = s((rows, num_new), jnp.float32)
+    if routed_experts is not None:
+        c = routed_experts
+        if not c.sparse_layers:
+            raise ValueError(f"routed_experts: the model (family {c.family!r}) has no "
+                             f"mixture-of-experts layers, so there are no experts to record")
+        out["routed_experts"] = s((rows, t, len(c.sparse_layers), c.num_experts_per_tok),
+                                  routed_dtype(c.num_experts))
     return out
+
+
+def replay_routes(batch, model_cfg, routing_replay: bool):
+    """The experts to replay, int32 [b, P + N, M, k], from ``batch["routed_experts"]`` (None
+    without ``routing_replay``). Replay needs a mixture-of-experts model and recorded experts of
+    the batch's shape: anything else is a ValueError, never a silent fallback to own routing."""
+    if not routing_replay:
+        return None
+    if not model_cfg.sparse_layers:
+        raise ValueError(f"model.routing_replay=True needs a mixture-of-experts model (family "
+                         f"'qwen3_moe' with sparse layers); this model (family "
+                         f"{model_cfg.family!r}) has none")
+    routed = batch.get("routed_experts")
+    if routed is None:
+        raise ValueError("model.routing_replay=True but the batch has no routed_experts: the "
+                         "rollout did not record the experts it routed to "
+                         "(Rollout.routed_experts); record them or set "
+                         "model.routing_replay=False")
+    b, t = batch["tokens"].shape
+    want = (b, t, len(model_cfg.sparse_layers), model_cfg.num_experts_per_tok)
+    if tuple(routed.shape) != want:
+        raise ValueError(f"routed_experts has shape {tuple(routed.shape)}; routing replay needs "
+                         f"{want} ([rows, tokens, sparse layers, num_experts_per_tok])")
+    if not jnp.issubdtype(routed.dtype, jnp.integer):
+        raise ValueError(f"routed_experts must hold integer expert ids, got {routed.dtype}")
+    return routed.astype(jnp.int32)
+
+
+def moe_response_head(params, model_cfg, batch, *, routes=None, temperature: float = 1.0,
+                      mu_params=None, mu_model_cfg=None, topk_ids=None, mesh=None,
+                      logp_grad=None, head: str = "fused", on_correction=None):
+    """``policy.response_head`` for a mixture of experts: (the head's outputs, the trunk's
+    routing). The trunk runs ``transformer.forward_moe`` with ``routes`` (R3: replay; None:
+    route), so the second value is its moe dict (ids [b, T, M, k], per-layer "counts",
+    "prob_sums" [M, X], "tokens" [M] over the valid tokens). mu's hidden states (``mu_params``)
+    replay the same ``routes``. Otherwise the same head: for ``routes=None`` the outputs equal
+    ``policy.response_head``'s."""
+    if head not in policy.HEADS:
+        raise ValueError(f"head={head!r} is not valid; choose one of {policy.HEADS}")
+    n = batch["response_tokens"].shape[1]
+    args = (batch["tokens"], batch["positions"], batch["valid"])
+    prompt_len = args[0].shape[1] - n
+    if prompt_len < 1:
+        raise ValueError(f"sequences of length {args[0].shape[1]} have no prompt before "
+                         f"num_response={n} response tokens")
+    hidden, moe = model_lib.forward_moe(params, model_cfg, *args, routes=routes)
+    hidden = policy.response_logits_slice(hidden, prompt_len, n)
+    w, axis = vocab_head.head_weight(params, model_cfg)
+    mu_hidden = mu_w = None
+    if mu_params is not None:
+        mu_cfg = model_cfg if mu_model_cfg is None else mu_model_cfg
+        mu_params = jax.lax.stop_gradient(mu_params)
+        mu_hidden = policy.response_logits_slice(
+            model_lib.forward(mu_params, mu_cfg, *args, routes=routes), prompt_len, n)
+        mu_w = vocab_head.head_weight(mu_params, mu_cfg)[0]
+    kwargs = dict(w_vocab_axis=axis, mu_hidden=mu_hidden, mu_w=mu_w, topk_ids=topk_ids,
+                  temperature=temperature)
+    if head == "plain":
+        return vocab_head.plain_head(hidden, w, batch["response_tokens"], **kwargs), moe
+    return vocab_head.fused_head(hidden, w, batch["response_tokens"], mesh=mesh,
+                                 token_chunk=model_cfg.head_token_chunk,
+                                 vocab_chunk=model_cfg.head_vocab_chunk, logp_grad=logp_grad,
+                                 on_correction=on_correction, **kwargs), moe
 
 
 def strided_split(x, parts: int):
@@ -114,22 +205,105 @@ def strided_join(x):
     return jnp.moveaxis(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def score(params, batch, *, model_cfg, temperature: float = 1.0, mesh=None,
-          microbatches: int = 1):
-    """Trainer-precision log-probs [b, N] of the sampled tokens: pi_old at the rollout
-    parameters. ``microbatches`` > 1: the rows in that many parts, one after another (a
-    lax.map), so the program's activations are one part's, whatever the iteration's size."""
-    keys = ("tokens", "positions", "valid", "response_tokens")
+def _in_parts(fn, batch: dict, keys, microbatches: int, what: str):
+    """``fn`` on ``batch``'s ``keys``, with ``microbatches`` > 1 on that many strided parts one
+    after another (a lax.map) and the results joined back in row order."""
     rows = batch["tokens"].shape[0]
     if microbatches < 1 or rows % microbatches:
-        raise ValueError(f"the score pass cannot split {rows} rows into microbatches="
+        raise ValueError(f"the {what} cannot split {rows} rows into microbatches="
                          f"{microbatches} (must be >= 1 and divide it)")
-    head = lambda b: policy.response_head(params, model_cfg, b, temperature=temperature,
-                                          mesh=mesh)["logp"]
     if microbatches == 1:
-        return head({k: batch[k] for k in keys})
+        return fn({k: batch[k] for k in keys})
     parts = {k: strided_split(batch[k], microbatches) for k in keys}
-    return strided_join(jax.lax.map(head, parts))
+    return jax.tree.map(strided_join, jax.lax.map(fn, parts))
+
+
+_SCORE_KEYS = ("tokens", "positions", "valid", "response_tokens")
+
+
+def score(params, batch, *, model_cfg, temperature: float = 1.0, mesh=None,
+          microbatches: int = 1, routing_replay: bool = False):
+    """Trainer-precision log-probs [b, N] of the sampled tokens: pi_old at the rollout
+    parameters. ``microbatches`` > 1: the rows in that many parts, one after another (a
+    lax.map), so the program's activations are one part's, whatever the iteration's size.
+    ``routing_replay``: a mixture of experts replays ``batch["routed_experts"]`` (R3), as the
+    train step does."""
+    keys = _SCORE_KEYS
+    if routing_replay:
+        replay_routes(batch, model_cfg, True)  # a clear error without (valid) recorded experts
+        keys += ("routed_experts",)
+
+        def head(b):
+            return moe_response_head(params, model_cfg, b, routes=b["routed_experts"].astype(
+                jnp.int32), temperature=temperature, mesh=mesh)[0]["logp"]
+    else:
+        def head(b):
+            return policy.response_head(params, model_cfg, b, temperature=temperature,
+                                        mesh=mesh)["logp"]
+    return _in_parts(head, batch, keys, microbatches, "score pass")
+
+
+def routing_metrics(params, batch, logp=None, *, model_cfg, temperature: float = 1.0,
+                    mesh=None, microbatches: int = 1, routing_replay: bool = False) -> dict:
+    """A mixture of experts' routing diagnostics for one iteration's batch (scalars):
+
+    moe/routing_mismatch      fraction of (valid response token, sparse layer) pairs whose expert
+                              SET differs between the rollout's recorded experts
+                              (``batch["routed_experts"]``) and the trainer's own routing at
+                              ``params`` (measured whether or not the run replays)
+    moe/routing_flip_tokens   fraction of valid response tokens with such a flip in any layer
+    moe/logp_absdiff_flipped  mean |logp - rollout_logp| over those tokens (0 if there are none)
+    moe/logp_absdiff_unflipped  ... over the other valid response tokens (0 if none)
+
+    A response token's routing is that of the position whose hidden state predicts it
+    (P - 1 + j: its log-prob's). ``logp`` [b, N]: the trainer's log-probs the mismatch is
+    measured on (the score pass's, which replays when the run does); None: computed here, by
+    the own-routing forward without ``routing_replay``, by a replaying one with it.
+    ``microbatches``: as ``score``'s."""
+    if not model_cfg.sparse_layers:
+        raise ValueError(f"routing metrics need a mixture-of-experts model; this model (family "
+                         f"{model_cfg.family!r}) has no sparse layers")
+    recorded = replay_routes(batch, model_cfg, True)  # checks presence and shape
+    n = batch["response_tokens"].shape[1]
+    prompt_len = batch["tokens"].shape[1] - n
+
+    def own(b):
+        out, moe = moe_response_head(params, model_cfg, b, temperature=temperature, mesh=mesh)
+        return {"logp": out["logp"], "ids": policy.response_logits_slice(moe["ids"],
+                                                                         prompt_len, n)}
+
+    mine = _in_parts(own, batch, _SCORE_KEYS, microbatches, "routing metrics pass")
+    if logp is None:
+        logp = mine["logp"] if not routing_replay else score(
+            params, batch, model_cfg=model_cfg, temperature=temperature, mesh=mesh,
+            microbatches=microbatches, routing_replay=True)
+    rec = policy.response_logits_slice(recorded, prompt_len, n)
+    flip = jnp.any(jnp.sort(rec, axis=-1) != jnp.sort(mine["ids"], axis=-1), axis=-1)  # [b,N,M]
+    mask = batch["response_mask"] > 0
+    maskf = mask.astype(jnp.float32)
+    tokens = jnp.sum(maskf)
+    flipped = (jnp.any(flip, axis=-1) & mask).astype(jnp.float32)
+    kept = maskf - flipped
+    d = jnp.abs(jnp.asarray(logp, jnp.float32) - jnp.asarray(batch["rollout_logp"], jnp.float32))
+    d = jnp.where(mask, d, 0.0)
+    return {
+        "moe/routing_mismatch": jnp.sum(flip * maskf[..., None]) / jnp.maximum(
+            tokens * flip.shape[-1], 1.0),
+        "moe/routing_flip_tokens": jnp.sum(flipped) / jnp.maximum(tokens, 1.0),
+        "moe/logp_absdiff_flipped": jnp.sum(d * flipped) / jnp.maximum(jnp.sum(flipped), 1.0),
+        "moe/logp_absdiff_unflipped": jnp.sum(d * kept) / jnp.maximum(jnp.sum(kept), 1.0),
+    }
+
+
+def moe_load_metrics(counts, tokens, k: int) -> dict:
+    """Expert-load metrics from per-layer sums (``counts`` [M, X], ``tokens`` [M]):
+    moe/load_max (the most tokens any expert of any layer got), moe/load_mean (tokens per
+    expert when balanced, tokens * k / X, averaged over layers), moe/imbalance_max / _mean
+    (a layer's max / mean: 1 is perfectly balanced; the worst layer / the layers' mean)."""
+    stats = jax.vmap(lambda c, t: moe_lib.load_stats(c, t, k))(counts, tokens)
+    return {"moe/load_max": jnp.max(stats["max"]), "moe/load_mean": jnp.mean(stats["mean"]),
+            "moe/imbalance_max": jnp.max(stats["imbalance"]),
+            "moe/imbalance_mean": jnp.mean(stats["imbalance"])}
 
 
 def _combine_metrics(stacked: dict, tokens) -> dict:
@@ -149,7 +323,8 @@ def _combine_metrics(stacked: dict, tokens) -> dict:
 
 def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, loss_cfg, tx,
                mesh=None, rollout_model_cfg=None, temperature: float = 1.0,
-               microbatches: int = 1, head: str = "loss_fused", on_correction=None):
+               microbatches: int = 1, head: str = "loss_fused", on_correction=None,
+               routing_replay: bool = False, router_aux_loss_coef: float = 0.0):
     """One optimizer step on a minibatch. Non-finite loss or gradient: update skipped.
 
     Logits are divided by the sampling temperature, so pi is measured on the same tempered
@@ -166,6 +341,17 @@ def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, los
 
     ``head``: one of HEADS; every choice computes the same loss and gradient. ``on_correction``:
     a diagnostics callback of the loss-fused head (vocab_head.fused_head).
+
+    A mixture of experts (``model_cfg.sparse_layers``) runs its trunk through
+    ``moe_response_head``. ``routing_replay`` (R3): every token goes to the experts in
+    ``batch["routed_experts"]`` with gate weights from this router's softmax at those ids (so
+    the router keeps its gradient); a batch without them is a ValueError. mu's hidden states (the
+    exact-divergence methods) replay them too. ``router_aux_loss_coef`` > 0 adds coef x
+    ``moe.load_balancing_loss`` over all sparse layers, from forward_moe's sums over the batch's
+    valid tokens (prompt and response columns: the ``valid`` mask); with micro-batches, the
+    mean of the micro-batches' losses (as with Hugging Face's gradient accumulation). Logged
+    either way: moe/aux_loss (the unscaled loss; ``loss/value`` includes coef x it) and the
+    expert load of ``moe_load_metrics`` over the whole minibatch. Dense models: no new metrics.
     """
     method = loss_cfg.method
     spec = losses.method_spec(method)
@@ -177,6 +363,12 @@ def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, los
                          f"microbatches={microbatches} (must be >= 1 and divide it)")
     _, denom = losses.aggregation_weights(batch["response_mask"], loss_cfg.agg)
     denom = jnp.maximum(denom, 1e-8)
+    is_moe = bool(model_cfg.sparse_layers)
+    replay_routes(batch, model_cfg, routing_replay)  # a clear error before tracing the loss
+    aux_coef = float(router_aux_loss_coef)
+    if aux_coef < 0 or (aux_coef > 0 and not is_moe):
+        raise ValueError(f"model.router_aux_loss_coef={router_aux_loss_coef} must be >= 0, and "
+                         f"0 for a model without mixture-of-experts layers")
 
     loss_kw = dict(method=method, delta_low=loss_cfg.delta_low, delta_high=loss_cfg.delta_high,
                    is_cap=loss_cfg.is_cap,
@@ -217,12 +409,23 @@ def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, los
         # the exact methods mu's hidden states come from the frozen rollout parameters at the
         # rollout precision (storing V floats per token is "memory-prohibitive"). With
         # logp_grad it is loss-fused: the head's weight gradient is formed in its forward pass.
-        out = policy.response_head(
-            params, model_cfg, batch, temperature=temperature, mesh=mesh,
+        head_kw = dict(
+            temperature=temperature, mesh=mesh,
             topk_ids=batch["topk_ids"] if spec.divergence == "topk" else None,
             mu_params=rollout_params if spec.divergence == "full" else None,
             mu_model_cfg=rollout_model_cfg, logp_grad=logp_grad,
             head="plain" if head == "plain" else "fused", on_correction=on_correction)
+        sums = {}
+        if is_moe:
+            out, moe = moe_response_head(params, model_cfg, batch, **head_kw,
+                                         routes=replay_routes(batch, model_cfg, routing_replay))
+            aux = moe_lib.load_balancing_loss(jnp.sum(moe["counts"], axis=0),
+                                              jnp.sum(moe["prob_sums"], axis=0),
+                                              jnp.sum(moe["tokens"]))
+            sums = jax.lax.stop_gradient(dict(aux=aux, counts=moe["counts"],
+                                              tokens=moe["tokens"]))
+        else:
+            out = policy.response_head(params, model_cfg, batch, **head_kw)
         logp, entropy = out["logp"], out["entropy"]  # entropy: no gradient (a metric)
         divergence = divergence_of(out, batch.get("topk_logp"))
         if spec.divergence == "binary":  # trm_seq: the sampled token's divergence, per token
@@ -234,24 +437,34 @@ def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, los
         metrics = dict(terms.metrics)
         maskf = mask.astype(jnp.float32)
         metrics["train/entropy"] = jnp.sum(entropy * maskf) / jnp.maximum(maskf.sum(), 1.0)
-        return terms.loss_sum / denom, metrics
+        loss = terms.loss_sum / denom
+        if aux_coef > 0:  # each micro-batch's load-balancing loss, their mean over the minibatch
+            loss = loss + (aux_coef / microbatches) * aux
+        return loss, (metrics, sums)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatches == 1:
-        (loss, metrics), grads = grad_fn(state.params, batch)
+        (loss, (metrics, sums)), grads = grad_fn(state.params, batch)
     else:
         split = functools.partial(strided_split, parts=microbatches)
 
         def accumulate(acc, mb):
-            (loss_i, metrics_i), grads_i = grad_fn(state.params, mb)
+            (loss_i, (metrics_i, sums_i)), grads_i = grad_fn(state.params, mb)
             acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, (loss_i, grads_i))
-            return acc, (metrics_i, jnp.sum(mb["response_mask"]))
+            return acc, (metrics_i, jnp.sum(mb["response_mask"]), sums_i)
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (loss, grads), (stacked, tokens) = jax.lax.scan(
+        (loss, grads), (stacked, tokens, stacked_sums) = jax.lax.scan(
             accumulate, (jnp.zeros((), jnp.float32), zeros), jax.tree.map(split, batch))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         metrics = _combine_metrics(stacked, tokens)
+        sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), stacked_sums)
+        if sums:
+            sums["aux"] = sums["aux"] / microbatches
+    if is_moe:
+        metrics["moe/aux_loss"] = sums["aux"]
+        metrics.update(moe_load_metrics(sums["counts"], sums["tokens"],
+                                        model_cfg.num_experts_per_tok))
     metrics["loss/value"] = loss
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
