@@ -31,6 +31,13 @@ class DecodeModel(NamedTuple):
     prefill(params, tokens [B, P], positions [B, P], valid [B, P], cache)
         -> (logits of the last column [B, V] float32, cache)
     decode(params, tokens [B], positions [B], cache) -> (logits [B, V] float32, cache)
+
+    A mixture-of-experts policy also records its routing (R3; ``decode_model`` fills these for
+    a config with experts, None / 0 otherwise): ``prefill_routes`` / ``decode_routes`` take the
+    arguments of prefill / decode and return (logits, cache, ids) with ids the experts each new
+    column went to in each of the ``moe_layers`` sparse layers (ModelConfig.sparse_layers
+    order): [B, P, M, k] int32 (prefill), [B, M, k] int32 (decode); the same computation as
+    prefill / decode, the routing read from the sown intermediates.
     """
     init_cache: Callable[..., Any]
     prefill: Callable[..., Any]
@@ -39,6 +46,11 @@ class DecodeModel(NamedTuple):
     # insert(cache, new_cache, slots [R]) -> cache: a prefilled R-row cache into those rows at
     # the write column (transformer.insert_rows); continuous batching needs it (None: not supported)
     insert: Callable[..., Any] | None = None
+    prefill_routes: Callable[..., Any] | None = None
+    decode_routes: Callable[..., Any] | None = None
+    num_experts: int = 0      # X (0: a dense model)
+    moe_layers: int = 0       # M, the sparse layers
+    experts_per_tok: int = 0  # k
 
 
 def response_logits_slice(logits_bl, prompt_len: int, num_response: int):
@@ -88,12 +100,51 @@ def cast_params(params, model_cfg: model_lib.ModelConfig):
 
 
 def decode_model(model_cfg: model_lib.ModelConfig) -> DecodeModel:
-    """The sampler's view of the model: prefill / decode closed over the (static) config."""
-    return DecodeModel(
+    """The sampler's view of the model: prefill / decode closed over the (static) config; for a
+    mixture of experts also their routing-recording variants (``prefill_routed``)."""
+    model = DecodeModel(
         init_cache=lambda batch, max_len: model_lib.init_cache(model_cfg, batch, max_len),
         prefill=lambda p, *a: model_lib.prefill(p, model_cfg, *a),
         decode=lambda p, *a: model_lib.decode_step(p, model_cfg, *a),
         vocab_size=model_cfg.vocab_size, insert=model_lib.insert_rows)
+    if not model_cfg.sparse_layers:
+        return model
+    return model._replace(
+        prefill_routes=lambda p, *a: prefill_routed(p, model_cfg, *a),
+        decode_routes=lambda p, *a: decode_step_routed(p, model_cfg, *a),
+        num_experts=model_cfg.num_experts, moe_layers=len(model_cfg.sparse_layers),
+        experts_per_tok=model_cfg.num_experts_per_tok)
+
+
+def _extend_routed(params, model_cfg: model_lib.ModelConfig, tokens, positions, valid, cache,
+                   fresh: bool = False):
+    """transformer._extend's computation (unrolled layers against the KV cache) that also
+    returns the sown routing: (hidden [B, T, E], cache, ids [B, T, M, k] int32)."""
+    params = model_lib.unstack_layers(params, model_cfg)
+    cfg = model_lib.unrolled_config(model_cfg)
+    (hidden, cache), state = model_lib.Transformer(cfg).apply(
+        {"params": params}, tokens, positions, valid, cache, fresh, mutable=["intermediates"])
+    ids = model_lib.moe_intermediates(state["intermediates"], cfg)["ids"]
+    return hidden, cache, ids.astype(jnp.int32)
+
+
+def prefill_routed(params, model_cfg: model_lib.ModelConfig, tokens, positions, valid, cache):
+    """``transformer.prefill`` that also returns the routing of every column: (logits of the
+    last column [B, V] float32, cache, ids [B, T, M, k] int32: the experts each token went to
+    in each of the M sparse layers; left-padding columns hold whatever the router chose for
+    them, unused)."""
+    hidden, cache, ids = _extend_routed(params, model_cfg, tokens, positions, valid,
+                                        model_lib.reset_cache(cache), fresh=True)
+    return model_lib.lm_head(params, model_cfg, hidden[:, -1]), cache, ids
+
+
+def decode_step_routed(params, model_cfg: model_lib.ModelConfig, tokens, positions, cache):
+    """``transformer.decode_step`` that also returns the routing of the consumed tokens:
+    (logits [B, V] float32, cache, ids [B, M, k] int32)."""
+    tokens, positions = tokens[:, None], positions[:, None]
+    hidden, cache, ids = _extend_routed(params, model_cfg, tokens, positions,
+                                        jnp.ones_like(tokens, bool), cache)
+    return model_lib.lm_head(params, model_cfg, hidden[:, 0]), cache, ids[:, 0]
 
 
 def response_hidden(params, model_cfg: model_lib.ModelConfig, tokens, positions, valid, *,

@@ -40,6 +40,7 @@ class _State(NamedTuple):
     live: jax.Array        # [S] bool
     next_row: jax.Array    # scalar: the first row not yet started
     out: tuple             # tokens, mask, logp [R, N]; topk ids / logp [R, N, K]; finish [R]
+    routes: Any = None     # [R, P + N, M, k] routed experts (``routes`` given), else None
 
 
 # The refill's cache writes are unrolled per row (transformer.insert_rows: rows x layers x 4 small
@@ -58,7 +59,7 @@ def refill_rows(slots: int, refill: int) -> int:
 
 def generate(params, prompt_tokens, prompt_mask, num_rows, cache, key, *, model,
              max_new_tokens: int, eos_ids: tuple, refill: int, next_token: Callable,
-             record_topk: Callable | None, topk: int):
+             record_topk: Callable | None, topk: int, routes: tuple | None = None):
     """Continuous-batching generation of ``num_rows`` (traced) rows of ``prompt_tokens``.
 
     Args:
@@ -67,9 +68,13 @@ def generate(params, prompt_tokens, prompt_mask, num_rows, cache, key, *, model,
       cache: a [S, ., P + N, .] KV cache from ``model.init_cache``; S slots.
       next_token: (logits [S, V], key) -> (tokens [S], their log mu [S], log mu [S, V]).
       record_topk: log mu [S, V] -> (ids [S, K], log mu [S, K]) (the plain top-K), or None.
+      routes: (M, k, dtype): record the routed experts (R3) with ``model.prefill_routes`` /
+        ``decode_routes`` into a [R, P + N, M, k] buffer: a row's prompt columns at its
+        prefill (first batch or refill), its response column t when a decode step consumes
+        token t < N - 1; or None.
     Returns:
-      ((tokens, mask, logp, topk_ids, topk_logp, finish), cache) in the layout of
-      ``sampler._generate``.
+      ((tokens, mask, logp, topk_ids, topk_logp, finish, routes or None), cache) in the layout
+      of ``sampler._generate``.
     """
     n_rows, p = prompt_tokens.shape
     s = jax.tree.leaves(cache)[0].shape[0]
@@ -79,33 +84,50 @@ def generate(params, prompt_tokens, prompt_mask, num_rows, cache, key, *, model,
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
     first = jnp.minimum(jnp.arange(s), n_rows - 1)
-    logits, cache = model.prefill(params, prompt_tokens[first], positions[first],
-                                  prompt_mask[first], cache)
     live = jnp.arange(s) < num_rows
+    buf = None
+    if routes is None:
+        logits, cache = model.prefill(params, prompt_tokens[first], positions[first],
+                                      prompt_mask[first], cache)
+    else:
+        m, kk, dtype = routes
+        logits, cache, ids = model.prefill_routes(params, prompt_tokens[first], positions[first],
+                                                  prompt_mask[first], cache)
+        buf = _put_prompts(jnp.zeros((n_rows, p + n, m, kk), dtype), jnp.where(
+            live, first, n_rows), ids, prompt_mask[first])
     out = (jnp.zeros((n_rows, n), jnp.int32), jnp.zeros((n_rows, n), jnp.int32),
            jnp.zeros((n_rows, n), jnp.float32), jnp.zeros((n_rows, n, k), jnp.int32),
            jnp.zeros((n_rows, n, k), jnp.float32), jnp.full((n_rows,), FINISH_LENGTH, jnp.int32))
     init = _State(logits, cache, key, jnp.arange(s, dtype=jnp.int32), jnp.zeros((s,), jnp.int32),
-                  lengths[first], live, jnp.minimum(num_rows, s).astype(jnp.int32), out)
+                  lengths[first], live, jnp.minimum(num_rows, s).astype(jnp.int32), out, buf)
+
+    def prefill(rows):
+        args = (params, prompt_tokens[rows], positions[rows], prompt_mask[rows],
+                model.init_cache(r, p))
+        if routes is None:
+            return (*model.prefill(*args), None)
+        return model.prefill_routes(*args)
 
     def start(st: _State):
         """Prefills up to R pending rows for the lowest free slots: (the state without its
-        cache, the rows' [R, ., P, .] cache, the slots they go to; s = none)."""
+        cache, the rows' [R, ., P, .] cache, the slots they go to (s = none), the rows they
+        decode (n_rows = none), the prefill's routed experts [R, P, M, k] or None)."""
         free_first = jnp.argsort(st.live.astype(jnp.int32), stable=True)[:r]
         count = jnp.minimum(jnp.minimum(r, jnp.sum(~st.live)), num_rows - st.next_row)
         use = jnp.arange(r) < count
         slots = jnp.where(use, free_first, s)  # slot s: out of range, the write is dropped
         rows = jnp.minimum(st.next_row + jnp.arange(r), n_rows - 1)
-        lg, new = model.prefill(params, prompt_tokens[rows], positions[rows], prompt_mask[rows],
-                                model.init_cache(r, p))
+        lg, new, ids = prefill(rows)
         put = lambda buf, val: buf.at[slots].set(val, mode="drop")
         return (st._replace(logits=put(st.logits, lg), row=put(st.row, rows),
                             step=put(st.step, 0), pos=put(st.pos, lengths[rows]),
                             live=put(st.live, True), next_row=st.next_row + count),
-                new, slots)
+                new, slots, jnp.where(use, rows, n_rows), ids)
 
     def skip(st: _State):
-        return st, model.init_cache(r, p), jnp.full((r,), s, jnp.int32)
+        ids = None if routes is None else jnp.zeros((r, p, routes[0], routes[1]), jnp.int32)
+        return (st, model.init_cache(r, p), jnp.full((r,), s, jnp.int32),
+                jnp.full((r,), n_rows, jnp.int32), ids)
 
     def body(st: _State) -> _State:
         key, sub = jax.random.split(st.key)
@@ -121,19 +143,41 @@ def generate(params, prompt_tokens, prompt_mask, num_rows, cache, key, *, model,
         ended = st.live & (hit_eos | (st.step + 1 >= n))
         finish = finish.at[jnp.where(ended, st.row, n_rows)].set(
             jnp.where(hit_eos, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32), mode="drop")
-        logits, cache = model.decode(params, jnp.where(st.live, tok, 0), st.pos, st.cache)
+        buf = st.routes
+        if routes is None:
+            logits, cache = model.decode(params, jnp.where(st.live, tok, 0), st.pos, st.cache)
+        else:  # the consumed token's experts: response column `step` unless it is the last
+            logits, cache, ids = model.decode_routes(params, jnp.where(st.live, tok, 0), st.pos,
+                                                     st.cache)
+            keep = st.live & (st.step < n - 1)
+            buf = buf.at[jnp.where(keep, st.row, n_rows), p + st.step].set(
+                ids.astype(buf.dtype), mode="drop")
         live = st.live & ~ended
         st = st._replace(logits=logits, cache=cache, key=key, step=st.step + 1, pos=st.pos + 1,
-                         live=live, out=(tokens, mask, logp, topk_ids, topk_logp, finish))
+                         live=live, out=(tokens, mask, logp, topk_ids, topk_logp, finish),
+                         routes=buf)
         pending = num_rows - st.next_row
         go = (pending > 0) & (jnp.sum(~live) >= jnp.minimum(r, pending))
         # the cache stays outside the cond (a cond that may pass it through unchanged made XLA
         # copy it); the refill's writes then go in place, dropped when nothing was prefilled
-        small, new, slots = jax.lax.cond(go, start, skip, st._replace(cache=None))
-        return small._replace(cache=model.insert(st.cache, new, slots))
+        # so does the routes buffer: the refilled rows' prompt ids are written after it
+        small, new, slots, rows, ids = jax.lax.cond(go, start, skip,
+                                                    st._replace(cache=None, routes=None))
+        if routes is not None:
+            buf = _put_prompts(buf, rows, ids, prompt_mask[jnp.minimum(rows, n_rows - 1)])
+        return small._replace(cache=model.insert(st.cache, new, slots), routes=buf)
 
     def cond(st: _State):
         return jnp.any(st.live) | (st.next_row < num_rows)
 
     st = jax.lax.while_loop(cond, body, init)
-    return st.out, st.cache
+    return (*st.out, st.routes), st.cache
+
+
+def _put_prompts(buf, rows, ids, prompt_mask):
+    """Writes a prefill's routed experts ids [R, P, M, k] into rows ``rows`` [R] (>= the
+    buffer's rows: dropped) of ``buf`` [rows, P + N, M, k], prompt columns only, left padding
+    0."""
+    p = ids.shape[1]
+    ids = jnp.where(prompt_mask[:, :, None, None] > 0, ids, 0).astype(buf.dtype)
+    return buf.at[rows, :p].set(ids, mode="drop")

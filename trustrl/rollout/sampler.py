@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from trustrl.rollout import continuous
 from trustrl.core import divergences
 from trustrl.infra import multihost
-from trustrl.rollout.record import FINISH_EOS, FINISH_LENGTH, Rollout
+from trustrl.rollout.record import FINISH_EOS, FINISH_LENGTH, Rollout, routes_dtype
 
 
 def _is_int(x) -> bool:
@@ -66,6 +66,10 @@ class SamplerConfig:
     max_rows: int = 0
     continuous: bool = True
     refill_rows: int = 0          # rows prefilled per refill (0 = auto: max_rows / 8, <= 8)
+    # R3: record Rollout.routed_experts, the experts a mixture-of-experts policy routed every
+    # processed token to ([B, P + N, M, k] uint8 / uint16: B x (P + N) x M x k bytes per call);
+    # needs a model with experts
+    record_routes: bool = False
 
     def __post_init__(self):
         """Checks every field that does not depend on the vocabulary (``validate`` does the
@@ -74,7 +78,7 @@ class SamplerConfig:
                           ("min_prompt_bucket", 1), ("max_prompt_len", 1), ("max_rows", 0),
                           ("refill_rows", 0)):
             check_int(name, getattr(self, name), low)
-        for name in ("greedy", "continuous"):
+        for name in ("greedy", "continuous", "record_routes"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name, valid in (("temperature", "> 0"), ("top_p", "in (0, 1]")):
@@ -216,6 +220,22 @@ class _LoopState(NamedTuple):
     topk_ids: jax.Array
     topk_logp: jax.Array
     mask: jax.Array
+    routes: Any = None  # [B, P + N, M, k] (record_routes) or None
+
+
+def _route_spec(model, cfg: SamplerConfig):
+    """(M, k, dtype) of the routed-experts buffer when ``cfg.record_routes``, else None."""
+    if not cfg.record_routes:
+        return None
+    return model.moe_layers, model.experts_per_tok, routes_dtype(model.num_experts)
+
+
+def prompt_routes(ids, prompt_mask, n: int, dtype):
+    """The routed-experts buffer [B, P + N, M, k] of a prefill: the prompt columns' ids [B, P,
+    M, k] where the prompt is real (left padding 0), the N response columns 0."""
+    b, p, m, k = ids.shape
+    ids = jnp.where(prompt_mask[:, :, None, None] > 0, ids, 0).astype(dtype)
+    return jnp.concatenate([ids, jnp.zeros((b, n, m, k), dtype)], axis=1)
 
 
 def _next_token(logits, key, cfg: SamplerConfig):
@@ -240,9 +260,9 @@ def _record_topk(logp_full, cfg: SamplerConfig):
 def _k_sets(out):
     """The recorded top-K of a whole call made K-sets (divergences.build_topk_set's rule).
     Padding positions (id 0, log-prob 0, token 0) stay as they are."""
-    tokens, mask, logp, topk_ids, topk_logp, finish = out
+    tokens, mask, logp, topk_ids, topk_logp, finish, routes = out
     topk_ids, topk_logp = divergences.force_sampled(topk_ids, topk_logp, tokens, logp)
-    return tokens, mask, logp, topk_ids, topk_logp, finish
+    return tokens, mask, logp, topk_ids, topk_logp, finish, routes
 
 
 def _generate_continuous(params, prompt_tokens, prompt_mask, num_rows, cache, key, *,
@@ -252,7 +272,7 @@ def _generate_continuous(params, prompt_tokens, prompt_mask, num_rows, cache, ke
         max_new_tokens=cfg.max_new_tokens, eos_ids=cfg.eos_ids, refill=cfg.refill_rows,
         next_token=functools.partial(_next_token, cfg=cfg),
         record_topk=functools.partial(_record_topk, cfg=cfg) if cfg.record_topk else None,
-        topk=cfg.record_topk)
+        topk=cfg.record_topk, routes=_route_spec(model, cfg))
     return (_k_sets(out) if cfg.record_topk else out), cache
 
 
@@ -261,7 +281,14 @@ def _generate(params, prompt_tokens, prompt_mask, cache, key, *, model,
     b, p = prompt_tokens.shape
     n, k = cfg.max_new_tokens, max(cfg.record_topk, 1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-    logits, cache = model.prefill(params, prompt_tokens, positions, prompt_mask, cache)
+    spec = _route_spec(model, cfg)
+    routes = None
+    if spec is None:
+        logits, cache = model.prefill(params, prompt_tokens, positions, prompt_mask, cache)
+    else:
+        logits, cache, ids = model.prefill_routes(params, prompt_tokens, positions, prompt_mask,
+                                                  cache)
+        routes = prompt_routes(ids, prompt_mask, n, spec[2])
     next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
     eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 
@@ -280,7 +307,14 @@ def _generate(params, prompt_tokens, prompt_mask, cache, key, *, model,
             state = state._replace(topk_ids=upd(s.topk_ids, jnp.where(live[:, None], ids, 0)),
                                    topk_logp=upd(s.topk_logp, lp * livef[:, None]))
         done = s.done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
-        logits, cache = model.decode(params, tok, s.positions, s.cache)
+        if spec is None:
+            logits, cache = model.decode(params, tok, s.positions, s.cache)
+        else:  # the ids of the token this step consumes: response column `step` (not the last)
+            logits, cache, ids = model.decode_routes(params, tok, s.positions, s.cache)
+            keep = (live & (s.step < n - 1))[:, None, None]
+            col = jnp.where(keep, ids, 0).astype(spec[2])[:, None]
+            state = state._replace(routes=jax.lax.dynamic_update_slice_in_dim(
+                s.routes, col, p + s.step, axis=1))
         return state._replace(step=s.step + 1, logits=logits, positions=s.positions + 1,
                               cache=cache, done=done, key=key)
 
@@ -291,10 +325,11 @@ def _generate(params, prompt_tokens, prompt_mask, cache, key, *, model,
         step=jnp.int32(0), logits=logits, positions=next_pos, cache=cache,
         done=jnp.zeros((b,), bool), key=key, tokens=jnp.zeros((b, n), jnp.int32),
         logp=jnp.zeros((b, n), jnp.float32), topk_ids=jnp.zeros((b, n, k), jnp.int32),
-        topk_logp=jnp.zeros((b, n, k), jnp.float32), mask=jnp.zeros((b, n), jnp.int32))
+        topk_logp=jnp.zeros((b, n, k), jnp.float32), mask=jnp.zeros((b, n), jnp.int32),
+        routes=routes)
     s = jax.lax.while_loop(cond, body, init)
     finish = jnp.where(s.done, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32)
-    out = (s.tokens, s.mask, s.logp, s.topk_ids, s.topk_logp, finish)
+    out = (s.tokens, s.mask, s.logp, s.topk_ids, s.topk_logp, finish, s.routes)
     return (_k_sets(out) if cfg.record_topk else out), s.cache
 
 
@@ -307,6 +342,11 @@ class Sampler:
 
     def __init__(self, model, cfg: SamplerConfig, *, batch_sharding=None):  # a DecodeModel
         cfg.validate(model.vocab_size)
+        if cfg.record_routes and getattr(model, "prefill_routes", None) is None:
+            raise ValueError("record_routes=True records the experts a mixture-of-experts "
+                             "policy routes each token to, but this model has no experts (a "
+                             "dense model, num_experts=0, or a DecodeModel without "
+                             "prefill_routes / decode_routes); set record_routes=False")
         self.model, self.cfg = model, cfg
         self.batch_sharding = batch_sharding
         # The KV cache is allocated once per (batch, length) bucket and donated to every call,
@@ -319,8 +359,8 @@ class Sampler:
             cont_model = model._replace(insert=self._local_insert(model.insert))
         cont = functools.partial(_generate_continuous, model=cont_model, cfg=cfg)
         if batch_sharding is not None:  # outputs and the returned cache keep the batch layout
-            gen = lambda *a, _g=gen: self._constrain(_g(*a))  # so the donated cache fits again
-            cont = lambda *a, _g=cont: self._constrain(_g(*a))
+            gen = lambda *a, _g=gen: self._constrain_out(*_g(*a))  # so the donated cache fits
+            cont = lambda *a, _g=cont: self._constrain_out(*_g(*a))  # again
         self._run = jax.jit(gen, donate_argnums=(3,))
         self._run_continuous = jax.jit(cont, donate_argnums=(4,))
         self._caches = {}
@@ -350,6 +390,12 @@ class Sampler:
                                  out_specs=cache_specs, check_vma=False)(cache, new, slots)
         return fn
 
+    def _constrain_out(self, out, cache):
+        """(out, cache) of a call constrained: the cache by ``_constrain``, the outputs over
+        their batch axis only (the routed experts [B, T, M, k] are not a KV cache)."""
+        return jax.tree.map(jax.lax.with_sharding_constraint, out,
+                            self.layout(out, kv=False)), self._constrain(cache)
+
     def _constrain(self, tree):
         """Every leaf sharded over its leading (batch) axis like the prompts, scalars replicated,
         and the KV cache's [batch, kv_heads, length, head_dim] keys / values also over the
@@ -358,10 +404,11 @@ class Sampler:
         (each shape compiles once), and a tensor-parallel mesh splits the cache 4-D leaves."""
         return jax.tree.map(jax.lax.with_sharding_constraint, tree, self.layout(tree))
 
-    def layout(self, tree):
-        """The NamedShardings ``_constrain`` gives the leaves of ``tree`` (arrays or shapes)."""
+    def layout(self, tree, kv: bool = True):
+        """The NamedShardings ``_constrain`` gives the leaves of ``tree`` (arrays or shapes);
+        ``kv=False``: every leaf over its batch axis only."""
         mesh, spec = self.batch_sharding.mesh, self.batch_sharding.spec
-        tensor = mesh.shape.get("tensor", 1)
+        tensor = mesh.shape.get("tensor", 1) if kv else 1
 
         def spec_of(x):
             if not x.ndim:
@@ -483,11 +530,12 @@ class Sampler:
         return self._rollout((toks, mask, *out), n_prompts, group_size)
 
     def _rollout(self, arrays, n_prompts, group_size) -> Rollout:
-        toks, mask, tokens, rmask, logp, topk_ids, topk_logp, finish = arrays
+        toks, mask, tokens, rmask, logp, topk_ids, topk_logp, finish, routes = arrays
         if not self.cfg.record_topk:
             topk_ids = topk_logp = None
         return Rollout(
             prompt_tokens=toks, prompt_mask=mask, response_tokens=tokens, response_mask=rmask,
             rollout_logp=logp, rollout_topk_ids=topk_ids, rollout_topk_logp=topk_logp,
             finish_reason=finish,
-            group_index=jnp.repeat(jnp.arange(n_prompts, dtype=jnp.int32), group_size))
+            group_index=jnp.repeat(jnp.arange(n_prompts, dtype=jnp.int32), group_size),
+            routed_experts=routes)
