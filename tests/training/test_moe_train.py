@@ -334,10 +334,10 @@ def test_rollout_batch_and_batch_shapes_carry_routed_experts():
     fields = dict(tokens=jnp.zeros((2, 5), jnp.int32), valid_mask=jnp.ones((2, 5), jnp.int32),
                   positions=jnp.zeros((2, 5), jnp.int32), response_tokens=jnp.zeros((2, 2)),
                   response_mask=jnp.ones((2, 2)), rollout_logp=jnp.zeros((2, 2)),
-                  rollout_topk_ids=None, rollout_topk_logp=None)
+                  rollout_topk_ids=None, rollout_topk_logp=None, routed_experts=None)
     routed = jnp.zeros((2, 5, 2, K), jnp.uint8)
     assert "routed_experts" not in ts.rollout_batch(types.SimpleNamespace(**fields), [0., 0.])
-    with_routes = types.SimpleNamespace(**fields, routed_experts=routed)
+    with_routes = types.SimpleNamespace(**{**fields, "routed_experts": routed})
     assert ts.rollout_batch(with_routes, [0., 0.])["routed_experts"] is routed
     assert "routed_experts" not in ts.batch_shapes(2, 3, 2)
     shape = ts.batch_shapes(2, 3, 2, routed_experts=CFG)["routed_experts"]

@@ -29,7 +29,7 @@ from trustrl.model import moe as moe_lib
 from trustrl.model import policy
 from trustrl.model import transformer as model_lib
 from trustrl.model import vocab_head
-from trustrl.rollout.record import Rollout
+from trustrl.rollout.record import Rollout, routes_dtype
 
 # The train step's vocabulary head: "loss_fused" (the fused head handed the loss's d loss / d logp,
 # vocab_head.fused_head's logp_grad, for every elementwise method; the default), "fused" (the
@@ -82,12 +82,6 @@ def abstract_state(params, tx, shardings: TrainState) -> TrainState:
     return jax.tree.map(spec, shapes, shardings)
 
 
-def routed_dtype(num_experts: int):
-    """The smallest unsigned integer dtype that holds expert ids 0 .. num_experts - 1 (how a
-    rollout records its routed experts)."""
-    return jnp.dtype(jnp.uint8 if num_experts <= 256 else jnp.uint16)
-
-
 def rollout_batch(r: Rollout, advantages, old_logp=None) -> dict:
     """The arrays train_step consumes, all with a leading batch axis; ``routed_experts``
     [b, P + N, M, k] when the rollout recorded the experts it routed to."""
@@ -96,9 +90,8 @@ def rollout_batch(r: Rollout, advantages, old_logp=None) -> dict:
                  rollout_logp=r.rollout_logp, advantages=jnp.asarray(advantages, jnp.float32))
     if r.rollout_topk_ids is not None:
         batch.update(topk_ids=r.rollout_topk_ids, topk_logp=r.rollout_topk_logp)
-    routed = getattr(r, "routed_experts", None)
-    if routed is not None:
-        batch["routed_experts"] = routed
+    if r.routed_experts is not None:
+        batch["routed_experts"] = r.routed_experts
     if old_logp is not None:
         batch["old_logp"] = old_logp
     return batch
@@ -127,7 +120,7 @@ def batch_shapes(rows: int, prompt_len: int, num_new: int, *, topk: int = 0,
             raise ValueError(f"routed_experts: the model (family {c.family!r}) has no "
                              f"mixture-of-experts layers, so there are no experts to record")
         out["routed_experts"] = s((rows, t, len(c.sparse_layers), c.num_experts_per_tok),
-                                  routed_dtype(c.num_experts))
+                                  routes_dtype(c.num_experts))
     return out
 
 
