@@ -384,3 +384,26 @@ def test_loads_straight_into_a_mesh(tmp_path):
         assert got.spec == want["layers_0"]["mlp"][name].spec, name
     assert "fsdp" in loaded["layers_0"]["mlp"]["expert_gate"].sharding.spec
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(params))
+
+
+def test_qwen3_30b_a3b_shapes():
+    """Qwen3-30B-A3B's architecture (48 layers of 128 experts, 8 per token; the shapes slime's
+    and Megatron's scripts use): 30.5B parameters, 3.3B active (its model card), every layer
+    sparse so the layers scan, and 3 + 48 * (8 + 1 + 128 * 3) hub tensors."""
+    config = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                  vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                  num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                  head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                  norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                  tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6,
+                  max_position_embeddings=40960, torch_dtype="bfloat16")
+    cfg = hf.config_from_hf(config, param_dtype="bfloat16", dtype="bfloat16")
+    assert cfg.scan_layers and cfg.sparse_layers == tuple(range(48))
+    shapes = M.param_shapes(cfg)
+    assert shapes["layers"]["mlp"]["expert_down"].shape == (48, 128, 768, 2048)
+    total = sum(x.size for x in jax.tree.leaves(shapes))
+    experts = sum(shapes["layers"]["mlp"][n].size for n in ("expert_gate", "expert_up",
+                                                             "expert_down"))
+    active = total - experts + experts * 8 // 128
+    assert abs(total / 30.5e9 - 1) < 0.005 and abs(active / 3.3e9 - 1) < 0.02, (total, active)
+    assert len(hf.tensor_map(cfg)) == 3 + 48 * (8 + 1 + 128 * 3)
