@@ -115,7 +115,7 @@ def test_unsupported_model_type_lists_the_supported_ones(exported, tmp_path):
     with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2' \(no 'architectures' "
                                          r"given\) in .*config\.json; supported: "
                                          r".*LlamaForCausalLM.*Qwen3ForCausalLM.*"
-                                         r"model_type \['llama', 'qwen2', 'qwen3'\]"):
+                                         r"model_type \['llama', 'qwen2', 'qwen3', 'qwen3_moe'\]"):
         hf.load_hf_dir(str(tmp_path))
     _edit_config(tmp_path, model_type=None)
     with pytest.raises(ValueError, match="unsupported model_type None"):
