@@ -59,6 +59,37 @@ def test_fields_build_a_qwen3_moe_model_scanned_when_layers_are_alike():
     assert m.moe_impl == "dense" and m.num_experts == 8  # the checkpoint's shape is kept
 
 
+def test_the_run_records_and_replays_the_routing_of_a_moe():
+    """experiment's programs: a MoE's rollout sampler records its routed experts (greedy eval
+    does not); with routing_replay the score pass / train step are built to replay them and
+    their compiled batch carries them; router_aux_loss_coef reaches the train step."""
+    import optax
+
+    class Tok:
+        eos_id = 1
+    mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=4), jax.devices()[:8])
+    for overrides, replay in (({}, False), ({"model.routing_replay": True,
+                                             "model.router_aux_loss_coef": 0.01}, True)):
+        cfg = tiny_moe(**overrides)
+        m = experiment.model_config(cfg, 300)
+        sampler, greedy = experiment.samplers(cfg, Tok(), m, mesh)
+        assert sampler.cfg.record_routes and not greedy.cfg.record_routes
+        batch = experiment.batch_spec(cfg, sampler.cfg, 8, 16, mesh, old_logp=True, model_cfg=m)
+        assert ("routed_experts" in batch) is replay
+        if replay:
+            assert batch["routed_experts"].shape == (8, 16 + 4, 2, 2)
+            assert batch["routed_experts"].dtype == np.uint8
+        score = experiment.score_program(cfg, m, mesh)
+        assert score.__wrapped__.keywords["routing_replay"] is replay
+        step = experiment.train_step_program(cfg, m, m, optax.sgd(0.1), None, mesh)
+        kw = step.__wrapped__.keywords
+        assert kw["routing_replay"] is replay
+        assert kw["router_aux_loss_coef"] == (0.01 if replay else 0.0)
+    dense = default.get_config("tiny")
+    sampler, _ = experiment.samplers(dense, Tok(), experiment.model_config(dense, 300), mesh)
+    assert not sampler.cfg.record_routes
+
+
 def test_a_dense_config_builds_the_same_model_as_before():
     """Dense runs must not change: the same ModelConfig as before the MoE fields existed (its
     repr keys the warm-start cache)."""
@@ -313,14 +344,16 @@ def test_every_table_1_preset_validates_with_the_papers_numbers():
 @pytest.mark.optimized  # execution-bound: compiled at XLA's default level
 @pytest.mark.slow
 def test_tiny_moe_learns_on_the_default_task(tmp_path):
-    """tests/training/test_train.py::test_learning_happens with experts: 16 one-digit additions,
-    a short warm start, then RL iterations of DPPO-Binary-TV; the training reward rises."""
+    """tests/training/test_train.py::test_learning_happens with experts and routing replay (R3):
+    16 one-digit additions, a short warm start, then RL iterations of DPPO-Binary-TV; the
+    training reward rises, and every iteration logs the routing mismatch."""
     from trustrl.infra.metrics import read_jsonl
     from trustrl.training import loop as train
     cfg = tiny_moe(**LEARN_MOE)
-    assert experiment.model_config(cfg, 270).num_experts == 4
+    assert experiment.model_config(cfg, 270).num_experts == 4 and cfg.model.routing_replay
     train.train(cfg, str(tmp_path / "run"))
     rows = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    assert all(0 <= r["moe/routing_mismatch"] <= 1 for r in rows), rows[-1]
     rewards = [r["reward/mean"] for r in rows]
     first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
     assert last > first + 0.03, rewards
@@ -331,6 +364,7 @@ LEARN_MOE = {
     "model.num_layers": 2, "model.hidden_size": 64, "model.intermediate_size": 128,
     "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": 16,
     "model.num_experts": 4, "model.num_experts_per_tok": 2, "model.moe_intermediate_size": 64,
+    "model.routing_replay": True,
     "task.difficulty": 1, "task.num_train": 16, "task.num_test": 16,
     "tokenizer.vocab_size": 270,
     "warmstart.steps": 100, "warmstart.batch_size": 32, "warmstart.learning_rate": 3e-3,

@@ -219,10 +219,12 @@ def with_run_fields(cfg, model_cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(model_cfg, **kernels)
 
 
-def _sampler_cfg(cfg, tokenizer, *, greedy: bool, record_topk: bool | None = None
-                 ) -> SamplerConfig:
+def _sampler_cfg(cfg, tokenizer, *, greedy: bool, record_topk: bool | None = None,
+                 record_routes: bool = False) -> SamplerConfig:
     """The run's sampler settings. mu's top-K is recorded (rollout.record_topk) only where it
-    is read: ``record_topk`` None = when the loss method is a top-K one (greedy: never)."""
+    is read: ``record_topk`` None = when the loss method is a top-K one (greedy: never).
+    ``record_routes``: record the experts a mixture of experts routed every token to (R3 and the
+    routing metrics; never when greedy)."""
     eos = tuple(i for i in (tokenizer.eos_id,) if i is not None)
     if record_topk is None:
         record_topk = losses.METHODS[cfg.loss.method].divergence == "topk"
@@ -232,7 +234,7 @@ def _sampler_cfg(cfg, tokenizer, *, greedy: bool, record_topk: bool | None = Non
         greedy=greedy, eos_ids=eos,
         record_topk=cfg.rollout.record_topk if record_topk and not greedy else 0,
         max_rows=cfg.rollout.max_rows, continuous=cfg.rollout.continuous,
-        refill_rows=cfg.rollout.refill_rows)
+        refill_rows=cfg.rollout.refill_rows, record_routes=bool(record_routes and not greedy))
 
 
 def _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir):
@@ -335,13 +337,25 @@ def optimizer(cfg):
     return optim.make_optimizer(cfg.optim, total_steps)
 
 
+def routing_replay(cfg) -> bool:
+    """model.routing_replay (R3): the score pass and the train step replay the rollout's
+    recorded experts (trustrl.training.step.replay_routes)."""
+    return bool(cfg.model.get("routing_replay", False))
+
+
 def batch_spec(cfg, sampler_cfg: SamplerConfig, rows: int, prompt_width: int, mesh, *,
-               old_logp: bool) -> dict:
+               old_logp: bool, model_cfg: ModelConfig | None = None) -> dict:
     """The sharded abstract batch (jax.ShapeDtypeStructs) of ``rows`` rollouts of
     ``prompt_width`` + rollout.max_new_tokens tokens, with mu's top-K where the sampler records
-    it and ``old_logp`` where the run keeps it: what the score pass and the train step run on."""
+    it, ``old_logp`` where the run keeps it and, with routing replay, the recorded experts of
+    ``model_cfg``: what the score pass and the train step run on."""
+    replay = routing_replay(cfg) and sampler_cfg.record_routes
+    if replay and model_cfg is None:
+        raise ValueError("batch_spec: routing replay batches carry the recorded experts; pass "
+                         "model_cfg (the mixture of experts)")
     shapes = ts.batch_shapes(rows, prompt_width, cfg.rollout.max_new_tokens,
-                             topk=sampler_cfg.record_topk, old_logp=old_logp)
+                             topk=sampler_cfg.record_topk, old_logp=old_logp,
+                             routed_experts=model_cfg if replay else None)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                     sharding=sharding.batch_sharding(mesh, len(v.shape)))
             for k, v in shapes.items()}
@@ -349,9 +363,12 @@ def batch_spec(cfg, sampler_cfg: SamplerConfig, rows: int, prompt_width: int, me
 
 def samplers(cfg, tokenizer, roll_cfg, mesh) -> tuple[Sampler, Sampler]:
     """(the rollout sampler, also evaluation's pass@k sampler; the greedy evaluation sampler).
-    ``tokenizer``: anything with an ``eos_id``."""
+    ``tokenizer``: anything with an ``eos_id``. The rollout sampler of a mixture of experts
+    records the experts it routed every token to (Rollout.routed_experts)."""
     batch_sharding = sharding.batch_sharding(mesh)
-    return tuple(Sampler(policy.decode_model(roll_cfg), _sampler_cfg(cfg, tokenizer, greedy=g),
+    moe = bool(roll_cfg.sparse_layers)  # a mixture of experts records its routing (R3, metrics)
+    return tuple(Sampler(policy.decode_model(roll_cfg),
+                         _sampler_cfg(cfg, tokenizer, greedy=g, record_routes=moe),
                          batch_sharding=batch_sharding) for g in (False, True))
 
 
@@ -360,7 +377,8 @@ def score_program(cfg, model_cfg, mesh):
     ``score_microbatches(cfg)`` parts."""
     return jax.jit(functools.partial(ts.score, model_cfg=model_cfg,
                                      temperature=float(cfg.rollout.temperature), mesh=mesh,
-                                     microbatches=cv.score_microbatches(cfg)))
+                                     microbatches=cv.score_microbatches(cfg),
+                                     routing_replay=routing_replay(cfg)))
 
 
 def train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh):
@@ -369,5 +387,8 @@ def train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh):
     return jax.jit(functools.partial(ts.train_step, model_cfg=model_cfg, loss_cfg=cfg.loss, tx=tx,
                                      mesh=mesh, rollout_model_cfg=roll_cfg,
                                      temperature=float(cfg.rollout.temperature),
-                                     microbatches=cfg.train.microbatches),
+                                     microbatches=cfg.train.microbatches,
+                                     routing_replay=routing_replay(cfg),
+                                     router_aux_loss_coef=float(
+                                         cfg.model.get("router_aux_loss_coef", 0.0))),
                    donate_argnums=(0,), out_shardings=(state_sh, NamedSharding(mesh, P())))
