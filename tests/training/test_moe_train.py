@@ -387,3 +387,20 @@ def test_dense_train_step_equals_a_direct_computation_and_has_no_moe_metrics():
     _close(g, g_ref, rtol=1e-4, atol=1e-7)
     cfg_run = default.get_config("tiny")
     assert loop.routing_program(cfg_run, cfg, None) is None  # the loop adds nothing for dense
+
+
+@pytest.mark.slow
+def test_a_tiny_moe_run_logs_routing_metrics_with_replay(tmp_path):
+    """The loop end to end (default.py:tiny_moe, one iteration, R3 on): the sampler's recorded
+    experts reach the score pass, the train step and the routing metrics."""
+    cfg = default.get_config("tiny_moe")
+    cfg.train.iterations, cfg.eval.every = 1, 0
+    cfg.model.routing_replay, cfg.model.router_aux_loss_coef = True, 0.01
+    _, metrics = loop.train(cfg, str(tmp_path / "run"))
+    for k in ("moe/routing_mismatch", "moe/routing_flip_tokens", "moe/logp_absdiff_flipped",
+              "moe/logp_absdiff_unflipped", "moe/aux_loss", "moe/load_max", "moe/load_mean",
+              "moe/imbalance_max", "rollout/mismatch_mean"):
+        assert k in metrics and np.isfinite(float(metrics[k])), k
+    assert 0.0 <= float(metrics["moe/routing_mismatch"]) <= float(
+        metrics["moe/routing_flip_tokens"]) <= 1.0
+    assert float(metrics["moe/imbalance_max"]) >= 1.0
