@@ -4,6 +4,7 @@ The server samples with trustrl's own Sampler, so a seeded request must give bac
 record the sampler produces; its trap modes return the log-probs that real engines get wrong,
 and the client must refuse them by comparing with a real trainer-side recompute.
 """
+import base64
 import contextlib
 import dataclasses
 import gzip
@@ -717,3 +718,126 @@ def test_llama_cpp_replay_logprobs_0_and_n_above_parallel():
                             model="m", engine="llama.cpp")["logprobs"] == 1
     assert "Field 'n': Value must be between 1 <= value <= 4, but got 64" in d["answers"][1][
         "http_error"]
+
+
+# ---------------------------------------------- routed experts (R3), SGLang's return_routed_experts
+
+MOE_X, MOE_K = 6, 2
+LAYOUT = rollout_lib.RouteLayout(num_layers=3, sparse_layers=(0, 2), experts_per_tok=MOE_K,
+                                 num_experts=MOE_X)
+
+
+def _routed_answer(ids, lp=-0.1, finish="stop", routes=None, wire="int32"):
+    """A one-row SGLang answer (completions shape) carrying ``routes`` [T, L, k] (None: none)
+    as sglext.routed_experts."""
+    t = lambda i: f"token_id:{i}"  # noqa: E731
+    answer = {"choices": [_choice([t(i) for i in ids], [lp] * len(ids), None, finish)],
+              "usage": {"completion_tokens": len(ids)}}
+    if routes is not None:
+        raw = base64.b64encode(np.asarray(routes, wire).tobytes()).decode()
+        answer["sglext"] = {"routed_experts": raw} if wire == "int32" else {
+            "routed_experts": raw, "routed_experts_dtype": wire}
+    return answer
+
+
+def _routed_rows(answers, prompts=([4, 5], [6, 7, 8]), n=3, layout=LAYOUT):
+    cfg = SamplerConfig(max_new_tokens=n, record_topk=0, eos_ids=(7,), record_routes=True,
+                        min_prompt_bucket=4)
+    return ec.rollout_from_response(answers, [np.asarray(p) for p in prompts], 1, cfg, V,
+                                    engine="sglang", route_layout=layout)
+
+
+def test_routed_experts_are_read_into_the_record_layout():
+    rng = np.random.default_rng(0)
+    # row 0: prompt 2 + 3 tokens (no EOS: length) -> 4 positions; row 1: prompt 3 + 1 (EOS)
+    r0 = rng.integers(0, MOE_X, (4, 3, MOE_K))
+    r1 = rng.integers(0, MOE_X, (3, 3, MOE_K))
+    r1[:, 1] = 99  # the dense layer's row: not kept (SGLang leaves dense layers' rows as is)
+    r = _routed_rows([_routed_answer([4, 5, 6], finish="length", routes=r0),
+                      _routed_answer([7], routes=r1, wire="uint8")])
+    got = np.asarray(r.routed_experts)
+    assert got.shape == (2, 4 + 3, 2, MOE_K) and got.dtype == np.uint8
+    want = np.zeros_like(got)
+    want[0, 2:6] = r0[:, [0, 2]]  # prompt columns 2, 3 and response columns 0, 1 (4, 5)
+    want[1, 1:4] = r1[:, [0, 2]]  # prompt columns 1..3; its one token (EOS) never processed
+    np.testing.assert_array_equal(got, want)
+    rollout_lib.validate(r, V, num_experts=MOE_X)
+
+
+def test_routed_experts_missing_or_malformed_are_refused():
+    rng = np.random.default_rng(1)
+    ok = lambda: rng.integers(0, MOE_X, (4, 3, MOE_K))  # noqa: E731
+    one = lambda answer: _routed_rows([answer], prompts=([4, 5],))  # noqa: E731
+    with pytest.raises(ec.EngineError, match="no routed experts .*--enable-return-routed-exp"):
+        one(_routed_answer([4, 5, 6], finish="length"))
+    with pytest.raises(ec.EngineError, match=r"10 routed-expert ids, expected .* \[4, 3, 2\]"):
+        one(dict(_routed_answer([4, 5, 6], finish="length"), sglext={
+            "routed_experts": base64.b64encode(np.zeros(10, np.int32).tobytes()).decode()}))
+    bad = ok()
+    bad[1, 2, 0] = MOE_X
+    with pytest.raises(ec.EngineError, match=r"ids \[6\] outside \[0, num_experts=6\)"):
+        one(_routed_answer([4, 5, 6], finish="length", routes=bad))
+    bad[1, 2, 0] = 0
+    bad[0, 1, 0] = MOE_X  # the dense layer: ignored
+    assert int(np.asarray(one(_routed_answer([4, 5, 6], finish="length", routes=bad))
+                          .routed_experts).max()) < MOE_X
+    with pytest.raises(ec.EngineError, match="not base64 int32"):
+        one(dict(_routed_answer([4, 5, 6], finish="length"),
+                 sglext={"routed_experts": "%%%"}))
+    with pytest.raises(ec.EngineError, match="dtype 'int64'"):
+        one(dict(_routed_answer([4, 5, 6], finish="length"),
+                 sglext={"routed_experts": "AAAA", "routed_experts_dtype": "int64"}))
+    with pytest.raises(ec.EngineError, match="one answer per row .* first choice only"):
+        _routed_rows({"choices": [_routed_answer([4])["choices"][0],
+                                  dict(_routed_answer([4])["choices"][0], index=1)]})
+
+
+def test_routed_experts_request_and_options():
+    cfg = SamplerConfig(max_new_tokens=3, record_topk=0, record_routes=True)
+    body = ec.build_request([np.asarray([1, 2])], 1, cfg, model="m", engine="sglang")
+    assert body["return_routed_experts"] is True and body["n"] == 1
+    with pytest.raises(ValueError, match="engine='vllm' is not 'sglang'"):
+        ec.build_request([np.asarray([1, 2])], 1, cfg, model="m", engine="vllm")
+    with pytest.raises(ValueError, match="one row .* first choice only"):
+        ec.build_request([np.asarray([1, 2])], 2, cfg, model="m", engine="sglang")
+    assert "return_routed_experts" not in ec.build_request(
+        [np.asarray([1, 2])], 2, dataclasses.replace(cfg, record_routes=False), model="m",
+        engine="sglang")
+    url = "http://127.0.0.1:1"
+    with pytest.raises(ValueError, match="record_routes=True needs route_layout"):
+        ec.EngineClient(url, cfg, V, check_rows=0, engine="sglang")
+    with pytest.raises(ValueError, match="the engine is 'vllm': serve the model with SGLang"):
+        ec.EngineClient(url, cfg, V, check_rows=0, engine="vllm", route_layout=LAYOUT)
+    with pytest.raises(ValueError, match=r"extra_body\['routed_experts_start_len'\]"):
+        ec.EngineClient(url, cfg, V, check_rows=0, engine="sglang", route_layout=LAYOUT,
+                        extra_body={"routed_experts_start_len": 3})
+    with pytest.raises(ValueError, match="no layer with experts"):
+        rollout_lib.RouteLayout.of(M.ModelConfig.tiny(V))
+
+
+def test_routed_experts_round_trip_through_the_local_server():
+    # the local server answers return_routed_experts as SGLang does; the client's record holds
+    # the trainer forward's own routing at every processed position (layer 1 has no experts)
+    cfg = M.ModelConfig.tiny(V, family="qwen3_moe", num_experts=MOE_X,
+                             num_experts_per_tok=MOE_K, moe_intermediate_size=16,
+                             num_layers=3, mlp_only_layers=(1,), scan_layers=False)
+    params = _perturbed(M.init_params(cfg, jax.random.key(0)), 1)
+    params = jax.tree_util.tree_map_with_path(  # clear routing decisions
+        lambda p, x: x * 20 if getattr(p[-1], "key", "") == "router" else x, params)
+    scfg = SamplerConfig(max_new_tokens=N, record_topk=K, eos_ids=EOS, temperature=0.7,
+                         record_routes=True)
+    with serve_sampler.SamplerServer(params, cfg) as s:
+        client = ec.EngineClient(s.url, scfg, V, recompute=ec.policy_recompute(params, cfg),
+                                 engine="sglang", route_layout=rollout_lib.RouteLayout.of(cfg),
+                                 log=None)
+        r = client.generate(_prompts((3, 9, 5)), 2, seed=SEED)
+    routes = np.asarray(r.routed_experts)
+    assert routes.shape == (6, 16 + N, 2, MOE_K)
+    _, moe = M.forward_moe(params, cfg, r.tokens, r.positions, r.valid_mask)
+    resp = np.asarray(r.response_mask).copy()
+    last = resp.sum(1) - 1
+    resp[np.arange(6), last] = 0  # the last generated token is never processed
+    done = np.concatenate([np.asarray(r.prompt_mask), resp], 1) > 0
+    np.testing.assert_array_equal(routes[done], np.asarray(moe["ids"])[done])
+    assert not routes[~done].any()
+    assert len(np.unique(routes[done])) == MOE_X and (last > 0).any()

@@ -107,9 +107,33 @@ never corrects the record, and prints the measured gap either way (``log=``).
 ``check_rows=0`` turns it off (then nothing protects the log-probs; not recommended).
 Thresholds are the ``Tolerances`` fields; docs/rollout_engines.md explains the setup.
 The timeout is a deadline per request (connect, headers and body together).
+
+Routed experts (R3, ``SamplerConfig.record_routes=True``; engine "sglang" only, with a
+``route_layout=record.RouteLayout.of(model_cfg)``): the request adds SGLang's
+``return_routed_experts: true`` (the server must run with ``--enable-return-routed-experts``).
+SGLang's OpenAI endpoints answer it at the RESPONSE level, ``sglext.routed_experts``, taken from
+the request's FIRST choice only (sglang python/sglang/srt/entrypoints/openai/
+serving_completions.py, ``_build_completion_response``: "Build sglext at response level (from
+first ret_item ...)"; protocol.py ``class SglExt``), so the client then sends ONE REQUEST PER
+ROW (one prompt, n=1, seed ``row_seed``, ``concurrency`` in flight, default
+ROUTES_CONCURRENCY). The value is a base64 string of the flat row-major ids of dtype int32
+(``sglext.routed_experts_dtype`` "uint8" / "uint16" / "int32" when the server names one), of
+logical shape [seqlen - 1, num_hidden_layers, top_k] (SGLang's docs/basic_usage/
+openai_api_completions, "Returning Routed Experts (MoE Models)"; layers/moe/
+routed_experts_capturer.py: a [tokens, num_hidden_layers, num_experts_per_tok] int32 buffer,
+``get_routed_experts`` returns the positions [0, seqlen - 1); ``extract_routed_experts_from_
+meta_info`` decodes it with np.frombuffer(b64decode(...), int32)): every position of prompt +
+completion but the last token, one row per decoder layer (dense layers included). The client
+keeps ``route_layout.sparse_layers``, checks every id against num_experts and the count against
+the row's prompt and completion lengths, and writes them at the row's columns of
+Rollout.routed_experts (left padding, the last token and the rest 0; record.py). An answer
+without them is an EngineError naming the server flag; ``routed_experts_start_len`` (a partial
+slice) is refused in extra_body.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import concurrent.futures
 import dataclasses
 import functools
@@ -128,7 +152,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trustrl.rollout.record import FINISH_EOS, FINISH_LENGTH, Rollout, validate
+from trustrl.rollout.record import (
+    FINISH_EOS, FINISH_LENGTH, Rollout, RouteLayout, routes_dtype, validate)
 from trustrl.rollout.sampler import (
     SamplerConfig, check_int, as_prompt_list, left_pad, prompt_bucket)
 
@@ -147,6 +172,8 @@ _LLAMA_CPP_REFUSED = {
     "samplers": "the client sends trustrl's order [temperature, top_k, top_p]",
 }
 NO_EOS_ALPHA = 1e-6  # check_stopping's false-alarm bound
+ROUTES_CONCURRENCY = 32  # per-row requests in flight when recording routed experts (default)
+_ROUTES_WIRE = {"int32": np.int32, "uint16": np.uint16, "uint8": np.uint8}  # SGLang's dtypes
 
 
 class EngineError(RuntimeError):
@@ -293,7 +320,14 @@ def build_request(prompts: Sequence[np.ndarray], group_size: int, cfg: SamplerCo
                   model: str, seed: int | None = None, extra: dict | None = None,
                   engine: str = "vllm") -> dict:
     """The /v1/completions body for ``prompts`` (token-id arrays), ``group_size`` samples each,
-    in ``engine``'s dialect (module docstring)."""
+    in ``engine``'s dialect (module docstring); ``cfg.record_routes``: SGLang's
+    return_routed_experts (sglang only, one row per request)."""
+    if cfg.record_routes and engine != "sglang":
+        raise ValueError(f"record_routes=True asks the engine for routed experts in SGLang's "
+                         f"return_routed_experts style; engine={engine!r} is not 'sglang'")
+    if cfg.record_routes and (len(prompts) != 1 or group_size != 1):
+        raise ValueError("routed-experts requests carry one row (one prompt, n=1): SGLang "
+                         "returns the routed experts of a request's first choice only")
     k = cfg.record_topk
     temperature = 0.0 if cfg.greedy else float(cfg.temperature)
     if engine == "llama.cpp":
@@ -321,10 +355,48 @@ def build_request(prompts: Sequence[np.ndarray], group_size: int, cfg: SamplerCo
             "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
     else:
         raise ValueError(f"engine must be one of {ENGINES[1:]}, got {engine!r}")
+    if cfg.record_routes:
+        body["return_routed_experts"] = True
     if seed is not None:
         body["seed"] = int(seed)
     body.update(extra or {})
     return body
+
+
+def _routes_row(answer, layout: RouteLayout, tokens: int, where: str, url: str) -> np.ndarray:
+    """The routed experts of one row's answer (module docstring): [tokens - 1, M, k] ids of
+    the sparse layers for its ``tokens`` = prompt + completion tokens."""
+    ext = answer.get("sglext") if isinstance(answer, dict) else None
+    raw = ext.get("routed_experts") if isinstance(ext, dict) else None
+    if raw is None:
+        raise EngineError(
+            f"{where} from {url} has no routed experts (sglext.routed_experts) although the "
+            "request asked return_routed_experts=true (record_routes=True): start SGLang with "
+            "--enable-return-routed-experts, on a mixture-of-experts model")
+    wire = ext.get("routed_experts_dtype", "int32")
+    if wire not in _ROUTES_WIRE or not isinstance(raw, str):
+        raise EngineError(f"{where} from {url}: sglext.routed_experts must be a base64 string "
+                          f"of {sorted(_ROUTES_WIRE)} ids, got a {type(raw).__name__} of dtype "
+                          f"{wire!r}")
+    try:
+        flat = np.frombuffer(base64.b64decode(raw, validate=True), _ROUTES_WIRE[wire])
+    except (binascii.Error, ValueError) as e:
+        raise EngineError(f"{where} from {url}: sglext.routed_experts is not base64 {wire} "
+                          f"ids ({e})") from None
+    lay, k, positions = layout.num_layers, layout.experts_per_tok, tokens - 1
+    if flat.size != positions * lay * k:
+        raise EngineError(
+            f"{where} from {url}: {flat.size} routed-expert ids, expected [seqlen - 1, layers, "
+            f"top_k] = [{positions}, {lay}, {k}] = {positions * lay * k} ({tokens} prompt + "
+            "completion tokens; route_layout from the trainer's model config): another model, "
+            "a routed_experts_start_len, or a multi-choice answer")
+    ids = flat.reshape(positions, lay, k)[:, list(layout.sparse_layers)]
+    bad = ids[(ids < 0) | (ids >= layout.num_experts)]
+    if bad.size:
+        raise EngineError(f"{where} from {url}: routed expert ids {bad[:5].tolist()} outside "
+                          f"[0, num_experts={layout.num_experts}) in the sparse layers "
+                          f"{list(layout.sparse_layers)}")
+    return ids
 
 
 def _token_id(s, where: str, url: str) -> int:
@@ -532,9 +604,12 @@ def check_stopping(rows: Sequence[tuple], eos: set, *, alpha: float = NO_EOS_ALP
 
 def rollout_from_response(body: Any, prompts: Sequence[np.ndarray], group_size: int,
                           cfg: SamplerConfig, vocab_size: int, url: str = "the engine", *,
-                          engine: str = "vllm") -> Rollout:
+                          engine: str = "vllm", route_layout: RouteLayout | None = None
+                          ) -> Rollout:
     """Builds the Rollout record from a /v1/completions answer (a dict), or from a list of
-    one-choice answers, one per row in row order (llama.cpp); see the module docstring."""
+    one-choice answers, one per row in row order (llama.cpp; routed experts); see the module
+    docstring. ``cfg.record_routes``: Rollout.routed_experts from each row's answer
+    (``route_layout`` required)."""
     b, n, k = len(prompts) * group_size, cfg.max_new_tokens, cfg.record_topk
     per_row = isinstance(body, list)
     answers = body if per_row else [body]
@@ -565,6 +640,17 @@ def rollout_from_response(body: Any, prompts: Sequence[np.ndarray], group_size: 
                 raise EngineError(f"{url} returned a choice with index {idx!r}: expected each "
                                   f"of 0..{b - 1} once (index = prompt * n + sample)")
             by_index[idx] = c
+    if cfg.record_routes and route_layout is None:
+        raise ValueError("record_routes=True needs route_layout (record.RouteLayout.of("
+                         "model_cfg)) to read the engine's routed experts")
+    if cfg.record_routes and not per_row and b != 1:
+        raise EngineError(f"routed experts need one answer per row (SGLang returns those of a "
+                          f"request's first choice only); got one answer for {b} rows")
+    width = prompt_bucket(max(len(p) for p in prompts), cfg)
+    routes = None
+    if cfg.record_routes:
+        routes = np.zeros((b, width + n, len(route_layout.sparse_layers),
+                           route_layout.experts_per_tok), routes_dtype(route_layout.num_experts))
     eos = set(cfg.eos_ids)
     tokens = np.zeros((b, n), np.int32)
     mask = np.zeros((b, n), np.int32)
@@ -625,6 +711,10 @@ def rollout_from_response(body: Any, prompts: Sequence[np.ndarray], group_size: 
                 f"{where} from {url} finished with {reason!r} after {m} tokens but its last "
                 f"token {ids[-1]} is not an EOS id {sorted(eos)}: {_stop_hint(engine)}")
         tokens[row, :m], mask[row, :m], logp[row, :m] = ids, 1, lps
+        if routes is not None:
+            plen = len(prompts[row // group_size])
+            routes[row, width - plen:width + m - 1] = _routes_row(
+                answers[row] if per_row else body, route_layout, plen + m, where, url)
         stopping.append((row, ids, tops, bool(finish[row] == FINISH_EOS)))
         if k:
             if tops is None or len(tops) != m:
@@ -643,7 +733,6 @@ def rollout_from_response(body: Any, prompts: Sequence[np.ndarray], group_size: 
                 "differently); the record would hold token sequences that were never generated")
     check_stopping(stopping, eos, engine=engine, url=url, top_p=float(cfg.top_p),
                    top_k=cfg.top_k, greedy=cfg.greedy)
-    width = prompt_bucket(max(len(p) for p in prompts), cfg)
     ptoks, pmask = left_pad([p for p in prompts for _ in range(group_size)], width)
     r = Rollout(
         prompt_tokens=jnp.asarray(ptoks), prompt_mask=jnp.asarray(pmask),
@@ -652,9 +741,10 @@ def rollout_from_response(body: Any, prompts: Sequence[np.ndarray], group_size: 
         rollout_topk_ids=jnp.asarray(topk_ids) if k else None,
         rollout_topk_logp=jnp.asarray(topk_logp) if k else None,
         finish_reason=jnp.asarray(finish),
-        group_index=jnp.repeat(jnp.arange(len(prompts), dtype=jnp.int32), group_size))
+        group_index=jnp.repeat(jnp.arange(len(prompts), dtype=jnp.int32), group_size),
+        routed_experts=None if routes is None else jnp.asarray(routes))
     try:
-        validate(r, vocab_size)
+        validate(r, vocab_size, None if route_layout is None else route_layout.num_experts)
     except ValueError as e:
         raise EngineError(f"the record built from {url} fails rollout.validate: {e}") from None
     return r
@@ -808,7 +898,10 @@ class EngineClient:
     timeout: seconds, a deadline per request. check_rows: rows recomputed in full per call,
       picked at random (0: no check); check_tokens: the leading response tokens of every other
       row recomputed too. concurrency: requests in flight for per-row engines (llama.cpp:
-      default GET /props' total_slots). extra_body: more request fields.
+      default GET /props' total_slots; routed experts: ROUTES_CONCURRENCY). extra_body: more
+      request fields.
+    route_layout: the policy's ``record.RouteLayout.of(model_cfg)``; required with
+      ``cfg.record_routes`` (engine "sglang": Rollout.routed_experts, module docstring).
     log: gets the measured log-prob gap of every call (default print; None: silent).
     """
 
@@ -819,7 +912,8 @@ class EngineClient:
                  extra_body: dict | None = None, engine: str = "auto",
                  precision: str = "bf16", check_tokens: int = 8,
                  concurrency: int | None = None,
-                 log: Callable[[str], None] | None = print):
+                 log: Callable[[str], None] | None = print,
+                 route_layout: RouteLayout | None = None):
         check_int("vocab_size", vocab_size, 1)
         check_int("check_rows", check_rows, 0)
         check_int("check_tokens", check_tokens, 0)
@@ -838,19 +932,33 @@ class EngineClient:
                              "check_rows=0 to skip the check (not recommended)")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if cfg.record_routes and not isinstance(route_layout, RouteLayout):
+            raise ValueError("record_routes=True needs route_layout=record.RouteLayout.of("
+                             "model_cfg) (the policy's layers, sparse layers, top-k and "
+                             f"experts) to read the engine's routed experts; got {route_layout!r}")
+        for key in ("return_routed_experts", "routed_experts_start_len"):
+            if key in (extra_body or {}):
+                raise ValueError(f"extra_body[{key!r}]: the client sets return_routed_experts "
+                                 "from SamplerConfig.record_routes and reads every position "
+                                 "(no routed_experts_start_len); remove it")
         self.base = url.rstrip("/").removesuffix("/v1")
         self.cfg, self.vocab_size, self.recompute = cfg, vocab_size, recompute
         self.tolerances = tolerances if tolerances is not None else Tolerances.for_precision(
             precision)
         self.timeout, self.check_rows, self.check_tokens = timeout, check_rows, check_tokens
         self.api_key, self.extra_body, self._model = api_key, dict(extra_body or {}), model
-        self.concurrency, self.log = concurrency, log
+        self.concurrency, self.log, self.route_layout = concurrency, log, route_layout
         self._engine = None if engine == "auto" else engine
         if self._engine is not None:
             self._check_engine_options(self._engine)
         self.last_check: dict = {}
 
     def _check_engine_options(self, engine: str):
+        if self.cfg.record_routes and engine != "sglang":
+            raise ValueError(f"record_routes=True reads routed experts in SGLang's "
+                             f"return_routed_experts style; the engine is {engine!r}: serve the "
+                             "model with SGLang (--enable-return-routed-experts) and pass "
+                             "engine='sglang'")
         if engine != "llama.cpp":
             return
         for key, why in _LLAMA_CPP_REFUSED.items():
@@ -894,6 +1002,8 @@ class EngineClient:
         return self._model
 
     def _slots(self) -> int:
+        if self.concurrency is None and self.cfg.record_routes:
+            self.concurrency = ROUTES_CONCURRENCY
         if self.concurrency is None:
             url = f"{self.base}/props"
             body = http_json(url, timeout=self.timeout, api_key=self.api_key)
@@ -910,7 +1020,7 @@ class EngineClient:
         check_int("group_size", group_size, 1)
         url = f"{self.base}/v1/completions"
         engine, model = self.engine, self.model
-        if engine == "llama.cpp":
+        if engine == "llama.cpp" or self.cfg.record_routes:  # one request per row
             bodies = [build_request(
                 [p], 1, self.cfg, model=model, engine=engine, extra=self.extra_body,
                 seed=None if seed is None else row_seed(seed, i, s))
@@ -926,7 +1036,7 @@ class EngineClient:
                                  extra=self.extra_body, engine=engine)
             answer = http_json(url, body, timeout=self.timeout, api_key=self.api_key)
         r = rollout_from_response(answer, prompts, group_size, self.cfg, self.vocab_size, url,
-                                  engine=engine)
+                                  engine=engine, route_layout=self.route_layout)
         if self.check_rows:
             self.last_check = check_logprobs(
                 r, self.recompute, self.cfg, rows=self.check_rows, tol=self.tolerances, url=url,

@@ -9,6 +9,10 @@ training-inference mismatch is real, as between vLLM and an FSDP trainer).
 Shapes are bucketed (prompt length up to a power of two >= ``min_prompt_bucket``; batch and
 max_new_tokens fixed by the config) so the number of compilations is bounded; one compiled
 program runs prefill and a ``lax.while_loop`` decode that exits once every row hit EOS.
+
+``record_routes`` (a mixture-of-experts policy, R3): the same program runs the DecodeModel's
+``prefill_routes`` / ``decode_routes`` and writes the experts of every processed token into a
+[B, P + N, M, k] buffer, returned as Rollout.routed_experts (layout in trustrl.rollout.record).
 """
 from __future__ import annotations
 

@@ -20,6 +20,9 @@ K most likely tokens plus the sampled one (tokens as "token_id:N" when requested
 ``detokenize``'s text), -inf written as -9999.0, finish_reason "stop" (EOS) or "length".
 Other fields (ignore_eos, echo=false, skip_special_tokens, stream=false, neutral min_p and
 penalties) are accepted; no EOS other than stop_token_ids is used (as vLLM with ignore_eos).
+``return_routed_experts: true`` (a mixture-of-experts model) answers as SGLang does: a
+response-level ``sglext.routed_experts``, base64 of the FIRST choice's int32 ids [prompt +
+completion - 1, num_layers, top_k] (the sampler's Rollout.routed_experts; dense layers 0).
 
 ``logprobs_mode`` (settable between requests) emulates engines on purpose:
   "processed"               log softmax(logits / T) over the full vocabulary: trustrl's contract
@@ -34,6 +37,7 @@ real engine's weight reload does).
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import http.server
 import json
@@ -200,6 +204,9 @@ class SamplerServer:
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise RequestError(f"seed must be an int, got {seed!r}")
         greedy = temperature == 0.0
+        routes = body.get("return_routed_experts", False)
+        if not isinstance(routes, bool):
+            raise RequestError(f"return_routed_experts must be a bool, got {routes!r}")
         try:
             cfg = SamplerConfig(
                 max_new_tokens=_field(body, "max_tokens", int, 16),
@@ -207,7 +214,8 @@ class SamplerServer:
                 top_p=_field(body, "top_p", float, 1.0), top_k=max(top_k, 0),
                 eos_ids=tuple(_field(body, "stop_token_ids", list, [])),
                 record_topk=0 if k is None else min(k + 1, self.roll_cfg.vocab_size),
-                min_prompt_bucket=self.min_prompt_bucket, max_prompt_len=self.max_prompt_len)
+                min_prompt_bucket=self.min_prompt_bucket, max_prompt_len=self.max_prompt_len,
+                record_routes=routes)
             cfg.validate(self.roll_cfg.vocab_size)
         except (TypeError, ValueError) as e:
             raise RequestError(str(e)) from None
@@ -218,20 +226,35 @@ class SamplerServer:
                 self._calls += 1
             else:
                 key = jax.random.key(seed)
-            sampler = self._samplers.get(cfg)
-            if sampler is None:
-                sampler = self._samplers[cfg] = Sampler(self._decode_model, cfg)
             try:
+                sampler = self._samplers.get(cfg)
+                if sampler is None:
+                    sampler = self._samplers[cfg] = Sampler(self._decode_model, cfg)
                 r = sampler.generate(self.params, prompts, n, key)
             except (TypeError, ValueError) as e:
                 raise RequestError(str(e)) from None
             choices = self._choices(r, cfg, k, as_ids)
         used = int(np.asarray(r.response_mask).sum())
         prompt_used = int(np.asarray(r.prompt_mask).sum()) // n
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": self.model_name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_used, "completion_tokens": used,
-                          "total_tokens": prompt_used + used}}
+        answer = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                  "created": int(time.time()), "model": self.model_name, "choices": choices,
+                  "usage": {"prompt_tokens": prompt_used, "completion_tokens": used,
+                            "total_tokens": prompt_used + used}}
+        if routes:
+            answer["sglext"] = {"routed_experts": self._first_choice_routes(r)}
+        return answer
+
+    def _first_choice_routes(self, r) -> str:
+        """SGLang's sglext.routed_experts of the first choice: base64 of int32 [prompt +
+        completion - 1, num_layers, top_k] (the sampler's record at the row's processed
+        positions, every layer; layers without experts 0)."""
+        c = self.roll_cfg
+        width = r.prompt_tokens.shape[1]
+        plen, m = int(np.asarray(r.prompt_mask)[0].sum()), int(np.asarray(r.response_mask)[0].sum())
+        ids = np.asarray(r.routed_experts)[0, width - plen:width + m - 1].astype(np.int32)
+        full = np.zeros((ids.shape[0], c.num_layers, c.num_experts_per_tok), np.int32)
+        full[:, list(c.sparse_layers)] = ids
+        return base64.b64encode(full.tobytes()).decode("ascii")
 
     def _choices(self, r, cfg: SamplerConfig, k, as_ids: bool) -> list:
         tokens, mask = np.asarray(r.response_tokens), np.asarray(r.response_mask)
