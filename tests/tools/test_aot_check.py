@@ -164,3 +164,65 @@ def test_tpu_topology_compiles_every_phase_with_splash(subprocess_env):
             + ("eval_k",) and " | " in line]
     assert [r.split()[0] for r in rows] == ["init", "rollout", "score", "train", "eval", "eval_k"]
     assert all(" yes " in line for line in rows), rows
+
+
+# --- mixture of experts (issue 28) --------------------------------------------------------------
+
+def test_moe_presets_are_qwen3_30b_a3b_and_a_small_one():
+    import jax
+    import numpy as np
+    from trustrl.model import hf as hf_lib
+    from trustrl.model import transformer as model_lib
+    from trustrl.training import experiment
+    from configs import qwen3_moe
+    big = hf_lib.config_from_hf(aot_check.MODELS["qwen3-30b-a3b"])
+    assert (big.family, big.num_layers, big.hidden_size, big.num_heads, big.num_kv_heads,
+            big.head_dim, big.num_experts, big.num_experts_per_tok, big.moe_intermediate_size,
+            big.vocab_size, big.norm_topk_prob, big.tie_word_embeddings) == (
+        "qwen3_moe", 48, 2048, 32, 4, 128, 128, 8, 768, 151936, True, False)
+    assert big.sparse_layers == tuple(range(48)) and big.scan_layers
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model_lib.param_shapes(big)))
+    idle = 48 * 3 * 2048 * 768 * (128 - 8)  # the experts a token is not routed to
+    assert 30.4e9 < n < 30.6e9 and 3.3e9 < n - idle < 3.4e9, n  # "30.5B, 3.3B activated"
+    small = hf_lib.config_from_hf(aot_check.MODELS["qwen3-moe-small"])
+    assert small.family == "qwen3_moe" and small.num_experts_per_tok < small.num_experts
+    # the Table 1 presets' model dirs name the preset (their config.json is absent here)
+    for run in ("base", "base_r3", "thinking"):
+        hf, source = aot_check.model_hf_config(qwen3_moe.get_config(run), None)
+        assert source == "preset qwen3-30b-a3b" and hf["num_experts"] == 128
+    assert aot_check.model_hf_config(qwen3_moe.get_config("dense_base"), None)[1] == (
+        "preset qwen3-8b")
+    # a MoE built from the config's fields: the model the run builds (experiment.model_config)
+    for overrides in ({}, {"mlp_only_layers": (0,)}):
+        cfg = default.get_config("tiny_moe")
+        cfg.model.update(overrides)
+        hf, source = aot_check.model_hf_config(cfg, None)
+        assert source == "config" and hf["architectures"] == ["Qwen3MoeForCausalLM"]
+        built = experiment.model_config(cfg, cfg.tokenizer.vocab_size)
+        compiled = experiment.with_run_fields(cfg, hf_lib.config_from_hf(
+            hf, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat))
+        assert compiled == built, (compiled, built)  # what check() compiles
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAS_LIBTPU or LIBTPU_PATH), reason="libtpu is not installed (`make "
+                    "test` installs it into .venv/libtpu and sets TRUSTRL_LIBTPU_PATH)")
+def test_tpu_topology_compiles_the_small_moe_preset_with_routing_replay(subprocess_env):
+    """The small MoE preset on a tiny v5p slice (mesh data 2 x tensor 4), with routing replay:
+    every phase lowers and fits (about 150 s on the 2-core VM)."""
+    import os
+    env = dict(subprocess_env, TPU_WORKER_HOSTNAMES="localhost")
+    env.pop("JAX_PLATFORMS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if LIBTPU_PATH:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [LIBTPU_PATH, env.get("PYTHONPATH")]))
+    done = _run(["--config=configs/default.py:tiny_moe", "--model=qwen3-moe-small",
+                 "--topology=v5p:2x2x2", "--prompt_len=16", "--config.rollout.max_rows=4",
+                 "--config.eval.every=0", "--config.model.routing_replay=True"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(8 chips, TPU v5" in done.stdout and "model from preset qwen3-moe-small" in done.stdout
+    assert "routed experts recorded (replayed)" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.split(" ")[0] in aot_check.PHASES
+            and " | " in line]
+    assert [r.split()[0] for r in rows] == ["init", "rollout", "score", "train"]
+    assert all(" yes " in line for line in rows), rows

@@ -66,6 +66,19 @@ MODELS = {
                       num_attention_heads=40, tie_word_embeddings=False),
     "qwen3-32b": dict(_QWEN3, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
                       num_attention_heads=64, tie_word_embeddings=False),
+    # mixtures of experts (Qwen3MoeForCausalLM; trustrl.model.moe): Qwen/Qwen3-30B-A3B's
+    # config.json (-Base: the same shape), 30.5B parameters, 3.3B active per token
+    "qwen3-30b-a3b": dict(_QWEN3, architectures=["Qwen3MoeForCausalLM"], hidden_size=2048,
+                          intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, tie_word_embeddings=False, num_experts=128,
+                          num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[]),
+    # its layout scaled down (a quick compile: tests, a first look at a slice)
+    "qwen3-moe-small": dict(_QWEN3, architectures=["Qwen3MoeForCausalLM"], hidden_size=512,
+                            intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=64, tie_word_embeddings=False,
+                            num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
+                            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
 }
 PHASES = ("init", "rollout", "score", "train", "eval")
 
@@ -121,11 +134,18 @@ def model_hf_config(cfg, preset: str | None) -> tuple[dict, str]:
                      if base == k or base.startswith(k + "-")), None)
     if name is None and not hf_dir:  # the config's own model fields (a trustrl-trained BPE)
         m = cfg.model
-        return dict(architectures=["LlamaForCausalLM"], vocab_size=cfg.tokenizer.vocab_size,
-                    hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                    num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-                    num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim,
-                    rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings), "config"
+        hf = dict(architectures=["LlamaForCausalLM"], vocab_size=cfg.tokenizer.vocab_size,
+                  hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                  num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                  num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim,
+                  rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings)
+        if m.get("num_experts", 0) > 0:  # the qwen3_moe model experiment.model_config builds
+            hf.update(architectures=["Qwen3MoeForCausalLM"], num_experts=m.num_experts,
+                      num_experts_per_tok=m.num_experts_per_tok,
+                      moe_intermediate_size=m.moe_intermediate_size,
+                      norm_topk_prob=m.norm_topk_prob, decoder_sparse_step=m.decoder_sparse_step,
+                      mlp_only_layers=list(m.mlp_only_layers))
+        return hf, "config"
     if name is None:
         raise ValueError(f"no model shape: model.hf_dir={hf_dir!r} has no config.json and names "
                          f"no preset; pass --model, one of {sorted(MODELS)}")
@@ -196,15 +216,21 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     need_old = losses.METHODS[method].needs_old_logp
     topk = sampler.cfg.record_topk
     scored = cfg.train.score_pass or need_old  # old_logp of the whole iteration is then kept
-    iteration = experiment.batch_spec(cfg, sampler.cfg, rows, width, mesh, old_logp=scored)
+    iteration = experiment.batch_spec(cfg, sampler.cfg, rows, width, mesh, old_logp=scored,
+                                      model_cfg=model_cfg)
     mb_rows = rows // cfg.train.minibatches
-    minibatch = experiment.batch_spec(cfg, sampler.cfg, mb_rows, width, mesh, old_logp=need_old)
+    minibatch = experiment.batch_spec(cfg, sampler.cfg, mb_rows, width, mesh, old_logp=need_old,
+                                      model_cfg=model_cfg)
+    replayed = "routed_experts" in iteration  # R3: the batch carries the recorded experts
     with jax.set_mesh(mesh):  # what the run traces under: "auto" kernels resolve for it
         kernel = attention.resolve(model_cfg.attention, width + n_new, model_cfg.compute_dtype)
     log(f"  assumed: prompt bucket {width} (--prompt_len={prompt_len}), {rows} rows of "
         f"{width} + {n_new} tokens per iteration, attention {model_cfg.attention!r} -> "
         f"{kernel!r} on {devices[0].platform}, rollout {cfg.rollout.dtype}, mu's top-K "
-        f"recorded: {topk or 'no'}, score pass: "
+        f"recorded: {topk or 'no'}, "
+        + (f"routed experts recorded ({'replayed' if replayed else 'not replayed'}), "
+           if sampler.cfg.record_routes else "")
+        + "score pass: "
         + (f"{cv.score_microbatches(cfg)} part(s)" if scored else "off")
         + (f", eval: {cfg.eval.num_prompts} greedy + {cfg.eval.num_prompts} x {cfg.eval.k} "
            f"sampled rows" if cfg.eval.every else ", eval: off"))
@@ -222,6 +248,14 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     # (the Rollout's own arrays)
     held_batch = {"iteration's batch": per_chip_gib(iteration),
                   "rollout record's prompts": per_chip_gib(prompts)}
+    held_routes = {}
+    if sampler.cfg.record_routes and not replayed:  # kept by the Rollout for the routing metrics
+        from trustrl.rollout.record import routes_dtype
+        routes = jax.ShapeDtypeStruct(
+            (rows, width + n_new, len(model_cfg.sparse_layers), model_cfg.num_experts_per_tok),
+            routes_dtype(model_cfg.num_experts), sharding=sharding.batch_sharding(mesh, 4))
+        held_routes = {"rollout record's routed experts": per_chip_gib(routes)}
+        held_batch.update(held_routes)
     out = []
 
     def record(phase, shape, lower, held):
@@ -258,7 +292,7 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
                    f"{cv.score_microbatches(cfg)} part(s)",
                    lambda: score.lower(params, iteration),
                    {"optimizer state": per_chip_gib(state.opt_state), **held_roll,
-                    **held_cache})
+                    **held_cache, **held_routes})
         if "train" in phases:  # the donated state is an argument; the iteration's batch is kept
             step = experiment.train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh)
             record("train", f"{mb_rows} x ({width} + {n_new}) tokens, "
