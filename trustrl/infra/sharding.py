@@ -28,10 +28,11 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("layers", None),
     ("norm", None),
-    # mixture of experts: the expert axis of the expert weights, and their embed axis (sharded
-    # like a dense MLP's)
-    ("expert", None),
-    ("expert_embed", "fsdp"),
+    # mixture of experts: expert parallelism over fsdp (the experts of a layer are split over the
+    # fsdp devices; model/moe.py all-gathers tokens over it, so the weights stay split), their
+    # embed axis whole (fsdp is taken), their intermediate axis ("mlp") over tensor
+    ("expert", "fsdp"),
+    ("expert_embed", None),
 )
 
 

@@ -21,12 +21,18 @@ past an expert's capacity are dropped, counted by ``dropped``).
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec as P
+
+from trustrl.infra import sharding as sharding_lib
 
 IMPLS = ("ragged", "dense", "capacity")
+GMM_BACKENDS = ("auto", "ragged_dot", "blocked")
 
 
 def router_probs(x, w_router):
@@ -63,21 +69,261 @@ def _swiglu(x, w_gate, w_up, w_down, dtype):
     return jnp.einsum("xmf,xfe->xme", a, w_down, preferred_element_type=jnp.float32)
 
 
-def _ragged(x, ids, weights, w_gate, w_up, w_down, dtype):
+def _varying_like(x, *refs):
+    """``x`` cast to vary over the mesh axes any of ``refs`` varies over (inside a shard_map
+    with check_vma, a loop carry must have its body's type); a no-op outside a shard_map."""
+    axes = set()
+    for r in refs:
+        axes |= set(getattr(getattr(jax.typeof(r), "manual_axis_type", None), "varying", ()))
+    axes -= set(getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", ()))
+    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
+
+
+def _group_loop(group_sizes, block: int, tile, init, per_group=None):
+    """``init`` through ``tile(g, row, rows, carry)`` for every tile of ``block`` rows of every
+    group g (its first row ``row``; ``rows`` of them belong to g, the rest are masked), the
+    groups in order; ``per_group(g, carry, inner)`` wraps a group's tiles (default: none)."""
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+
+    def group(g, carry):
+        start, end = ends[g] - sizes[g], ends[g]
+
+        def tiles(c):
+            return jax.lax.fori_loop(
+                0, (sizes[g] + block - 1) // block,
+                lambda j, c: tile(g, start + j * block, end - start - j * block, c), c)
+        return tiles(carry) if per_group is None else per_group(g, carry, tiles)
+
+    return jax.lax.fori_loop(0, sizes.shape[0], group, init)
+
+
+def _gmm_loop(lhs, rhs, group_sizes, block: int, transpose_rhs: bool):
+    """out[r] = lhs[r] @ rhs[g(r)] (``rhs[g].T`` when transpose_rhs) for the rows r of each
+    group, 0 past them: loops over the groups and their tiles of ``block`` rows (a group's last
+    tile is partial), so the work is sum_g ceil(size_g / block) tiles of [block, K] x [K, N],
+    not every group on every row."""
+    m, kdim = lhs.shape
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    lhs = jnp.concatenate([lhs, jnp.zeros((block, kdim), lhs.dtype)])  # no clamped slices
+    dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+    live = jnp.arange(block, dtype=jnp.int32)[:, None]
+
+    def tile(g, row, rows, out):
+        a = jax.lax.dynamic_slice_in_dim(lhs, row, block, 0)
+        w = jax.lax.dynamic_index_in_dim(rhs, g, 0, keepdims=False)
+        y = jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32)
+        old = jax.lax.dynamic_slice_in_dim(out, row, block, 0)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(live < rows, y, old), row, 0)
+
+    out = _varying_like(jnp.zeros((m + block, n), jnp.float32), lhs, rhs, group_sizes)
+    return _group_loop(group_sizes, block, tile, out)[:m]
+
+
+def _tgmm_loop(lhs, dout, group_sizes, groups: int, block: int):
+    """The weight gradient of ``_gmm_loop``: out[g] = sum_{r in g} lhs[r]^T dout[r], [G, K, N]
+    float32 (a group without rows gets 0); a group's tiles accumulate in one [K, N] carry."""
+    m, kdim = lhs.shape
+    n = dout.shape[1]
+    lhs = jnp.concatenate([lhs, jnp.zeros((block, kdim), lhs.dtype)])
+    dout = jnp.concatenate([dout, jnp.zeros((block, n), dout.dtype)])
+    live = jnp.arange(block, dtype=jnp.int32)[:, None]
+
+    def tile(g, row, rows, acc):
+        a = jax.lax.dynamic_slice_in_dim(lhs, row, block, 0)
+        d = jax.lax.dynamic_slice_in_dim(dout, row, block, 0)
+        d = jnp.where(live < rows, d, jnp.zeros_like(d))
+        return acc + jax.lax.dot_general(a, d, (((0,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    zero = _varying_like(jnp.zeros((kdim, n), jnp.float32), lhs, dout, group_sizes)
+
+    def per_group(g, out, tiles):
+        return jax.lax.dynamic_update_index_in_dim(out, tiles(zero), g, 0)
+
+    out = _varying_like(jnp.zeros((groups, kdim, n), jnp.float32), lhs, dout, group_sizes)
+    return _group_loop(group_sizes, block, tile, out, per_group)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm_blocked(lhs, rhs, group_sizes, block):
+    return _gmm_loop(lhs, rhs, group_sizes, block, False)
+
+
+def _gmm_blocked_fwd(lhs, rhs, group_sizes, block):
+    return _gmm_loop(lhs, rhs, group_sizes, block, False), (lhs, rhs, group_sizes)
+
+
+def _gmm_blocked_bwd(block, res, g):
+    # the cotangent enters the matmuls in the inputs' dtype (float32 accumulation), as the
+    # forward's inputs do
+    lhs, rhs, group_sizes = res
+    g = g.astype(lhs.dtype)
+    d_lhs = _gmm_loop(g, rhs, group_sizes, block, True).astype(lhs.dtype)
+    d_rhs = _tgmm_loop(lhs, g, group_sizes, rhs.shape[0], block).astype(rhs.dtype)
+    return d_lhs, d_rhs, None
+
+
+_gmm_blocked.defvjp(_gmm_blocked_fwd, _gmm_blocked_bwd)
+
+
+def gmm_backend(name: str = "auto") -> str:
+    """The grouped-matmul backend ``name`` resolves to: "auto" is "ragged_dot" on TPU (XLA's
+    native ragged dot) and "blocked" elsewhere (jax 0.10 - 0.12 lower ``ragged_dot`` on CPU,
+    and on GPU without a cuDNN / Triton path, to a dense [rows, groups * K] product: every
+    expert on every row, the one-hot reference's cost)."""
+    if name not in GMM_BACKENDS:
+        raise ValueError(f"unknown grouped-matmul backend {name!r}; valid: {GMM_BACKENDS}")
+    if name != "auto":
+        return name
+    return "ragged_dot" if _target_platform() == "tpu" else "blocked"
+
+
+def _target_platform() -> str:
+    """The platform of the ``jax.set_mesh`` mesh (a TPU topology's compile-only devices
+    included), else the default backend (as ``attention.target_platform``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
+def block_rows(rows: int, groups: int) -> int:
+    """Tile height of the "blocked" grouped matmul: half the mean rows per group as a power of
+    two, in [8, 256] (each group wastes under one tile; a taller tile is a faster matmul)."""
+    mean = max(1, rows // max(groups, 1))
+    return int(min(256, max(8, 2 ** max(0, mean.bit_length() - 2))))
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, backend: str = "auto", block: int = 0):
+    """``jax.lax.ragged_dot``'s contract, float32 out: lhs [M, K] holds the rows of group 0,
+    then group 1, ... (``group_sizes`` [G] int32, sum <= M); rhs [G, K, N]; row r of the
+    result is lhs[r] @ rhs[group of r], and 0 past sum(group_sizes). Differentiable in lhs and
+    rhs. ``backend``: ``GMM_BACKENDS`` (see ``gmm_backend``); ``block``: the "blocked" tile
+    height (0: ``block_rows``)."""
+    if gmm_backend(backend) == "ragged_dot":
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+    block = block or block_rows(lhs.shape[0], rhs.shape[0])
+    # inside a shard_map the custom VJP's cotangents vary like the union of its inputs: cast
+    # the inputs to it first (the cast's transpose then sums e.g. a weight gradient over the
+    # batch axes it is replicated on)
+    args = (lhs, rhs, group_sizes.astype(jnp.int32))
+    lhs, rhs, group_sizes = (_varying_like(a, *args) for a in args)
+    return _gmm_blocked(lhs, rhs, group_sizes, int(block))
+
+
+def _ragged(x, ids, weights, w_gate, w_up, w_down, dtype, *, first_expert=0,
+            num_experts=None, backend="auto"):
+    """The experts ``first_expert`` .. ``first_expert + w_gate.shape[0] - 1`` (all of them by
+    default) on the pairs routed to them; pairs routed to other experts contribute 0 (the
+    expert-parallel layer sums the shards). ``num_experts``: all experts (tile heights)."""
     n, k = ids.shape
-    num_experts = w_gate.shape[0]
-    flat = ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # the (token, slot) pairs grouped by expert
+    local = w_gate.shape[0]
+    flat = ids.reshape(-1) - first_expert
+    mine = (flat >= 0) & (flat < local)
+    key = jnp.where(mine, flat, local)  # pairs of other experts sort last, outside every group
+    order = jnp.argsort(key, stable=True)  # the (token, slot) pairs grouped by expert
     xs = jnp.take(x, order // k, axis=0).astype(dtype)
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    sizes = jnp.bincount(key, length=local + 1)[:local].astype(jnp.int32)
+    block = block_rows(n * k, num_experts or local)
 
     def mm(a, w):
-        return jax.lax.ragged_dot(a, w, sizes, preferred_element_type=jnp.float32)
+        return grouped_matmul(a, w, sizes, backend=backend, block=block)
 
     a = (jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up)).astype(dtype)
-    ys = mm(a, w_down)  # [N * k, E] float32, expert-sorted
-    y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(n, k, -1)  # back to token order
-    return jnp.einsum("nke,nk->ne", y, weights.astype(jnp.float32))
+    ys = mm(a, w_down)  # [N * k, E] float32, expert-sorted; 0 on other experts' pairs
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
+    y = jnp.take(ys, inverse, axis=0).reshape(n, k, -1)  # back to token order
+    w = jnp.where(mine, weights.reshape(-1), 0.0).reshape(n, k).astype(jnp.float32)
+    return jnp.einsum("nke,nk->ne", y, w)
+
+
+class ExpertParallel(NamedTuple):
+    """The mesh layout of the experts (``expert_parallel``): mesh axes (tuples, major first)."""
+    batch_axes: tuple  # the tokens' batch dimension ([B, T, E] rows) is split over these
+    expert_axes: tuple  # the experts ([X, E, F] dim 0) are split over these
+    mlp_axes: tuple  # the experts' intermediate dimension F is split over these
+    gather_axes: tuple  # batch axes that also split experts: tokens all-gathered over them
+    sum_axes: tuple  # partial outputs summed over these (expert axes off the batch, mlp axes)
+
+    def specs(self):
+        """(tokens [B, T, *], gate / up [X, E, F], down [X, F, E]) PartitionSpecs."""
+        ax = lambda t: None if not t else (t[0] if len(t) == 1 else t)
+        return (P(ax(self.batch_axes), None, None),
+                P(ax(self.expert_axes), None, ax(self.mlp_axes)),
+                P(ax(self.expert_axes), ax(self.mlp_axes), None))
+
+
+def _flat(axes) -> tuple:
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def expert_parallel(mesh, batch: int, num_experts: int, moe_intermediate: int,
+                    rules=sharding_lib.LOGICAL_RULES) -> ExpertParallel | None:
+    """The layout ``sharded_experts`` runs on ``mesh`` (None: no mesh, a one-device or manual
+    mesh, or a batch that the batch axes do not divide; the caller then runs ``experts``
+    unsharded, with the same values).
+
+    The expert weights are laid out as ``transformer.param_shardings`` lays them out: the
+    "expert" and "mlp" logical axes through ``rules``, a dimension its mesh axes do not divide
+    replicated (then every device holds all experts and only the batch is split); the
+    "expert_embed" axis is not split inside the layer (the default rules replicate it)."""
+    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return None
+    if any(t == AxisType.Manual for t in getattr(mesh, "axis_types", ())):
+        return None  # already inside a shard_map
+    sizes = dict(mesh.shape)
+    spec = sharding_lib.logical_to_spec(("expert", "expert_embed", "mlp"), rules)
+
+    def fit(axes, dim):
+        axes = tuple(a for a in _flat(axes) if a in sizes)
+        return axes if dim % math.prod(sizes[a] for a in axes) == 0 else ()
+
+    batch_axes = tuple(a for a in sharding_lib.BATCH_AXES if a in sizes)
+    if batch % math.prod(sizes[a] for a in batch_axes):
+        return None
+    expert_axes, mlp_axes = fit(spec[0], num_experts), fit(spec[2], moe_intermediate)
+    gather = tuple(a for a in batch_axes if a in expert_axes)
+    summed = tuple(a for a in expert_axes if a not in batch_axes) + mlp_axes
+    return ExpertParallel(batch_axes, expert_axes, mlp_axes, gather, summed)
+
+
+def sharded_experts(plan: ExpertParallel, mesh, x, ids, weights, w_gate, w_up, w_down, *,
+                    dtype=None, gmm: str = "auto"):
+    """``experts`` (impl "ragged") with expert parallelism, inside a ``jax.shard_map``:
+    x [B, T, E]; ids, weights [B, T, k] -> [B, T, E] float32, laid out as ``plan``.
+
+    Each device all-gathers the tokens (and their routes) of the devices that share its batch
+    rows but hold other experts (``plan.gather_axes``), runs ITS experts on the (token, expert)
+    pairs routed to them (grouped matmuls with group sizes for its experts only; pairs routed
+    elsewhere contribute 0) with its slice of the intermediate dimension, and the partial
+    outputs are reduce-scattered back to the batch layout (``psum_scatter``) and summed over
+    ``plan.sum_axes`` (``psum``). No device ever holds another device's expert weights; the
+    weight gradients come back in the weights' own layout."""
+    dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    num_experts = w_gate.shape[0]
+    tok, w_in, w_out = plan.specs()
+
+    def body(x, ids, weights, w_gate, w_up, w_down):
+        if plan.gather_axes:
+            x, ids, weights = (jax.lax.all_gather(a, plan.gather_axes, axis=0, tiled=True)
+                               for a in (x, ids, weights))
+        # vary like the local experts before the token gather: the gather's transpose must
+        # sum the tokens' cotangent over every axis the experts split (jax 0.10 leaves that
+        # out for a gather whose indices alone vary)
+        x, weights = (_varying_like(a, w_gate, w_down) for a in (x, weights))
+        b, t, e = x.shape
+        k = ids.shape[-1]
+        first = (jax.lax.axis_index(plan.expert_axes) * w_gate.shape[0] if plan.expert_axes
+                 else 0)
+        y = _ragged(x.reshape(b * t, e), ids.reshape(b * t, k), weights.reshape(b * t, k),
+                    w_gate, w_up, w_down, dtype, first_expert=first, num_experts=num_experts,
+                    backend=gmm).reshape(b, t, e)
+        if plan.gather_axes:
+            y = jax.lax.psum_scatter(y, plan.gather_axes, scatter_dimension=0, tiled=True)
+        return jax.lax.psum(y, plan.sum_axes) if plan.sum_axes else y
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
+                         out_specs=tok)(x, ids, weights, w_gate, w_up, w_down)
 
 
 def _dense(x, ids, weights, w_gate, w_up, w_down, dtype):
@@ -117,17 +363,18 @@ def _capacity(x, ids, weights, w_gate, w_up, w_down, dtype, cap):
 
 
 def experts(x, ids, weights, w_gate, w_up, w_down, *, impl: str = "ragged", dtype=None,
-            capacity_rows: int = 0):
+            capacity_rows: int = 0, gmm: str = "auto"):
     """sum_j weights[:, j] * expert_{ids[:, j]}(x): [N, E] float32.
 
     x [N, E]; ids, weights [N, k]; w_gate, w_up [X, E, F]; w_down [X, F, E]. ``dtype``: the
     matmuls' input dtype (default x's); products accumulate in float32. ``capacity_rows``:
-    the per-expert buffer of impl="capacity"."""
+    the per-expert buffer of impl="capacity". ``gmm``: impl="ragged"'s grouped-matmul backend
+    (``GMM_BACKENDS``)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown MoE implementation {impl!r}; valid: {IMPLS}")
     dtype = x.dtype if dtype is None else jnp.dtype(dtype)
     if impl == "ragged":
-        return _ragged(x, ids, weights, w_gate, w_up, w_down, dtype)
+        return _ragged(x, ids, weights, w_gate, w_up, w_down, dtype, backend=gmm)
     if impl == "dense":
         return _dense(x, ids, weights, w_gate, w_up, w_down, dtype)
     if capacity_rows < 1:

@@ -433,7 +433,16 @@ class MoeMlp(nn.Module):
 
     ``routes`` [B, T, k] int: replay these experts (R3) with this router's gate weights; None:
     route by this router. Sows ("intermediates", "moe"): the experts each token went to
-    (``ids`` [B, T, k]) and the per-expert sums of ``moe.load_sums`` over the valid tokens."""
+    (``ids`` [B, T, k]) and the per-expert sums of ``moe.load_sums`` over the valid tokens.
+
+    Expert parallelism: under a ``jax.set_mesh`` mesh, moe_impl "ragged" runs the experts in
+    ``moe.sharded_experts`` (a shard_map: experts split over the mesh axes of the "expert"
+    logical axis, fsdp by default, their intermediate dimension over "tensor"; tokens
+    all-gathered over the expert axis, outputs reduce-scattered back), so no device gathers
+    another's expert weights. Without a mesh, or where the batch axes do not divide the batch
+    (``moe.expert_parallel`` is None), and for moe_impl "dense" / "capacity" (unsharded
+    reference paths that the SPMD partitioner lays out), ``moe.experts`` on all tokens: the
+    same values either way."""
     config: ModelConfig
 
     @nn.compact
@@ -452,10 +461,17 @@ class MoeMlp(nn.Module):
         else:
             ids = routes.reshape(b * t, k).astype(jnp.int32)
             weights = moe_lib.replayed_weights(probs, ids, c.norm_topk_prob)
-        cap = (moe_lib.capacity(b * t, k, n, c.moe_capacity_factor)
-               if c.moe_impl == "capacity" else 0)
-        y = moe_lib.experts(xf, ids, weights, w_gate, w_up, w_down, impl=c.moe_impl,
-                            dtype=c.compute_dtype, capacity_rows=cap)
+        mesh = jax.sharding.get_abstract_mesh()
+        plan = (moe_lib.expert_parallel(mesh, b, n, f) if c.moe_impl == "ragged" else None)
+        if plan is not None:
+            y = moe_lib.sharded_experts(plan, mesh, x, ids.reshape(b, t, k),
+                                        weights.reshape(b, t, k), w_gate, w_up, w_down,
+                                        dtype=c.compute_dtype).reshape(b * t, e)
+        else:
+            cap = (moe_lib.capacity(b * t, k, n, c.moe_capacity_factor)
+                   if c.moe_impl == "capacity" else 0)
+            y = moe_lib.experts(xf, ids, weights, w_gate, w_up, w_down, impl=c.moe_impl,
+                                dtype=c.compute_dtype, capacity_rows=cap)
         counts, prob_sums, tokens = moe_lib.load_sums(probs, ids, valid.reshape(-1))
         self.sow("intermediates", "moe", dict(ids=ids.reshape(b, t, k), counts=counts,
                                               prob_sums=prob_sums, tokens=tokens))
