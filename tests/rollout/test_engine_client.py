@@ -815,6 +815,7 @@ def test_routed_experts_request_and_options():
         rollout_lib.RouteLayout.of(M.ModelConfig.tiny(V))
 
 
+@pytest.mark.slow
 def test_routed_experts_round_trip_through_the_local_server():
     # the local server answers return_routed_experts as SGLang does; the client's record holds
     # the trainer forward's own routing at every processed position (layer 1 has no experts)
@@ -833,7 +834,8 @@ def test_routed_experts_round_trip_through_the_local_server():
         r = client.generate(_prompts((3, 9, 5)), 2, seed=SEED)
     routes = np.asarray(r.routed_experts)
     assert routes.shape == (6, 16 + N, 2, MOE_K)
-    _, moe = M.forward_moe(params, cfg, r.tokens, r.positions, r.valid_mask)
+    _, moe = jax.jit(M.forward_moe, static_argnums=1)(params, cfg, r.tokens, r.positions,
+                                                      r.valid_mask)
     resp = np.asarray(r.response_mask).copy()
     last = resp.sum(1) - 1
     resp[np.arange(6), last] = 0  # the last generated token is never processed

@@ -17,6 +17,7 @@ from trustrl.rollout.sampler import Sampler, SamplerConfig
 
 V, X, K, N = 64, 6, 2, 6
 EOS = tuple(range(1, 10))  # ~1/7 of the mass per step: some rows stop early
+_forward_moe = jax.jit(M.forward_moe, static_argnums=1)  # one compile, not op by op
 
 
 def _moe_cfg(**overrides):
@@ -58,14 +59,14 @@ def _check_against_the_forward(r, cfg, params):
     assert routes.shape == (b, p + N, m, K) and routes.dtype == np.uint8
     rollout_lib.validate(r, vocab_size=V, num_experts=X)
     args = (params, cfg, r.tokens, r.positions, r.valid_mask)
-    hidden, moe = M.forward_moe(*args)
+    hidden, moe = _forward_moe(*args)
     ids, done = np.asarray(moe["ids"]), _processed(r)
     np.testing.assert_array_equal(routes[done], ids[done])  # the trainer's routing exactly
     assert not routes[~done].any()  # padding, the last token, after EOS: 0
     # the recorded ids are not trivially equal: several experts used in every layer
     assert all(len(np.unique(routes[done][:, j])) == X for j in range(m))
     # replay (the trainer passes the record as it is): the same forward where it is used
-    replayed, again = M.forward_moe(*args, routes=r.routed_experts)
+    replayed, again = _forward_moe(*args, routes=r.routed_experts)
     np.testing.assert_array_equal(np.asarray(again["ids"])[done], ids[done])
     np.testing.assert_allclose(np.asarray(replayed)[done], np.asarray(hidden)[done],
                                rtol=1e-5, atol=1e-5)
@@ -83,11 +84,14 @@ def _rollout_shape_checks(r):
     assert len(set(np.asarray(r.prompt_mask).sum(1).tolist())) > 1  # left padding differs
 
 
+@pytest.mark.slow
 def test_decode_model_routes_are_prefill_and_decode():
     # the recording variants compute exactly prefill / decode_step (logits and cache)
     cfg = _moe_cfg()
-    params, dm = _params(cfg), policy.decode_model(cfg)
-    assert (dm.num_experts, dm.moe_layers, dm.experts_per_tok) == (X, 2, K)
+    params, model = _params(cfg), policy.decode_model(cfg)
+    dm = model._replace(**{f: jax.jit(getattr(model, f)) for f in (
+        "prefill", "decode", "prefill_routes", "decode_routes")})
+    assert (model.num_experts, model.moe_layers, model.experts_per_tok) == (X, 2, K)
     toks = jnp.asarray(_prompts((6, 6, 6)))
     valid = jnp.ones_like(toks).at[0, :2].set(0)
     pos = M.positions_from_mask(valid)
@@ -103,13 +107,14 @@ def test_decode_model_routes_are_prefill_and_decode():
     jax.tree.map(np.testing.assert_array_equal, cache2, cache)
     full = jnp.concatenate([toks, nxt[:, None]], 1)
     fvalid = jnp.concatenate([valid, jnp.ones((3, 1), valid.dtype)], 1)
-    _, moe = M.forward_moe(params, cfg, full, M.positions_from_mask(fvalid), fvalid)
+    _, moe = _forward_moe(params, cfg, full, M.positions_from_mask(fvalid), fvalid)
     np.testing.assert_array_equal(ids1, moe["ids"][:, -1])
     np.testing.assert_array_equal(np.asarray(ids)[valid > 0], np.asarray(moe["ids"])[:, :6][
         np.asarray(valid) > 0])
     assert policy.decode_model(M.ModelConfig.tiny(V)).prefill_routes is None  # dense: none
 
 
+@pytest.mark.slow
 def test_plain_sampler_records_the_forward_routing():
     cfg = _moe_cfg()
     params = _params(cfg)
@@ -125,6 +130,7 @@ def test_plain_sampler_records_the_forward_routing():
     np.testing.assert_array_equal(r0.response_tokens, r.response_tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("continuous", [True, False])
 def test_continuous_batching_records_rows_through_refilled_slots(continuous):
     # 10 rows through 3 slots refilled one row at a time (continuous) or in 4 calls; layers 0
@@ -173,3 +179,26 @@ def test_config_errors():
         SamplerConfig(record_routes=1)
     with pytest.raises(ValueError, match="record_routes=True records the experts .* no experts"):
         Sampler(policy.decode_model(M.ModelConfig.tiny(V)), SamplerConfig(record_routes=True))
+
+
+@pytest.mark.slow
+def test_sharded_sampler_records_the_same_routes():
+    # a batch-sharded continuous-batching sampler on a data x fsdp x tensor mesh: the same
+    # record as unsharded (greedy), the routes buffer laid out over the batch only
+    from trustrl.infra.sharding import batch_sharding, make_mesh
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    cfg = M.ModelConfig.tiny_shardable(V, family="qwen3_moe", num_experts=4,
+                                       num_experts_per_tok=K, moe_intermediate_size=16)
+    params = _params(cfg, seed=7)
+    scfg = SamplerConfig(max_new_tokens=N, greedy=True, eos_ids=EOS, record_topk=0,
+                         record_routes=True, max_rows=4)
+    prompts = _prompts((5, 2, 9, 1, 3), seed=2)
+    want = Sampler(policy.decode_model(cfg), scfg).generate(params, prompts, 2,
+                                                           jax.random.key(0))
+    sharded = Sampler(policy.decode_model(cfg), scfg, batch_sharding=batch_sharding(mesh))
+    placed = jax.device_put(params, M.param_shardings(cfg, mesh))
+    with jax.set_mesh(mesh):
+        got = sharded.generate(placed, prompts, 2, jax.random.key(0))
+    np.testing.assert_array_equal(got.response_tokens, want.response_tokens)
+    np.testing.assert_array_equal(got.routed_experts, want.routed_experts)
+    assert np.asarray(want.routed_experts).any()
