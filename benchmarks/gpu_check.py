@@ -20,6 +20,11 @@ mu's top-K with K = 0 and K = 20, and int8 / fp8 weights at K = 20 (issue 15's G
 2 interleaved calls after a warm-up.
 Vocabulary head (issue 12's GPU row): plain / fused / loss-fused, forward + backward of the mean
 log-prob at V = 151,936, d = 1,024, 8,192 tokens (benchmarks/vocab_head.py's functions).
+MoE layer (issue 28's GPU row): forward + backward tokens/s of one Qwen3-30B-A3B MoE layer (hidden
+2,048, 128 experts, top-8, moe_intermediate 768; 8,192 tokens; bf16): trustrl's router + experts
+(benchmarks/moe_layer.py's function) with the "blocked" grouped matmul and with
+jax.lax.ragged_dot (left out where XLA's dense lowering would not fit), against transformers'
+Qwen3MoeSparseMoeBlock under bf16 autocast on the same device.
 
 Results: not measured in the sessions that wrote this script (no GPU was lent to it); see
 docs/performance.md.
@@ -143,6 +148,57 @@ def bench_head(d: int, tokens: int, vocab: int) -> dict:
     return t
 
 
+def bench_moe(shape, steps: int, device: str) -> dict:
+    """MoE layer forward + backward, tokens/s: trustrl ("blocked" / "ragged_dot" grouped
+    matmul, bf16 inputs, float32 router) and transformers' Qwen3MoeSparseMoeBlock (None and
+    the reason where it cannot run)."""
+    import moe_layer
+    n, e, x, k, f = shape
+    a = moe_layer.inputs(shape)
+    bf16 = lambda t: t.astype(jnp.bfloat16)
+    xs, probe = bf16(a["x"]), a["probe"]
+    router, w_gate, w_up, w_down = a["moe"]
+    params = (router * 0.02, bf16(w_gate), bf16(w_up), bf16(w_down))
+    out = {}
+    for gmm in ("blocked", "ragged_dot"):
+        if gmm == "ragged_dot" and moe_layer.ragged_dot_bytes(shape) // 2 > 8 * 2 ** 30:
+            out[gmm] = None  # XLA's dense ragged_dot: a [N * k, X * E] bf16 operand
+            continue
+        layer = moe_layer.moe_layer("ragged", gmm)
+        grad = jax.jit(jax.grad(lambda x_, *p: jnp.sum(layer(x_, *p, k) * probe),
+                                argnums=(0, 1, 2, 3, 4)))
+        sec = _median_time(lambda: jax.block_until_ready(grad(xs, *params)), steps)
+        out[gmm] = n / sec
+    try:
+        import torch
+        import transformers
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    except ImportError as err:
+        return dict(trustrl=out, torch=None, why=f"torch reference skipped: {err.name} is not "
+                                                  f"installed")
+    if device == "cuda" and not torch.cuda.is_available():
+        return dict(trustrl=out, torch=None, why="torch reference skipped: no CUDA device")
+    cfg = transformers.Qwen3MoeConfig(hidden_size=e, num_experts=x, num_experts_per_tok=k,
+                                      moe_intermediate_size=f, norm_topk_prob=True)
+    block = Qwen3MoeSparseMoeBlock(cfg).to(device)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    h = torch.randn(1, n, e, device=device, requires_grad=True)
+    t_probe = torch.randn(1, n, e, device=device)
+
+    def step():
+        block.zero_grad(set_to_none=True)
+        h.grad = None
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            y = block(h)
+        (y.float() * t_probe).sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return dict(trustrl=out, torch=n / _median_time(step, steps), why=None)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
@@ -154,10 +210,12 @@ def main(argv=None):
         cfg = train_memory.tiny()
         shapes, mem_shape, steps = [(2, 32), (1, 96)], (1, 32, 64), 2
         roll_shape, head_shape = (8, 8, 8), (32, 256, 2048)
+        moe_shape = (64, 32, 8, 2, 16)
     else:
         cfg = train_memory.qwen3_06b()
         shapes, mem_shape, steps = [(8, 1024), (2, 8192)], (1, 1024, 7168), args.steps
         roll_shape, head_shape = (256, 64, 256), (1024, 8192, 151936)
+        moe_shape = (8192, 2048, 128, 8, 768)  # Qwen3-30B-A3B's MoE layer
     device = "cuda" if on_gpu else "cpu"
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
           f"attention {cfg.attention} -> "
@@ -194,7 +252,14 @@ def main(argv=None):
     head = bench_head(*head_shape)
     print(f"vocab head d={head_shape[0]}, {head_shape[1]} tokens, V={head_shape[2]}, fwd+bwd: "
           + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / head['plain']:.2f}x)" for k, v in head.items()))
-    return dict(rows=rows, memory=mem, rollout=rollout, head=head)
+    moe = bench_moe(moe_shape, steps, device)
+    ours = ", ".join(f"{k} {'-' if v is None else f'{v:.0f}'}" for k, v in moe["trustrl"].items())
+    ref = moe["trustrl"]["blocked"] / moe["torch"] if moe["torch"] else None
+    print(f"MoE layer {moe_shape[0]} tokens, hidden {moe_shape[1]}, {moe_shape[2]} experts top-"
+          f"{moe_shape[3]}, F {moe_shape[4]}, fwd+bwd tok/s: trustrl {ours}; transformers "
+          + (f"{moe['torch']:.0f} (blocked {ref:.2f}x)" if ref else f"- ({moe['why']})"),
+          flush=True)
+    return dict(rows=rows, memory=mem, rollout=rollout, head=head, moe=moe)
 
 
 if __name__ == "__main__":

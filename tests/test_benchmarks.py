@@ -160,6 +160,21 @@ def test_gpu_check_quick_cpu(capsys):
     assert set(out["rollout"]) == {("bfloat16", 0), ("bfloat16", 20), ("int8", 20), ("fp8", 20)}
     assert all(v > 0 for v in out["rollout"].values()) and "K=20 int8" in printed
     assert set(out["head"]) == {"plain", "fused", "loss_fused"} and "vocab head" in printed
+    assert "MoE layer 64 tokens" in printed and out["moe"]["trustrl"]["blocked"] > 0
+    assert out["moe"]["torch"] is None or out["moe"]["torch"] > 0
+
+
+@pytest.mark.slow
+def test_moe_layer_quick(capsys):
+    """benchmarks/moe_layer.py --quick: the four rows, ratios against the dense MLP (the script
+    itself checks the grouped matmuls' gradients against the one-hot reference)."""
+    rows = _load_bench("moe_layer").main(["--quick", "--repeats", "1"])
+    printed = capsys.readouterr().out
+    assert "| layer (fwd + bwd) | ms | vs dense MLP |" in printed
+    names = [r[0] for r in rows]
+    assert names == ["ragged (blocked)", "ragged (ragged_dot)", "dense MLP (same active params)",
+                     "one-hot reference"]
+    assert all(ms > 0 for _, ms, _ in rows) and rows[2][2] == 1.0
 
 
 @pytest.mark.slow
