@@ -21,11 +21,12 @@ METHOD: ``tv`` (default) DPPO-Binary-TV, delta 0.2 (0.15 for base_lora); ``kl`` 
 delta 0.05; ``grpo_clip_higher`` the paper's baseline here, PPO clip eps 0.2 / 0.27. The
 mini-batch of 32 prompts is train.minibatches = prompts / 32 optimizer steps per iteration.
 
-Not from the paper: the model and data paths below (set them), the mesh (the smallest v5p
-slice aot_check found to fit, docs/moe.md), train.microbatches / score parts / rollout.max_rows
-(memory only: exact accumulation, same rollouts) and the evaluation, which reads the held-out
-split of the training set: 32 prompts x 32 samples (the size of AIME avg@32) every 5 steps
-(MoE) / 10 (dense), at the rollout temperature (the paper: AIME24/25 at T 0.7, top_p 0.95).
+Not from the paper: the model and data paths below (set them), the mesh (MoE: v5p-64, 32 chips,
+data 1 x fsdp 8 x tensor 4, which aot_check found to fit; smaller slices not tried),
+train.microbatches / score parts / rollout.max_rows (memory only: exact accumulation, same
+rollouts) and the evaluation, which reads the held-out split of the training set: 32 prompts
+x 32 samples (the size of AIME avg@32) every 5 steps (MoE) / 10 (dense), at the rollout
+temperature (the paper: AIME24/25 at T 0.7, top_p 0.95).
 Loss aggregation token-mean and group-mean advantages as configs/qwen3_tpu.py (the authors'
 verl example used seq-mean-token-sum-norm). Launch on every worker:
 
@@ -99,9 +100,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.1
     c.train.iterations = iterations
     c.train.minibatches = prompts // mini  # a mini-batch of `mini` prompts per optimizer step
-    # 16 rows per micro-batch (2 per data x fsdp shard) of 1,024 + 16,384 tokens; the dense
-    # run's 8,000-token responses take 32 rows (4 per shard)
-    c.train.microbatches = mini * group // (16 if moe else 32)
+    # MoE: 8 rows per micro-batch (1 per data x fsdp shard) of 1,024 + 16,384 tokens (16 rows
+    # did not fit v5p-64: 100.1 GiB per chip, docs/moe.md) and 16 rows per score part; dense:
+    # 32 rows (4 per shard) of 1,024 + 8,000 tokens, about the 8B train step configs/qwen3_tpu.py
+    # measured (2 rows per shard of 512 + 16,384: docs/pod_memory.md)
+    c.train.microbatches = mini * group // (8 if moe else 32)
+    c.train.score_microbatches = prompts * group // 16 if moe else 0
     c.eval.every = 5 if moe else 10
     c.eval.num_prompts = 32  # held-out prompts (AIME's size), avg@32 / pass@32
     c.eval.k = 32
