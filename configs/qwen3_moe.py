@@ -90,7 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.max_new_tokens = response
     c.rollout.temperature = 1.0
     c.rollout.dtype = "bfloat16"
-    c.rollout.max_rows = 512  # continuous decode slots (all rows at once do not fit)
+    # continuous decode slots (all rows at once do not fit; for the MoE 512 slots compiled to
+    # 98.8 GiB of temporaries per chip on v5p-64, 256 to 78.4 GiB with the train state: docs/moe.md)
+    c.rollout.max_rows = 256 if moe else 512
     c.loss.method, c.loss.delta_low, c.loss.delta_high = METHODS[method] or (
         "dppo_binary_tv", tv, tv)
     c.loss.is_cap = IS_CAP
