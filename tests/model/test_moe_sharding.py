@@ -23,7 +23,7 @@ MESHES = [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "fsdp": 4, "tensor": 
 
 @pytest.mark.parametrize("sizes", [[3, 0, 17, 9, 4], [0, 0, 0, 0, 0], [33, 0, 0, 0, 0],
                                    [8, 8, 8, 8, 8]])
-@pytest.mark.parametrize("block", [1, 8, 32])
+@pytest.mark.parametrize("block", [0, 1, 8, 32])
 def test_blocked_grouped_matmul_is_ragged_dot_in_value_and_gradient(sizes, block):
     m = 40  # rows past sum(sizes) must come out 0
     lhs = jax.random.normal(jax.random.key(0), (m, 6))
@@ -57,9 +57,28 @@ def test_grouped_matmul_backends_and_tile_heights():
     with pytest.raises(ValueError, match=r"unknown grouped-matmul backend 'megablox'; valid: "
                                          r"\('auto', 'ragged_dot', 'blocked'\)"):
         moe.gmm_backend("megablox")
-    # half the mean group, a power of two in [8, 256]
-    assert moe.block_rows(16384, 128) == 64 and moe.block_rows(10, 6) == 8
-    assert moe.block_rows(10 ** 7, 8) == 256
+    # full tiles of 256 and 64 rows, the rest in (masked) tiles of 16; none taller than the rows
+    assert moe.block_rows(16384) == (256, 64, 16) and moe.block_rows(100) == (64, 16)
+    assert moe.block_rows(40) == (16,)
+
+
+def test_blocked_grouped_matmul_with_tall_and_short_tiles():
+    """Groups of 300 (256 + 16 * 3 - 4), 129, 64, 190 rows and an empty one through the 256 /
+    64 / 16-row tiles: value and gradients equal ragged_dot's."""
+    sizes = [300, 0, 17, 129, 64, 190]
+    lhs = jax.random.normal(jax.random.key(0), (710, 6))
+    rhs = jax.random.normal(jax.random.key(1), (6, 6, 7))
+    s = jnp.asarray(sizes, jnp.int32)
+    probe = jax.random.normal(jax.random.key(2), (710, 7))
+    got = jax.jit(lambda a, b: moe.grouped_matmul(a, b, s, backend="blocked"))(lhs, rhs)
+    np.testing.assert_allclose(got, jax.lax.ragged_dot(lhs, rhs, s), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[sum(sizes):], 0.0)
+    loss = lambda fn: lambda a, b: jnp.sum(fn(a, b) * probe)
+    g_got = jax.jit(jax.grad(loss(lambda a, b: moe.grouped_matmul(a, b, s, backend="blocked")),
+                             (0, 1)))(lhs, rhs)
+    g_want = jax.grad(loss(lambda a, b: jax.lax.ragged_dot(a, b, s)), (0, 1))(lhs, rhs)
+    for a, b in zip(g_got, g_want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def _weights(key=0):

@@ -79,60 +79,71 @@ def _varying_like(x, *refs):
     return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
 
 
-def _group_loop(group_sizes, block: int, tile, init, per_group=None):
-    """``init`` through ``tile(g, row, rows, carry)`` for every tile of ``block`` rows of every
-    group g (its first row ``row``; ``rows`` of them belong to g, the rest are masked), the
-    groups in order; ``per_group(g, carry, inner)`` wraps a group's tiles (default: none)."""
+def _group_loop(group_sizes, blocks: tuple, tile, init, per_group=None):
+    """``init`` through ``tile(block, masked, g, row, rows, carry)`` for the tiles that cover
+    every group g's rows, the groups in order: as many full tiles of ``blocks[0]`` rows as fit,
+    then of ``blocks[1]``, ..., and the rest in tiles of ``blocks[-1]`` rows, the last one
+    partial (``masked``: only its first ``rows`` rows belong to g). So a group wastes under
+    ``blocks[-1]`` rows while most rows go through the tallest tiles. ``per_group(g, carry,
+    tiles)`` wraps a group's tiles (default: none)."""
     sizes = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
 
     def group(g, carry):
-        start, end = ends[g] - sizes[g], ends[g]
-
         def tiles(c):
-            return jax.lax.fori_loop(
-                0, (sizes[g] + block - 1) // block,
-                lambda j, c: tile(g, start + j * block, end - start - j * block, c), c)
+            row, left = ends[g] - sizes[g], sizes[g]
+            for i, b in enumerate(blocks):
+                masked = i == len(blocks) - 1
+                count = (left + b - 1) // b if masked else left // b
+                c = jax.lax.fori_loop(
+                    0, count, lambda j, c, b=b, row=row, left=left, masked=masked: tile(
+                        b, masked, g, row + j * b, left - j * b, c), c)
+                row, left = row + count * b, left - count * b
+            return c
         return tiles(carry) if per_group is None else per_group(g, carry, tiles)
 
     return jax.lax.fori_loop(0, sizes.shape[0], group, init)
 
 
-def _gmm_loop(lhs, rhs, group_sizes, block: int, transpose_rhs: bool):
+def _gmm_loop(lhs, rhs, group_sizes, blocks: tuple, transpose_rhs: bool):
     """out[r] = lhs[r] @ rhs[g(r)] (``rhs[g].T`` when transpose_rhs) for the rows r of each
-    group, 0 past them: loops over the groups and their tiles of ``block`` rows (a group's last
-    tile is partial), so the work is sum_g ceil(size_g / block) tiles of [block, K] x [K, N],
-    not every group on every row."""
+    group, 0 past them: loops over the groups and their row tiles (``_group_loop``), so the work
+    is about sum_g size_g rows of [rows, K] x [K, N], not every group on every row."""
     m, kdim = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    lhs = jnp.concatenate([lhs, jnp.zeros((block, kdim), lhs.dtype)])  # no clamped slices
+    pad = blocks[-1]
+    lhs = jnp.concatenate([lhs, jnp.zeros((pad, kdim), lhs.dtype)])  # no clamped slices
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
-    live = jnp.arange(block, dtype=jnp.int32)[:, None]
 
-    def tile(g, row, rows, out):
+    def tile(block, masked, g, row, rows, out):
+        # a partial tile's rows past its group are written too: the next group's tiles (the
+        # groups go in order) write over them, and the rows past the last group are zeroed below
         a = jax.lax.dynamic_slice_in_dim(lhs, row, block, 0)
         w = jax.lax.dynamic_index_in_dim(rhs, g, 0, keepdims=False)
         y = jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32)
-        old = jax.lax.dynamic_slice_in_dim(out, row, block, 0)
-        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(live < rows, y, old), row, 0)
+        return jax.lax.dynamic_update_slice_in_dim(out, y, row, 0)
 
-    out = _varying_like(jnp.zeros((m + block, n), jnp.float32), lhs, rhs, group_sizes)
-    return _group_loop(group_sizes, block, tile, out)[:m]
+    out = _varying_like(jnp.zeros((m + pad, n), jnp.float32), lhs, rhs, group_sizes)
+    out = _group_loop(group_sizes, blocks, tile, out)[:m]
+    total = jnp.sum(group_sizes.astype(jnp.int32))
+    return jnp.where(jnp.arange(m, dtype=jnp.int32)[:, None] < total, out, 0.0)
 
 
-def _tgmm_loop(lhs, dout, group_sizes, groups: int, block: int):
+def _tgmm_loop(lhs, dout, group_sizes, groups: int, blocks: tuple):
     """The weight gradient of ``_gmm_loop``: out[g] = sum_{r in g} lhs[r]^T dout[r], [G, K, N]
     float32 (a group without rows gets 0); a group's tiles accumulate in one [K, N] carry."""
     m, kdim = lhs.shape
     n = dout.shape[1]
-    lhs = jnp.concatenate([lhs, jnp.zeros((block, kdim), lhs.dtype)])
-    dout = jnp.concatenate([dout, jnp.zeros((block, n), dout.dtype)])
-    live = jnp.arange(block, dtype=jnp.int32)[:, None]
+    pad = blocks[-1]
+    lhs = jnp.concatenate([lhs, jnp.zeros((pad, kdim), lhs.dtype)])
+    dout = jnp.concatenate([dout, jnp.zeros((pad, n), dout.dtype)])
 
-    def tile(g, row, rows, acc):
+    def tile(block, masked, g, row, rows, acc):
         a = jax.lax.dynamic_slice_in_dim(lhs, row, block, 0)
         d = jax.lax.dynamic_slice_in_dim(dout, row, block, 0)
-        d = jnp.where(live < rows, d, jnp.zeros_like(d))
+        if masked:
+            live = jnp.arange(block, dtype=jnp.int32)[:, None] < rows
+            d = jnp.where(live, d, jnp.zeros_like(d))
         return acc + jax.lax.dot_general(a, d, (((0,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 
@@ -142,25 +153,25 @@ def _tgmm_loop(lhs, dout, group_sizes, groups: int, block: int):
         return jax.lax.dynamic_update_index_in_dim(out, tiles(zero), g, 0)
 
     out = _varying_like(jnp.zeros((groups, kdim, n), jnp.float32), lhs, dout, group_sizes)
-    return _group_loop(group_sizes, block, tile, out, per_group)
+    return _group_loop(group_sizes, blocks, tile, out, per_group)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm_blocked(lhs, rhs, group_sizes, block):
-    return _gmm_loop(lhs, rhs, group_sizes, block, False)
+def _gmm_blocked(lhs, rhs, group_sizes, blocks):
+    return _gmm_loop(lhs, rhs, group_sizes, blocks, False)
 
 
-def _gmm_blocked_fwd(lhs, rhs, group_sizes, block):
-    return _gmm_loop(lhs, rhs, group_sizes, block, False), (lhs, rhs, group_sizes)
+def _gmm_blocked_fwd(lhs, rhs, group_sizes, blocks):
+    return _gmm_loop(lhs, rhs, group_sizes, blocks, False), (lhs, rhs, group_sizes)
 
 
-def _gmm_blocked_bwd(block, res, g):
+def _gmm_blocked_bwd(blocks, res, g):
     # the cotangent enters the matmuls in the inputs' dtype (float32 accumulation), as the
     # forward's inputs do
     lhs, rhs, group_sizes = res
     g = g.astype(lhs.dtype)
-    d_lhs = _gmm_loop(g, rhs, group_sizes, block, True).astype(lhs.dtype)
-    d_rhs = _tgmm_loop(lhs, g, group_sizes, rhs.shape[0], block).astype(rhs.dtype)
+    d_lhs = _gmm_loop(g, rhs, group_sizes, blocks, True).astype(lhs.dtype)
+    d_rhs = _tgmm_loop(lhs, g, group_sizes, rhs.shape[0], blocks).astype(rhs.dtype)
     return d_lhs, d_rhs, None
 
 
@@ -187,35 +198,33 @@ def _target_platform() -> str:
     return getattr(device, "platform", None) or jax.default_backend()
 
 
-def block_rows(rows: int, groups: int) -> int:
-    """Tile height of the "blocked" grouped matmul: half the mean rows per group as a power of
-    two, in [8, 256] (each group wastes under one tile; a taller tile is a faster matmul)."""
-    mean = max(1, rows // max(groups, 1))
-    return int(min(256, max(8, 2 ** max(0, mean.bit_length() - 2))))
+def block_rows(rows: int) -> tuple:
+    """Tile heights of the "blocked" grouped matmul (``_group_loop``): 256, 64 and 16 rows, the
+    ones taller than ``rows`` left out (a group wastes under 16 rows)."""
+    return tuple(b for b in (256, 64) if b <= rows) + (16,)
 
 
 def grouped_matmul(lhs, rhs, group_sizes, *, backend: str = "auto", block: int = 0):
     """``jax.lax.ragged_dot``'s contract, float32 out: lhs [M, K] holds the rows of group 0,
     then group 1, ... (``group_sizes`` [G] int32, sum <= M); rhs [G, K, N]; row r of the
     result is lhs[r] @ rhs[group of r], and 0 past sum(group_sizes). Differentiable in lhs and
-    rhs. ``backend``: ``GMM_BACKENDS`` (see ``gmm_backend``); ``block``: the "blocked" tile
-    height (0: ``block_rows``)."""
+    rhs. ``backend``: ``GMM_BACKENDS`` (see ``gmm_backend``); ``block``: the "blocked" tiles'
+    one height (0: ``block_rows``' several)."""
     if gmm_backend(backend) == "ragged_dot":
         return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
-    block = block or block_rows(lhs.shape[0], rhs.shape[0])
+    blocks = (int(block),) if block else block_rows(lhs.shape[0])
     # inside a shard_map the custom VJP's cotangents vary like the union of its inputs: cast
     # the inputs to it first (the cast's transpose then sums e.g. a weight gradient over the
     # batch axes it is replicated on)
     args = (lhs, rhs, group_sizes.astype(jnp.int32))
     lhs, rhs, group_sizes = (_varying_like(a, *args) for a in args)
-    return _gmm_blocked(lhs, rhs, group_sizes, int(block))
+    return _gmm_blocked(lhs, rhs, group_sizes, blocks)
 
 
-def _ragged(x, ids, weights, w_gate, w_up, w_down, dtype, *, first_expert=0,
-            num_experts=None, backend="auto"):
+def _ragged(x, ids, weights, w_gate, w_up, w_down, dtype, *, first_expert=0, backend="auto"):
     """The experts ``first_expert`` .. ``first_expert + w_gate.shape[0] - 1`` (all of them by
     default) on the pairs routed to them; pairs routed to other experts contribute 0 (the
-    expert-parallel layer sums the shards). ``num_experts``: all experts (tile heights)."""
+    expert-parallel layer sums the shards)."""
     n, k = ids.shape
     local = w_gate.shape[0]
     flat = ids.reshape(-1) - first_expert
@@ -224,16 +233,16 @@ def _ragged(x, ids, weights, w_gate, w_up, w_down, dtype, *, first_expert=0,
     order = jnp.argsort(key, stable=True)  # the (token, slot) pairs grouped by expert
     xs = jnp.take(x, order // k, axis=0).astype(dtype)
     sizes = jnp.bincount(key, length=local + 1)[:local].astype(jnp.int32)
-    block = block_rows(n * k, num_experts or local)
-
     def mm(a, w):
-        return grouped_matmul(a, w, sizes, backend=backend, block=block)
+        return grouped_matmul(a, w, sizes, backend=backend)
 
     a = (jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up)).astype(dtype)
     ys = mm(a, w_down)  # [N * k, E] float32, expert-sorted; 0 on other experts' pairs
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
     y = jnp.take(ys, inverse, axis=0).reshape(n, k, -1)  # back to token order
-    w = jnp.where(mine, weights.reshape(-1), 0.0).reshape(n, k).astype(jnp.float32)
+    mine = mine.reshape(n, k)
+    y = jnp.where(mine[..., None], y, 0.0)  # whatever a backend leaves past the groups
+    w = jnp.where(mine, weights, 0.0).astype(jnp.float32)
     return jnp.einsum("nke,nk->ne", y, w)
 
 
@@ -300,7 +309,6 @@ def sharded_experts(plan: ExpertParallel, mesh, x, ids, weights, w_gate, w_up, w
     ``plan.sum_axes`` (``psum``). No device ever holds another device's expert weights; the
     weight gradients come back in the weights' own layout."""
     dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-    num_experts = w_gate.shape[0]
     tok, w_in, w_out = plan.specs()
 
     def body(x, ids, weights, w_gate, w_up, w_down):
@@ -316,7 +324,7 @@ def sharded_experts(plan: ExpertParallel, mesh, x, ids, weights, w_gate, w_up, w
         first = (jax.lax.axis_index(plan.expert_axes) * w_gate.shape[0] if plan.expert_axes
                  else 0)
         y = _ragged(x.reshape(b * t, e), ids.reshape(b * t, k), weights.reshape(b * t, k),
-                    w_gate, w_up, w_down, dtype, first_expert=first, num_experts=num_experts,
+                    w_gate, w_up, w_down, dtype, first_expert=first,
                     backend=gmm).reshape(b, t, e)
         if plan.gather_axes:
             y = jax.lax.psum_scatter(y, plan.gather_axes, scatter_dimension=0, tiled=True)
