@@ -166,7 +166,7 @@ def test_token_logp_and_entropy_against_numpy():
 
 
 def test_config_validation_messages():
-    with pytest.raises(ValueError, match="valid: \\('llama', 'qwen2', 'qwen3'\\)"):
+    with pytest.raises(ValueError, match="valid: \\('llama', 'qwen2', 'qwen3', 'qwen3_moe'\\)"):
         M.ModelConfig.tiny(V, "gpt2")
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         M.ModelConfig.tiny(V, num_heads=4, num_kv_heads=3)
