@@ -7,7 +7,7 @@ BASE_STAMP = $(VENV)/.trustrl-base-installed
 LATEST_VENV ?= .venv-latest
 PY312 ?=
 
-.PHONY: test install demo sanity sanity-quant clean test-latest install-latest
+.PHONY: test install demo sanity sanity-quant clean test-latest install-latest test-extended
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -60,7 +60,13 @@ $(LIBTPU_STAMP): $(STAMP)
 test: $(STAMP) $(LIBTPU_STAMP)
 	$(VENV)/bin/python .ci/versions.py
 	TRUSTRL_LIBTPU_PATH=$(abspath $(LIBTPU)) $(VENV)/bin/python -m pytest -q -n $(XDIST) \
-	  --dist load --maxschedchunk 1 --durations=15 tests
+	  --dist load --maxschedchunk 1 --durations=15 -m "not extended" tests
+
+# The heaviest mixture-of-experts tests (tests/conftest.py's _EXTENDED, ~9 CPU-minutes), left
+# out of `make test` to keep CI within 20 minutes.
+test-extended: $(STAMP) $(LIBTPU_STAMP)
+	TRUSTRL_LIBTPU_PATH=$(abspath $(LIBTPU)) $(VENV)/bin/python -m pytest -q -n $(XDIST) \
+	  --dist load --maxschedchunk 1 --durations=15 -m extended tests
 
 # The newest stack: Python 3.12 (jax >= 0.11 needs it; PY312=... overrides the search in
 # .ci/find-python), the newest releases setup.py allows, no torch / transformers (their parity
@@ -77,7 +83,7 @@ install-latest: $(LATEST_VENV)/bin/python
 
 test-latest: install-latest
 	$(LATEST_VENV)/bin/python .ci/versions.py
-	$(LATEST_VENV)/bin/python -m pytest -q -n $(XDIST) --dist load --maxschedchunk 1 -rs -m "not slow" --durations=15 tests
+	$(LATEST_VENV)/bin/python -m pytest -q -n $(XDIST) --dist load --maxschedchunk 1 -rs -m "not slow and not extended" --durations=15 tests
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) *.egg-info

@@ -137,6 +137,39 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: long-running test (>= ~10 s); `make test` (the README command, CI's "
         "3.11 leg) runs it, CI's 3.12 leg (`make test-latest`) leaves it out")
+    config.addinivalue_line(
+        "markers", "extended: among the heaviest tests (the mixture-of-experts integration and "
+        "equivalence tests listed in conftest._EXTENDED); `make test-extended` runs them, `make "
+        "test` and CI leave them out to stay within CI's 20 minutes")
+
+
+# The heaviest mixture-of-experts tests (6-45 s each on the 2-core VM, ~9 CPU-minutes together,
+# measured 2026-12-06): `make test-extended` runs them; the cheaper MoE tests stay in `make test`.
+_EXTENDED = (
+    "model/test_moe.py::test_prefill_and_decode_equal_the_full_forward",
+    "model/test_moe.py::test_implementations_agree_with_a_per_token_loop_in_value_and_gradient",
+    "model/test_moe.py::test_replayed_routes_reproduce_the_forward_and_keep_the_router_gradient",
+    "model/test_moe.py::test_scanned_unrolled_and_heterogeneous_layers",
+    "model/test_moe.py::test_sharded_equals_unsharded",
+    "model/test_moe.py::test_replay_of_other_experts_changes_the_output_not_the_gradients_path",
+    "model/test_moe_sharding.py::test_model_forward_and_gradient_on_the_mesh_equal_unsharded",
+    "model/test_moe_sharding.py::test_model_on_a_batch_the_mesh_does_not_divide_and_with_replay",
+    "model/test_moe_sharding.py::test_sharded_layer_equals_unsharded_in_value_and_gradient[axes0]",
+    "model/test_moe_sharding.py::test_sharded_layer_replays_routes",
+    "model/test_hf_moe.py::test_parity_export_and_roundtrip[sparse_step2_norm]",
+    "model/test_hf_moe.py::test_parity_export_and_roundtrip[all_sparse_norm]",
+    "rollout/test_routing_record.py::test_sharded_sampler_records_the_same_routes",
+    "rollout/test_routing_record.py::test_continuous_batching_records_rows_through_refilled_slots",
+    "rollout/test_routing_record.py::test_decode_model_routes_are_prefill_and_decode",
+    "training/test_moe_config.py::test_tiny_moe_learns_on_the_default_task",
+    "training/test_moe_train.py::test_load_balancing_loss_and_its_gradient_equal_a_slow_reference",
+    "training/test_moe_train.py::test_router_gradient_under_replay_equals_a_slow_reference",
+    "training/test_moe_train.py::test_a_tiny_moe_run_logs_routing_metrics_with_replay",
+    "training/test_moe_train.py::test_replaying_the_trainers_own_routing_equals_no_replay",
+    "training/test_moe_train.py::test_micro_batches_sum_the_expert_load",
+    "training/test_moe_train.py::test_routing_metrics_by_hand",
+    "tools/test_aot_check.py::test_tpu_topology_compiles_the_small_moe_preset_with_routing_replay",
+)
 
 
 # The files of the longest tests (measured), longest first: run first so that no long test is
@@ -150,6 +183,11 @@ def pytest_collection_modifyitems(config, items):
     """`slow` tests first, those of _LONGEST's files in its order (stable otherwise). With
     `--dist load` (the Makefile) pytest-xdist hands tests out in this order as workers free up,
     so the long ones start first and spread over the workers."""
+    for item in items:
+        nodeid = item.nodeid.split("tests/", 1)[-1]
+        if any(nodeid == e or nodeid.startswith(e + "[") for e in _EXTENDED):
+            item.add_marker(pytest.mark.extended)
+
     def rank(item):
         name = item.path.name if hasattr(item, "path") else ""
         slow = item.get_closest_marker("slow") is not None
