@@ -17,12 +17,16 @@ Variants (``--config=configs/default.py:VARIANT``):
     tiny      a shrunken config for tests (seconds; 2x4 mesh-friendly batch sizes)
     tiny_moe  tiny with a mixture of experts (Qwen3-MoE: 4 experts, top-2, 2 layers); trains on
               CPU (docs/moe.md)
+    lora      the default run training LoRA adapters (r 16, alpha 32, every projection) on the
+              frozen warm-started base, at a 10x learning rate (docs/lora.md)
+    tiny_lora tiny with LoRA adapters (tests)
 
 Any field can be overridden: ``--config.loss.method=dppo_binary_kl --config.loss.delta_low=0.05``.
 """
 import ml_collections
 
-VALID_VARIANTS = ("default", "tiny", "tiny_moe")
+VALID_VARIANTS = ("default", "tiny", "tiny_moe", "lora", "tiny_lora")
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -68,6 +72,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # R3 (rollout routing replay): the trainer routes each token to the experts the rollout
     # recorded, with gate weights from its own router (MoE models only)
     c.model.routing_replay = False
+    # LoRA adapters (trustrl.model.lora; docs/lora.md): rank > 0 trains only adapters on the
+    # projections in targets, on a frozen base (the warm-started / loaded model)
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0  # adapter rank r (0: LoRA off, every parameter trains)
+    c.model.lora.alpha = 0.0  # the adapter's output is scaled by alpha / rank (PEFT's lora_alpha)
+    c.model.lora.targets = ()  # projections: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+    c.model.lora.init = "kaiming"  # A's init: kaiming (PEFT's default) | gaussian; B is zero
+    c.model.lora.base_quant = ""  # the frozen base's kernels: "" (param_dtype) | int8 | fp8
+    c.model.lora.init_from = ""  # a PEFT adapter directory to start from ("": fresh adapters)
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # HF tokenizer dir; empty: train a byte-level BPE on task text
@@ -176,7 +189,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log.tensorboard = True  # also write TensorBoard event files
     c.log.progress = True  # tqdm progress bar
 
-    if variant in ("tiny", "tiny_moe"):
+    if variant in ("tiny", "tiny_moe", "tiny_lora"):
         c.mesh = dict(data=2, fsdp=1, tensor=4)
         c.model.num_layers = 1
         c.model.hidden_size = 32
@@ -207,4 +220,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.num_experts = 4
         c.model.num_experts_per_tok = 2
         c.model.moe_intermediate_size = 32
+    if variant in ("lora", "tiny_lora"):
+        c.model.lora.rank = 16 if variant == "lora" else 4
+        c.model.lora.alpha = 2.0 * c.model.lora.rank
+        c.model.lora.targets = ALL_PROJECTIONS
+        c.optim.learning_rate = 1e-3  # LoRA's usual 10x (the paper: 1e-5 vs 1e-6)
     return c

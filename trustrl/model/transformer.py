@@ -57,6 +57,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.model import attention as attention_lib
+from trustrl.model import lora as lora_lib
 from trustrl.model import moe as moe_lib
 from trustrl.model import quant
 from trustrl.infra import sharding as sharding_lib
@@ -128,6 +129,12 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()
     moe_impl: str = "ragged"  # moe.IMPLS: ragged (grouped matmul, dropless) | dense | capacity
     moe_capacity_factor: float = 0.0  # moe_impl="capacity": rows per expert = factor * N * k / X
+    # LoRA adapters (trustrl.model.lora): rank > 0 adds <kernel>_lora_a / _lora_b parameters
+    # (float32) to the projections named in lora_targets, scaled by lora_alpha / lora_rank
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ()
+    lora_init: str = "kaiming"  # lora.INITS: A's initialisation (B is zero)
 
     def __post_init__(self):
         if isinstance(self.remat, (bool, np.bool_)):  # older configs: remat = True / False
@@ -164,7 +171,12 @@ class ModelConfig:
                 raise ValueError(f"{name} must be 'float32' or 'bfloat16', got "
                                  f"{getattr(self, name)!r}")
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        object.__setattr__(self, "lora_targets", tuple(str(t) for t in self.lora_targets))
         self._check_moe()
+        if self.lora_rank or self.lora_targets:
+            lora_lib.check_config(self.lora_rank, self.lora_alpha, self.lora_targets,
+                                  self.lora_init, num_experts=self.num_experts,
+                                  dense_mlp=len(self.sparse_layers) < self.num_layers)
 
     def _check_moe(self):
         moe = self.family == "qwen3_moe"
@@ -306,6 +318,28 @@ def _dense(x, kernel, in_ndim: int = 1, out_dtype=None, flatten: bool = True):
     return y.reshape(*lead, *out_shape)
 
 
+def _project(module: nn.Module, name: str, x, shape, axes, in_ndim: int = 1, kernel=None):
+    """``x @ kernel`` for the projection ``name`` (``_kernel``'s arguments; ``kernel``: its
+    value when the caller already made it), plus its LoRA
+    adapter's ``(alpha / rank) (x @ A) @ B`` when ``name`` is in ``config.lora_targets``
+    (trustrl.model.lora): A, B float32 parameters used in the compute dtype, float32
+    accumulation, the adapter's output added in the compute dtype (as PEFT adds it)."""
+    c = module.config
+    kernel = _kernel(module, name, shape, axes, in_ndim) if kernel is None else kernel
+    y = _dense(x, kernel, in_ndim, flatten=c.flatten_matmuls)
+    if name not in c.lora_targets:
+        return y
+    r, in_shape, out_shape = c.lora_rank, shape[:in_ndim], shape[in_ndim:]
+    a = module.param(name + lora_lib.A_SUFFIX, nn.with_logical_partitioning(
+        lora_lib.init_a(c.lora_init, r, in_shape), axes[:in_ndim] + (None,)),
+        in_shape + (r,), jnp.float32)
+    b = module.param(name + lora_lib.B_SUFFIX, nn.with_logical_partitioning(
+        nn.initializers.zeros, (None,) + axes[in_ndim:]), (r,) + out_shape, jnp.float32)
+    h = _dense(x, a.astype(c.compute_dtype), in_ndim, flatten=c.flatten_matmuls)
+    d = _dense(h, b.astype(c.compute_dtype), out_dtype=jnp.float32, flatten=c.flatten_matmuls)
+    return y + (d * lora_lib.scale(c)).astype(y.dtype)
+
+
 class RMSNorm(nn.Module):
     """Hugging Face's RMSNorm: statistics in float32, scale applied after casting back."""
     config: ModelConfig
@@ -371,13 +405,14 @@ class Attention(nn.Module):
         """
         c = self.config
         e, h, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        wq = _kernel(self, "q_proj", (e, h, d), ("embed", "heads", "kv"))
-        wk = _kernel(self, "k_proj", (e, k, d), ("embed", "heads", "kv"))
-        wv = _kernel(self, "v_proj", (e, k, d), ("embed", "heads", "kv"))
+        q = _project(self, "q_proj", x, (e, h, d), ("embed", "heads", "kv"))  # [B, T, N, D]
+        key = _project(self, "k_proj", x, (e, k, d), ("embed", "heads", "kv"))
+        val = _project(self, "v_proj", x, (e, k, d), ("embed", "heads", "kv"))
+        # o_proj's kernel is made here, before the biases and norms (the order of the random
+        # init's keys), and applied below
         wo = _kernel(self, "o_proj", (h, d, e), ("heads", "kv", "embed"), in_ndim=2)
-        flat = c.flatten_matmuls
-        q, key, val = _dense(x, wq, flatten=flat), _dense(x, wk, flatten=flat), _dense(
-            x, wv, flatten=flat)  # [B, T, N, D]
+        o_proj = lambda out: _project(self, "o_proj", out, wo.shape, ("heads", "kv", "embed"),
+                                      in_ndim=2, kernel=wo)
         if c.qkv_bias:  # Qwen2: biases on q, k, v (not o)
             q = q + _param(self, "q_bias", nn.initializers.zeros, (h, d), ("heads", "kv"))
             key = key + _param(self, "k_bias", nn.initializers.zeros, (k, d), ("heads", "kv"))
@@ -398,7 +433,7 @@ class Attention(nn.Module):
         if mask is None:
             out = attention_lib.attend(q, key, val, valid, backend=c.attention,
                                        block_size=c.attention_block_size)
-            return _dense(out, wo, in_ndim=2, flatten=flat), cache_kv
+            return o_proj(out), cache_kv
 
         key, val = k_cache.astype(c.compute_dtype), v_cache.astype(c.compute_dtype)
         if t == 1:  # decode: no length-1 query axis, so XLA reads the cache without a copy
@@ -409,7 +444,7 @@ class Attention(nn.Module):
         else:
             out = attention_lib.masked_attention(q, key.transpose(0, 2, 1, 3),
                                                  val.transpose(0, 2, 1, 3), mask)
-        return _dense(out, wo, in_ndim=2, flatten=flat), cache_kv
+        return o_proj(out), cache_kv
 
 
 class Mlp(nn.Module):
@@ -420,12 +455,9 @@ class Mlp(nn.Module):
     def __call__(self, x):
         c = self.config
         e, f = c.hidden_size, c.intermediate_size
-        gate = _kernel(self, "gate_proj", (e, f), ("embed", "mlp"))
-        up = _kernel(self, "up_proj", (e, f), ("embed", "mlp"))
-        down = _kernel(self, "down_proj", (f, e), ("mlp", "embed"))
-        flat = c.flatten_matmuls
-        return _dense(nn.silu(_dense(x, gate, flatten=flat)) * _dense(x, up, flatten=flat), down,
-                      flatten=flat)
+        gate = _project(self, "gate_proj", x, (e, f), ("embed", "mlp"))
+        up = _project(self, "up_proj", x, (e, f), ("embed", "mlp"))
+        return _project(self, "down_proj", nn.silu(gate) * up, (f, e), ("mlp", "embed"))
 
 
 class MoeMlp(nn.Module):
@@ -835,3 +867,13 @@ def init_params(config: ModelConfig, rng, mesh=None, rules=sharding_lib.LOGICAL_
     if mesh is None:
         return jax.jit(init)(rng)
     return jax.jit(init, out_shardings=param_shardings(config, mesh, rules))(rng)
+
+
+def init_adapters(config: ModelConfig, rng, mesh=None, rules=sharding_lib.LOGICAL_RULES):
+    """A LoRA model's freshly initialised adapters only (``lora.split``'s second tree: A as
+    PEFT initialises it, B zero), with their shardings when ``mesh``; the base's init is not
+    computed (XLA drops it)."""
+    init = lambda key: lora_lib.split(nn.meta.unbox(_init_boxed(config, key)))[1]
+    if mesh is None:
+        return jax.jit(init)(rng)
+    return jax.jit(init, out_shardings=lora_lib.split(param_shardings(config, mesh, rules))[1])(rng)

@@ -70,6 +70,12 @@ def check_built(cfg, vocab_size: int, model_cfg, mesh):
         check_expert_split(model_cfg.num_experts, dict(mesh.shape), where)
     else:
         check_dense_model(cfg, f"the model ({where}num_experts=0) is dense")
+    spec = cfg.model.get("lora")
+    if spec is not None and spec.rank > 0:  # the targets must exist in this model
+        from trustrl.model import lora
+        lora.check_config(spec.rank, spec.alpha, tuple(spec.targets), spec.init,
+                          num_experts=model_cfg.num_experts,
+                          dense_mlp=len(model_cfg.sparse_layers) < model_cfg.num_layers)
 
 
 # --- mixture of experts ------------------------------------------------------------------------
@@ -120,6 +126,25 @@ def check_moe_shape(num_experts, k, layers, mlp_only_layers, where: str):
     if bad:
         raise ValueError(f"{where}mlp_only_layers={list(mlp_only_layers)}: {bad} are not layers of "
                          f"the {layers}-layer model; valid: indices in [0, {layers - 1}]")
+
+
+def _check_lora(cfg):
+    """cfg.model.lora (config alone): rank 0 is off; with rank >= 1 the other fields."""
+    from trustrl.model import lora, quant
+    spec = cfg.model.get("lora")
+    if spec is None:
+        return
+    _int(cfg, "model.lora.rank", 0)
+    _typed(cfg, ("model.lora.init", "model.lora.base_quant", "model.lora.init_from"), str)
+    if spec.rank == 0:
+        return
+    _float(cfg, "model.lora.alpha", 0, open_low=True)
+    targets = _get(cfg, "model.lora.targets")
+    if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
+        raise ValueError(f"model.lora.targets must be a tuple of projection names, got "
+                         f"{targets!r}; valid names: {tuple(lora.TARGETS)}")
+    lora.check_config(spec.rank, spec.alpha, tuple(targets), spec.init)
+    _choice("model.lora.base_quant", spec.base_quant, ("",) + quant.QUANT)
 
 
 def _check_moe(cfg):
@@ -405,6 +430,7 @@ def validate(cfg):
                          f"mesh's batch axes (data x fsdp = {shards}); each call's rows are "
                          f"split over them")
     _check_moe(cfg)  # after the mesh: the expert split needs its sizes
+    _check_lora(cfg)
 
 
 def check_environment(cfg, workdir: str, devices=None):

@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.training import config_validation as cv, filtering, optim, step as ts, warmstart
 from trustrl.data import datasets as data, tasks
-from trustrl.model import hf, policy
+from trustrl.model import hf, lora, policy, quant
+from trustrl.model import transformer as model_lib
 from trustrl.core import losses
 from trustrl.infra import integrity, multihost, sharding, storage
 from trustrl.model.transformer import ModelConfig, init_params
@@ -42,6 +43,15 @@ class Run:
     rollout_params: Callable
     score: Callable
     train_step: Callable
+    # LoRA (model.lora.rank > 0): the frozen base (state.params holds only the adapters) and
+    # its identity (lora_base_id), checked when a checkpoint is restored
+    frozen: Any = None
+    base_id: dict | None = None
+
+    def policy_params(self, params=None):
+        """The model's parameter tree for ``params`` (default: the state's): with LoRA, the
+        adapters joined to the frozen base (no copy)."""
+        return ts.policy_params(self.state.params if params is None else params, self.frozen)
 
 
 def _tokenizer(cfg, workdir: str, train_examples) -> Tokenizer:
@@ -307,24 +317,115 @@ def build(cfg, workdir: str, mesh=None) -> Run:
     if cfg.warmstart.steps > 0:
         params = warmstart.warm_start(cfg, env, base_cfg, params, mesh)
 
+    _filter(cfg, env, base_cfg, tokenizer, params, mesh, workdir)
+
+    frozen = base_id = None
+    if lora_enabled(cfg):  # the state trains adapters on the frozen base
+        base_id = lora_base_id(cfg, params)
+        model_cfg = with_lora(cfg, model_cfg)
+        frozen, params = lora_params(cfg, model_cfg, params, jax.random.fold_in(k_init, 1), mesh)
     tx = optimizer(cfg)
     state_sh = ts.state_shardings(model_cfg, tx, mesh)
     state = ts.init_program(tx, state_sh)(params)
 
-    _filter(cfg, env, base_cfg, tokenizer, params, mesh, workdir)
-
-    roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype, cfg.rollout.head_dtype)
+    roll_cfg = policy.rollout_config(lora.merged_config(model_cfg), cfg.rollout.dtype,
+                                     cfg.rollout.head_dtype)
     sampler, eval_greedy = samplers(cfg, tokenizer, roll_cfg, mesh)
     return Run(
         cfg=cfg, mesh=mesh, env=env, model_cfg=model_cfg, rollout_cfg=roll_cfg, state=state,
         key=key,
         prompt_iter=data.PromptIterator(env.train, cfg.rollout.prompts_per_iter, seed=cfg.seed),
         sampler=sampler, eval_greedy=eval_greedy,
-        # a copy even when the dtypes agree: train_step donates the state the params live in
-        rollout_params=jax.jit(lambda p: jax.tree.map(
-            jnp.copy, policy.cast_params(p, roll_cfg))),
+        rollout_params=rollout_params_program(model_cfg, roll_cfg, frozen),
         score=score_program(cfg, model_cfg, mesh),
-        train_step=train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh))
+        train_step=train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh),
+        frozen=frozen, base_id=base_id)
+
+
+def rollout_params_program(model_cfg, roll_cfg, frozen=None):
+    """state.params -> the rollout engine's parameters (``roll_cfg``'s dtypes): a cast, or for
+    LoRA the adapters merged into the frozen base (``lora.merge``) and cast, in one jitted
+    program per iteration (benchmarks/lora.py times it). A copy even when the dtypes agree:
+    train_step donates the state the params live in."""
+    if frozen is None:
+        return jax.jit(lambda p: jax.tree.map(jnp.copy, policy.cast_params(p, roll_cfg)))
+
+    def merged(adapters, frozen):
+        params = lora.merge(lora.combine(frozen, adapters), model_cfg)[0]
+        return jax.tree.map(jnp.copy, policy.cast_params(params, roll_cfg))
+
+    program = jax.jit(merged)
+    return lambda adapters: program(adapters, frozen)
+
+
+def lora_enabled(cfg) -> bool:
+    """model.lora.rank > 0: the run trains LoRA adapters on a frozen base."""
+    return int(cfg.model.get("lora", {}).get("rank", 0)) > 0
+
+
+def with_lora(cfg, model_cfg: ModelConfig) -> ModelConfig:
+    """``model_cfg`` with cfg.model.lora's adapters and base storage (model.lora.base_quant:
+    the frozen base's int8 / fp8 kernels, QLoRA-style); unchanged without LoRA."""
+    if not lora_enabled(cfg):
+        return model_cfg
+    spec = cfg.model.lora
+    return dataclasses.replace(model_cfg, lora_rank=int(spec.rank), lora_alpha=float(spec.alpha),
+                               lora_targets=tuple(spec.targets), lora_init=str(spec.init),
+                               weight_quant=str(spec.get("base_quant", "")))
+
+
+def lora_params(cfg, model_cfg: ModelConfig, base, key, mesh):
+    """(frozen base, adapters) of a LoRA run: the base as built (warm start included) in its
+    storage dtype, quantised under model.lora.base_quant, placed like the kernels; the
+    adapters from model.lora.init_from (a PEFT directory) or freshly initialised."""
+    base_sh, adapter_sh = lora.split(model_lib.param_shardings(model_cfg, mesh))
+    if model_cfg.weight_quant:
+        kind, stacked = model_cfg.weight_quant, model_cfg.scan_layers
+        base = jax.jit(lambda p: quant.quantize_params(p, kind, stacked), out_shardings=base_sh,
+                       donate_argnums=0)(base)
+    if cfg.model.lora.get("init_from", ""):
+        from trustrl.model import peft  # the PEFT adapter format (safetensors)
+        adapters = peft.load_adapters(cfg.model.lora.init_from, model_cfg, shardings=adapter_sh)
+    else:
+        adapters = model_lib.init_adapters(model_cfg, key, mesh)
+    return base, adapters
+
+
+def lora_base_id(cfg, base) -> dict:
+    """What a LoRA checkpoint's adapters were trained on: model.hf_dir's path and the sha256
+    of its config and weight files, or (a base built from the config's fields and warm start)
+    the sha256 of the base parameters' bytes."""
+    if cfg.model.hf_dir:
+        files = sorted(f for f in os.listdir(cfg.model.hf_dir)
+                       if f.endswith(".safetensors") or f == "config.json")
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.encode())
+            h.update(integrity.file_digest(os.path.join(cfg.model.hf_dir, f))["sha256"].encode())
+        return {"path": cfg.model.hf_dir, "sha256": h.hexdigest()}
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(base):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(multihost.to_host(leaf)).tobytes())
+    return {"path": "", "sha256": h.hexdigest()}
+
+
+def check_base(run: Run, saved: dict | None, directory: str):
+    """A LoRA checkpoint restores only onto the base it was trained on (ValueError naming
+    model.hf_dir and both identities); a checkpoint without LoRA, or a run without, passes."""
+    if run.base_id is None and saved is None:
+        return
+    if run.base_id is None or saved is None:
+        have = "LoRA adapters" if saved is not None else "full parameters"
+        raise ValueError(f"the checkpoint in {directory} holds {have}, but this run "
+                         f"{'trains LoRA adapters' if run.base_id else 'has no LoRA'} "
+                         f"(model.lora.rank): use a new workdir")
+    if saved != run.base_id:
+        raise ValueError(
+            f"the checkpoint in {directory} holds LoRA adapters trained on another base: "
+            f"model.hf_dir {saved.get('path')!r} (sha256 {str(saved.get('sha256'))[:12]}...) "
+            f"vs this run's {run.base_id['path']!r} (sha256 {run.base_id['sha256'][:12]}...); "
+            f"resume with the same base, or use a new workdir")
 
 
 # The run's jitted programs and the shapes they are compiled for, built here for both the run
@@ -382,8 +483,8 @@ def score_program(cfg, model_cfg, mesh):
 
 
 def train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh):
-    """train_step(state, minibatch, rollout_params) -> (state, metrics); the state is donated
-    and keeps its layout (one compile)."""
+    """train_step(state, minibatch, rollout_params, frozen=None) -> (state, metrics); the state
+    is donated and keeps its layout (one compile); ``frozen``: a LoRA run's base (Run.frozen)."""
     return jax.jit(functools.partial(ts.train_step, model_cfg=model_cfg, loss_cfg=cfg.loss, tx=tx,
                                      mesh=mesh, rollout_model_cfg=roll_cfg,
                                      temperature=float(cfg.rollout.temperature),

@@ -116,6 +116,7 @@ def _run(cfg, workdir, run, changes=()):
     state, key, start = run.state, run.key, 0
     if ckpt.latest_step() is not None:
         state, host = ckpt.restore(state)
+        experiment.check_base(run, host.get("lora_base"), ckpt.directory)
         key = jax.random.wrap_key_data(jnp.asarray(np.asarray(host["key"], np.uint32)))
         start = host["iteration"]
         run.prompt_iter.restore(host["data"])
@@ -203,15 +204,15 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
             batch["routed_experts"] = routed
         old_logp = None
         if cfg.train.score_pass or need_old:
-            old_logp = sharding.cpu_sync(run.score(state.params, batch))
+            old_logp = sharding.cpu_sync(run.score(run.policy_params(state.params), batch))
             metrics = dict(mismatch_stats(old_logp, r.rollout_logp, r.response_mask))
             if need_old:
                 batch["old_logp"] = old_logp
         else:
             metrics = {}
         if routing is not None and routed is not None:
-            metrics.update(sharding.cpu_sync(routing(state.params, {**batch, "routed_experts":
-                                                                    routed}, old_logp)))
+            metrics.update(sharding.cpu_sync(routing(
+                run.policy_params(state.params), {**batch, "routed_experts": routed}, old_logp)))
         t_score = time.perf_counter()
         step_metrics = []
         bsz = batch["tokens"].shape[0]
@@ -219,7 +220,7 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
             perm = multihost.to_host(jax.random.permutation(jax.random.fold_in(k_perm, epoch), bsz))
             for idx in np.array_split(perm, cfg.train.minibatches):
                 mb = sharding.cpu_sync(jax.tree.map(lambda x: x[idx], batch))
-                state, m = sharding.cpu_sync(run.train_step(state, mb, params_roll))
+                state, m = sharding.cpu_sync(run.train_step(state, mb, params_roll, run.frozen))
                 step_metrics.append(m)
         jax.block_until_ready(state)
         t_update = time.perf_counter()
@@ -247,9 +248,12 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
         stop = not last and watcher.should_stop(it + 1)
         workdir_lock.check(ckpt.workdir)  # a lease lost to another run: stop before saving
         if (cfg.checkpoint.every and (it + 1) % cfg.checkpoint.every == 0) or last or stop:
-            ckpt.save(it + 1, state, {"iteration": it + 1, "data": run.prompt_iter.state(),
-                                      "key": np.asarray(jax.random.key_data(key)).tolist(),
-                                      "config": cfg.to_dict()})  # what config.json says
+            host = {"iteration": it + 1, "data": run.prompt_iter.state(),
+                    "key": np.asarray(jax.random.key_data(key)).tolist(),
+                    "config": cfg.to_dict()}  # what config.json says
+            if run.base_id is not None:  # LoRA: the adapters' base, checked on restore
+                host["lora_base"] = run.base_id
+            ckpt.save(it + 1, state, host)
         if stop:
             raise preemption.Preempted(it + 1, watcher.received)
     return state, metrics

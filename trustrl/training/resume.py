@@ -62,7 +62,11 @@ ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.contin
                 "model.moe_intermediate_size": 0, "model.norm_topk_prob": True,
                 "model.decoder_sparse_step": 1, "model.mlp_only_layers": [],
                 "model.moe_impl": "ragged", "model.moe_capacity_factor": 0.0,
-                "model.router_aux_loss_coef": 0.0, "model.routing_replay": False}
+                "model.router_aux_loss_coef": 0.0, "model.routing_replay": False,
+                # LoRA (issue 29): rank 0 is the full fine-tuning every older run did
+                "model.lora.rank": 0, "model.lora.alpha": 0.0, "model.lora.targets": [],
+                "model.lora.init": "kaiming", "model.lora.base_quant": "",
+                "model.lora.init_from": ""}
 
 
 def config_changes(old: dict, new: dict):

@@ -25,6 +25,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.core import divergences, losses
+from trustrl.model import lora
 from trustrl.model import moe as moe_lib
 from trustrl.model import policy
 from trustrl.model import transformer as model_lib
@@ -48,13 +49,27 @@ class TrainState:
 def state_shardings(model_cfg, tx, mesh) -> TrainState:
     """The TrainState's shardings from the logical rules: params as ``transformer.param_shardings``,
     every parameter-shaped optimizer leaf (Adam's mu / nu) as its parameter, the rest (step
-    counters, the clip state) replicated."""
-    params_sh = model_lib.param_shardings(model_cfg, mesh)
+    counters, the clip state) replicated. A LoRA model (``model_cfg.lora_rank``) trains only
+    its adapters: the state holds those (``trained``), the frozen base lives outside it."""
+    params_sh = trained(model_cfg, model_lib.param_shardings(model_cfg, mesh))
     replicated = NamedSharding(mesh, P())
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh,
-                                   jax.eval_shape(tx.init, model_lib.param_shapes(model_cfg)),
-                                   params_sh, transform_non_params=lambda _: replicated)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, sh: sh,
+        jax.eval_shape(tx.init, trained(model_cfg, model_lib.param_shapes(model_cfg))),
+        params_sh, transform_non_params=lambda _: replicated)
     return TrainState(step=replicated, params=params_sh, opt_state=opt_sh, skipped=replicated)
+
+
+def trained(model_cfg, tree):
+    """The part of a params-shaped ``tree`` the TrainState holds: all of it, or a LoRA model's
+    adapters (``lora.split``; the frozen base is the train step's ``frozen`` argument)."""
+    return lora.split(tree)[1] if model_cfg.lora_rank else tree
+
+
+def policy_params(params, frozen=None):
+    """The model's parameter tree from a TrainState's params: themselves, or with a LoRA
+    model's frozen base ``frozen`` joined (``lora.combine``: no copy)."""
+    return params if frozen is None else lora.combine(frozen, params)
 
 
 def init_program(tx, shardings: TrainState | None = None):
@@ -314,7 +329,8 @@ def _combine_metrics(stacked: dict, tokens) -> dict:
     return {k: one(k, v) for k, v in stacked.items()}
 
 
-def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, loss_cfg, tx,
+def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, model_cfg,
+               loss_cfg, tx,
                mesh=None, rollout_model_cfg=None, temperature: float = 1.0,
                microbatches: int = 1, head: str = "loss_fused", on_correction=None,
                routing_replay: bool = False, router_aux_loss_coef: float = 0.0):
@@ -331,6 +347,10 @@ def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, los
     device's rows on that device). Metrics: max / min over the micro-batches with response tokens
     for *_max / *_min (exact), the mean of their per-micro-batch values otherwise (the
     whole-batch value when they hold equal numbers of tokens); ``loss/value`` is exact.
+
+    LoRA (``model_cfg.lora_rank``): ``state.params`` are the adapters and ``frozen`` the base
+    (``lora.split``); the loss is differentiated in the adapters only, so no gradient, moment
+    or update of a frozen weight is ever formed.
 
     ``head``: one of HEADS; every choice computes the same loss and gradient. ``on_correction``:
     a diagnostics callback of the loss-fused head (vocab_head.fused_head).
@@ -381,7 +401,12 @@ def train_step(state: TrainState, batch: dict, rollout_params, *, model_cfg, los
                                 divergence=divergence_of(out, ex.get("mu_topk_logp")),
                                 **loss_kw)
 
+    if bool(model_cfg.lora_rank) != (frozen is not None):
+        raise ValueError("a LoRA model (model_cfg.lora_rank > 0) trains its adapters against a "
+                         "frozen base: pass frozen= (and only then)")
+
     def loss_fn(params, batch):
+        params = policy_params(params, frozen)
         mask = batch["response_mask"]
         logp_grad = None
         # trm_seq's mask is sequence-level; without old_logp a *_recompute method is refused
