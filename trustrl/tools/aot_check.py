@@ -10,6 +10,8 @@ allocated), each the program trustrl.main runs (built by the same trustrl.traini
 functions), traced under the target's mesh so "auto" kernels resolve as on the pod (splash on
 TPU, inside a shard_map):
   init     the fresh train state (params, Adam moments, counters) with its shardings
+  merge    (LoRA runs) the rollout parameters of one iteration: the adapters merged into the
+           frozen base and cast (experiment.rollout_params_program), once per iteration
   rollout  one iteration's sampling: prompts_per_iter x group_size rows of --prompt_len (its
            bucket) + rollout.max_new_tokens, rollout.max_rows at a time (continuous slots or
            split calls), with the KV cache the sampler keeps
@@ -23,8 +25,11 @@ XLA's compiled.memory_analysis()) plus what the run keeps alive beside it ("held
 state during sampling; the optimizer state, the rollout params, the iteration's batch and, with
 rollout.keep_kv_cache, the rollout sampler's KV cache during the score pass and the train
 step), computed from the abstract arrays of the same objects; the largest sum is the
-iteration's peak. Exits 1, naming the phases, when one does not
-fit (--hbm_gib, default the TPU compiler's own limit for the chip, HBM_GIB); 2 on bad flags.
+iteration's peak. A LoRA run (model.lora.rank > 0): the train state holds only the adapters and
+their moments; the frozen base (model.lora.base_quant: int8 / fp8 kernels) is an argument of
+the merge, score and train programs and held beside the others. Exits 1, naming the phases,
+when one does not fit (--hbm_gib, default the TPU compiler's own limit for the chip,
+HBM_GIB); 2 on bad flags.
 
 The model: model.hf_dir/config.json when it exists, else --model (a preset of MODELS), else the
 preset named by hf_dir's last component (e.g. /mnt/models/Qwen3-8B-Base -> qwen3-8b).
@@ -80,7 +85,7 @@ MODELS = {
                             num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
 }
-PHASES = ("init", "rollout", "score", "train", "eval")
+PHASES = ("init", "merge", "rollout", "score", "train", "eval")  # merge: LoRA runs only
 
 
 def _define_flags():
@@ -184,7 +189,7 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     import jax
     import jax.numpy as jnp
 
-    from trustrl.model import attention, hf, policy
+    from trustrl.model import attention, hf, lora, policy
     from trustrl.training import experiment
     from trustrl.core import losses
     from trustrl.infra import sharding
@@ -197,7 +202,9 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     model_cfg = hf.config_from_hf(hf_config, param_dtype=cfg.model.param_dtype,
                                   dtype=cfg.model.dtype, remat=cfg.model.remat)
     model_cfg = experiment.with_run_fields(cfg, model_cfg)
-    roll_cfg = policy.rollout_config(model_cfg, cfg.rollout.dtype, cfg.rollout.head_dtype)
+    model_cfg = experiment.with_lora(cfg, model_cfg)  # unchanged without LoRA
+    roll_cfg = policy.rollout_config(lora.merged_config(model_cfg), cfg.rollout.dtype,
+                                     cfg.rollout.head_dtype)
     tx = experiment.optimizer(cfg)
     state_sh = ts.state_shardings(model_cfg, tx, mesh)
     sampler, eval_greedy = experiment.samplers(cfg, _EosOnly(), roll_cfg, mesh)
@@ -206,7 +213,15 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
 
-    params = abstract(model_lib.param_shapes(model_cfg), state_sh.params)
+    # the policy's parameters; a LoRA run splits them into the frozen base and the adapters
+    # (the train state's params: state_sh.params)
+    frozen = None
+    if model_cfg.lora_rank:
+        full = abstract(model_lib.param_shapes(model_cfg),
+                        model_lib.param_shardings(model_cfg, mesh))
+        frozen, params = lora.split(full)
+    else:
+        params = abstract(model_lib.param_shapes(model_cfg), state_sh.params)
     roll_params = abstract(model_lib.param_shapes(roll_cfg),
                            model_lib.param_shardings(roll_cfg, mesh))
     state = ts.abstract_state(params, tx, state_sh)
@@ -233,11 +248,18 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
         + "score pass: "
         + (f"{cv.score_microbatches(cfg)} part(s)" if scored else "off")
         + (f", eval: {cfg.eval.num_prompts} greedy + {cfg.eval.num_prompts} x {cfg.eval.k} "
-           f"sampled rows" if cfg.eval.every else ", eval: off"))
+           f"sampled rows" if cfg.eval.every else ", eval: off")
+        + (f", LoRA r {model_cfg.lora_rank} alpha {model_cfg.lora_alpha:g} on "
+           f"{len(model_cfg.lora_targets)} projection(s) ({lora.num_params(params) / 1e6:.1f}M "
+           f"adapter parameters), frozen base "
+           f"{model_cfg.weight_quant or jnp.dtype(model_cfg.param_dtype).name}"
+           if frozen is not None else ""))
 
     # what the run keeps on the chip between its programs (trustrl.training.loop._loop)
     rollout_cache = sampler.abstract_cache(min(rows, sampler.cfg.max_rows or rows), width)
     held_state = {"train state": per_chip_gib(state)}
+    held_frozen = {} if frozen is None else {"frozen base": per_chip_gib(frozen)}
+    held_state.update(held_frozen)  # (the base stays on the chips for the whole run)
     held_cache = ({"rollout sampler's KV cache": per_chip_gib(rollout_cache)}
                   if cfg.rollout.get("keep_kv_cache", False) else {})
     held_roll = {"rollout params": per_chip_gib(roll_params)}
@@ -280,7 +302,17 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
 
     if "init" in phases:
         init = ts.init_program(tx, state_sh)
-        record("init", "train state", lambda: init.lower(params), {})
+        record("init", "train state" + (" (adapters)" if frozen is not None else ""),
+               lambda: init.lower(params), held_frozen)
+    if "merge" in phases and frozen is not None:  # the train state's moments stay beside it
+        merge = experiment.rollout_params_program(model_cfg, roll_cfg, frozen)
+        record("merge", f"LoRA merged into {len(model_cfg.lora_targets)} projection(s), "
+               f"cast ({cfg.rollout.dtype})",
+               lambda: _jitted(merge).lower(params, frozen),
+               {"optimizer state": per_chip_gib(state.opt_state)})
+    # the score pass and the train step take the frozen base as an argument
+    policy_params = ts.policy_params(params, frozen)
+    frozen_args = () if frozen is None else (frozen,)
 
     with jax.set_mesh(mesh):
         if "rollout" in phases:  # the train state stays on the chips while it samples
@@ -290,14 +322,15 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
             score = experiment.score_program(cfg, model_cfg, mesh)
             record("score", f"{rows} x ({width} + {n_new}) tokens in "
                    f"{cv.score_microbatches(cfg)} part(s)",
-                   lambda: score.lower(params, iteration),
+                   lambda: score.lower(policy_params, iteration),
                    {"optimizer state": per_chip_gib(state.opt_state), **held_roll,
                     **held_cache, **held_routes})
         if "train" in phases:  # the donated state is an argument; the iteration's batch is kept
             step = experiment.train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh)
             record("train", f"{mb_rows} x ({width} + {n_new}) tokens, "
                    f"{cfg.train.microbatches} micro-batch(es)",
-                   lambda: step.lower(state, minibatch, roll_params), {**held_cache, **held_batch})
+                   lambda: step.lower(state, minibatch, roll_params, *frozen_args),
+                   {**held_cache, **held_batch})
         if "eval" in phases and cfg.eval.every:  # greedy (rollout sampler's cache freed first)
             n_eval = cfg.eval.num_prompts
             what, lowered, _ = eval_greedy.lower(roll_params, n_eval, width)
@@ -306,6 +339,18 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
                 what, lowered, _ = sampler.lower(roll_params, n_eval * cfg.eval.k, width)
                 record("eval_k", f"pass@{cfg.eval.k}: " + what, lambda: lowered, held_state)
     return out
+
+
+def _jitted(fn):
+    """The jitted program behind ``fn``: itself, or the one it closes over
+    (experiment.rollout_params_program returns ``lambda adapters: program(adapters, frozen)``,
+    whose ``program(adapters, frozen)`` is what runs each iteration)."""
+    if hasattr(fn, "lower"):
+        return fn
+    for cell in fn.__closure__ or ():
+        if hasattr(cell.cell_contents, "lower"):
+            return cell.cell_contents
+    raise TypeError(f"{fn} is not a jitted program and closes over none")
 
 
 class _EosOnly:
