@@ -209,3 +209,19 @@ def test_adapters_of_another_model_are_refused(tmp_path):
         peft.load_adapters(str(tmp_path), lora.base_config(cfg))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         peft.load_adapters(str(tmp_path / "nope"), cfg)
+
+
+def test_a_mixture_of_experts_names_only_its_dense_mlps():
+    """transformers 4's experts are Linear layers named gate_proj / up_proj / down_proj too:
+    a MoE model's MLP targets are a regex of the dense layers' modules (PEFT full-matches it)."""
+    import re
+    cfg = M.ModelConfig.tiny(V, "qwen3_moe", num_layers=4, num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=16, mlp_only_layers=(0, 2), scan_layers=False,
+                             lora_rank=2, lora_alpha=4.0, lora_targets=("q_proj", "down_proj"))
+    pattern = peft.target_modules(cfg)
+    assert isinstance(pattern, str)
+    hit = lambda name: re.fullmatch(pattern, name) is not None  # noqa: E731
+    assert hit("model.layers.3.self_attn.q_proj") and hit("model.layers.2.mlp.down_proj")
+    assert not hit("model.layers.1.mlp.down_proj") and not hit("model.layers.3.self_attn.k_proj")
+    assert not hit("model.layers.1.mlp.experts.0.down_proj")
+    assert peft.target_modules(dataclasses.replace(cfg, lora_targets=("q_proj",))) == ["q_proj"]

@@ -1,12 +1,14 @@
 """python -m trustrl.tools.export: a tiny LoRA run on a Hugging Face base exported as a PEFT
 adapter (PeftModel on the transformers base) and as a merged directory (transformers), which
 agree with each other and with the trained adapters; bad flags exit 2 with one line."""
+import dataclasses
 import importlib.util
 import json
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -154,3 +156,30 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(prefix) and needle in err[0], (argv, err)
     assert not os.path.exists(f"{tmp_path}/o")
+
+
+def test_the_written_base_is_the_runs_frozen_base_dequantised(tmp_path):
+    """--format=peft of a run whose base is not model.hf_dir as stored writes that base: the
+    frozen kernels (an int8 QLoRA base dequantised), as save_hf_dir writes a model."""
+    import types
+
+    from trustrl.model import lora, quant
+    cfg = _model_cfg(("q_proj", "o_proj", "down_proj"))
+    params = M.init_params(lora.base_config(cfg), jax.random.key(0))
+    adapters = jax.tree.map(lambda x: x + 0.3, M.init_adapters(cfg, jax.random.key(1)))
+    export._write_base(types.SimpleNamespace(frozen=params, model_cfg=cfg), adapters,
+                       str(tmp_path / "plain"))
+    _, back = hf.load_hf_dir(str(tmp_path / "plain"))
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    qcfg = dataclasses.replace(cfg, weight_quant="int8")
+    frozen = quant.quantize_params(params, "int8", qcfg.scan_layers)
+    export._write_base(types.SimpleNamespace(frozen=frozen, model_cfg=qcfg), adapters,
+                       str(tmp_path / "int8"))
+    _, back = hf.load_hf_dir(str(tmp_path / "int8"))
+    q = frozen["layers"]["attn"]
+    want = quant.dequantize(q["q_proj"], q["q_proj" + quant.SCALE_SUFFIX], 1, jnp.float32,
+                            lead=1)
+    np.testing.assert_array_equal(np.asarray(back["layers"]["attn"]["q_proj"]), np.asarray(want))
+    assert np.abs(np.asarray(want) - np.asarray(params["layers"]["attn"]["q_proj"])).max() > 0
