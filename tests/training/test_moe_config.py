@@ -313,7 +313,8 @@ def test_every_table_1_preset_validates_with_the_papers_numbers():
         "base": (256, 16, 32, 16384, 1e-6, 0.2, False, "Qwen3-30B-A3B-Base"),
         "base_r3": (256, 16, 32, 16384, 1e-6, 0.2, True, "Qwen3-30B-A3B-Base"),
         "thinking": (256, 16, 32, 16384, 1e-6, 0.2, False, "Qwen3-30B-A3B"),
-        "dense_base": (128, 8, 32, 8000, 1e-6, 0.2, False, "Qwen3-8B-Base")}
+        "dense_base": (128, 8, 32, 8000, 1e-6, 0.2, False, "Qwen3-8B-Base"),
+        "base_lora": (128, 8, 16, 8000, 1e-5, 0.15, False, "Qwen3-30B-A3B-Base")}
     assert set(table) == set(qwen3_moe.RUNS)
     for run, (prompts, group, mini, response, lr, tv, replay, model) in table.items():
         for method, (loss, delta) in {"tv": ("dppo_binary_tv", tv), "kl": ("dppo_binary_kl", 0.05),
@@ -330,8 +331,10 @@ def test_every_table_1_preset_validates_with_the_papers_numbers():
             assert os.path.basename(c.model.hf_dir) == model
             assert c.model.dtype == "bfloat16" and c.rollout.dtype == "bfloat16"
     assert qwen3_moe.get_config().model.hf_dir.endswith("Qwen3-30B-A3B-Base")
-    with pytest.raises(ValueError, match=r"run 'base_lora' waits for LoRA policies \(issue 29\)"):
-        qwen3_moe.get_config("base_lora")
+    lora = qwen3_moe.get_config("base_lora").model.lora  # r 32, alpha 64 (Table 1)
+    assert (lora.rank, lora.alpha, lora.base_quant) == (32, 64.0, "")
+    assert all(qwen3_moe.get_config(r).model.lora.rank == 0 for r in qwen3_moe.RUNS
+               if r != "base_lora")
     with pytest.raises(ValueError, match=r"unknown method 'dppo'; valid: \['grpo_clip_higher', "
                                          r"'kl', 'tv'\]"):
         qwen3_moe.get_config("base,dppo")
