@@ -137,6 +137,36 @@ def test_held_memory_against_a_hand_count():
         assert r["peak"] == r["total"] + sum(r["held"].values()) > r["total"] > 0
 
 
+def test_lora_run_trains_adapters_beside_a_held_frozen_base():
+    # tiny_lora (r 4 on every projection, fp32 base), every parameter replicated: the train
+    # state is the adapters and their moments; the frozen base is held during init and is an
+    # argument of the merge and the train step (which compiles with it)
+    import jax
+    import numpy as np
+    from trustrl.model import hf as hf_lib, lora
+    from trustrl.model import transformer as model_lib
+    from trustrl.training import experiment
+    cfg = default.get_config("tiny_lora")
+    cfg.mesh = dict(data=8, fsdp=1, tensor=1)
+    cfg.rollout.prompts_per_iter, cfg.rollout.group_size = 8, 2
+    hf, _ = aot_check.model_hf_config(cfg, None)
+    lines = []
+    rows = {r["phase"]: r for r in aot_check.check(
+        cfg, jax.devices()[:8], hf_config=hf, prompt_len=16, phases=("init", "merge", "train"),
+        log=lines.append)}
+    assert list(rows) == ["init", "merge", "train"]
+    assert "LoRA r 4 alpha 8 on 7 projection(s)" in lines[0] and "frozen base float32" in lines[0]
+    model_cfg = experiment.with_lora(cfg, hf_lib.config_from_hf(hf))
+    base, adapters = (lora.num_params(t) for t in lora.split(model_lib.param_shapes(model_cfg)))
+    gib = 2 ** 30
+    assert rows["init"]["held"] == {"frozen base": 4 * base / gib}
+    assert rows["init"]["args"] * gib == 4 * adapters  # only the adapters are trained
+    assert rows["merge"]["args"] * gib == 4 * (base + adapters)
+    assert rows["merge"]["held"] == {"optimizer state": 4 * (2 * adapters + 2) / gib}
+    assert rows["train"]["args"] * gib > 4 * (base + 3 * adapters)  # + the batch
+    assert np.isfinite(rows["train"]["total"])
+
+
 LIBTPU_PATH = __import__("os").environ.get("TRUSTRL_LIBTPU_PATH", "")
 
 
