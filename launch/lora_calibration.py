@@ -25,9 +25,10 @@ over the tokens with A != 0 (as the run's loss/masked_frac). The counterfactual 
 feed back into training: each arm trains at its config's delta (0.15), and the probe asks what
 another delta would have masked on the same trajectory.
 
-Writes OUT/lora_calibration_table.md (the numbers docs/lora_calibration.md quotes),
-OUT/lora_calibration_plots/*.png, and WORKDIR/ARM-sSEED/probe.npz (the per-token arrays; an
-arm whose probe.npz exists is not run again, delete it to rerun).
+Writes the numbers into OUT/lora_calibration.md (between its generated-block markers; the prose
+around them is kept), the plots to OUT/lora_calibration_plots/*.png, and
+WORKDIR/ARM-sSEED/probe.npz (the per-token arrays; an arm whose probe.npz exists is not run
+again: delete it to rerun).
 """
 from __future__ import annotations
 
@@ -52,13 +53,30 @@ from trustrl.training import config_validation as cv  # noqa: E402
 from trustrl.training import experiment, loop  # noqa: E402
 
 ARMS = {"full": "default", "lora": "lora"}  # arm -> configs/default.py variant
+# an arm may name another learning rate, NAME@LR (e.g. lora@3e-4): a control on how much of a
+# difference the learning rate makes
 DELTAS = (0.1, 0.15, 0.2)
 GRID = tuple(np.round(np.arange(0.02, 0.505, 0.01), 3))  # deltas for the equivalence search
 POINTS = ("at_step", "after")
 
 
+def parse_arm(arm: str) -> tuple[str, float | None]:
+    """"lora@3e-4" -> ("lora", 3e-4); "full" -> ("full", None)."""
+    name, sep, lr = arm.partition("@")
+    if name not in ARMS:
+        raise ValueError(f"--arms: unknown arm {arm!r}; valid: {', '.join(ARMS)} (optionally "
+                         f"@LEARNING_RATE)")
+    try:
+        return name, (float(lr) if sep else None)
+    except ValueError:
+        raise ValueError(f"--arms: {arm!r}: the learning rate after @ must be a number") from None
+
+
 def arm_config(arm: str, seed: int, iterations: int, tiny: bool = False):
-    cfg = default.get_config(("tiny" if arm == "full" else "tiny_lora") if tiny else ARMS[arm])
+    name, lr = parse_arm(arm)
+    cfg = default.get_config(("tiny" if name == "full" else "tiny_lora") if tiny else ARMS[name])
+    if lr is not None:
+        cfg.optim.learning_rate = lr
     cfg.seed = seed
     if iterations:
         cfg.train.iterations = iterations
@@ -211,6 +229,7 @@ def analyse(dirs: dict, out: str, args) -> str:
                 results[key + (point, name)] = stats(d, point, rows,
                                                      {x: blocked[x] for x in DELTAS})
     seeds = sorted({s for _, s in dirs})
+    arms = sorted({a for a, _ in dirs}, key=lambda a: (a != "full", a))
 
     def pct(x):
         return f"{100 * x:.2f}%"
@@ -219,25 +238,30 @@ def analyse(dirs: dict, out: str, args) -> str:
              "max | masked @0.1 | @0.15 | @0.2 |", "|" + "---|" * 14]
     for point in POINTS:
         for name in ("all", "first third", "last third"):
-            for arm in ARMS:
+            for arm in arms:
                 for s in seeds:
+                    if (arm, s) not in data:
+                        continue
                     r = results[(arm, s, point, name)]
                     lines.append(
                         f"| {arm} | {s} | {point} | {name} | {r['tokens']} | {r['mean']:.2e} | "
                         f"{r['p50']:.2e} | {r['p90']:.2e} | {r['p99']:.3f} | {r['p99.9']:.3f} | "
                         f"{r['max']:.3f} | " + " | ".join(pct(r[f'masked@{x:g}'])
                                                         for x in DELTAS) + " |")
-    eq = ["| seed | point | full's delta | full masks | LoRA's delta masking no more | "
-          "LoRA masks at full's delta |", "|---|---|---|---|---|---|"]
-    for s in seeds:
-        for point in POINTS:
-            f, lo = curves[("full", s, point)], curves[("lora", s, point)]
-            for x in DELTAS:
-                eq.append(f"| {s} | {point} | {x:g} | {pct(f[x])} | "
-                          f"{equivalent_delta(f, lo, x):g} | {pct(lo[x])} |")
+    eq = ["| arm | seed | point | full's delta | full masks | the arm's delta masking no more | "
+          "the arm masks at full's delta |", "|---|---|---|---|---|---|---|"]
+    for arm in arms[1:]:
+        for s in seeds:
+            if ("full", s) not in data or (arm, s) not in data:
+                continue
+            for point in POINTS:
+                f, lo = curves[("full", s, point)], curves[(arm, s, point)]
+                for x in DELTAS:
+                    eq.append(f"| {arm} | {s} | {point} | {x:g} | {pct(f[x])} | "
+                              f"{equivalent_delta(f, lo, x):g} | {pct(lo[x])} |")
 
     # plots: survival of TV (pooled), masked fraction per iteration, masked fraction vs delta
-    colors = {"full": "tab:blue", "lora": "tab:red"}
+    colors = dict(zip(arms, ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple")))
     styles = {s: ls for s, ls in zip(seeds, ("-", "--", ":", "-."))}
     for point in POINTS:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -284,7 +308,7 @@ def analyse(dirs: dict, out: str, args) -> str:
     plt.close(fig)
 
     demo = ["| arm | seed | summary |", "|---|---|---|"]
-    for (arm, s), wd in dirs.items():
+    for (arm, s), wd in sorted(dirs.items(), key=lambda kv: (kv[0][1], arms.index(kv[0][0]))):
         text = summary.format_summary(summary.summarize(read_jsonl(
             os.path.join(wd, "metrics.jsonl")))).strip().replace("\n", "<br>")
         wall = float(data[(arm, s)]["wall_s"])
@@ -296,21 +320,37 @@ def analyse(dirs: dict, out: str, args) -> str:
         commit = "?"
     cmd = " ".join(["python launch/lora_calibration.py"] + sys.argv[1:])
     text = "\n".join([
-        "# LoRA trust-region calibration: the numbers (launch/lora_calibration.py)", "",
         f"Generated {datetime.date.today()} by `{cmd}` at commit {commit} (jax {jax.__version__}, "
         f"{jax.devices()[0].platform}, {platform.machine()}, {os.cpu_count()} cores); see the "
-        "script's docstring for what is measured and docs/lora_calibration.md for the reading.",
-        "", "## The runs' closing summaries", "", *demo, "",
-        "## TV of the sampled token and DPPO's masked fraction", "",
+        "script's docstring for what is measured.",
+        "", "### The runs' closing summaries", "", *demo, "",
+        "### TV of the sampled token and DPPO's masked fraction", "",
         "TV quantiles over the valid response tokens; masked: % of the tokens with A != 0 "
         "that DPPO-Binary-TV blocks at that delta.", "", *lines, "",
-        "## Which LoRA delta masks as little as full fine-tuning does", "",
+        "### Which LoRA delta masks as little as full fine-tuning does", "",
         f"Grid {GRID[0]:g}..{GRID[-1]:g} step 0.01; pooled over all iterations.", "", *eq, "",
         "Masked fraction over a range of deltas (pooled over all iterations, % of the tokens "
         "with A != 0):", "", *grid_table(curves), ""])
-    with open(os.path.join(out, "lora_calibration_table.md"), "w") as f:
-        f.write(text)
+    write_generated(os.path.join(out, "lora_calibration.md"), text)
     return text
+
+
+BEGIN, END = "<!-- BEGIN generated by launch/lora_calibration.py -->", \
+    "<!-- END generated by launch/lora_calibration.py -->"
+
+
+def write_generated(path: str, text: str):
+    """Puts ``text`` between the BEGIN / END markers of ``path`` (the prose around them is
+    kept); a file without the markers gets them appended, a missing file is created."""
+    block = f"{BEGIN}\n{text}\n{END}"
+    old = open(path).read() if os.path.exists(path) else \
+        "# LoRA trust-region calibration (launch/lora_calibration.py)\n\n"
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(new)
 
 
 def grid_table(curves: dict, show=(0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4)) -> list:
@@ -334,19 +374,24 @@ def main(argv=None):
     p.add_argument("--out", default="docs")
     p.add_argument("--seeds", default="0", help="comma-separated RL seeds")
     p.add_argument("--iterations", type=int, default=0, help="train.iterations (0: config's)")
-    p.add_argument("--arms", default="full,lora")
-    p.add_argument("--analyse_only", action="store_true")
+    p.add_argument("--arms", default="full,lora", help="comma-separated arms: full, lora, "
+                   "optionally @LEARNING_RATE (lora@3e-4)")
+    p.add_argument("--analyse_only", action="store_true",
+                   help="only analyse the finished arms in --workdir")
     p.add_argument("--tiny", action="store_true", help="the tiny / tiny_lora variants (a smoke "
                    "test; needs XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     args = p.parse_args(argv)
-    dirs = {}
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for arm in args.arms.split(","):
-            if arm not in ARMS:
-                raise ValueError(f"--arms: unknown arm {arm!r}; valid: {', '.join(ARMS)}")
-            wd = os.path.join(args.workdir, f"{arm}-s{seed}")
-            dirs[(arm, seed)] = wd if args.analyse_only else run_arm(
-                arm, seed, args.iterations, args.workdir, args.tiny)
+    for arm in args.arms.split(","):
+        parse_arm(arm)  # a bad arm fails before anything runs
+    if not args.analyse_only:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for arm in args.arms.split(","):
+                run_arm(arm, seed, args.iterations, args.workdir, args.tiny)
+    dirs = {}  # every finished arm in the workdir is analysed, not only this call's
+    for name in sorted(os.listdir(args.workdir)):
+        arm, _, seed = name.rpartition("-s")
+        if os.path.exists(os.path.join(args.workdir, name, "probe.npz")):
+            dirs[(arm, int(seed))] = os.path.join(args.workdir, name)
     print(analyse(dirs, args.out, args))
 
 
