@@ -219,11 +219,43 @@ def test_bad_lora_configs_name_the_field(overrides, needle):
         M.ModelConfig.tiny(**overrides)
 
 
-def test_mlp_targets_are_absent_from_an_all_experts_model():
-    moe = dict(family="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
-    with pytest.raises(ValueError, match=r"\['gate_proj'\] are absent from this model"):
-        M.ModelConfig.tiny(**moe, lora_rank=4, lora_alpha=8.0, lora_targets=("q_proj",
-                                                                             "gate_proj"))
-    # a dense layer among the sparse ones keeps them
-    M.ModelConfig.tiny(**moe, mlp_only_layers=(0,), scan_layers=False, lora_rank=4,
-                       lora_alpha=8.0, lora_targets=("q_proj", "gate_proj"))
+MOE = dict(family="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+
+
+def test_expert_adapters_one_per_expert_merge_shard_and_start_at_the_base():
+    """The MLP targets adapt every expert (moe.Adapted): the ragged (grouped-matmul) and dense
+    (one-hot) experts equal the merged model; sharded (experts over fsdp, their width over
+    tensor) == unsharded in value and adapter gradient."""
+    base_cfg = M.ModelConfig.tiny_shardable(**MOE)
+    cfg = dataclasses.replace(base_cfg, lora_rank=4, lora_alpha=8.0, lora_targets=ALL)
+    base = M.init_params(base_cfg, jax.random.key(0))
+    fresh = M.init_adapters(cfg, jax.random.key(1))
+    mlp = fresh["layers"]["mlp"]  # [L, X, in, r] / [L, X, r, out]
+    assert mlp["expert_gate_lora_a"].shape == (2, 4, 64, 4)
+    assert mlp["expert_down_lora_b"].shape == (2, 4, 4, 64)
+    tokens = jax.random.randint(jax.random.key(2), (2, 8), 0, 256)
+    valid = jnp.ones((2, 8), bool)
+    args = (tokens, M.positions_from_mask(valid), valid)
+    y0 = logits_of(base, base_cfg, *args)
+    # B = 0: the base's logits (XLA:CPU fuses the MoE program differently: within 1 ulp-ish)
+    np.testing.assert_allclose(logits_of(lora.combine(base, fresh), cfg, *args), y0, atol=1e-6)
+    adapters = _random_adapters(cfg)
+    params = lora.combine(base, adapters)
+    merged, merged_cfg = lora.merge(params, cfg)
+    for impl in ("ragged", "dense"):
+        c, mc = (dataclasses.replace(x, moe_impl=impl) for x in (cfg, merged_cfg))
+        got = logits_of(params, c, *args)
+        assert float(jnp.max(jnp.abs(got - y0))) > 0.1  # the expert adapters matter
+        np.testing.assert_allclose(got, logits_of(merged, mc, *args), rtol=1e-5, atol=2e-5)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    base_sh, ad_sh = lora.split(M.param_shardings(cfg, mesh))
+    assert tuple(ad_sh["layers"]["mlp"]["expert_gate_lora_b"].spec) == (None, "fsdp", None,
+                                                                         "tensor")
+    loss = lambda a, b: jnp.sum(M.forward_logits(lora.combine(b, a), cfg, *args) ** 2)
+    want = jax.jit(jax.grad(loss))(adapters, base)
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.grad(loss), out_shardings=ad_sh)(jax.device_put(adapters, ad_sh),
+                                                           jax.device_put(base, base_sh))
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))),
+                                   err_msg=jax.tree_util.keystr(path))

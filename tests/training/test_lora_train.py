@@ -137,17 +137,15 @@ def test_lora_config_validation_names_the_field(field, value, needle):
         config_validation.validate(cfg)
 
 
-def test_the_lora_presets_validate_and_targets_absent_from_an_moe_are_refused():
+def test_the_lora_presets_validate():
     for variant in ("lora", "tiny_lora"):
         config_validation.validate(default.get_config(variant))
-    cfg = default.get_config("tiny_moe")
+    cfg = default.get_config("tiny_moe")  # the MLP targets adapt the experts
     cfg.model.lora.rank, cfg.model.lora.alpha = 4, 8.0
     cfg.model.lora.targets = ("q_proj", "down_proj")
-    config_validation.validate(cfg)  # the config alone cannot know the layers' MLPs
-    moe_cfg = experiment.model_config(cfg, 264)
-    with pytest.raises(ValueError, match=r"\['down_proj'\] are absent from this model"):
-        config_validation.check_built(cfg, 264, moe_cfg, make_mesh({"data": 2, "fsdp": 1,
-                                                                     "tensor": 4}))
+    config_validation.validate(cfg)
+    model_cfg = experiment.with_lora(cfg, experiment.model_config(cfg, 264))
+    assert model_cfg.lora_targets == ("q_proj", "down_proj") and model_cfg.sparse_layers
 
 
 @pytest.mark.slow

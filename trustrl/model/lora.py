@@ -34,6 +34,10 @@ from trustrl.model import quant
 TARGETS = dict(quant.KERNELS)
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+# a mixture of experts' expert weights [X, in, out] -> the target that adapts them (one
+# adapter per expert: moe.Adapted), as PEFT's gate_proj / up_proj / down_proj match every
+# expert's projections of a transformers Qwen3-MoE
+EXPERT_TARGETS = {"expert_gate": "gate_proj", "expert_up": "up_proj", "expert_down": "down_proj"}
 INITS = ("kaiming", "gaussian")  # PEFT's init_lora_weights True / "gaussian"
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
 
@@ -42,9 +46,9 @@ def is_adapter(name: str) -> bool:
     return name.endswith(A_SUFFIX) or name.endswith(B_SUFFIX)
 
 
-def check_config(rank: int, alpha: float, targets, init: str, *, num_experts: int = 0,
-                 dense_mlp: bool = True):
-    """ValueError naming the field (model.lora.*) and the valid choices."""
+def check_config(rank: int, alpha: float, targets, init: str):
+    """ValueError naming the field (model.lora.*) and the valid choices. The MLP targets adapt
+    a mixture of experts' experts too (one adapter per expert)."""
     if int(rank) < 1:
         raise ValueError(f"model.lora.rank={rank} must be >= 1 (0 turns LoRA off: leave "
                          f"model.lora.rank unset / 0 and model.lora.targets empty)")
@@ -59,13 +63,15 @@ def check_config(rank: int, alpha: float, targets, init: str, *, num_experts: in
                          f"{tuple(TARGETS)}")
     if len(set(targets)) != len(targets):
         raise ValueError(f"model.lora.targets={tuple(targets)} names a projection twice")
-    absent = [t for t in targets if t in MLP_TARGETS and not dense_mlp]
-    if absent:
-        raise ValueError(f"model.lora.targets {absent} are absent from this model: every layer's "
-                         f"MLP is a mixture of {num_experts} experts, whose projections LoRA "
-                         f"does not adapt yet; valid here: {ATTENTION_TARGETS}")
     if init not in INITS:
         raise ValueError(f"model.lora.init={init!r} is not valid; choose one of {INITS}")
+
+
+def adapts_experts(config) -> bool:
+    """Whether a LoRA model has adapters on a mixture of experts' experts (an MLP target and
+    a sparse layer)."""
+    return bool(config.lora_rank and config.sparse_layers
+                and any(t in MLP_TARGETS for t in config.lora_targets))
 
 
 def scale(config) -> float:
@@ -152,6 +158,10 @@ def merge(params, config, dtype=None):
             elif is_adapter(name) or (quantized and name.endswith(quant.SCALE_SUFFIX)
                                       and name[:-len(quant.SCALE_SUFFIX)] in quant.KERNELS):
                 continue
+            elif name in EXPERT_TARGETS and (name + A_SUFFIX) in tree:  # [(L,) X, in, out]
+                w = jnp.asarray(value, jnp.float32) + delta(
+                    tree[name + A_SUFFIX], tree[name + B_SUFFIX], s, int(stacked) + 1)
+                out[name] = w.astype(dtype)
             elif name in TARGETS and (name + A_SUFFIX) in tree:
                 w = value
                 if quantized:

@@ -18,6 +18,11 @@ projection as one ``jax.lax.ragged_dot`` (dropless: no token is dropped); "dense
 reference that runs every expert on every token and weights the results with the [N, X] gate
 matrix; "capacity" gives every expert a fixed buffer of ``capacity`` rows (fixed shapes; pairs
 past an expert's capacity are dropped, counted by ``dropped``).
+
+LoRA on the experts (trustrl.model.lora): any of w_gate / w_up / w_down may be an
+``Adapted(w, a, b, scale)``, one adapter per expert (a [X, in, r], b [X, r, out]); every
+implementation then computes ``x @ w_e + scale (x @ a_e) @ b_e`` for each pair's expert e, the
+adapter's two products as grouped matmuls of their own (never the [X, in, out] product).
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
+
+import flax.struct
 
 from trustrl.infra import sharding as sharding_lib
 
@@ -59,14 +66,38 @@ def replayed_weights(probs, ids, norm_topk_prob: bool):
     return _normalise(w, norm_topk_prob)
 
 
+@flax.struct.dataclass
+class Adapted:
+    """An expert projection with a LoRA adapter per expert: w [X, in, out], a [X, in, r],
+    b [X, r, out]; the product is ``x @ w + scale (x @ a) @ b`` (``scale``: alpha / r)."""
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float = flax.struct.field(pytree_node=False, default=1.0)
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+
+def _project(x, w, mm, dtype):
+    """``mm(x, w)`` (a float32 [.., out] product) for a plain or ``Adapted`` expert weight: the
+    adapter's products through the same ``mm``, its rank-r activations in ``dtype``."""
+    if not isinstance(w, Adapted):
+        return mm(x, w)
+    h = mm(x, w.a.astype(dtype)).astype(dtype)
+    return mm(x, w.w) + w.scale * mm(h, w.b.astype(dtype))
+
+
 def _swiglu(x, w_gate, w_up, w_down, dtype):
     """Every expert's SwiGLU on its rows: x [X, M, E] (or [1, M, E]: the same rows for all)
     -> [X, M, E] float32 (float32 accumulation)."""
     x = jnp.broadcast_to(x, (w_gate.shape[0],) + x.shape[1:]).astype(dtype)
-    h = jnp.einsum("xme,xef->xmf", x, w_gate, preferred_element_type=jnp.float32)
-    u = jnp.einsum("xme,xef->xmf", x, w_up, preferred_element_type=jnp.float32)
+    mm = lambda a, w: jnp.einsum("xmi,xio->xmo", a, w, preferred_element_type=jnp.float32)
+    h = _project(x, w_gate, mm, dtype)
+    u = _project(x, w_up, mm, dtype)
     a = (jax.nn.silu(h) * u).astype(dtype)
-    return jnp.einsum("xmf,xfe->xme", a, w_down, preferred_element_type=jnp.float32)
+    return _project(a, w_down, mm, dtype)
 
 
 def _varying_like(x, *refs):
@@ -236,8 +267,9 @@ def _ragged(x, ids, weights, w_gate, w_up, w_down, dtype, *, first_expert=0, bac
     def mm(a, w):
         return grouped_matmul(a, w, sizes, backend=backend)
 
-    a = (jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up)).astype(dtype)
-    ys = mm(a, w_down)  # [N * k, E] float32, expert-sorted; 0 on other experts' pairs
+    a = (jax.nn.silu(_project(xs, w_gate, mm, dtype)) * _project(xs, w_up, mm, dtype)).astype(
+        dtype)
+    ys = _project(a, w_down, mm, dtype)  # [N * k, E] float32, expert-sorted; 0 elsewhere
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
     y = jnp.take(ys, inverse, axis=0).reshape(n, k, -1)  # back to token order
     mine = mine.reshape(n, k)
@@ -318,7 +350,8 @@ def sharded_experts(plan: ExpertParallel, mesh, x, ids, weights, w_gate, w_up, w
         # vary like the local experts before the token gather: the gather's transpose must
         # sum the tokens' cotangent over every axis the experts split (jax 0.10 leaves that
         # out for a gather whose indices alone vary)
-        x, weights = (_varying_like(a, w_gate, w_down) for a in (x, weights))
+        experts_leaves = jax.tree.leaves((w_gate, w_down))
+        x, weights = (_varying_like(a, *experts_leaves) for a in (x, weights))
         b, t, e = x.shape
         k = ids.shape[-1]
         first = (jax.lax.axis_index(plan.expert_axes) * w_gate.shape[0] if plan.expert_axes
@@ -330,7 +363,16 @@ def sharded_experts(plan: ExpertParallel, mesh, x, ids, weights, w_gate, w_up, w
             y = jax.lax.psum_scatter(y, plan.gather_axes, scatter_dimension=0, tiled=True)
         return jax.lax.psum(y, plan.sum_axes) if plan.sum_axes else y
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
+    def spec(w, w_spec, down: bool):  # an adapter's expert / mlp axes as its weight's
+        if not isinstance(w, Adapted):
+            return w_spec
+        exp, mlp = w_spec[0], (w_spec[1] if down else w_spec[2])
+        return Adapted(w=w_spec, a=P(exp, mlp if down else None, None),
+                       b=P(exp, None, None if down else mlp), scale=w.scale)
+
+    in_specs = (tok, tok, tok, spec(w_gate, w_in, False), spec(w_up, w_in, False),
+                spec(w_down, w_out, True))
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs,
                          out_specs=tok)(x, ids, weights, w_gate, w_up, w_down)
 
 

@@ -104,24 +104,22 @@ def _walk(adapters, model_cfg: ModelConfig):
                     yield layers[0], module, target, a, b
 
 
-def target_modules(model_cfg: ModelConfig):
-    """PEFT's target_modules for the model's adapters: the module names (a list, in
-    lora.TARGETS' order), or, for a mixture of experts with dense-MLP targets, a regex of the
-    adapted modules' full names (a bare ``gate_proj`` would also match the experts' Linear
-    layers in transformers 4, which trustrl does not adapt)."""
-    targets = [t for t in lora.TARGETS if t in model_cfg.lora_targets]
-    mlp = [t for t in targets if t in lora.MLP_TARGETS]
-    if not model_cfg.num_experts or not mlp:
-        return targets
-    attn = [t for t in targets if t in lora.ATTENTION_TARGETS]
-    sparse = set(model_cfg.sparse_layers)
-    dense = [str(i) for i in range(model_cfg.num_layers) if i not in sparse]
-    parts = []
-    if attn:
-        parts.append(rf"model\.layers\.\d+\.self_attn\.({'|'.join(attn)})")
-    if dense:
-        parts.append(rf"model\.layers\.({'|'.join(dense)})\.mlp\.({'|'.join(mlp)})")
-    return "|".join(f"(?:{p})" for p in parts) if len(parts) > 1 else parts[0]
+def check_no_expert_adapters(model_cfg: ModelConfig):
+    """PEFT directories hold trustrl's attention and dense-MLP adapters only: a mixture of
+    experts' per-expert adapters (MLP targets on sparse layers) are refused, naming the way
+    out. (transformers 5 fuses a Qwen3-MoE layer's experts into 3-D parameters, which PEFT
+    adapts through ``target_parameters`` with its own layout; not implemented here.)"""
+    if lora.adapts_experts(model_cfg):
+        mlp = [t for t in model_cfg.lora_targets if t in lora.MLP_TARGETS]
+        raise ValueError(f"model.lora.targets {mlp} adapt the experts of a mixture of experts "
+                         f"(one adapter per expert), which the PEFT format here does not hold; "
+                         f"export with --format=merged, or train only {lora.ATTENTION_TARGETS} "
+                         f"for a PEFT adapter")
+
+
+def target_modules(model_cfg: ModelConfig) -> list:
+    """PEFT's target_modules: the adapted projections' names, in lora.TARGETS' order."""
+    return [t for t in lora.TARGETS if t in model_cfg.lora_targets]
 
 
 def adapter_config(model_cfg: ModelConfig, base_model_name_or_path: str = "") -> dict:
@@ -149,6 +147,7 @@ def save_adapters(adapters, model_cfg: ModelConfig, out_dir: str,
     Gathers the adapters to the host (a collective across processes: every process calls it;
     each writes ``out_dir``, so give process 0 its own path or call it there only on one
     host). Returns ``out_dir``."""
+    check_no_expert_adapters(model_cfg)
     want = _abstract_adapters(model_cfg)
     host = multihost.to_host(adapters)
     tensors = {}
@@ -255,6 +254,7 @@ def load_adapters(path: str, model_cfg: ModelConfig, shardings=None):
     only its slice) or on the default device. Refuses (ValueError naming the field and both
     values) an adapter that disagrees with ``model_cfg`` (see ``check_adapter_config``), whose
     layers or tensor shapes differ from the model's, or that lacks / has extra tensors."""
+    check_no_expert_adapters(model_cfg)
     config = _read_config(path)
     check_adapter_config(config, model_cfg, os.path.join(path, CONFIG_FILE))
     want = _abstract_adapters(model_cfg)

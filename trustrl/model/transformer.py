@@ -175,8 +175,7 @@ class ModelConfig:
         self._check_moe()
         if self.lora_rank or self.lora_targets:
             lora_lib.check_config(self.lora_rank, self.lora_alpha, self.lora_targets,
-                                  self.lora_init, num_experts=self.num_experts,
-                                  dense_mlp=len(self.sparse_layers) < self.num_layers)
+                                  self.lora_init)
 
     def _check_moe(self):
         moe = self.family == "qwen3_moe"
@@ -486,6 +485,8 @@ class MoeMlp(nn.Module):
         w_gate = _param(self, "expert_gate", _normal, (n, e, f), ("expert", "expert_embed", "mlp"))
         w_up = _param(self, "expert_up", _normal, (n, e, f), ("expert", "expert_embed", "mlp"))
         w_down = _param(self, "expert_down", _normal, (n, f, e), ("expert", "mlp", "expert_embed"))
+        w_gate, w_up, w_down = (self._adapted(name, w) for name, w in (
+            ("expert_gate", w_gate), ("expert_up", w_up), ("expert_down", w_down)))
         xf = x.reshape(b * t, e)
         probs = moe_lib.router_probs(xf, router)
         if routes is None:
@@ -508,6 +509,25 @@ class MoeMlp(nn.Module):
         self.sow("intermediates", "moe", dict(ids=ids.reshape(b, t, k), counts=counts,
                                               prob_sums=prob_sums, tokens=tokens))
         return y.reshape(b, t, e).astype(x.dtype)
+
+    def _adapted(self, name: str, w):
+        """The expert weight ``name`` [X, in, out], as a ``moe.Adapted`` with one LoRA adapter
+        per expert (a [X, in, r], b [X, r, out], float32) when its dense counterpart
+        (lora.EXPERT_TARGETS: gate_proj / up_proj / down_proj) is a LoRA target."""
+        c = self.config
+        if lora_lib.EXPERT_TARGETS[name] not in c.lora_targets:
+            return w
+        x, n_in, n_out = w.shape
+        axes = {"expert_gate": ("expert", "expert_embed", "mlp"),
+                "expert_up": ("expert", "expert_embed", "mlp"),
+                "expert_down": ("expert", "mlp", "expert_embed")}[name]
+        r = c.lora_rank
+        a = self.param(name + lora_lib.A_SUFFIX, nn.with_logical_partitioning(
+            lora_lib.init_a(c.lora_init, r, (n_in,)), (axes[0], axes[1], None)),
+            (x, n_in, r), jnp.float32)
+        b = self.param(name + lora_lib.B_SUFFIX, nn.with_logical_partitioning(
+            nn.initializers.zeros, (axes[0], None, axes[2])), (x, r, n_out), jnp.float32)
+        return moe_lib.Adapted(w=w, a=a, b=b, scale=lora_lib.scale(c))
 
 
 class Block(nn.Module):

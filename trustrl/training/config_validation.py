@@ -70,12 +70,6 @@ def check_built(cfg, vocab_size: int, model_cfg, mesh):
         check_expert_split(model_cfg.num_experts, dict(mesh.shape), where)
     else:
         check_dense_model(cfg, f"the model ({where}num_experts=0) is dense")
-    spec = cfg.model.get("lora")
-    if spec is not None and spec.rank > 0:  # the targets must exist in this model
-        from trustrl.model import lora
-        lora.check_config(spec.rank, spec.alpha, tuple(spec.targets), spec.init,
-                          num_experts=model_cfg.num_experts,
-                          dense_mlp=len(model_cfg.sparse_layers) < model_cfg.num_layers)
 
 
 # --- mixture of experts ------------------------------------------------------------------------
