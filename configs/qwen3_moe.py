@@ -48,11 +48,12 @@ RUNS = {
     "dense_base": ("/mnt/models/Qwen3-8B-Base", False, 128, 8, 32, 8000, 1e-6, 1300, 0.2),
 }
 # Table 1's fifth column: LoRA r 32, alpha 64 on the frozen bf16 base (docs/lora.md). The
-# paper does not say which projections; trustrl adapts the attention's (every layer of
-# Qwen3-30B-A3B is a mixture of experts, whose expert projections trustrl's LoRA does not
-# adapt yet: docs/lora.md, "Not done").
+# paper does not say which projections; these are verl's default ("all-linear"): every
+# attention projection and every expert's gate / up / down (one adapter per expert, 1.7B
+# adapter parameters at r 32 over the 48 layers x 128 experts).
 RUNS["base_lora"] = ("/mnt/models/Qwen3-30B-A3B-Base", False, 128, 8, 16, 8000, 1e-5, 900, 0.15)
-LORA = dict(rank=32, alpha=64.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+LORA = dict(rank=32, alpha=64.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                          "up_proj", "down_proj"))
 # method -> (loss.method, delta_low, delta_high); the IS cap is 5 for every method (Table 1)
 METHODS = {"tv": None, "kl": ("dppo_binary_kl", 0.05, 0.05),
            "grpo_clip_higher": ("ppo_clip", 0.2, 0.27)}
