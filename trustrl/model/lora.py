@@ -60,7 +60,8 @@ def check_config(rank: int, alpha: float, targets, init: str):
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ValueError(f"model.lora.targets has unknown projections {unknown}; valid: "
-                         f"{tuple(TARGETS)}")
+                         f"{tuple(TARGETS)} (on the command line a tuple of quoted names: "
+                         f"--config.model.lora.targets=\"('q_proj', 'v_proj')\")")
     if len(set(targets)) != len(targets):
         raise ValueError(f"model.lora.targets={tuple(targets)} names a projection twice")
     if init not in INITS:
