@@ -121,6 +121,7 @@ def test_the_base_identity_hashes_the_hf_dir_files(tmp_path):
 
 @pytest.mark.parametrize("field,value,needle", [
     ("model.lora.rank", -1, "model.lora.rank"),
+    ("model.lora.rank", 0, r"model.lora.rank=0 turns LoRA off, but model.lora.targets"),
     ("model.lora.alpha", 0.0, "model.lora.alpha"),
     ("model.lora.targets", ("q_proj", "qkv_proj"), "unknown projections"),
     ("model.lora.init", "pissa", "model.lora.init"),

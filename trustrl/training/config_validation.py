@@ -131,6 +131,10 @@ def _check_lora(cfg):
     _int(cfg, "model.lora.rank", 0)
     _typed(cfg, ("model.lora.init", "model.lora.base_quant", "model.lora.init_from"), str)
     if spec.rank == 0:
+        if tuple(spec.get("targets", ())) or spec.get("init_from", ""):
+            raise ValueError(f"model.lora.rank=0 turns LoRA off, but model.lora.targets="
+                             f"{tuple(spec.targets)} / init_from={spec.init_from!r} are set: "
+                             f"give model.lora.rank >= 1 (and alpha > 0), or clear them")
         return
     _float(cfg, "model.lora.alpha", 0, open_low=True)
     targets = _get(cfg, "model.lora.targets")
