@@ -178,6 +178,26 @@ def test_moe_layer_quick(capsys):
 
 
 @pytest.mark.slow
+def test_lora_quick(capsys):
+    """benchmarks/lora.py --quick: the memory rows (full vs LoRA on a bf16 / int8 base; the LoRA
+    step's jaxpr has no weight gradient but the fused vocab head's dead one), the train-step,
+    merge and decode timings on tiny shapes."""
+    out = _load_bench("lora").main(["--quick", "--repeats", "1"])
+    printed = capsys.readouterr().out
+    assert "| model | tokens | step |" in printed and "| weights | ms | x merged |" in printed
+    memory = {r["variant"]: r for r in out["memory"]}
+    assert list(memory) == ["full", "LoRA bf16", "LoRA int8"]
+    assert memory["full"]["ratio_sum"] == 1.0 and memory["full"]["jaxpr_weight_dots"] >= 5
+    assert memory["LoRA int8"]["args"] < memory["LoRA bf16"]["args"] < memory["full"]["args"]
+    assert memory["LoRA bf16"]["jaxpr_weight_dots"] <= 2  # the head's dW (XLA removes it)
+    assert [r["variant"] for r in out["time"]] == ["full", "LoRA r32"]
+    assert [r["variant"] for r in out["merge"]] == ["full: cast", "LoRA r32: merge + cast"]
+    assert [r["variant"] for r in out["decode"]] == ["merged", "unmerged LoRA"]
+    assert out["decode"][0]["max_logit_diff"] < 0.1  # the same model, bf16 rounding apart
+    assert all(r["ms"] > 0 for part in ("time", "merge", "decode") for r in out[part])
+
+
+@pytest.mark.slow
 def test_rollout_head_quick(capsys):
     """benchmarks/rollout_head.py --quick: three rollout precisions measured against the fp32
     trainer; the fp32 rollout is the floor of the mismatch."""
