@@ -234,8 +234,8 @@ def analyse(dirs: dict, out: str, args) -> str:
     def pct(x):
         return f"{100 * x:.2f}%"
 
-    lines = ["| arm | seed | point | iterations | tokens | mean TV | p50 | p90 | p99 | p99.9 | "
-             "max | masked @0.1 | @0.15 | @0.2 |", "|" + "---|" * 14]
+    lines = ["| arm | seed | point | iterations | tokens (A != 0) | mean TV | p50 | p90 | p99 | "
+             "p99.9 | max | masked @0.1 | @0.15 | @0.2 |", "|" + "---|" * 14]
     for point in POINTS:
         for name in ("all", "first third", "last third"):
             for arm in arms:
@@ -244,7 +244,8 @@ def analyse(dirs: dict, out: str, args) -> str:
                         continue
                     r = results[(arm, s, point, name)]
                     lines.append(
-                        f"| {arm} | {s} | {point} | {name} | {r['tokens']} | {r['mean']:.2e} | "
+                        f"| {arm} | {s} | {point} | {name} | {r['tokens']} ({r['informative']}) | "
+                        f"{r['mean']:.2e} | "
                         f"{r['p50']:.2e} | {r['p90']:.2e} | {r['p99']:.3f} | {r['p99.9']:.3f} | "
                         f"{r['max']:.3f} | " + " | ".join(pct(r[f'masked@{x:g}'])
                                                         for x in DELTAS) + " |")
@@ -279,15 +280,18 @@ def analyse(dirs: dict, out: str, args) -> str:
         fig.tight_layout()
         fig.savefig(os.path.join(plots, f"tv_survival_{point}.png"), dpi=110)
         plt.close(fig)
-    fig, axes = plt.subplots(1, len(DELTAS), figsize=(12, 3.6), sharey=True)
-    for ax, x in zip(axes, DELTAS):
-        for (arm, s) in data:
-            y = iters[(arm, s, "after")][f"masked@{x:g}"]
-            ax.plot(np.arange(1, len(y) + 1), 100 * summary_ma(y), color=colors[arm],
-                    ls=styles[s], label=f"{arm} seed {s}")
-        ax.set(title=f"delta {x:g}", xlabel="iteration")
-    axes[0].set_ylabel("masked % of tokens with A != 0 (after; 10-it. mean)")
-    axes[0].legend(fontsize=8)
+    fig, axes = plt.subplots(2, len(DELTAS), figsize=(12, 6.4), sharey="row", sharex=True)
+    for row, point in zip(axes, POINTS):
+        for ax, x in zip(row, DELTAS):
+            for (arm, s) in data:
+                y = iters[(arm, s, point)][f"masked@{x:g}"]
+                ax.plot(np.arange(1, len(y) + 1), 100 * summary_ma(y), color=colors[arm],
+                        ls=styles[s], label=f"{arm} seed {s}")
+            ax.set(title=f"{point}, delta {x:g}")
+        row[0].set_ylabel("masked % (A != 0), 10-it. mean")
+    for ax in axes[-1]:
+        ax.set_xlabel("iteration")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(plots, "masked_per_iteration.png"), dpi=110)
     plt.close(fig)
@@ -300,6 +304,7 @@ def analyse(dirs: dict, out: str, args) -> str:
     for x in DELTAS:
         ax.axvline(x, color="gray", lw=0.6)
     ax.set_yscale("symlog", linthresh=0.01)  # a zero masked fraction stays on the plot
+    ax.set_ylim(bottom=0)
     ax.set(xlabel="delta", ylabel="masked % of tokens with A != 0 (pooled)",
            title="DPPO-Binary-TV masked fraction vs delta")
     ax.legend(fontsize=7)
