@@ -133,8 +133,8 @@ def drifted_batch(run, state, key, updates: int = 8) -> dict:
         jax.block_until_ready(state)  # one program in flight (see sharding.cpu_sync)
     temp, n = float(cfg.rollout.temperature), r.response_tokens.shape[1]
     args = (r.tokens, r.positions, r.valid_mask)
-    logits_pi = jit_response_logits(run.policy_params(state.params), run.model_cfg, *args, num_response=n,
-                                    temperature=temp)
+    logits_pi = jit_response_logits(run.policy_params(state.params), run.model_cfg, *args,
+                                    num_response=n, temperature=temp)
     logits_mu = jit_response_logits(params_roll, run.rollout_cfg, *args, num_response=n,
                                     temperature=temp)
     logp_full = jax.nn.log_softmax(logits_pi.astype(jnp.float32), axis=-1)
