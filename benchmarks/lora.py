@@ -40,8 +40,25 @@ abstract_state; policy.decode_model), on a one-device CPU mesh:
           jitted, KV cache after a 64-token prefill) on the merged weights vs the unmerged
           LoRA model (the adapters' two small matmuls per projection), rollout dtype bf16.
 
-Measured (DATE, this repository's CPU VM: 2 cores of an AMD EPYC, 23 GiB, jax 0.10.2, shared
-with other sessions, load average ~8): see docs/lora_performance.md for the tables.
+Measured 2026-12-06 on this repository's CPU VM (2 cores of an AMD EPYC, 23 GiB, jax 0.10.2,
+shared with other sessions, load average 6-14); `python benchmarks/lora.py --parts memory` and
+`--parts time,merge,decode --repeats 7` (docs/lora_performance.md has every row and the why):
+
+    memory, GiB (sum = args + out + temp; x full)   full     LoRA bf16        LoRA int8
+    Qwen3-0.6B 16 x (512 + 512) and 1 x (1,024 + 15,360, same numbers)
+                                                   20.87    7.58 (0.363x)    5.53 (0.265x)
+    Qwen3-8B   16 x (512 + 512)                   252.51   60.83 (0.241x)   28.65 (0.113x)
+    Qwen3-8B   1 x (1,024 + 15,360)               252.51   60.98 (0.242x)   28.64 (0.113x)
+    weight-shaped dots, jaxpr / compiled HLO: full 9 / 9, LoRA 2 / 0 (the fused vocab head's
+    dW in the jaxpr, removed by XLA)
+
+    train step, CPU model, fp32      full       LoRA r16         LoRA r32
+    16 x (64 + 192) tokens          8,380 ms   8,884 (1.06x)    7,823 (0.93x)
+    8 x (32 + 96) (--time_batch)    1,036 ms   1,048 (1.01x)    1,083 (1.05x)
+
+    rollout params per iteration    CPU model: cast 1.4 ms, merge + cast 7.8 ms;
+                                    Qwen3-0.6B: cast 2,291 ms, merge + cast (bf16 base) 5,777 ms
+    decode step (16 rows, bf16)     merged 4.42 ms, unmerged LoRA 5.54 ms (1.25x)
 """
 from __future__ import annotations
 
@@ -289,10 +306,10 @@ def small_model(quick: bool, param_dtype="float32", dtype="float32"):
     return experiment.model_config(c, vocab), layout
 
 
-def time_rows(quick: bool, devices, repeats: int, ranks=(16, 32)) -> list:
+def time_rows(quick: bool, devices, repeats: int, ranks=(16, 32), batch=None) -> list:
     """Train-step seconds, full vs LoRA r in ``ranks`` (alpha 2r, all projections), fp32."""
     model_cfg, layout = small_model(quick)
-    rows, prompt, new = QUICK_BATCH if quick else SMALL_BATCH
+    rows, prompt, new = batch or (QUICK_BATCH if quick else SMALL_BATCH)
     built = {"full": build(run_config(rows, prompt, new, model=layout), model_cfg, prompt,
                            devices, concrete=True)}
     for r in ranks:
@@ -384,6 +401,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes (the smoke test)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--parts", default="memory,time,merge,decode")
+    p.add_argument("--time_batch", default="", help="time: ROWS,PROMPT,NEW (default "
+                   f"{','.join(map(str, SMALL_BATCH))})")
     p.add_argument("--models", default="qwen3-0.6b,qwen3-8b", help="memory: model presets")
     p.add_argument("--topology", default="", help="memory: compile for one chip of this TPU "
                    "topology (e.g. v5p:1x1x1; libtpu's compile-only devices, as aot_check) "
@@ -403,8 +422,9 @@ def main(argv=None):
         out["memory"] = rows = memory_rows(shapes, devices, rank=8 if a.quick else 32)
         print_memory(rows)
     if "time" in parts:
-        out["time"] = rows = time_rows(a.quick, devices, a.repeats,
-                                       ranks=(32,) if a.quick else (16, 32))
+        out["time"] = rows = time_rows(
+            a.quick, devices, a.repeats, ranks=(32,) if a.quick else (16, 32),
+            batch=tuple(int(x) for x in a.time_batch.split(",")) if a.time_batch else None)
         r0 = rows[0]
         print(f"train step, {r0['tokens']} tokens, fp32, best of {a.repeats}:")
         print("| step | trained parameters | ms | x full |\n|---|---|---|---|")
