@@ -170,6 +170,8 @@ _EXTENDED = (
     "training/test_moe_train.py::test_routing_metrics_by_hand",
     "tools/test_aot_check.py::test_tpu_topology_compiles_the_small_moe_preset_with_routing_replay",
     "tools/test_export.py::test_peft_and_merged_exports_load_in_peft_and_transformers_alike",
+    # LoRA (issue 29): the benchmark's smoke run (~40 CPU-s)
+    "test_benchmarks.py::test_lora_quick",
 )
 
 
