@@ -170,8 +170,14 @@ _EXTENDED = (
     "training/test_moe_train.py::test_routing_metrics_by_hand",
     "tools/test_aot_check.py::test_tpu_topology_compiles_the_small_moe_preset_with_routing_replay",
     "tools/test_export.py::test_peft_and_merged_exports_load_in_peft_and_transformers_alike",
-    # LoRA (issue 29): the benchmark's smoke run (~40 CPU-s)
+    # LoRA (issue 29): the benchmark's smoke run (~40 CPU-s), the expert adapters (~21 s) and
+    # the resume run (~26 s); and, to make room for the LoRA tests in CI, two more tables of
+    # benchmarks/train_memory.py (test_train_memory_small still runs the script in CI)
     "test_benchmarks.py::test_lora_quick",
+    "model/test_lora.py::test_expert_adapters_one_per_expert_merge_shard_and_start_at_the_base",
+    "training/test_lora_train.py::test_a_tiny_lora_run_resumes_bitwise_and_checkpoints_only_adapters",
+    "test_benchmarks.py::test_train_memory_head_table_small",
+    "test_benchmarks.py::test_train_memory_micro_table_small",
 )
 
 
