@@ -129,11 +129,7 @@ def test_the_base_identity_hashes_the_hf_dir_files(tmp_path):
 ])
 def test_lora_config_validation_names_the_field(field, value, needle):
     cfg = default.get_config("tiny_lora")
-    node = cfg
-    *path, last = field.split(".")
-    for p in path:
-        node = node[p]
-    node[last] = value
+    cfg.update_from_flattened_dict({field: value})
     with pytest.raises(ValueError, match=needle):
         config_validation.validate(cfg)
 
