@@ -11,7 +11,7 @@ functions), traced under the target's mesh so "auto" kernels resolve as on the p
 TPU, inside a shard_map):
   init     the fresh train state (params, Adam moments, counters) with its shardings
   merge    (LoRA runs) the rollout parameters of one iteration: the adapters merged into the
-           frozen base and cast (experiment.rollout_params_program), once per iteration
+           frozen base and cast (experiment.merge_program), once per iteration
   rollout  one iteration's sampling: prompts_per_iter x group_size rows of --prompt_len (its
            bucket) + rollout.max_new_tokens, rollout.max_rows at a time (continuous slots or
            split calls), with the KV cache the sampler keeps
@@ -305,10 +305,10 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
         record("init", "train state" + (" (adapters)" if frozen is not None else ""),
                lambda: init.lower(params), held_frozen)
     if "merge" in phases and frozen is not None:  # the train state's moments stay beside it
-        merge = experiment.rollout_params_program(model_cfg, roll_cfg, frozen)
+        merge = experiment.merge_program(model_cfg, roll_cfg)
         record("merge", f"LoRA merged into {len(model_cfg.lora_targets)} projection(s), "
                f"cast ({cfg.rollout.dtype})",
-               lambda: _jitted(merge).lower(params, frozen),
+               lambda: merge.lower(params, frozen),
                {"optimizer state": per_chip_gib(state.opt_state)})
     # the score pass and the train step take the frozen base as an argument
     policy_params = ts.policy_params(params, frozen)
@@ -339,18 +339,6 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
                 what, lowered, _ = sampler.lower(roll_params, n_eval * cfg.eval.k, width)
                 record("eval_k", f"pass@{cfg.eval.k}: " + what, lambda: lowered, held_state)
     return out
-
-
-def _jitted(fn):
-    """The jitted program behind ``fn``: itself, or the one it closes over
-    (experiment.rollout_params_program returns ``lambda adapters: program(adapters, frozen)``,
-    whose ``program(adapters, frozen)`` is what runs each iteration)."""
-    if hasattr(fn, "lower"):
-        return fn
-    for cell in fn.__closure__ or ():
-        if hasattr(cell.cell_contents, "lower"):
-            return cell.cell_contents
-    raise TypeError(f"{fn} is not a jitted program and closes over none")
 
 
 class _EosOnly:

@@ -344,18 +344,24 @@ def build(cfg, workdir: str, mesh=None) -> Run:
 
 def rollout_params_program(model_cfg, roll_cfg, frozen=None):
     """state.params -> the rollout engine's parameters (``roll_cfg``'s dtypes): a cast, or for
-    LoRA the adapters merged into the frozen base (``lora.merge``) and cast, in one jitted
-    program per iteration (benchmarks/lora.py times it). A copy even when the dtypes agree:
-    train_step donates the state the params live in."""
+    LoRA ``merge_program`` on the run's frozen base, once per iteration (benchmarks/lora.py
+    times it). A copy even when the dtypes agree: train_step donates the state the params
+    live in."""
     if frozen is None:
         return jax.jit(lambda p: jax.tree.map(jnp.copy, policy.cast_params(p, roll_cfg)))
+    program = merge_program(model_cfg, roll_cfg)
+    return lambda adapters: program(adapters, frozen)
 
+
+def merge_program(model_cfg, roll_cfg):
+    """The jitted (adapters, frozen base) -> rollout parameters of a LoRA run: the adapters
+    merged into the base (``lora.merge``) and cast to ``roll_cfg``'s dtypes, one program (what
+    trustrl.tools.aot_check compiles as its "merge" phase)."""
     def merged(adapters, frozen):
         params = lora.merge(lora.combine(frozen, adapters), model_cfg)[0]
         return jax.tree.map(jnp.copy, policy.cast_params(params, roll_cfg))
 
-    program = jax.jit(merged)
-    return lambda adapters: program(adapters, frozen)
+    return jax.jit(merged)
 
 
 def lora_enabled(cfg) -> bool:
