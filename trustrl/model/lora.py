@@ -159,24 +159,24 @@ def merge(params, config, dtype=None):
             elif is_adapter(name) or (quantized and name.endswith(quant.SCALE_SUFFIX)
                                       and name[:-len(quant.SCALE_SUFFIX)] in quant.KERNELS):
                 continue
-            elif name in EXPERT_TARGETS and (name + A_SUFFIX) in tree:  # [(L,) X, in, out]
-                w = jnp.asarray(value, jnp.float32) + delta(
-                    tree[name + A_SUFFIX], tree[name + B_SUFFIX], s, int(stacked) + 1)
-                out[name] = w.astype(dtype)
-            elif name in TARGETS and (name + A_SUFFIX) in tree:
-                w = value
-                if quantized:
-                    w = quant.dequantize(value, tree[name + quant.SCALE_SUFFIX], TARGETS[name],
-                                         jnp.float32, lead=int(stacked))
-                w = jnp.asarray(w, jnp.float32) + delta(tree[name + A_SUFFIX],
-                                                        tree[name + B_SUFFIX], s, int(stacked))
-                out[name] = w.astype(dtype)
-            elif quantized and name in quant.KERNELS and name + quant.SCALE_SUFFIX in tree:
-                out[name] = quant.dequantize(value, tree[name + quant.SCALE_SUFFIX],
-                                             quant.KERNELS[name], dtype, lead=int(stacked))
             else:
-                out[name] = value
+                out[name] = kernel(tree, name, value, stacked)
         return out
+
+    def kernel(tree, name, value, stacked):
+        """A leaf as merged: an adapted kernel (experts' too: [(L,) X, in, out]) or a quantised
+        one in float32 (dequantised, plus s A @ B), then ``dtype``; any other leaf as is."""
+        adapted = name + A_SUFFIX in tree and (name in TARGETS or name in EXPERT_TARGETS)
+        dequant = quantized and name in quant.KERNELS and name + quant.SCALE_SUFFIX in tree
+        if not (adapted or dequant):
+            return value
+        lead = int(stacked) + (name in EXPERT_TARGETS)
+        w = (quant.dequantize(value, tree[name + quant.SCALE_SUFFIX], quant.KERNELS[name],
+                              jnp.float32, lead=lead) if dequant
+             else jnp.asarray(value, jnp.float32))
+        if adapted:
+            w = w + delta(tree[name + A_SUFFIX], tree[name + B_SUFFIX], s, lead)
+        return w.astype(dtype)
 
     return walk(params, False), merged_config(config)
 

@@ -317,6 +317,21 @@ def _dense(x, kernel, in_ndim: int = 1, out_dtype=None, flatten: bool = True):
     return y.reshape(*lead, *out_shape)
 
 
+def _lora_factors(module: nn.Module, name: str, shape, axes, in_ndim: int = 1, lead: int = 0):
+    """The float32 LoRA factors of the kernel ``name`` [*lead, *in, *out] (``axes`` its logical
+    axes): A [*lead, *in, r] (``lora.init_a`` over fan-in prod(*in)) and B [*lead, r, *out]
+    (zero), with the kernel's axes on their kernel-side dimensions and none on the rank."""
+    c = module.config
+    r, k = c.lora_rank, lead + in_ndim
+    a = module.param(name + lora_lib.A_SUFFIX, nn.with_logical_partitioning(
+        lora_lib.init_a(c.lora_init, r, shape[lead:k]), axes[:k] + (None,)),
+        shape[:k] + (r,), jnp.float32)
+    b = module.param(name + lora_lib.B_SUFFIX, nn.with_logical_partitioning(
+        nn.initializers.zeros, axes[:lead] + (None,) + axes[k:]),
+        shape[:lead] + (r,) + shape[k:], jnp.float32)
+    return a, b
+
+
 def _project(module: nn.Module, name: str, x, shape, axes, in_ndim: int = 1, kernel=None):
     """``x @ kernel`` for the projection ``name`` (``_kernel``'s arguments; ``kernel``: its
     value when the caller already made it), plus its LoRA
@@ -328,12 +343,7 @@ def _project(module: nn.Module, name: str, x, shape, axes, in_ndim: int = 1, ker
     y = _dense(x, kernel, in_ndim, flatten=c.flatten_matmuls)
     if name not in c.lora_targets:
         return y
-    r, in_shape, out_shape = c.lora_rank, shape[:in_ndim], shape[in_ndim:]
-    a = module.param(name + lora_lib.A_SUFFIX, nn.with_logical_partitioning(
-        lora_lib.init_a(c.lora_init, r, in_shape), axes[:in_ndim] + (None,)),
-        in_shape + (r,), jnp.float32)
-    b = module.param(name + lora_lib.B_SUFFIX, nn.with_logical_partitioning(
-        nn.initializers.zeros, (None,) + axes[in_ndim:]), (r,) + out_shape, jnp.float32)
+    a, b = _lora_factors(module, name, shape, axes, in_ndim)
     h = _dense(x, a.astype(c.compute_dtype), in_ndim, flatten=c.flatten_matmuls)
     d = _dense(h, b.astype(c.compute_dtype), out_dtype=jnp.float32, flatten=c.flatten_matmuls)
     return y + (d * lora_lib.scale(c)).astype(y.dtype)
@@ -482,11 +492,11 @@ class MoeMlp(nn.Module):
         b, t, e = x.shape
         n, k, f = c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size
         router = _param(self, "router", _normal, (e, n), ("embed", None))
-        w_gate = _param(self, "expert_gate", _normal, (n, e, f), ("expert", "expert_embed", "mlp"))
-        w_up = _param(self, "expert_up", _normal, (n, e, f), ("expert", "expert_embed", "mlp"))
-        w_down = _param(self, "expert_down", _normal, (n, f, e), ("expert", "mlp", "expert_embed"))
-        w_gate, w_up, w_down = (self._adapted(name, w) for name, w in (
-            ("expert_gate", w_gate), ("expert_up", w_up), ("expert_down", w_down)))
+        in_axes, out_axes = ("expert", "expert_embed", "mlp"), ("expert", "mlp", "expert_embed")
+        specs = (("expert_gate", (n, e, f), in_axes), ("expert_up", (n, e, f), in_axes),
+                 ("expert_down", (n, f, e), out_axes))
+        experts = [_param(self, name, _normal, shape, axes) for name, shape, axes in specs]
+        w_gate, w_up, w_down = (self._adapted(w, *spec) for w, spec in zip(experts, specs))
         xf = x.reshape(b * t, e)
         probs = moe_lib.router_probs(xf, router)
         if routes is None:
@@ -510,23 +520,15 @@ class MoeMlp(nn.Module):
                                               prob_sums=prob_sums, tokens=tokens))
         return y.reshape(b, t, e).astype(x.dtype)
 
-    def _adapted(self, name: str, w):
-        """The expert weight ``name`` [X, in, out], as a ``moe.Adapted`` with one LoRA adapter
-        per expert (a [X, in, r], b [X, r, out], float32) when its dense counterpart
-        (lora.EXPERT_TARGETS: gate_proj / up_proj / down_proj) is a LoRA target."""
+    def _adapted(self, w, name: str, shape, axes):
+        """The expert weight ``w`` (``name`` [X, in, out], logical ``axes``), as a
+        ``moe.Adapted`` with one LoRA adapter per expert (``_lora_factors``: a [X, in, r],
+        b [X, r, out]) when its dense counterpart (lora.EXPERT_TARGETS: gate_proj / up_proj /
+        down_proj) is a LoRA target."""
         c = self.config
         if lora_lib.EXPERT_TARGETS[name] not in c.lora_targets:
             return w
-        x, n_in, n_out = w.shape
-        axes = {"expert_gate": ("expert", "expert_embed", "mlp"),
-                "expert_up": ("expert", "expert_embed", "mlp"),
-                "expert_down": ("expert", "mlp", "expert_embed")}[name]
-        r = c.lora_rank
-        a = self.param(name + lora_lib.A_SUFFIX, nn.with_logical_partitioning(
-            lora_lib.init_a(c.lora_init, r, (n_in,)), (axes[0], axes[1], None)),
-            (x, n_in, r), jnp.float32)
-        b = self.param(name + lora_lib.B_SUFFIX, nn.with_logical_partitioning(
-            nn.initializers.zeros, (axes[0], None, axes[2])), (x, r, n_out), jnp.float32)
+        a, b = _lora_factors(self, name, shape, axes, lead=1)
         return moe_lib.Adapted(w=w, a=a, b=b, scale=lora_lib.scale(c))
 
 

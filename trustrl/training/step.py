@@ -330,8 +330,7 @@ def _combine_metrics(stacked: dict, tokens) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, model_cfg,
-               loss_cfg, tx,
-               mesh=None, rollout_model_cfg=None, temperature: float = 1.0,
+               loss_cfg, tx, mesh=None, rollout_model_cfg=None, temperature: float = 1.0,
                microbatches: int = 1, head: str = "loss_fused", on_correction=None,
                routing_replay: bool = False, router_aux_loss_coef: float = 0.0):
     """One optimizer step on a minibatch. Non-finite loss or gradient: update skipped.
