@@ -179,7 +179,8 @@ _EXTENDED = (
     "test_benchmarks.py::test_train_memory_head_table_small",
     "test_benchmarks.py::test_train_memory_micro_table_small",
     # CI's last fresh-clone run took 22.7 min on a slower host (19.1 min before): three more
-    # benchmark smoke runs (the scripts the tests above do not cover are still run in CI)
+    # benchmark smoke runs (rollout_engine / topk_record, rollout_head, loss_overhead: CI no
+    # longer runs these scripts; make test-extended does)
     "test_benchmarks.py::test_rollout_engine_and_topk_record_quick",
     "test_benchmarks.py::test_rollout_head_quick",
     "test_benchmarks.py::test_loss_overhead_quick_tiny",
