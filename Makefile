@@ -14,7 +14,7 @@ $(VENV)/bin/python:
 	$(PIP) install -q --upgrade pip
 
 $(STAMP): $(VENV)/bin/python setup.py
-	$(PIP) install -q -e ".[test,hf]"
+	$(PIP) install -q -e ".[test,hf,envs]"
 	touch $(STAMP)
 
 $(BASE_STAMP): $(VENV)/bin/python setup.py

@@ -53,6 +53,11 @@ EXTRAS = {
     "notebooks": ["jupyter", "ipykernel>=7,<8"],
     # Workdirs on Google Cloud Storage (gs://...): checkpoints, metrics, TensorBoard, plots.
     "gcs": ["gcsfs>=2026.10,<2027"],
+    # Environments for multi-turn RL (trustrl.data.gem_env): GEM ids ("game:Sudoku-v0-easy") and
+    # reasoning-gym datasets ("reasoning_gym:arc_1d"). gem-llm 0.1.0 pins reasoning-gym==0.1.23
+    # and declares Requires-Python <=3.12, so this extra is for Python 3.10-3.11 (and 3.12.0):
+    # pip refuses it on 3.12.1+ (there `pip install --ignore-requires-python gem-llm==0.1.0` works).
+    "envs": ["gem-llm==0.1.0", "reasoning-gym==0.1.23"],
 }
 
 setup(
