@@ -13,8 +13,13 @@ Engines (``engine=``; "auto" asks GET /v1/models, whose ``owned_by`` names llama
     (-1 = off), neutral ``min_p`` / penalties (so that no generation_config.json default
     applies), ``logprobs`` = K, ``stop_token_ids`` = eos_ids with ``ignore_eos`` (the engine then
     stops on exactly the trainer's EOS set) and ``return_tokens_as_token_ids``, so every token
-    comes back as ``"token_id:123"`` (text tokens cannot be mapped back to ids). ``seed`` is
-    sent as given (vLLM draws the n samples of a prompt from one generator seeded with it).
+    comes back as ``"token_id:123"`` (text tokens cannot be mapped back to ids), and
+    ``return_token_ids`` (vLLM >= 0.10.2, SGLang's CompletionRequest): each choice then carries
+    ``prompt_token_ids`` (the ids the engine conditioned on) and ``token_ids`` (the generated
+    ids); older servers ignore the field (vLLM logs it as ignored, SGLang's pydantic model drops
+    unknown fields). ``echo`` stays false: vLLM's echo puts the prompt into the text and the
+    log-prob lists, which the record does not want. ``seed`` is sent as given (vLLM draws the n
+    samples of a prompt from one generator seeded with it).
   llama.cpp (``llama-server``): ONE REQUEST PER ROW (n=1, at most the server's ``total_slots``
     of GET /props at a time): its ``n`` is capped at ``--parallel`` (HTTP 400 above), a
     multi-choice answer carries the usage of its first choice only, and its extra samples get
@@ -48,6 +53,27 @@ that EOS), FINISH_LENGTH when it ran to max_tokens without one; rollout_logp the
 log-prob; top-K ids / log-probs sorted by decreasing log-prob (ties: lower id first), the
 sampled token forced into the LAST slot when absent (``divergences.build_topk_set``'s rule), pad
 0 / 0.0. ``rollout.validate`` accepts it.
+
+Prompt ids (token-in-token-out; ``check_prompt_ids``). A choice that carries
+``prompt_token_ids`` (vLLM / SGLang with return_token_ids) must hold exactly the ids sent for its
+prompt: an engine that decoded the token-id prompt to text and encoded it again (a text-only
+server, a proxy, a chat template in between) conditions on other ids ("1" "2" sent, "12"
+re-encoded) while the trainer scores the sent ones, so the answer is refused with an
+EngineError naming the choice, its prompt, the first differing position and both ids ("the
+engine re-tokenised the prompt: ..."). A choice's ``token_ids``, when present, must equal the
+ids of its log-probs. Engines that return no prompt ids (llama.cpp's /v1/completions answer
+has none; vLLM < 0.10.2) keep the length check on ``usage.prompt_tokens``: per row for per-row
+answers (llama.cpp, routed experts, ``complete``), and for one vLLM answer the sum of the
+prompts' lengths (vLLM counts each prompt once, not once per sample); a re-tokenisation that
+keeps the length passes that check unseen.
+
+Multi-turn (``EngineClient.complete``, used by ``trustrl.rollout.engine_multiturn``): one
+completion per token-id prompt, ONE REQUEST PER ROW (n=1, its own ``max_tokens`` and seed,
+``concurrency`` in flight, default ROW_CONCURRENCY for vLLM / SGLang, GET /props' total_slots
+for llama.cpp): the prompts of a turn hold each episode's whole history, and a batched request
+has one seed for all its prompts, so the identical first prompts of a group would draw
+identical samples. Rows are parsed and checked (this docstring's rules, ``check_logprobs`` with
+the history as context) in groups of equal max_tokens.
 
 Structure, checked on EVERY row (``EngineError``, one line naming the row, the cause and the
 engine option): counts (``usage.completion_tokens`` per row for per-row answers, summed for one
@@ -173,6 +199,7 @@ _LLAMA_CPP_REFUSED = {
 }
 NO_EOS_ALPHA = 1e-6  # check_stopping's false-alarm bound
 ROUTES_CONCURRENCY = 32  # per-row requests in flight when recording routed experts (default)
+ROW_CONCURRENCY = 32  # per-row requests in flight for ``complete`` on vLLM / SGLang (default)
 _ROUTES_WIRE = {"int32": np.int32, "uint16": np.uint16, "uint8": np.uint8}  # SGLang's dtypes
 
 
@@ -189,6 +216,19 @@ class EngineLogprobError(EngineError):
     def __init__(self, message: str, trap: str, stats: dict):
         super().__init__(message)
         self.trap, self.stats = trap, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One row's completion from ``EngineClient.complete``: the generated ids (an EOS id
+    included, last, when it stopped on one), their log-probs (rollout_logp's rule), the top-K
+    ids / log-probs ([m, K], the sampled token forced in; None when record_topk=0) and whether
+    it ended on an EOS id (False: it ran to its max_tokens)."""
+    ids: np.ndarray
+    logp: np.ndarray
+    topk_ids: np.ndarray | None
+    topk_logp: np.ndarray | None
+    eos: bool
 
 
 # max_mean_abs per declared engine precision (nats per token; module docstring for the numbers)
@@ -348,7 +388,7 @@ def build_request(prompts: Sequence[np.ndarray], group_size: int, cfg: SamplerCo
             "n": group_size, "max_tokens": cfg.max_new_tokens, "temperature": temperature,
             "top_p": float(cfg.top_p), "logprobs": k, "stop_token_ids": list(cfg.eos_ids),
             "ignore_eos": True, "return_tokens_as_token_ids": True, "skip_special_tokens": False,
-            "echo": False, "stream": False,
+            "return_token_ids": True, "echo": False, "stream": False,
             # explicit neutral values: vLLM otherwise fills unset fields from the model's
             # generation_config.json (e.g. top_k=20, repetition_penalty=1.05), which changes mu
             "top_k": cfg.top_k if cfg.top_k > 0 else -1, "min_p": 0.0,
@@ -533,6 +573,56 @@ def _usage(answer: dict, key: str):
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+def _id_list(x, what: str, where: str, url: str) -> list:
+    if not isinstance(x, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in x):
+        raise EngineError(f"{where} from {url}: {what} is not a list of token ids (got "
+                          f"{str(x)[:80]})")
+    return x
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first position where the id lists differ (the shorter one's length when it is a
+    prefix of the other); None when they are equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if int(x) != int(y):
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def check_prompt_ids(returned, sent: Sequence[int], where: str, url: str = "the engine"):
+    """Refuses a choice whose ``prompt_token_ids`` are not the ids sent (module docstring):
+    EngineError naming ``where``, the first differing position and both ids there."""
+    got = _id_list(returned, "prompt_token_ids", where, url)
+    sent = [int(t) for t in sent]
+    i = first_difference(sent, got)
+    if i is None:
+        return
+    at = lambda seq: f"id {seq[i]}" if i < len(seq) else "nothing (its end)"  # noqa: E731
+    lo = max(0, i - 2)
+    raise EngineError(
+        f"{where} from {url}: the engine re-tokenised the prompt: at position {i} the client "
+        f"sent {at(sent)}, the engine's prompt_token_ids have {at(got)} ({len(sent)} ids sent, "
+        f"{len(got)} returned; from position {lo}: sent {sent[lo:i + 3]}, returned "
+        f"{got[lo:i + 3]}). The engine conditioned on other ids than the trajectory holds (a "
+        "token-id prompt decoded to text and encoded again: a server without token-id "
+        "prompts, a proxy or a chat template in between); send the ids to /v1/completions "
+        "unchanged")
+
+
+def _check_token_ids(returned, ids: list, eos: set, where: str, url: str):
+    """A choice's ``token_ids`` (return_token_ids) must be the ids of its log-probs; an engine
+    that trims the stop token from them (and not from the log-probs) is accepted."""
+    got = _id_list(returned, "token_ids", where, url)
+    if got == ids or (ids and ids[-1] in eos and got == ids[:-1]):
+        return
+    i = first_difference(ids, got)
+    at = lambda seq: f"id {seq[i]}" if i < len(seq) else "nothing"  # noqa: E731
+    raise EngineError(f"{where} from {url}: its token_ids differ from the tokens of its "
+                      f"log-probs at position {i} ({at(got)} vs {at(ids)}; {len(got)} vs "
+                      f"{len(ids)} ids): the answer does not describe one generated sequence")
+
+
 def _stop_hint(engine: str) -> str:
     if engine == "llama.cpp":
         return ("llama.cpp ignores stop_token_ids and stops on its own end-of-generation set "
@@ -658,7 +748,7 @@ def rollout_from_response(body: Any, prompts: Sequence[np.ndarray], group_size: 
     topk_ids = np.zeros((b, n, max(k, 1)), np.int32)
     topk_logp = np.zeros((b, n, max(k, 1)), np.float32)
     finish = np.zeros((b,), np.int32)
-    stopping = []
+    stopping, echoed = [], 0
     for row in range(b):
         c, where = by_index[row], f"choice {row}"
         lp = c.get("logprobs")
@@ -669,6 +759,12 @@ def rollout_from_response(body: Any, prompts: Sequence[np.ndarray], group_size: 
                                  if engine == "llama.cpp" else ""))
         ids, lps, tops = _parse_logprobs(lp, where, url)
         m = len(ids)
+        if c.get("prompt_token_ids") is not None:  # vLLM / SGLang with return_token_ids
+            check_prompt_ids(c["prompt_token_ids"], prompts[row // group_size],
+                             f"{where} (prompt {row // group_size})", url)
+            echoed += 1
+        if c.get("token_ids") is not None:
+            _check_token_ids(c["token_ids"], ids, eos, where, url)
         used = _usage(answers[row], "completion_tokens") if per_row else None
         if used is not None and used != m:
             raise EngineError(
@@ -683,7 +779,8 @@ def rollout_from_response(body: Any, prompts: Sequence[np.ndarray], group_size: 
             if got is not None and got != want:
                 raise EngineError(f"{where} from {url}: usage.prompt_tokens {got}, but its "
                                   f"prompt {row // group_size} has {want} tokens: the engine "
-                                  "answered another prompt (or added tokens, e.g. a BOS)")
+                                  "answered another prompt, re-tokenised it or added tokens "
+                                  "(e.g. a BOS)")
         if not 1 <= m <= n:
             raise EngineError(f"{where} from {url} has {m} tokens, expected 1..max_tokens={n}")
         bad = [i for i in ids if not 0 <= i < vocab_size]
@@ -731,6 +828,14 @@ def rollout_from_response(body: Any, prompts: Sequence[np.ndarray], group_size: 
                 f"{url}: usage.completion_tokens is {used} but the log-probs hold {total} "
                 f"tokens over {b} rows: the engine left tokens out of its log-probs (or counts "
                 "differently); the record would hold token sequences that were never generated")
+        want = sum(len(p) for p in prompts)
+        used = _usage(body, "prompt_tokens")
+        if engine == "vllm" and not echoed and used is not None and used not in (
+                want, want * group_size):  # vLLM counts each prompt once; others per sample
+            raise EngineError(
+                f"{url}: usage.prompt_tokens is {used} but the {len(prompts)} prompts sent hold "
+                f"{want} ids (and the answer carries no prompt_token_ids): the engine conditioned "
+                "on other prompts (re-tokenised them, or added tokens such as a BOS)")
     check_stopping(stopping, eos, engine=engine, url=url, top_p=float(cfg.top_p),
                    top_k=cfg.top_k, greedy=cfg.greedy)
     ptoks, pmask = left_pad([p for p in prompts for _ in range(group_size)], width)
@@ -898,7 +1003,8 @@ class EngineClient:
     timeout: seconds, a deadline per request. check_rows: rows recomputed in full per call,
       picked at random (0: no check); check_tokens: the leading response tokens of every other
       row recomputed too. concurrency: requests in flight for per-row engines (llama.cpp:
-      default GET /props' total_slots; routed experts: ROUTES_CONCURRENCY). extra_body: more
+      default GET /props' total_slots; routed experts: ROUTES_CONCURRENCY; ``complete`` on
+      vLLM / SGLang: ROW_CONCURRENCY). extra_body: more
       request fields.
     route_layout: the policy's ``record.RouteLayout.of(model_cfg)``; required with
       ``cfg.record_routes`` (engine "sglang": Rollout.routed_experts, module docstring).
@@ -1025,12 +1131,7 @@ class EngineClient:
                 [p], 1, self.cfg, model=model, engine=engine, extra=self.extra_body,
                 seed=None if seed is None else row_seed(seed, i, s))
                 for i, p in enumerate(prompts) for s in range(group_size)]
-            post = functools.partial(http_json, url, timeout=self.timeout, api_key=self.api_key)
-            pool = concurrent.futures.ThreadPoolExecutor(self._slots())
-            try:
-                answer = list(pool.map(post, bodies))
-            finally:  # on the first failure, the queued rows are not sent
-                pool.shutdown(wait=False, cancel_futures=True)
+            answer = self._post_rows(url, bodies, self._slots())
         else:
             body = build_request(prompts, group_size, self.cfg, model=model, seed=seed,
                                  extra=self.extra_body, engine=engine)
@@ -1042,3 +1143,66 @@ class EngineClient:
                 r, self.recompute, self.cfg, rows=self.check_rows, tol=self.tolerances, url=url,
                 tokens=self.check_tokens, seed=seed, engine=engine, log=self.log)
         return r
+
+    def _post_rows(self, url: str, bodies: list, slots: int) -> list:
+        """POSTs one request body per row, ``slots`` in flight; the answers in row order."""
+        post = functools.partial(http_json, url, timeout=self.timeout, api_key=self.api_key)
+        pool = concurrent.futures.ThreadPoolExecutor(slots)
+        try:
+            return list(pool.map(post, bodies))
+        finally:  # on the first failure, the queued rows are not sent
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def complete(self, prompts, max_tokens, *, seeds: Sequence[int | None] | None = None
+                 ) -> list[Completion]:
+        """One completion per token-id prompt (multi-turn: each prompt an episode's history).
+
+        ``max_tokens``: an int for every row, or one per row (each >= 1; the SamplerConfig's
+        max_new_tokens does not apply); ``seeds``: one per row (None: the engine's own
+        randomness). ONE REQUEST PER ROW (n=1), ``concurrency`` in flight (module docstring:
+        Multi-turn); every row is parsed and checked as ``generate``'s rows are (the prompt-id
+        echo, ``rollout_from_response``'s structure rules and ``check_logprobs`` with the
+        prompt as context), in groups of equal max_tokens. Returns the rows' Completions."""
+        if self.cfg.record_routes:
+            raise ValueError("EngineClient.complete does not record routed experts (R3): a "
+                             "multi-turn episode's routes would span several requests; set "
+                             "SamplerConfig.record_routes=False")
+        prompts = as_prompt_list(prompts, self.vocab_size, self.cfg.max_prompt_len)
+        b = len(prompts)
+        limits = [max_tokens] * b if np.ndim(max_tokens) == 0 else list(max_tokens)
+        seeds = [None] * b if seeds is None else list(seeds)
+        if len(limits) != b or len(seeds) != b:
+            raise ValueError(f"{b} prompts but {len(limits)} max_tokens and {len(seeds)} seeds; "
+                             "give one per prompt (max_tokens may be one int)")
+        for i, m in enumerate(limits):
+            check_int(f"max_tokens[{i}]", m, 1)
+        limits = [int(m) for m in limits]
+        url = f"{self.base}/v1/completions"
+        engine, model = self.engine, self.model
+        cfgs = {m: dataclasses.replace(self.cfg, max_new_tokens=m) for m in set(limits)}
+        bodies = [build_request([p], 1, cfgs[m], model=model, engine=engine,
+                                extra=self.extra_body, seed=sd)
+                  for p, m, sd in zip(prompts, limits, seeds)]
+        slots = self.concurrency or (self._slots() if engine == "llama.cpp" else ROW_CONCURRENCY)
+        answers = self._post_rows(url, bodies, slots)
+        out: list = [None] * b
+        for m, cfg in sorted(cfgs.items()):
+            rows = [i for i in range(b) if limits[i] == m]
+            r = rollout_from_response([answers[i] for i in rows], [prompts[i] for i in rows], 1,
+                                      cfg, self.vocab_size, url, engine=engine)
+            if self.check_rows:
+                first = next((sd for sd in (seeds[i] for i in rows) if sd is not None), None)
+                self.last_check = check_logprobs(
+                    r, self.recompute, cfg, rows=self.check_rows, tol=self.tolerances, url=url,
+                    tokens=self.check_tokens, seed=first, engine=engine, log=self.log)
+            host = jax.device_get((r.response_tokens, r.response_mask, r.rollout_logp,
+                                   r.rollout_topk_ids, r.rollout_topk_logp, r.finish_reason))
+            toks, mask, logp, tk_ids, tk_logp, finish = host
+            for j, i in enumerate(rows):
+                n = int(mask[j].sum())
+                out[i] = Completion(
+                    ids=np.asarray(toks[j, :n], np.int32), logp=np.asarray(logp[j, :n], np.float32),
+                    topk_ids=None if tk_ids is None else np.asarray(tk_ids[j, :n], np.int32),
+                    topk_logp=None if tk_logp is None else np.asarray(tk_logp[j, :n], np.float32),
+                    eos=bool(finish[j] == FINISH_EOS))
+        return out
