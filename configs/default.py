@@ -146,6 +146,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.overlong = "none"  # none | filter (no loss on truncated) | penalty
     c.rollout.overlong_penalty = -1.0  # reward of a truncated response with "penalty"
 
+    # Environment episodes (trustrl.training.episodes; docs/environments.md): an id runs
+    # multi-turn episodes (task.num_train seeds) instead of prompt -> response; "" = the task
+    c.env = ml_collections.ConfigDict()
+    c.env.id = ""  # trustrl:guess_sum | trustrl:guess_number | GEM ids (game:*, rg:*, ...)
+    c.env.template = "plain"  # turn rendering: plain | chatml (trustrl.data.environments)
+    c.env.max_turns = 4  # policy turns per episode
+    c.env.max_turn_tokens = 8  # policy tokens per turn
+    c.env.max_total_tokens = 64  # trajectory tokens after the first prompt (policy + obs)
+    c.env.advantage = "episode"  # episode (return, group baseline) | turn (return-to-go)
+    c.env.kwargs = ml_collections.ConfigDict()  # the environment's constructor arguments
+
     c.loss = ml_collections.ConfigDict()
     c.loss.method = "dppo_binary_tv"  # see trustrl.core.losses.METHODS
     c.loss.delta_low = 0.15  # threshold on the A < 0 side (eps_low for ratio clips)

@@ -51,3 +51,38 @@ def compute_advantages(rewards, group_size, method="group_mean"):
     if method not in ADVANTAGE_FNS:
         raise ValueError(f"unknown advantage method {method!r}; valid: {sorted(ADVANTAGE_FNS)}")
     return ADVANTAGE_FNS[method](rewards, group_size)
+
+
+# --- multi-turn episodes -----------------------------------------------------------------------
+LEVELS = ("episode", "turn")
+
+
+def turn_advantages(turn_rewards, num_turns, group_size, method="group_mean", eps=1e-6):
+    """Per-turn advantages [B, K] of multi-turn episodes (host numpy).
+
+    ``turn_rewards`` [B, K]: the reward of each played turn (K = max turns; 0 after the last),
+    ``num_turns`` [B]; episodes in contiguous groups of ``group_size`` (same environment seed).
+    Turn k's value is its return-to-go G[i, k] = sum_{j >= k} r[i, j]; its baseline comes from
+    the episodes of the same group that played turn k (n of them): group_mean A = G - mean,
+    grpo (G - mean) / (population std + eps), rloo n / (n - 1) (G - mean) (0 when n = 1).
+    Turns not played get 0. With one turn per episode this is ``compute_advantages`` of the
+    rewards."""
+    import numpy as np
+    if method not in ADVANTAGE_FNS:
+        raise ValueError(f"unknown advantage method {method!r}; valid: {sorted(ADVANTAGE_FNS)}")
+    r = np.asarray(turn_rewards, np.float64)
+    b, k = r.shape
+    if b % group_size:
+        raise ValueError(f"batch of {b} episodes is not a multiple of group_size={group_size}")
+    played = np.arange(k)[None, :] < np.asarray(num_turns)[:, None]
+    g = np.where(played, np.cumsum(r[:, ::-1], axis=1)[:, ::-1], 0.0)
+    g, played = g.reshape(-1, group_size, k), played.reshape(-1, group_size, k)
+    n = played.sum(axis=1, keepdims=True)
+    mean = g.sum(axis=1, keepdims=True) / np.maximum(n, 1)
+    centred = np.where(played, g - mean, 0.0)
+    if method == "grpo":
+        std = np.sqrt((centred ** 2).sum(axis=1, keepdims=True) / np.maximum(n, 1))
+        centred = centred / (std + eps)
+    elif method == "rloo":
+        centred = np.where(n > 1, centred * n / np.maximum(n - 1, 1), 0.0)
+    return centred.reshape(b, k).astype(np.float32)

@@ -1,13 +1,15 @@
 """Data: synthetic tasks (tasks.py), tfds datasets and math files (datasets.py), rewards and
 verifiers (rewards.py), tokenizers (tokenizer.py, qwen_vocab.py) and a task's text side
-(task_env.py: TaskEnv).
+(task_env.py: TaskEnv), environments for multi-turn episodes (environments.py; GEM and
+reasoning-gym adapters in gem_env.py).
 
 ``trustrl.data`` was one module before the package had layers; its names
 (``trustrl.data.build``, ...) still resolve here, lazily, to ``trustrl.data.datasets``.
 """
 import importlib
 
-SUBMODULES = ('datasets', 'tasks', 'rewards', 'tokenizer', 'qwen_vocab', 'task_env')
+SUBMODULES = ('datasets', 'tasks', 'rewards', 'tokenizer', 'qwen_vocab', 'task_env',
+              'environments', 'gem_env')
 
 
 def __getattr__(name):

@@ -30,7 +30,8 @@ class DecodeModel(NamedTuple):
     init_cache(batch, max_len) -> cache pytree
     prefill(params, tokens [B, P], positions [B, P], valid [B, P], cache)
         -> (logits of the last column [B, V] float32, cache)
-    decode(params, tokens [B], positions [B], cache) -> (logits [B, V] float32, cache)
+    decode(params, tokens [B], positions [B], cache[, valid [B] bool])
+        -> (logits [B, V] float32, cache); ``valid`` False: the row's column is padding
 
     A mixture-of-experts policy also records its routing (R3; ``decode_model`` fills these for
     a config with experts, None / 0 otherwise): ``prefill_routes`` / ``decode_routes`` take the

@@ -828,10 +828,13 @@ def prefill(params, config: ModelConfig, tokens, positions, valid, cache: KVCach
     return lm_head(params, config, hidden[:, -1]), cache
 
 
-def decode_step(params, config: ModelConfig, tokens, positions, cache: KVCache):
-    """Appends one token per row: tokens, positions [B] -> (logits [B, V] float32, cache)."""
+def decode_step(params, config: ModelConfig, tokens, positions, cache: KVCache, valid=None):
+    """Appends one token per row: tokens, positions [B] -> (logits [B, V] float32, cache).
+    ``valid`` [B] bool (default all): rows whose column is padding (a multi-turn row waiting or
+    finished) write an empty slot, never attended; their logits are garbage."""
     tokens, positions = tokens[:, None], positions[:, None]
-    hidden, cache = _extend(params, config, tokens, positions, jnp.ones_like(tokens, bool), cache)
+    valid = jnp.ones_like(tokens, bool) if valid is None else valid.astype(bool)[:, None]
+    hidden, cache = _extend(params, config, tokens, positions, valid, cache)
     return lm_head(params, config, hidden[:, 0]), cache
 
 

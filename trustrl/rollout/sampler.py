@@ -242,7 +242,7 @@ def prompt_routes(ids, prompt_mask, n: int, dtype):
     return jnp.concatenate([ids, jnp.zeros((b, n, m, k), dtype)], axis=1)
 
 
-def _next_token(logits, key, cfg: SamplerConfig):
+def next_token(logits, key, cfg: SamplerConfig):
     """One decode step's choice: (tokens [B], their log mu [B], log mu [B, V]), mu the tempered
     softmax over the full vocabulary."""
     logp_full = jax.nn.log_softmax(logits.astype(jnp.float32) / cfg.temperature, axis=-1)
@@ -254,7 +254,7 @@ def _next_token(logits, key, cfg: SamplerConfig):
     return tok, jnp.take_along_axis(logp_full, tok[:, None], axis=-1)[:, 0], logp_full
 
 
-def _record_topk(logp_full, cfg: SamplerConfig):
+def record_topk(logp_full, cfg: SamplerConfig):
     """mu's plain top-K of one step: (ids [B, K] int32, log mu [B, K]); ``_k_sets`` forces the
     sampled tokens in after the loop (divergences.force_sampled)."""
     vals, ids = divergences.top_k(logp_full, cfg.record_topk, cfg.topk_method)
@@ -274,8 +274,8 @@ def _generate_continuous(params, prompt_tokens, prompt_mask, num_rows, cache, ke
     out, cache = continuous.generate(
         params, prompt_tokens, prompt_mask, num_rows, cache, key, model=model,
         max_new_tokens=cfg.max_new_tokens, eos_ids=cfg.eos_ids, refill=cfg.refill_rows,
-        next_token=functools.partial(_next_token, cfg=cfg),
-        record_topk=functools.partial(_record_topk, cfg=cfg) if cfg.record_topk else None,
+        next_token=functools.partial(next_token, cfg=cfg),
+        record_topk=functools.partial(record_topk, cfg=cfg) if cfg.record_topk else None,
         topk=cfg.record_topk, routes=_route_spec(model, cfg))
     return (_k_sets(out) if cfg.record_topk else out), cache
 
@@ -298,7 +298,7 @@ def _generate(params, prompt_tokens, prompt_mask, cache, key, *, model,
 
     def body(s: _LoopState):
         key, sub = jax.random.split(s.key)
-        tok, tok_logp, logp_full = _next_token(s.logits, sub, cfg)
+        tok, tok_logp, logp_full = next_token(s.logits, sub, cfg)
         live = ~s.done
         livef = live.astype(jnp.float32)
         tok = jnp.where(live, tok, 0)
@@ -307,7 +307,7 @@ def _generate(params, prompt_tokens, prompt_mask, cache, key, *, model,
             tokens=upd(s.tokens, tok), logp=upd(s.logp, tok_logp * livef),
             mask=upd(s.mask, live.astype(jnp.int32)))
         if cfg.record_topk:
-            ids, lp = _record_topk(logp_full, cfg)
+            ids, lp = record_topk(logp_full, cfg)
             state = state._replace(topk_ids=upd(s.topk_ids, jnp.where(live[:, None], ids, 0)),
                                    topk_logp=upd(s.topk_logp, lp * livef[:, None]))
         done = s.done | jnp.any(tok[:, None] == eos[None, :], axis=-1)

@@ -429,6 +429,52 @@ def validate(cfg):
                          f"split over them")
     _check_moe(cfg)  # after the mesh: the expert split needs its sizes
     _check_lora(cfg)
+    _check_env(cfg)
+
+
+def _check_env(cfg):
+    """cfg.env (config alone): id "" is the single-turn task; otherwise the episode fields. The
+    id itself (an unknown one, a GEM id without the `envs` extra) is checked when the run is
+    built (trustrl.data.environments.make)."""
+    from trustrl.data import environments
+    env = cfg.get("env")
+    if env is None or not env.get("id", ""):
+        return
+    _typed(cfg, ("env.id", "env.template", "env.advantage"), str)
+    source = env.id.split(":", 1)[0] if ":" in env.id else ""
+    valid_sources = ("trustrl", environments.REASONING_GYM) + environments.GEM_PREFIXES
+    if source not in valid_sources:
+        raise ValueError(f"env.id={env.id!r} is not valid: give '<source>:<name>' with source "
+                         f"one of {list(valid_sources)} (e.g. trustrl:guess_sum, "
+                         f"game:Sudoku-v0-easy, rg:arc_1d)")
+    name = env.id.split(":", 1)[1]
+    if source == "trustrl" and name not in environments.NATIVE:
+        raise ValueError(f"env.id={env.id!r}: unknown trustrl environment {name!r}; valid: "
+                         f"{['trustrl:' + n for n in environments.NATIVE]}")
+    if source != "trustrl":  # GEM / reasoning-gym: the optional `envs` extra must be there
+        import importlib.util
+        module = "reasoning_gym" if source == environments.REASONING_GYM else "gem"
+        if importlib.util.find_spec(module) is None:
+            from trustrl.data import gem_env
+            raise ValueError(f"env.id={env.id!r} needs the optional 'envs' extra "
+                             f"({', '.join(gem_env.EXTRA_PACKAGES)}; {module!r} is not "
+                             f"installed): pip install -e '.[envs]' ({gem_env.PY312_NOTE})")
+    _choice("env.template", env.template, environments.TEMPLATES)
+    _choice("env.advantage", env.advantage, advantages.LEVELS)
+    for name in ("env.max_turns", "env.max_turn_tokens", "env.max_total_tokens"):
+        _int(cfg, name, 1)
+    if env.max_turn_tokens > env.max_total_tokens:
+        raise ValueError(f"env.max_turn_tokens={env.max_turn_tokens} exceeds "
+                         f"env.max_total_tokens={env.max_total_tokens}")
+    if cfg.rollout.dynamic_sampling:
+        raise ValueError("rollout.dynamic_sampling is not supported with env.id (environment "
+                         "episodes); set rollout.dynamic_sampling=False")
+    if cfg.rollout.max_rows:
+        raise ValueError(f"rollout.max_rows={cfg.rollout.max_rows}: environment episodes each "
+                         "hold a row for the whole call; set rollout.max_rows=0")
+    if cfg.model.get("routing_replay", False):
+        raise ValueError("model.routing_replay (R3) is not supported with env.id yet: the "
+                         "multi-turn sampler does not record routed experts")
 
 
 def check_environment(cfg, workdir: str, devices=None):

@@ -34,6 +34,8 @@ def majority_at_k(answers: list[list[str | None]], truth_ok) -> float:
 
 
 def evaluate(run, params_roll, key, cfg) -> dict:
+    if run.episodes is not None:  # environment episodes: held-out seeds
+        return run.episodes.evaluate(params_roll, key)
     env = run.env
     examples = env.eval_examples(cfg.eval.num_prompts)
     prompts = env.encode_prompts(examples)

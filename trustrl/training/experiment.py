@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.training import config_validation as cv, filtering, optim, step as ts, warmstart
+from trustrl.training import episodes as episodes_lib
 from trustrl.data import datasets as data, tasks
 from trustrl.model import hf, lora, policy, quant
 from trustrl.model import transformer as model_lib
@@ -47,6 +48,8 @@ class Run:
     # its identity (lora_base_id), checked when a checkpoint is restored
     frozen: Any = None
     base_id: dict | None = None
+    # environment episodes (cfg.env.id; trustrl.training.episodes), None for the task's prompts
+    episodes: Any = None
 
     def policy_params(self, params=None):
         """The model's parameter tree for ``params`` (default: the state's): with LoRA, the
@@ -331,10 +334,14 @@ def build(cfg, workdir: str, mesh=None) -> Run:
     roll_cfg = policy.rollout_config(lora.merged_config(model_cfg), cfg.rollout.dtype,
                                      cfg.rollout.head_dtype)
     sampler, eval_greedy = samplers(cfg, tokenizer, roll_cfg, mesh)
+    runs_episodes = episodes_lib.enabled(cfg)
+    eps = (episodes_lib.build(cfg, tokenizer, roll_cfg, sampler.cfg, eval_greedy.cfg)
+           if runs_episodes else None)
+    source = episodes_lib.train_seeds(cfg) if runs_episodes else env.train
     return Run(
         cfg=cfg, mesh=mesh, env=env, model_cfg=model_cfg, rollout_cfg=roll_cfg, state=state,
-        key=key,
-        prompt_iter=data.PromptIterator(env.train, cfg.rollout.prompts_per_iter, seed=cfg.seed),
+        key=key, episodes=eps,
+        prompt_iter=data.PromptIterator(source, cfg.rollout.prompts_per_iter, seed=cfg.seed),
         sampler=sampler, eval_greedy=eval_greedy,
         rollout_params=rollout_params_program(model_cfg, roll_cfg, frozen),
         score=score_program(cfg, model_cfg, mesh),

@@ -184,8 +184,13 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
         t0 = time.perf_counter()
         key, k_roll, k_perm, k_eval = jax.random.split(key, 4)
         params_roll = sharding.cpu_sync(run.rollout_params(state.params))
-        r, host_r, examples, rewards, extra = _collect(env, run.sampler, params_roll,
-                                                       run.prompt_iter, k_roll, cfg, run.mesh)
+        if run.episodes is not None:  # environment episodes (multi-turn); rewards: returns
+            r, host_r, examples, rewards, extra, adv = run.episodes.collect(
+                params_roll, run.prompt_iter, k_roll, run.mesh)
+        else:
+            r, host_r, examples, rewards, extra = _collect(env, run.sampler, params_roll,
+                                                           run.prompt_iter, k_roll, cfg, run.mesh)
+            adv = adv_lib.compute_advantages(rewards, g, cfg.loss.advantage)
         if not cfg.rollout.get("keep_kv_cache", False):  # not on the chips during the update
             run.sampler.release()
         validate(host_r, run.model_cfg.vocab_size)
@@ -193,9 +198,9 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
             r = r.replace(
                 response_mask=r.response_mask * (r.finish_reason != FINISH_LENGTH)[:, None])
         t_roll = time.perf_counter()
+        adv = np.asarray(adv, np.float32)  # [B], or [B, N] per turn
         advantages = multihost.to_global(  # identical on every process; each places its rows
-            np.asarray(adv_lib.compute_advantages(rewards, g, cfg.loss.advantage), np.float32),
-            sharding.batch_sharding(run.mesh, 1))
+            adv, sharding.batch_sharding(run.mesh, adv.ndim))
         batch = ts.rollout_batch(r, advantages)
         # the recorded experts reach the score pass and the train step only when they replay
         # them (the programs' inputs are a dense run's otherwise); the routing metrics read them

@@ -66,7 +66,11 @@ ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.contin
                 # LoRA (issue 29): rank 0 is the full fine-tuning every older run did
                 "model.lora.rank": 0, "model.lora.alpha": 0.0, "model.lora.targets": [],
                 "model.lora.init": "kaiming", "model.lora.base_quant": "",
-                "model.lora.init_from": ""}
+                "model.lora.init_from": "",
+                # environment episodes (issue 30): id "" is the single-turn task of older runs
+                "env.id": "", "env.template": "plain", "env.max_turns": 4,
+                "env.max_turn_tokens": 8, "env.max_total_tokens": 64, "env.advantage": "episode",
+                "env.kwargs": {}}
 
 
 def config_changes(old: dict, new: dict):
