@@ -159,6 +159,9 @@ def test_bad_value_exits_2_before_the_workdir_exists(tmp_path, subprocess_env, a
      "rollout.max_rows=3 is not divisible by the mesh's batch axes (data x fsdp = 2"),
     (["--config.rollout.temperature=1e-30"],
      "rollout.temperature=1e-30 is below 0.001: logits / T then overflow"),
+    # environment episodes (issue 30)
+    (["--config.env.id=trustrl:guess_sum", "--config.env.max_turns=0"],
+     "env.max_turns must be an int >= 1, got 0"),
 ])
 def test_values_known_before_any_build_fail_before_writing(tmp_path, subprocess_env, args,
                                                            needle):
@@ -168,6 +171,35 @@ def test_values_known_before_any_build_fail_before_writing(tmp_path, subprocess_
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
     assert needle in out.stderr and out.stderr.startswith("invalid config: ")
     assert not wd.exists()
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"id": "trustrl:nope"}, "env.id='trustrl:nope': unknown trustrl environment 'nope'; valid: "
+                             "['trustrl:guess_sum'"),
+    ({"id": "Sudoku"}, "env.id='Sudoku' is not valid: give '<source>:<name>'"),
+    ({"id": "trustrl:guess_sum", "template": "chat"}, "env.template='chat' is not valid"),
+    ({"id": "trustrl:guess_sum", "advantage": "step"}, "env.advantage='step' is not valid"),
+    ({"id": "trustrl:guess_sum", "max_turn_tokens": 99}, "env.max_turn_tokens=99 exceeds "
+                                                         "env.max_total_tokens=64"),
+])
+def test_environment_fields(fields, needle):
+    cfg = tiny()
+    cfg.env.update(fields)
+    with pytest.raises(ValueError) as e:
+        cv.validate(cfg)
+    assert needle in str(e.value)
+
+
+def test_a_gem_environment_without_the_envs_extra_names_it(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gem" else real(name, *a))
+    cfg = tiny()
+    cfg.env.id = "game:Sudoku-v0-easy"
+    with pytest.raises(ValueError, match=r"needs the optional 'envs' extra .*pip install -e "
+                                         r"'\.\[envs\]'"):
+        cv.validate(cfg)
 
 
 def test_a_hf_dir_is_checked_from_its_config_json(tmp_path):

@@ -63,6 +63,7 @@ class Episodes:
     sampler: multiturn.MultiTurnSampler
     greedy: multiturn.MultiTurnSampler
     template: environments.TurnTemplate
+    last: Any = None  # the Trajectories of the last collected batch
 
     def token_envs(self, n: int) -> list:
         make = lambda: environments.make(self.cfg.env.id, **env_kwargs(self.cfg))
@@ -87,11 +88,26 @@ class Episodes:
         else:
             adv = np.asarray(adv_lib.compute_advantages(returns, g, cfg.loss.advantage),
                              np.float32)
+        self.last = traj  # for turn_mismatch after the score pass
         extra = traj.metrics(host.response_mask)
         extra["episode/processed_tokens_mean"] = float(traj.processed.mean())
         r = multihost.to_global(host, jax.tree.map(
             lambda x: sharding.batch_sharding(mesh, x.ndim), host))
         return r, host, examples, returns, extra, adv
+
+    def turn_mismatch(self, trainer_logp, host_rollout) -> dict:
+        """Training-inference mismatch per turn of the last collected batch: mean |pi - mu|
+        over the policy tokens of turn k (``episode/mismatch_turn{k}``, turns with tokens)."""
+        lp = np.asarray(multihost.to_host(trainer_logp), np.float64)
+        mu = np.asarray(host_rollout.rollout_logp, np.float64)
+        mask = np.asarray(host_rollout.response_mask) > 0
+        out = {}
+        for k in range(int(self.last.turn_index.max()) + 1):
+            sel = mask & (self.last.turn_index == k)
+            if sel.any():
+                out[f"episode/mismatch_turn{k}"] = float(
+                    np.abs(np.exp(lp[sel]) - np.exp(mu[sel])).mean())
+        return out
 
     def evaluate(self, params_roll, key) -> dict:
         """Held-out seeds: greedy (pass@1, turns to solve, return) and, with eval.k > 1,

@@ -211,6 +211,8 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
         if cfg.train.score_pass or need_old:
             old_logp = sharding.cpu_sync(run.score(run.policy_params(state.params), batch))
             metrics = dict(mismatch_stats(old_logp, r.rollout_logp, r.response_mask))
+            if run.episodes is not None:  # and per turn of the episodes
+                metrics.update(run.episodes.turn_mismatch(old_logp, host_r))
             if need_old:
                 batch["old_logp"] = old_logp
         else:
