@@ -62,8 +62,9 @@ test: $(STAMP) $(LIBTPU_STAMP)
 	TRUSTRL_LIBTPU_PATH=$(abspath $(LIBTPU)) $(VENV)/bin/python -m pytest -q -n $(XDIST) \
 	  --dist load --maxschedchunk 1 --durations=15 -m "not extended" tests
 
-# The heaviest mixture-of-experts tests (tests/conftest.py's _EXTENDED, ~9 CPU-minutes), left
-# out of `make test` to keep CI within 20 minutes.
+# The extended tier (tests/conftest.py's _EXTENDED: the heaviest MoE / LoRA tests, benchmark
+# smoke runs and the equality variants whose path another CI test covers; ~25 CPU-minutes),
+# left out of `make test` to keep CI within 20 minutes.
 test-extended: $(STAMP) $(LIBTPU_STAMP)
 	TRUSTRL_LIBTPU_PATH=$(abspath $(LIBTPU)) $(VENV)/bin/python -m pytest -q -n $(XDIST) \
 	  --dist load --maxschedchunk 1 --durations=15 -m extended tests

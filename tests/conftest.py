@@ -184,6 +184,27 @@ _EXTENDED = (
     "test_benchmarks.py::test_rollout_engine_and_topk_record_quick",
     "test_benchmarks.py::test_rollout_head_quick",
     "test_benchmarks.py::test_loss_overhead_quick_tiny",
+    "test_benchmarks.py::test_multiturn_quick",  # issue 30's benchmark smoke run (~25 CPU-s)
+    # CI's fresh-clone run of 2026-12-06 took 1,315 s (the goal is < 1,200 s) before issue 30's
+    # tests: the loss-fused head's equality for the methods whose loss repeats another's path
+    # (CI keeps dppo_binary_tv, dppo_topk_kl, dppo_full_tv, ppo_clip_recompute and cispo), the
+    # second learning run (ppo_clip; dppo_binary_tv stays), SmolLM2's greedy generate parity
+    # against transformers (the rollout log-prob parity stays), one of three micro-batch
+    # equalities, the CPU-topology aot_check run (the TPU topology ones stay), the mismatch
+    # profile of launch/sanity.py (the small study stays) and three more MoE tests
+    *(f"model/test_vocab_head.py::test_train_step_loss_fused_equals_unfused[{m}]" for m in (
+        "dppo_binary_kl", "dppo_topk_tv", "dppo_full_kl", "dppo_binary_tv_recompute",
+        "dppo_binary_kl_recompute", "ppo_clip", "pg_is", "relax_high", "relax_low",
+        "relax_both", "mask_neg")),
+    "training/test_train.py::test_learning_happens[ppo_clip]",
+    "rollout/test_rollout_model.py::test_greedy_equals_transformers_generate_smollm2",
+    "training/test_microbatch.py::test_accumulated_step_equals_one_pass[dppo_topk_kl-seq-mean-"
+    "token-mean-2]",
+    "tools/test_aot_check.py::test_cpu_topology_tiny_config_and_the_fit_verdict",
+    "training/test_sanity.py::test_mismatch_profile_small",
+    "rollout/test_engine_client.py::test_routed_experts_round_trip_through_the_local_server",
+    "training/test_moe_train.py::test_moe_train_step_sharded_equals_unsharded",
+    "rollout/test_routing_record.py::test_plain_sampler_records_the_forward_routing",
 )
 
 
