@@ -244,3 +244,28 @@ def test_pod_memory_table_from_a_real_aot_check_run(tmp_path, capsys, monkeypatc
     assert len(rows) == 2 and all(line.endswith("| yes |") for line in rows), rows
     assert "Whole-iteration peak" in doc and "fits." in doc
     assert "Held beside each program (GiB per chip): train: rollout sampler's KV cache" in doc
+
+
+@pytest.mark.slow
+def test_multiturn_quick(capsys):
+    """benchmarks/multiturn.py --quick: goal 1's rows (single-turn baselines, multi-turn) with
+    finite positive ratios, and goal 2: every episode processed exactly its prompt + trajectory
+    (the script asserts it too), fewer tokens than a re-prefilling implementation."""
+    outs = _load_bench("multiturn").main(["--quick"])
+    printed = capsys.readouterr().out
+    assert "| limits | rollout | policy tokens | loop steps | host round trips |" in printed
+    assert "processed == prompt + trajectory for all 8 episodes: True" in printed
+    (out,) = outs
+    rows = {r["rollout"]: r for r in out["rows"]}
+    assert list(rows) == ["single-turn, same policy tokens", "single-turn, same loop steps",
+                          "multi-turn"]
+    assert rows["single-turn, same policy tokens"]["ratio"] == 1.0
+    assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in rows.values())
+    mt = rows["multi-turn"]
+    assert mt["steps"] == out["counts"].steps == rows["single-turn, same loop steps"]["steps"]
+    assert mt["exits"] == out["counts"].exits >= 2  # one host round trip per turn end at least
+    ep = out["episodes"]
+    assert (ep["processed"] == ep["prompt"] + ep["trajectory"]).all()
+    assert ep["turns"].max() > 1 and (ep["naive"] >= ep["processed"]).all()
+    assert math.isfinite(out["naive_ratio"]) and out["naive_ratio"] > 1
+    assert f"{out['naive_ratio']:.2f}x |" in printed

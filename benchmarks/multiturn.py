@@ -1,0 +1,338 @@
+"""Multi-turn rollouts (issue 30's two goals): throughput against a single-turn rollout, and
+no re-prefill (every token of an episode processed once).
+
+Run:
+    python benchmarks/multiturn.py           # the CPU default model, 64 episodes, ~2 min
+    python benchmarks/multiturn.py --limits 3,6,40 --hidden 256   # one workload, d = 256
+    python benchmarks/multiturn.py --quick   # a tiny model, 8 episodes, seconds (the smoke test)
+
+Same process, same model, batch and sampler settings (temperature, recorded top-K, rollout
+precision). The multi-turn rollout (trustrl.rollout.multiturn.MultiTurnSampler) plays
+``--env`` episodes (trustrl:guess_sum: an addition question, "higher" / "lower" feedback
+until right) under each of --limits (max turns, max tokens per turn, max trajectory tokens;
+default: configs/environments.py's CPU demo, 3, 6, 40, and longer turns, 4, 32, 160), on a
+byte-level BPE tokenizer trained on the task's text (split digits, as the CPU configs). The
+model is random
+(configs/default.py's shape: 4 layers, d = 128, or --hidden / --layers): it rarely emits the
+end-of-turn token, so most turns stop at the per-turn limit and most episodes play every turn;
+the observation tokens make the rows drift out of step, hence several host round trips per
+turn. The single-turn rollouts (trustrl.rollout.sampler.Sampler, EOS off so every row generates
+exactly max_new_tokens) start from the same first prompts:
+
+    single-turn, same policy tokens   max_new_tokens = the multi-turn run's policy tokens per
+                                      episode (rounded): the baseline of goal 1
+    single-turn, same loop steps      max_new_tokens = the multi-turn loop's steps: the same
+                                      number of one-token model steps on the same batch, so the
+                                      time difference is the multi-turn machinery's (host round
+                                      trips, environment steps, FEED bookkeeping)
+
+Goal 1 (throughput): policy tokens / s of each (median of --repeats interleaved calls after one
+warm-up call each that compiles) and "time / policy token vs single-turn": the baseline's tok/s
+over the row's (issue 30's goal: multi-turn <= 1.3). The multi-turn call is split into the
+prompt prefill, the jitted loop (each call blocked on), TokenEnv.step (timed by a subclass:
+decode of the policy's ids, the environment, encode of the observation) and the rest of the
+host's work (device -> host copies, queues, the trajectory record). Host round trips =
+``counts.exits``, loop steps = ``counts.steps``.
+
+Goal 2 (no re-prefill): per episode, the tokens the model processed (``Trajectories.processed``:
+prefill + one decode step per trajectory token) equal the prompt length + the trajectory length
+(asserted for every episode; the trajectory length read off the rollout: the last policy
+token's column + 1), beside what a re-prefilling implementation would process: every turn
+re-processes its whole prefix (the prompt and every earlier turn and observation) and then
+generates its policy tokens.
+
+Measured 2026-12-06 on this repository's CPU VM (2 cores of an AMD EPYC, 23 GiB, Python 3.11,
+jax 0.10.2, CPU backend), SHARED with other sessions (load average ~7 on the 2 cores during the
+run: the timings are noisy), `python benchmarks/multiturn.py` (the defaults; 1 min 55 s):
+4 layers, d = 128, V = 278 (random weights), bf16 rollout, 64 episodes of trustrl:guess_sum
+(8 seeds x 8), T = 1.0, recorded top-K 20, median of 5:
+
+    Goal 1: limits, rollout           policy  loop  host  median  policy   ms /  time / policy
+                                      tokens steps trips      s   tok/s   step  token vs single
+    3 x 6, 40  single, same policy     1,088    17     1  0.095  11,504   5.56  1.00x
+               single, same steps      2,560    40     1  0.252  10,156   6.30  1.13x
+               multi-turn              1,072    40     9  0.348   3,084   8.69  3.73x
+    4 x 32,    single, same policy     7,808   122     1  0.848   9,210   6.95  1.00x
+    160        single, same steps     10,240   160     1  1.880   5,447  11.75  1.69x
+               multi-turn              7,777   160    53  2.043   3,807  12.77  2.42x
+
+    multi-turn call split: 3 x 6, 40: prefill 9%, jitted loop 80%, TokenEnv.step 3%, other host
+    work 9% (5.6 policy tokens / turn, 1.38 observation tokens per policy token); 4 x 32, 160:
+    prefill 2%, loop 91%, TokenEnv.step 1%, other host 6% (30.4 / turn, 0.26 obs / policy).
+
+    Goal 2 (per episode, mean)   prompt  trajectory  processed  re-prefilling  naive / processed
+    3 x 6, 40                      15.0        39.8       54.8          114.3              2.09x
+    4 x 32, 160                    15.0       153.0      168.0          425.6              2.53x
+    processed == prompt + trajectory for all 64 episodes of both (asserted).
+
+Goal 1 is NOT met on this workload: 3.73x and 2.42x the single-turn time per policy token
+(an earlier run of the same measurement on the same loaded VM: 3.00x and 1.82x). The time is
+the model's: the jitted loop is 80-91% of the call, environment steps 1-3%, the rest of the
+host's work (9 and 53 round trips) 6-9%. Against the same number of loop steps the multi-turn
+machinery costs 1.38x and 1.09x per step; the rest of the gap is loop steps: observations are
+fed one token per model step (1.38 observation tokens per policy token at the CPU demo's
+limits, where they dominate; 0.26 with 32-token turns) and a row that ends early idles until
+the longest row of the batch ends. Feeding an observation as one multi-token chunk instead of
+token by token would remove most of those steps (not measured here). A random model rarely
+ends a turn by itself, so nearly every turn runs to the per-turn limit (a trained policy's
+shorter turns raise the observation share). The single-turn sampler keeps its donated KV
+cache between calls; the multi-turn sampler allocates one per call (in "other host work").
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from trustrl.data import environments as envs_lib, tasks  # noqa: E402
+from trustrl.data import tokenizer as tok_lib  # noqa: E402
+from trustrl.model import policy, transformer as M  # noqa: E402
+from trustrl.rollout import multiturn  # noqa: E402
+from trustrl.rollout.sampler import Sampler, SamplerConfig  # noqa: E402
+
+
+class TimedTokenEnv(envs_lib.TokenEnv):
+    """A TokenEnv whose step() adds its wall time to ``clock["env"]``."""
+
+    def __init__(self, env, tokenizer, template, clock):
+        super().__init__(env, tokenizer, template)
+        self.clock = clock
+
+    def step(self, action_ids, ended=True):
+        t = time.perf_counter()
+        out = super().step(action_ids, ended)
+        self.clock["env"] += time.perf_counter() - t
+        return out
+
+
+def _timed(fn, clock, name):
+    """fn, blocking on its result and adding the wall time to clock[name]."""
+    def wrapped(*args):
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        clock[name] += time.perf_counter() - t
+        return out
+    return wrapped
+
+
+def instrument(sampler: multiturn.MultiTurnSampler, clock: dict):
+    """Times the sampler's jitted prefill and loop (the host blocks on both right after anyway:
+    the loop's state is copied to the host at each exit)."""
+    sampler._prefill = _timed(sampler._prefill, clock, "prefill")
+    loop_fn = sampler._loop_fn
+    sampler._loop_fn = lambda eot: _timed(loop_fn(eot), clock, "loop")
+
+
+def tokenizer(vocab: int, difficulty: int):
+    """A byte-level BPE (split digits) trained on the task's and the environment's text."""
+    rng = np.random.default_rng(0)
+    texts = []
+    for _ in range(2000):
+        ex = tasks.arithmetic_example(rng, difficulty, "+")
+        texts.append(f"Question: {ex['prompt']}\nAnswer: {ex['answer']}")
+    texts += ["\nhigher\nAnswer:", "\nlower\nAnswer:", "\ninvalid\nAnswer:"] * 200
+    return tok_lib.train_bpe(texts, vocab, split_digits=True)
+
+
+def model(args, vocab: int):
+    if args.quick:
+        cfg = M.ModelConfig.tiny(vocab_size=vocab)
+    else:
+        heads = max(args.hidden // 32, 1)
+        cfg = M.ModelConfig(vocab_size=vocab, hidden_size=args.hidden,
+                            intermediate_size=3 * args.hidden, num_layers=args.layers,
+                            num_heads=heads, num_kv_heads=max(heads // 2, 1), head_dim=32,
+                            tie_word_embeddings=True)
+    params = M.init_params(cfg, jax.random.key(0))
+    roll = policy.rollout_config(cfg, args.dtype)
+    return cfg, roll, policy.cast_params(params, roll)
+
+
+def reprefill_count(prompt_len, turn_index, mask) -> int:
+    """Tokens a re-prefilling implementation processes for one episode: each turn k prefills
+    its whole prefix (the prompt, then every column before the turn's first policy token) and
+    decodes its policy tokens."""
+    total = 0
+    for k in range(int(turn_index.max()) + 1):
+        cols = np.flatnonzero((turn_index == k) & mask)
+        if cols.size:
+            total += prompt_len + int(cols[0]) + cols.size
+    return total
+
+
+def parse_limits(spec: str) -> multiturn.MultiTurnConfig:
+    """"TURNS,TURN_TOKENS,TOTAL" -> MultiTurnConfig (max_turns, max_turn_tokens,
+    max_total_tokens)."""
+    try:
+        turns, turn_tokens, total = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--limits {spec!r}: expected TURNS,TURN_TOKENS,TOTAL (three ints, "
+                         f"e.g. 3,6,40)") from None
+    return multiturn.MultiTurnConfig(max_turns=turns, max_turn_tokens=turn_tokens,
+                                     max_total_tokens=total)
+
+
+def measure(args, tok, roll, params, mt: multiturn.MultiTurnConfig):
+    """Goal 1's rows and goal 2's per-episode counts for one set of turn limits."""
+    scfg = SamplerConfig(temperature=args.temperature, record_topk=args.record_topk)
+    clock = dict(prefill=0.0, loop=0.0, env=0.0)
+    template = envs_lib.TurnTemplate("plain")
+    envs = [TimedTokenEnv(envs_lib.make(args.env), tok, template, clock)
+            for _ in range(args.episodes)]
+    seeds = list(range(args.episodes // args.group_size))
+    mts = multiturn.MultiTurnSampler(policy.decode_model(roll), scfg, mt)
+    instrument(mts, clock)
+    key = jax.random.key(1)
+
+    # the multi-turn run first (compiles; its size sets the single-turn lengths)
+    r, traj = mts.run(params, envs, seeds, args.group_size, key)
+    counts = mts.counts
+    mask = np.asarray(r.response_mask) > 0
+    policy_tokens = int(mask.sum())
+    prompts = [envs_lib.TokenEnv(envs_lib.make(args.env), tok, template).reset(s) for s in seeds]
+    same_tokens = max(round(policy_tokens / args.episodes), 1)
+    singles = {
+        "single-turn, same policy tokens": Sampler(policy.decode_model(roll), SamplerConfig(
+            max_new_tokens=same_tokens, temperature=args.temperature,
+            record_topk=args.record_topk)),
+        "single-turn, same loop steps": Sampler(policy.decode_model(roll), SamplerConfig(
+            max_new_tokens=counts.steps, temperature=args.temperature,
+            record_topk=args.record_topk))}
+
+    runs = {name: (lambda s=s: s.generate(params, prompts, args.group_size, key))
+            for name, s in singles.items()}
+    runs["multi-turn"] = lambda: mts.run(params, envs, seeds, args.group_size, key)
+    outs = {k: jax.block_until_ready(f()) for k, f in runs.items()}  # warm-up (compiles)
+    times = {k: [] for k in runs}
+    shares = []
+    for _ in range(args.repeats):  # interleaved: load changes hit every variant alike
+        for k, f in runs.items():
+            for c in clock:
+                clock[c] = 0.0
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            times[k].append(time.perf_counter() - t)
+            if k == "multi-turn":
+                host = times[k][-1] - sum(clock.values())
+                shares.append(dict(clock, host=host))
+
+    assert mts.counts == counts, (mts.counts, counts)  # every call played the same episodes
+    rows = []
+    for k in runs:
+        sec = float(np.median(times[k]))
+        if k == "multi-turn":
+            tokens, steps, exits = policy_tokens, counts.steps, counts.exits
+        else:
+            tokens = int(np.asarray(outs[k].response_mask).sum())
+            steps, exits = singles[k].cfg.max_new_tokens, 1
+        rows.append(dict(rollout=k, policy_tokens=tokens, steps=steps, exits=exits, seconds=sec,
+                         tok_s=tokens / sec, ms_step=1e3 * sec / steps))
+    base = rows[0]["tok_s"]
+    for row in rows:
+        row["ratio"] = base / row["tok_s"]
+    breakdown = {c: float(np.median([s[c] for s in shares])) for c in shares[0]}
+
+    # goal 2: every episode's tokens processed once
+    prompt_len = np.asarray(r.prompt_mask).sum(axis=1)
+    traj_len = np.asarray([np.flatnonzero(m)[-1] + 1 if m.any() else 0 for m in mask])
+    assert (traj.processed == prompt_len + traj_len).all(), (traj.processed, prompt_len,
+                                                              traj_len)
+    assert counts.prefill_tokens == int(prompt_len.sum())
+    assert ((traj.turn_index >= 0).sum(axis=1) == traj_len).all()
+    naive = np.asarray([reprefill_count(int(p), ti, m) for p, ti, m in
+                        zip(prompt_len, traj.turn_index, mask)])
+    episodes = dict(prompt=prompt_len, policy=mask.sum(axis=1), trajectory=traj_len,
+                    processed=traj.processed, naive=naive, turns=traj.num_turns)
+    limits = f"{mt.max_turns} x {mt.max_turn_tokens}, {mt.max_total_tokens}"
+    return dict(limits=limits, rows=rows, breakdown=breakdown, episodes=episodes,
+                counts=counts, metrics=traj.metrics(mask))
+
+
+def report(args, cfg, outs):
+    """Prints goal 1's and goal 2's tables (one block of rows per set of limits)."""
+    b = args.episodes
+    print(f"model: {cfg.num_layers} layers, d={cfg.hidden_size}, V={cfg.vocab_size} (random), "
+          f"rollout {args.dtype}; {b} episodes of {args.env} ({b // args.group_size} seeds x "
+          f"{args.group_size}), T = {args.temperature}, recorded top-K {args.record_topk}; "
+          f"limits = max turns x max turn tokens, max trajectory tokens; median of "
+          f"{args.repeats}; {jax.default_backend()}, jax {jax.__version__}\n")
+    print("Goal 1: throughput (time / policy token vs single-turn; issue 30's goal <= 1.3)\n")
+    print("| limits | rollout | policy tokens | loop steps | host round trips | median s | "
+          "policy tok/s | ms / step | time / policy token vs single-turn |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for out in outs:
+        for r in out["rows"]:
+            print(f"| {out['limits']} | {r['rollout']} | {r['policy_tokens']:,} | {r['steps']} | "
+                  f"{r['exits']} | {r['seconds']:.3f} | {r['tok_s']:,.0f} | "
+                  f"{r['ms_step']:.2f} | {r['ratio']:.2f}x |")
+    print()
+    for out in outs:
+        bd, m = out["breakdown"], out["metrics"]
+        total = sum(bd.values())
+        print(f"{out['limits']}: multi-turn call, median split: " + ", ".join(
+            f"{name} {1e3 * bd[key]:.1f} ms ({100 * bd[key] / total:.0f}%)"
+            for key, name in (("prefill", "prefill"), ("loop", "jitted loop"),
+                              ("env", "TokenEnv.step"), ("host", "other host work"))))
+        print(f"    episodes: {m['episode/turns_mean']:.2f} turns, "
+              f"{m['episode/tokens_per_turn']:.1f} policy tokens / turn, observation / policy "
+              f"tokens {m['episode/obs_policy_ratio']:.2f}")
+    print("\nGoal 2: no re-prefill (processed = prompt + trajectory, asserted for every "
+          "episode)\n")
+    print("| limits | episodes | prompt tokens | trajectory tokens (policy + obs) | processed "
+          "(prefill + decode) | re-prefilling (naive) | naive / processed |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for out in outs:
+        ep = out["episodes"]
+        for name, f in (("mean per episode", np.mean), ("all", np.sum)):
+            print(f"| {out['limits']} | {name} | {f(ep['prompt']):,.1f} | "
+                  f"{f(ep['trajectory']):,.1f} | {f(ep['processed']):,.1f} | "
+                  f"{f(ep['naive']):,.1f} | {f(ep['naive']) / f(ep['processed']):.2f}x |")
+        out["naive_ratio"] = float(ep["naive"].sum() / ep["processed"].sum())
+    for out in outs:
+        ep = out["episodes"]
+        same = bool((ep["processed"] == ep["prompt"] + ep["trajectory"]).all())
+        print(f"\n{out['limits']}: processed == prompt + trajectory for all "
+              f"{len(ep['prompt'])} episodes: {same}", end="")
+    print()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, 8 episodes (smoke test)")
+    p.add_argument("--env", default="trustrl:guess_sum",
+                   choices=["trustrl:guess_sum", "trustrl:guess_number"])
+    p.add_argument("--episodes", type=int, default=64)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=278, help="BPE size (configs/default.py)")
+    p.add_argument("--difficulty", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16", help="rollout precision (configs' default)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--record-topk", type=int, default=20)
+    p.add_argument("--limits", nargs="+", default=["3,6,40", "4,32,160"],
+                   help="TURNS,TURN_TOKENS,TOTAL per workload (default: configs/"
+                        "environments.py's CPU demo, and longer turns)")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.episodes, args.group_size, args.repeats, args.record_topk = 8, 2, 2, 4
+        args.limits = ["3,6,40"]
+    if args.episodes % args.group_size:
+        raise ValueError(f"--episodes {args.episodes} is not a multiple of --group-size "
+                         f"{args.group_size}")
+    limits = [parse_limits(x) for x in args.limits]
+    tok = tokenizer(args.vocab, args.difficulty)
+    cfg, roll, params = model(args, tok.vocab_size)
+    outs = [measure(args, tok, roll, params, mt) for mt in limits]
+    report(args, cfg, outs)
+    return outs
+
+
+if __name__ == "__main__":
+    main()
