@@ -221,3 +221,42 @@ def test_real_model_notebook(tmp_path, monkeypatch, smollm2_dir):
     assert np.all(np.isfinite(rec["binary_tv"])) and np.all(
         rec["binary_tv"] <= rec["topk_tv"] + 1e-6 + 1e-4 * rec["topk_tv"])
     assert 0 <= res["decode_vs_recomputed_mu_max"] < 0.2
+
+
+@pytest.mark.slow
+def test_multiturn_notebook(tmp_path):
+    path = NOTEBOOKS / "multiturn.ipynb"
+    committed = nbformat.read(path, as_version=4)
+    nbformat.validate(committed)
+    code = [c for c in committed.cells if c.cell_type == "code"]
+    assert committed.metadata["kernelspec"]["name"] == "python3"
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    assert "google.colab" in code[0].source and "TRUSTRL_REPO" in code[0].source
+    nb = _execute(path, tmp_path)
+    pages = [o.data["text/html"] for o in _outputs(nb)
+             if o.output_type == "display_data" and "text/html" in o.data]
+    assert len(pages) == 2 and all("trustrl-policy" in p and "trustrl-observation" in p
+                                   for p in pages)
+    res = _results(nb)
+    assert res["env_id"] == "trustrl:guess_sum" and res["episodes"] == 4
+    assert res["turn_ends"]["end_of_turn"] > 0  # the warm-started model ends turns itself
+    assert res["row_num_turns"] >= 2 and res["n_observation_tokens"] > 0
+    assert res["n_policy_tokens"] == res["row_response_mask_sum"] == len(res["tokens"]) > 0
+    assert (res["n_policy_tokens"] + res["n_observation_tokens"] + res["n_template_tokens"]
+            == res["row_trajectory_len"])
+    # the rendering shows every policy token once; the dropped ones are exactly the mask's
+    assert res["html_policy_spans"] == res["n_policy_tokens"]
+    assert res["html_dropped_spans"] == res["n_dropped"]
+    assert res["html_out_spans"] == (res["n_prompt_tokens"] + res["n_observation_tokens"]
+                                     + res["n_template_tokens"])
+    # token-in-token-out: every fed observation is the environment's reply, rendered and encoded
+    assert res["observations_match"] and res["observations_checked"] >= 1
+    assert res["mu_recompute_max_abs"] < 1e-4  # the trainer's forward gives back mu at mu
+    assert 0 < res["masked_frac"] < 1
+    assert res["loss_masked_frac"] == pytest.approx(res["masked_frac"], abs=1e-6)
+    toks = res["tokens"]
+    logp, lmu = (np.asarray([t[k] for t in toks], float) for k in ("logp", "rollout_logp"))
+    got = np.asarray([t["dropped"] for t in toks])
+    want, ambiguous = _dppo_binary_tv_blocks(-np.ones(len(toks)), logp, lmu, res["delta"],
+                                             res["delta"])
+    assert not np.any((got != want) & ~ambiguous), np.flatnonzero(got != want)
