@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant == "tiny":
         c.env.max_turns = 2
         c.env.max_turn_tokens = 4
-        c.env.max_total_tokens = 16
+        c.env.max_total_tokens = 32  # room for an observation ("\ninvalid\nAnswer:" ~16)
         c.train.iterations = 2
         c.eval.every = 1
     return c
