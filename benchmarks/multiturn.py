@@ -112,9 +112,9 @@ class TimedTokenEnv(envs_lib.TokenEnv):
 
 def _timed(fn, clock, name):
     """fn, blocking on its result and adding the wall time to clock[name]."""
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
         t = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
+        out = jax.block_until_ready(fn(*args, **kwargs))
         clock[name] += time.perf_counter() - t
         return out
     return wrapped

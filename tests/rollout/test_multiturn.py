@@ -1,5 +1,6 @@
 """Multi-turn rollouts (trustrl.rollout.multiturn): token-in-token-out trajectories on one KV
 cache, masks / denominators, limits, and the DPPO mask against a turn-by-turn reference."""
+import dataclasses
 import functools
 
 import jax
@@ -32,11 +33,15 @@ def scripted_model(table, vocab):
             nxt[a] = b
     nxt = jnp.asarray(nxt)
     logits = lambda last: 30.0 * jax.nn.one_hot(nxt[last], vocab)
+
+    def extend(p, t, pos, v, c):
+        last = t.shape[1] - 1 - jnp.argmax(v[:, ::-1], axis=1)
+        return logits(jnp.take_along_axis(t, last[:, None], 1)[:, 0]), c + v.sum(1)
     return DecodeModel(
         init_cache=lambda b, n: jnp.zeros((b,), jnp.int32),
         prefill=lambda p, t, pos, v, c: (logits(t[:, -1]), c + v.sum(1)),
         decode=lambda p, t, pos, c, valid=None: (logits(t), c + (1 if valid is None else valid)),
-        vocab_size=vocab)
+        vocab_size=vocab, extend=extend)
 
 
 def envs(tok, n, template="plain", **kw):
@@ -71,9 +76,10 @@ def test_token_in_token_out_keeps_ids_a_round_trip_would_change(tok):
     for i, p in enumerate(prompts):
         toks = np.asarray(r.tokens[i])[np.asarray(r.valid_mask[i]) > 0]
         assert toks[:len(p)].tolist() == p
-    # every token processed once: prompt + trajectory (no re-prefill)
+    # every token processed once: prompt + trajectory (no re-prefill); observations are
+    # appended in one chunk per turn, the turns decode in step
     assert (traj.processed == np.asarray([len(p) for p in prompts]) + 9 + 2 * len(obs)).all()
-    assert sampler.counts.steps == 9 + 2 * len(obs)
+    assert sampler.counts.steps == 9 and sampler.counts.appends == 2
 
 
 def test_limits_and_finish_reasons(tok):
@@ -270,3 +276,34 @@ def test_environment_errors_name_the_valid_choices(tok):
     g = envs_lib.GuessTheNumber(high=8)
     g.reset(2)
     assert g.step("nothing")[0] == "invalid"
+
+
+def test_fewer_rows_than_episodes_and_early_exits_play_the_same_greedy_episodes(tok, tiny):
+    """max_rows=2 for 6 episodes (a finished episode's row takes the next one: cache row
+    emptied, prompt appended) and exits as soon as one row waits give each episode exactly the
+    trajectory of one row per episode with turn-synchronous exits."""
+    cfg, params = tiny
+    model = policy.decode_model(cfg)
+    mt = multiturn.MultiTurnConfig(max_turns=3, max_turn_tokens=4, max_total_tokens=40)
+
+    def play(max_rows, exit_fraction):
+        sampler = multiturn.MultiTurnSampler(
+            model, SamplerConfig(greedy=True, record_topk=3, max_rows=max_rows),
+            dataclasses.replace(mt, exit_fraction=exit_fraction))
+        r, traj = sampler.run(params, envs(tok, 6), [1, 2, 3], 2, jax.random.key(1))
+        return jax.device_get(r), traj, sampler.counts
+
+    base, traj0, c0 = play(0, 1.0)
+    assert c0.appends >= 1 and (traj0.num_turns > 1).any()
+    for max_rows, frac in ((2, 1.0), (0, 1e-6), (4, 1e-6)):
+        r, traj, counts = play(max_rows, frac)
+        np.testing.assert_array_equal(r.response_tokens, base.response_tokens)
+        np.testing.assert_array_equal(r.response_mask, base.response_mask)
+        np.testing.assert_array_equal(r.rollout_topk_ids, base.rollout_topk_ids)
+        np.testing.assert_allclose(r.rollout_logp, base.rollout_logp, atol=2e-5)
+        np.testing.assert_array_equal(traj.turn_index, traj0.turn_index)
+        np.testing.assert_array_equal(traj.processed, traj0.processed)
+        if max_rows:  # the refilled rows' prompts were prefilled through appends
+            assert counts.prefill_tokens == int(np.asarray(base.prompt_mask).sum())
+    with pytest.raises(ValueError, match="exit_fraction must be a number in"):
+        multiturn.MultiTurnConfig(exit_fraction=0)

@@ -47,6 +47,10 @@ class DecodeModel(NamedTuple):
     # insert(cache, new_cache, slots [R]) -> cache: a prefilled R-row cache into those rows at
     # the write column (transformer.insert_rows); continuous batching needs it (None: not supported)
     insert: Callable[..., Any] | None = None
+    # extend(params, tokens [B, T], positions [B, T], valid [B, T], cache) -> (logits of each
+    # row's last valid column [B, V], cache): tokens appended to a running (row-indexed) cache,
+    # the multi-turn sampler's observations (transformer.extend; None: not supported)
+    extend: Callable[..., Any] | None = None
     prefill_routes: Callable[..., Any] | None = None
     decode_routes: Callable[..., Any] | None = None
     num_experts: int = 0      # X (0: a dense model)
@@ -107,7 +111,8 @@ def decode_model(model_cfg: model_lib.ModelConfig) -> DecodeModel:
         init_cache=lambda batch, max_len: model_lib.init_cache(model_cfg, batch, max_len),
         prefill=lambda p, *a: model_lib.prefill(p, model_cfg, *a),
         decode=lambda p, *a: model_lib.decode_step(p, model_cfg, *a),
-        vocab_size=model_cfg.vocab_size, insert=model_lib.insert_rows)
+        vocab_size=model_cfg.vocab_size, insert=model_lib.insert_rows,
+        extend=lambda p, *a: model_lib.extend(p, model_cfg, *a))
     if not model_cfg.sparse_layers:
         return model
     return model._replace(

@@ -434,10 +434,15 @@ class Attention(nn.Module):
 
         if cache_kv is not None:
             k_cache, v_cache = cache_kv  # [B, K, S, D]
-            k_cache = jax.lax.dynamic_update_slice(
-                k_cache, key.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, index, 0))
-            v_cache = jax.lax.dynamic_update_slice(
-                v_cache, val.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
+            if jnp.ndim(index) == 2:  # per-row columns [B, T] (a row-indexed cache; S: dropped)
+                rows = jnp.arange(b)[:, None]
+                k_cache = k_cache.at[rows, :, index].set(key.astype(k_cache.dtype), mode="drop")
+                v_cache = v_cache.at[rows, :, index].set(val.astype(v_cache.dtype), mode="drop")
+            else:
+                k_cache = jax.lax.dynamic_update_slice(
+                    k_cache, key.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, index, 0))
+                v_cache = jax.lax.dynamic_update_slice(
+                    v_cache, val.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
             cache_kv = (k_cache, v_cache)
         if mask is None:
             out = attention_lib.attend(q, key, val, valid, backend=c.attention,
@@ -624,21 +629,31 @@ class Transformer(nn.Module):
         if self.config.scan_layers:
             raise ValueError("the KV-cache path runs unrolled layers: call model.prefill / "
                              "decode_step, which unstack the scanned parameters")
-        key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+        s = cache.valid.shape[1]
+        if cache.index.ndim:  # a row-indexed cache (``row_indexed``): each row's own column
+            before = jnp.cumsum(valid, axis=1) - valid  # the row's valid new tokens before j
+            q_cols = cache.index[:, None] + before  # [B, T]: where each valid token goes
+            write = jnp.where(valid, q_cols, s)  # padding is not written (S: dropped)
+            key_valid = cache.valid.at[jnp.arange(valid.shape[0])[:, None], write].set(
+                True, mode="drop")
+            new_index = cache.index + jnp.sum(valid, axis=1, dtype=cache.index.dtype)
+        else:
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+            q_cols = (jnp.arange(t) + cache.index)[None, :]
+            write = cache.index
+            # the write column wraps: a continuous-batching sampler uses the cache as a ring
+            new_index = (cache.index + t) % s
         mask = None
         if not fresh and t == 1:  # one new column: every valid slot is earlier (or itself), so
             mask = key_valid[:, None, :]  # validity alone is causal, wherever the column is
         elif not fresh:
-            k_cols, q_cols = jnp.arange(key_valid.shape[1]), jnp.arange(t) + cache.index
-            mask = key_valid[:, None, :] & (k_cols[None, None, :] <= q_cols[None, :, None])
+            mask = key_valid[:, None, :] & (jnp.arange(s)[None, None, :] <= q_cols[:, :, None])
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, valid, mask, (cache.k[i], cache.v[i]), cache.index)
+            x, kv = layer(x, cos, sin, valid, mask, (cache.k[i], cache.v[i]), write)
             new_k.append(kv[0])
             new_v.append(kv[1])
-        # the write column wraps: a continuous-batching sampler uses the cache as a ring
-        cache = KVCache(tuple(new_k), tuple(new_v), key_valid,
-                        (cache.index + t) % key_valid.shape[1])
+        cache = KVCache(tuple(new_k), tuple(new_v), key_valid, new_index)
         return self.final_norm(x), cache
 
     def logits(self, hidden):
@@ -762,6 +777,16 @@ def insert_rows(cache: KVCache, new: KVCache, slots) -> KVCache:
                           valid=valid)
 
 
+def row_indexed(cache: KVCache) -> KVCache:
+    """The cache with one write column per row (``index`` [B], all 0) instead of the shared
+    one: each row's valid new tokens are written at its own next columns and padding columns
+    are not written at all, so a row that waits, or takes an observation of another length,
+    uses no column of another's (the multi-turn sampler, trustrl.rollout.multiturn). A prefill
+    writes each row's prompt compactly at columns 0 .. length - 1. Writes past the end are
+    dropped: the caller sizes the cache (the longest row's tokens)."""
+    return cache._replace(index=jnp.zeros(cache.valid.shape[:1], jnp.int32))
+
+
 def reset_cache(cache: KVCache) -> KVCache:
     """Marks every slot empty; keys and values are left as garbage (they are masked)."""
     return cache._replace(valid=jnp.zeros_like(cache.valid), index=jnp.zeros_like(cache.index))
@@ -826,6 +851,17 @@ def prefill(params, config: ModelConfig, tokens, positions, valid, cache: KVCach
     hidden, cache = _extend(params, config, tokens, positions, valid, reset_cache(cache),
                             fresh=True)
     return lm_head(params, config, hidden[:, -1]), cache
+
+
+def extend(params, config: ModelConfig, tokens, positions, valid, cache: KVCache):
+    """Appends [B, T] tokens (``valid`` marks the real ones) to a running cache: -> (logits
+    of each row's LAST valid column [B, V] float32 (garbage for a row with none), cache).
+    With a ``row_indexed`` cache each row's tokens go to its own next columns."""
+    hidden, cache = _extend(params, config, tokens, positions, valid, cache)
+    t = tokens.shape[1]
+    last = t - 1 - jnp.argmax(valid[:, ::-1].astype(jnp.int32), axis=1)
+    hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    return lm_head(params, config, hidden), cache
 
 
 def decode_step(params, config: ModelConfig, tokens, positions, cache: KVCache, valid=None):

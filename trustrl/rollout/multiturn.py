@@ -1,31 +1,31 @@
 """Multi-turn rollouts, token-in-token-out, on one KV cache per episode.
 
-Every episode is one row of a jitted decode loop. At each step a row either
+Every episode is one row of a jitted decode loop. At each step a row
 
     GEN   samples its next token from mu (recorded: log-prob, top-K, response_mask 1), or
-    FEED  consumes the next token of its pending observation (the environment's reply, rendered
-          with the template's turn markers and encoded once; response_mask 0), or
-    WAIT  has ended its turn and waits for the environment (the loop returns to the host), or
-    DONE  its episode is over (its columns are padding, never attended).
+    WAIT  has ended its turn and waits for its environment (it writes nothing), or
+    DONE  its episode is over.
 
-Both GEN and FEED tokens go through the same one-token model step onto the row's KV cache, so an
-observation is appended where the policy stopped and generation continues after it: nothing of
-an earlier turn is ever processed again (no re-prefill), and the policy's tokens are never
-decoded and re-encoded (TokenEnv decodes them only to give the environment its text). The loop
-leaves for the host as soon as one row ends its turn, so a row waits for its environment step
-for one loop exit only and the other rows are not held back by it; the host steps the
-environments of every waiting row (batched when several ended at the same step), queues their
-observations and re-enters the loop on the same cache.
+The loop returns to the host once ``exit_fraction`` of the rows still playing wait (default 1.0:
+when no row is generating; a waiting row never holds a generating one back, it only idles); a
+small fraction returns as soon as one row waits. The host steps the environments of every
+waiting row, and ONE jitted append writes all their observations (the environment's replies,
+rendered with the template's turn markers and encoded once; response_mask 0) as a [B, Q] chunk
+onto their KV caches, each row at its own next column, then the loop resumes on the same cache.
+Nothing of an earlier turn is ever processed again (no re-prefill), and the policy's tokens are
+never decoded and re-encoded (TokenEnv decodes them only to give the environment its text).
 
-Cache: the prompts are prefilled left-padded into columns [0, P); each loop step writes one
-column for all rows. A row that is not DONE is GEN or FEED at every step, so the number of steps
-is the longest trajectory, at most ``max_total_tokens``: the cache has P + max_total_tokens
-columns. Limits: ``max_turns`` policy turns, ``max_turn_tokens`` policy tokens per turn (the turn
-is then closed by the template's end-of-turn token, a template token) and ``max_total_tokens``
-trajectory tokens after the prompt (policy and observation together).
+Cache: row-indexed (``transformer.row_indexed``): each row writes its valid tokens at its own
+next columns, so a waiting or finished row, or a shorter observation, uses no column: the prompt
+(compact from column 0), then the trajectory; P + ``max_total_tokens`` columns. Limits:
+``max_turns`` policy turns, ``max_turn_tokens`` policy tokens per turn (the turn is then closed
+by the template's end-of-turn token, a template token) and ``max_total_tokens`` trajectory
+tokens after the prompt (policy and observation together).
 
-Not supported here (errors): a mixture-of-experts rollout that records its routing (R3), and
-fewer decode slots than episodes (every episode of a call holds a row until the call ends).
+Rows (``SamplerConfig.max_rows``; 0 = one per episode): a row whose episode ended takes the next
+pending episode at the next host exit: its cache row is emptied and the new prompt appended in
+the same chunk as the observations. Not supported here (an error): a mixture-of-experts rollout
+that records its routing (R3).
 """
 from __future__ import annotations
 
@@ -39,10 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from trustrl.core import divergences
+from trustrl.model import transformer
 from trustrl.rollout import sampler as sampler_lib, trajectory
 from trustrl.rollout.sampler import SamplerConfig, check_int
 
-FEED, GEN, WAIT, DONE = range(4)
+GEN, WAIT, DONE = range(3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,27 +51,30 @@ class MultiTurnConfig:
     max_turns: int = 4          # policy turns per episode
     max_turn_tokens: int = 16   # policy tokens per turn (its end-of-turn token included)
     max_total_tokens: int = 128  # trajectory tokens after the first prompt (policy + observations)
-    min_obs_bucket: int = 8     # observation queues are padded to powers of two from here
+    min_obs_bucket: int = 8     # observation chunks are padded to powers of two from here
+    # the loop returns to the host once this share of the rows still playing waits for its
+    # environment: 1.0 = when no row generates; -> 0: as soon as one row waits
+    exit_fraction: float = 1.0
 
     def __post_init__(self):
         for name, low in (("max_turns", 1), ("max_turn_tokens", 1), ("max_total_tokens", 1),
                           ("min_obs_bucket", 1)):
             check_int(name, getattr(self, name), low)
+        f = self.exit_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ValueError(f"exit_fraction must be a number in (0, 1], got {f!r}")
 
 
 class LoopState(NamedTuple):
     logits: jax.Array     # [B, V] next-token logits of each row
     cache: Any
     key: jax.Array
-    step: jax.Array       # scalar: loop steps so far (= cache columns written after the prompt)
+    step: jax.Array       # scalar: loop steps so far
     t: jax.Array          # [B] the next trajectory column of each row
     pos: jax.Array        # [B] the RoPE position of its next token
-    mode: jax.Array       # [B] FEED / GEN / WAIT / DONE
+    mode: jax.Array       # [B] GEN / WAIT / DONE
     turn_len: jax.Array   # [B] policy tokens of the current turn
     turn_end: jax.Array   # [B] why the last turn ended (trajectory.TURN_ENDS index)
-    queue: jax.Array      # [B, Q] observation tokens to feed
-    qlen: jax.Array       # [B]
-    qpos: jax.Array       # [B]
     tokens: jax.Array     # [B, N] trajectory tokens
     mask: jax.Array       # [B, N] 1 on policy tokens
     logp: jax.Array       # [B, N]
@@ -79,7 +83,7 @@ class LoopState(NamedTuple):
 
 
 def _loop(params, s: LoopState, *, model, cfg: SamplerConfig, mt: MultiTurnConfig, eot: int):
-    """Steps every row (GEN / FEED) until one ends its turn or none is left."""
+    """Decodes every GEN row until the exit rule holds (``exit_fraction``)."""
     n = s.tokens.shape[1]
     eos = jnp.asarray(sorted({eot, *cfg.eos_ids}), jnp.int32)
     rows = jnp.arange(s.t.shape[0])
@@ -87,12 +91,9 @@ def _loop(params, s: LoopState, *, model, cfg: SamplerConfig, mt: MultiTurnConfi
     def body(s: LoopState):
         key, sub = jax.random.split(s.key)
         sampled, lp, logp_full = sampler_lib.next_token(s.logits, sub, cfg)
-        feed, gen = s.mode == FEED, s.mode == GEN
-        queued = jnp.take_along_axis(
-            s.queue, jnp.clip(s.qpos, 0, s.queue.shape[1] - 1)[:, None], axis=1)[:, 0]
-        tok = jnp.where(feed, queued, jnp.where(gen, sampled, 0))
-        active = feed | gen
-        col = jnp.where(active, s.t, n)  # out of range: dropped
+        gen = s.mode == GEN
+        tok = jnp.where(gen, sampled, 0)
+        col = jnp.where(gen, s.t, n)  # out of range: dropped
         put = lambda buf, val: buf.at[rows, col].set(val.astype(buf.dtype), mode="drop")
         state = s._replace(tokens=put(s.tokens, tok), mask=put(s.mask, gen),
                            logp=put(s.logp, jnp.where(gen, lp, 0.0)))
@@ -101,29 +102,71 @@ def _loop(params, s: LoopState, *, model, cfg: SamplerConfig, mt: MultiTurnConfi
             state = state._replace(
                 topk_ids=put(s.topk_ids, jnp.where(gen[:, None], ids, 0)),
                 topk_logp=put(s.topk_logp, jnp.where(gen[:, None], vals, 0.0)))
-        logits, cache = model.decode(params, tok, s.pos, s.cache, active)
-        t = s.t + active
+        logits, cache = model.decode(params, tok, s.pos, s.cache, gen)
+        t = s.t + gen
         turn_len = s.turn_len + gen
-        qpos = s.qpos + feed
         eot_hit = gen & jnp.any(tok[:, None] == eos[None, :], axis=-1)
-        full = active & (t >= n)
+        full = gen & (t >= n)
         capped = gen & (turn_len >= mt.max_turn_tokens)
-        ends = gen & (eot_hit | capped) | full
+        ends = eot_hit | capped | full
         reason = jnp.where(eot_hit, 0, jnp.where(full, 2, 1))
-        mode = jnp.where(ends, WAIT, jnp.where(feed & (qpos >= s.qlen), GEN, s.mode))
         return state._replace(
-            logits=jnp.where(active[:, None], logits, s.logits), cache=cache, key=key,
-            step=s.step + 1, t=t, pos=s.pos + active, mode=mode, turn_len=turn_len,
-            turn_end=jnp.where(ends, reason, s.turn_end), qpos=qpos)
+            logits=jnp.where(gen[:, None], logits, s.logits), cache=cache, key=key,
+            step=s.step + 1, t=t, pos=s.pos + gen, mode=jnp.where(ends, WAIT, s.mode),
+            turn_len=turn_len, turn_end=jnp.where(ends, reason, s.turn_end))
 
     def cond(s: LoopState):
-        live = (s.mode == GEN) | (s.mode == FEED)
-        return jnp.any(live) & ~jnp.any(s.mode == WAIT) & (s.step < n)
+        gen, wait = jnp.sum(s.mode == GEN), jnp.sum(s.mode == WAIT)
+        return (gen > 0) & (wait < mt.exit_fraction * (gen + wait))
 
     return jax.lax.while_loop(cond, body, s)
 
 
-def _prefill(params, tokens, valid, cache, *, model):
+def _append(params, s: LoopState, chunk, valid, mode, reset, *, model):
+    """Writes ``chunk`` [B, Q] (``valid``: the real ids, left-aligned) onto each row's cache at
+    its own next columns in one forward; rows with a chunk take the logits after it. A chunk is
+    an observation (also written into the row's trajectory, response_mask 0) or, for rows with
+    ``reset`` [B], the first prompt of the row's next episode: the row's cache and trajectory
+    are emptied first and the prompt goes to columns 0 .. L - 1 at positions 0 .. L - 1.
+    ``mode``: every row's new mode (the host's decision); rows that waited start a new turn."""
+    n = s.tokens.shape[1]
+    rows = jnp.arange(s.t.shape[0])[:, None]
+    cache = s.cache
+    if isinstance(cache, transformer.KVCache):
+        cache = cache._replace(valid=jnp.where(reset[:, None], False, cache.valid),
+                               index=jnp.where(reset, 0, cache.index))
+    t, pos = jnp.where(reset, 0, s.t), jnp.where(reset, 0, s.pos)
+    keep = lambda x: jnp.where(reset.reshape((-1,) + (1,) * (x.ndim - 1)), 0, x).astype(x.dtype)
+    before = jnp.cumsum(valid, axis=1) - valid
+    logits, cache = model.extend(params, chunk, pos[:, None] + before, valid, cache)
+    has = jnp.any(valid > 0, axis=1)
+    length = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    cols = jnp.where((valid > 0) & ~reset[:, None], t[:, None] + before, n)
+    return s._replace(
+        logits=jnp.where(has[:, None], logits, s.logits), cache=cache,
+        tokens=keep(s.tokens).at[rows, cols].set(chunk, mode="drop"), mask=keep(s.mask),
+        logp=keep(s.logp), topk_ids=keep(s.topk_ids), topk_logp=keep(s.topk_logp),
+        t=t + jnp.where(reset, 0, length), pos=pos + length, mode=mode,
+        turn_len=jnp.where((s.mode == WAIT) | reset, 0, s.turn_len),
+        turn_end=jnp.where(reset, 0, s.turn_end))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _outputs(s: LoopState, topk: int):
+    """The trajectory buffers, mu's top-K made K-sets (the sampled token forced in:
+    divergences.build_topk_set's rule) and 0 off the policy tokens."""
+    if not topk:
+        return s.tokens, s.mask, s.logp, s.topk_ids, s.topk_logp
+    ids, lp = divergences.force_sampled(s.topk_ids, s.topk_logp, s.tokens, s.logp)
+    on = s.mask[..., None] > 0
+    return s.tokens, s.mask, s.logp, jnp.where(on, ids, 0), jnp.where(on, lp, 0.0)
+
+
+def _prefill(params, tokens, valid, *, model, length: int):
+    """A new (row-indexed) cache of ``length`` columns with the prompts prefilled."""
+    cache = model.init_cache(tokens.shape[0], length)
+    if isinstance(cache, transformer.KVCache):  # each row writes at its own column
+        cache = transformer.row_indexed(cache)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
     return model.prefill(params, tokens, positions, valid, cache)
 
@@ -134,9 +177,10 @@ def obs_bucket(length: int, mt: MultiTurnConfig) -> int:
 
 @dataclasses.dataclass
 class Counts:
-    """What a call processed: model steps (loop iterations), host round trips, tokens."""
+    """What a call did: loop steps, host round trips, observation appends, prefill tokens."""
     steps: int = 0
     exits: int = 0
+    appends: int = 0
     prefill_tokens: int = 0
 
 
@@ -152,11 +196,13 @@ class MultiTurnSampler:
         if cfg.record_routes:
             raise ValueError("multi-turn rollouts do not record routed experts (R3) yet; set "
                              "record_routes=False")
-        if cfg.max_rows:
-            raise ValueError("multi-turn rollouts run every episode of a call in its own row "
-                             f"(max_rows={cfg.max_rows} is not supported); set max_rows=0")
+        if model.extend is None:
+            raise ValueError("multi-turn rollouts append observations with DecodeModel.extend; "
+                             "this model has none")
         self.model, self.cfg, self.mt = model, cfg, mt
-        self._prefill = jax.jit(functools.partial(_prefill, model=model), donate_argnums=(3,))
+        self._prefill = jax.jit(functools.partial(_prefill, model=model),
+                                static_argnames="length")
+        self._append = jax.jit(functools.partial(_append, model=model), donate_argnums=(1,))
         self._loops = {}
         self.counts = Counts()
 
@@ -167,9 +213,12 @@ class MultiTurnSampler:
         return self._loops[eot]
 
     def run(self, params, envs: Sequence, seeds: Sequence[int], group_size: int, key):
-        """``envs``: one TokenEnv per episode (B = len(seeds) x group_size; the group_size
+        """``envs``: one TokenEnv per episode (E = len(seeds) x group_size; the group_size
         episodes of a seed adjacent, each with its own env instance); returns (Rollout,
-        trajectory.Trajectories). Every env must share one end-of-turn id."""
+        trajectory.Trajectories), one row per episode. Every env must share one end-of-turn id.
+        With SamplerConfig.max_rows < E, max_rows rows play the episodes: a row whose episode
+        ended takes the next one at the next host exit (its cache row reset, the new prompt
+        appended)."""
         mt, cfg = self.mt, self.cfg
         check_int("group_size", group_size, 1)
         seeds = [int(s) for s in seeds for _ in range(group_size)]
@@ -182,88 +231,95 @@ class MultiTurnSampler:
         eot = eots.pop()
         prompts = sampler_lib.as_prompt_list([e.reset(s) for e, s in zip(envs, seeds)],
                                              self.model.vocab_size, cfg.max_prompt_len)
-        b, n, k = len(prompts), mt.max_total_tokens, max(cfg.record_topk, 1)
+        e_all, n, k = len(prompts), mt.max_total_tokens, max(cfg.record_topk, 1)
+        b = min(e_all, cfg.max_rows) if cfg.max_rows else e_all
         width = sampler_lib.prompt_bucket(max(len(p) for p in prompts), cfg)
-        toks, valid = sampler_lib.left_pad(prompts, width)
-        cache = self.model.init_cache(b, width + n)
-        logits, cache = self._prefill(params, jnp.asarray(toks), jnp.asarray(valid), cache)
+        toks, valid = sampler_lib.left_pad(prompts[:b], width)
+        logits, cache = self._prefill(params, jnp.asarray(toks), jnp.asarray(valid),
+                                      length=width + n)
         self.counts = Counts(prefill_tokens=int(valid.sum()))
         z = lambda *shape, dt=jnp.int32: jnp.zeros(shape, dt)
         # the loop donates its state: the caller's key is not handed in (a derived one is)
         s = LoopState(logits=logits, cache=cache, key=jax.random.fold_in(key, 0),
-                      step=jnp.int32(0), t=z(b),
-                      pos=jnp.asarray(valid.sum(1), jnp.int32), mode=jnp.full((b,), GEN),
-                      turn_len=z(b), turn_end=z(b), queue=z(b, mt.min_obs_bucket),
-                      qlen=z(b), qpos=z(b), tokens=z(b, n), mask=z(b, n),
-                      logp=z(b, n, dt=jnp.float32), topk_ids=z(b, n, k),
+                      step=jnp.int32(0), t=z(b), pos=jnp.asarray(valid.sum(1), jnp.int32),
+                      mode=jnp.full((b,), GEN), turn_len=z(b), turn_end=z(b), tokens=z(b, n),
+                      mask=z(b, n), logp=z(b, n, dt=jnp.float32), topk_ids=z(b, n, k),
                       topk_logp=z(b, n, k, dt=jnp.float32))
         loop = self._loop_fn(eot)
-        rewards = [[] for _ in range(b)]
-        starts = [[0] for _ in range(b)]  # trajectory column of each turn's first policy token
-        finish = np.full(b, -1, np.int64)
+        episode = list(range(b))  # the episode each row plays
+        pending = b               # the next episode to start
+        out = [np.zeros((e_all, n), np.int32), np.zeros((e_all, n), np.int32),
+               np.zeros((e_all, n), np.float32), np.zeros((e_all, n, k), np.int32),
+               np.zeros((e_all, n, k), np.float32)]
+        length = np.zeros(e_all, np.int64)  # trajectory tokens of each finished episode
+        rewards = [[] for _ in range(e_all)]
+        starts = [[0] for _ in range(e_all)]  # trajectory column of each turn's 1st policy token
+        finish = np.full(e_all, -1, np.int64)
         turn_ends = np.zeros(len(trajectory.TURN_ENDS), np.int64)
         while True:
             s = loop(params, s)
             self.counts.exits += 1
-            mode, t, turn_end, tokens, queue, qlen, qpos = jax.device_get(
-                (s.mode, s.t, s.turn_end, s.tokens, s.queue, s.qlen, s.qpos))
+            mode, t, turn_end, tokens = jax.device_get((s.mode, s.t, s.turn_end, s.tokens))
             waiting = np.flatnonzero(mode == WAIT)
             if waiting.size == 0:
                 break
-            # rows still feeding an observation keep its rest (moved to the queue's front)
-            mode, queues = mode.copy(), {i: queue[i, qpos[i]:qlen[i]].tolist()
-                                         for i in np.flatnonzero(mode == FEED)}
+            mode, chunks, ended = mode.copy(), {}, []
             for i in waiting:
-                start = starts[i][-1]
+                e = episode[i]
                 turn_ends[turn_end[i]] += 1
-                step = envs[i].step(tokens[i, start:t[i]].tolist(), ended=turn_end[i] == 0)
-                rewards[i].append(step.reward)
+                step = envs[e].step(tokens[i, starts[e][-1]:t[i]].tolist(),
+                                    ended=turn_end[i] == 0)
+                rewards[e].append(step.reward)
                 obs = step.obs_ids
                 if step.terminated or step.truncated:
-                    finish[i] = (trajectory.TERMINATED if step.terminated
+                    finish[e] = (trajectory.TERMINATED if step.terminated
                                  else trajectory.ENV_TRUNCATED)
-                elif len(rewards[i]) >= mt.max_turns:
-                    finish[i] = trajectory.MAX_TURNS
+                elif len(rewards[e]) >= mt.max_turns:
+                    finish[e] = trajectory.MAX_TURNS
                 elif t[i] + len(obs) >= n:  # no room for the observation and one policy token
-                    finish[i] = trajectory.MAX_TOTAL_TOKENS
+                    finish[e] = trajectory.MAX_TOTAL_TOKENS
                 else:
-                    queues[i] = obs
-                    starts[i].append(int(t[i]) + len(obs))  # the next policy turn's column
-                mode[i] = FEED if i in queues else DONE
-            q = obs_bucket(max((len(v) for v in queues.values()), default=1), mt)
-            waited = np.zeros(b, bool)
-            waited[waiting] = True
-            queue, qlen = np.zeros((b, q), np.int32), np.zeros(b, np.int32)
-            for i, obs in queues.items():
-                queue[i, :len(obs)], qlen[i] = obs, len(obs)
-            s = s._replace(mode=jnp.asarray(mode), queue=jnp.asarray(queue),
-                           qlen=jnp.asarray(qlen), qpos=jnp.zeros(b, jnp.int32),
-                           turn_len=jnp.where(jnp.asarray(waited), 0, s.turn_len))
-        mode, t = jax.device_get((s.mode, s.t))
-        # rows still live when the loop stopped ran out of columns (cannot happen unless a
-        # row is live at step n); rows DONE keep their reason
+                    chunks[i] = obs
+                    starts[e].append(int(t[i]) + len(obs))  # the next policy turn's column
+                if finish[e] >= 0:
+                    ended.append(i)
+                mode[i] = GEN if i in chunks else DONE
+            reset = np.zeros(b, bool)
+            if ended:  # keep the finished episodes' rows; their rows take pending episodes
+                rows = jax.device_get(_outputs(s, cfg.record_topk))
+                for i in ended:
+                    for dst, src in zip(out, rows):
+                        dst[episode[i]] = src[i]
+                    length[episode[i]] = t[i]
+                    if pending < e_all:
+                        episode[i], pending = pending, pending + 1
+                        chunks[i], reset[i], mode[i] = prompts[episode[i]].tolist(), True, GEN
+            if not chunks:  # every waiting episode ended and none is pending
+                s = s._replace(mode=jnp.asarray(mode))
+                continue
+            q = obs_bucket(max(len(v) for v in chunks.values()), mt)
+            ids, ok = np.zeros((b, q), np.int32), np.zeros((b, q), np.int32)
+            for i, c in chunks.items():
+                ids[i, :len(c)], ok[i, :len(c)] = c, 1
+            self.counts.prefill_tokens += int(ok[reset].sum())
+            s = self._append(params, s, jnp.asarray(ids), jnp.asarray(ok), jnp.asarray(mode),
+                             jnp.asarray(reset))
+            self.counts.appends += 1
+        # every episode ended with its reason (a row without one would be a bug: named)
         finish = np.where(finish < 0, trajectory.MAX_TOTAL_TOKENS, finish)
         self.counts.steps = int(s.step)
-        out = jax.device_get((s.tokens, s.mask, s.logp, s.topk_ids, s.topk_logp))
         tokens, mask, logp, topk_ids, topk_logp = out
-        if cfg.record_topk:
-            topk_ids, topk_logp = jax.device_get(divergences.force_sampled(
-                jnp.asarray(topk_ids), jnp.asarray(topk_logp), jnp.asarray(tokens),
-                jnp.asarray(logp)))
-            topk_ids = np.where(mask[..., None] > 0, topk_ids, 0)
-            topk_logp = np.where(mask[..., None] > 0, topk_logp, 0.0)
-        else:
+        if not cfg.record_topk:
             topk_ids = topk_logp = None
-        turn_index = np.full((b, n), -1, np.int32)  # turn k: its policy tokens + the next obs
-        for i in range(b):
-            bounds = starts[i][1:] + [int(t[i])]
+        turn_index = np.full((e_all, n), -1, np.int32)  # turn k: its policy tokens + next obs
+        for e in range(e_all):
             lo = 0
-            for turn, hi in enumerate(bounds):
-                turn_index[i, lo:hi] = turn
+            for turn, hi in enumerate(starts[e][1:] + [int(length[e])]):
+                turn_index[e, lo:hi] = turn
                 lo = hi
-        turn_rewards = np.zeros((b, mt.max_turns), np.float32)
-        for i, r in enumerate(rewards):
-            turn_rewards[i, :len(r)] = r
+        turn_rewards = np.zeros((e_all, mt.max_turns), np.float32)
+        for e, r in enumerate(rewards):
+            turn_rewards[e, :len(r)] = r
         rollout = trajectory.build(prompts, width, tokens, mask, logp, topk_ids, topk_logp,
                                    finish, group_size)
         traj = trajectory.Trajectories(
@@ -271,5 +327,5 @@ class MultiTurnSampler:
             num_turns=np.asarray([len(r) for r in rewards], np.int32),
             finish=finish.astype(np.int32), seeds=np.asarray(seeds, np.int64),
             turn_ends=turn_ends,
-            processed=np.asarray([len(p) for p in prompts], np.int64) + t)
+            processed=np.asarray([len(p) for p in prompts], np.int64) + length)
         return rollout, traj

@@ -469,9 +469,6 @@ def _check_env(cfg):
     if cfg.rollout.dynamic_sampling:
         raise ValueError("rollout.dynamic_sampling is not supported with env.id (environment "
                          "episodes); set rollout.dynamic_sampling=False")
-    if cfg.rollout.max_rows:
-        raise ValueError(f"rollout.max_rows={cfg.rollout.max_rows}: environment episodes each "
-                         "hold a row for the whole call; set rollout.max_rows=0")
     if cfg.model.get("routing_replay", False):
         raise ValueError("model.routing_replay (R3) is not supported with env.id yet: the "
                          "multi-turn sampler does not record routed experts")

@@ -143,7 +143,7 @@ def build(cfg, tokenizer, roll_cfg, sampler_cfg, greedy_cfg) -> Episodes:
     model = policy.decode_model(roll_cfg)
     template = environments.TurnTemplate(cfg.env.template)
     template.end_of_turn(tokenizer)
-    plain = lambda c: dataclasses.replace(c, max_rows=0, max_new_tokens=mt.max_total_tokens)
+    plain = lambda c: dataclasses.replace(c, max_new_tokens=mt.max_total_tokens)
     return Episodes(cfg=cfg, tokenizer=tokenizer,
                     sampler=multiturn.MultiTurnSampler(model, plain(sampler_cfg), mt),
                     greedy=multiturn.MultiTurnSampler(model, plain(greedy_cfg), mt),
