@@ -55,3 +55,24 @@ def test_a_tiny_model_learns_the_multi_turn_task(tmp_path):
     turns = [r["episode/turns_mean"] for r in rows]
     assert np.mean(reward[-6:]) > np.mean(reward[:6]) + 0.03, reward
     assert np.mean(turns[-6:]) < np.mean(turns[:6]), turns
+
+
+@pytest.mark.parametrize("variant,env_id", [("arc1d", "rg:arc_1d"), ("acre", "rg:acre"),
+                                            ("sudoku", "game:Sudoku-v0-easy")])
+def test_the_app_f5_presets(variant, env_id):
+    """Qwen3-1.7B-Base on GEM tasks at TV delta 0.2 (App. F.5): valid configs (with the `envs`
+    extra; without it the validation names the extra)."""
+    import importlib.util
+
+    from trustrl.training import config_validation as cv
+    cfg = environments.get_config(variant)
+    assert cfg.env.id == env_id and cfg.env.template == "chatml"
+    assert cfg.loss.method == "dppo_binary_tv" and cfg.loss.delta_low == cfg.loss.delta_high == 0.2
+    assert (cfg.env.max_turns > 1) == (variant == "sudoku")
+    if importlib.util.find_spec("gem") is None:
+        with pytest.raises(ValueError, match="needs the optional 'envs' extra"):
+            cv.validate(cfg)
+    else:
+        cv.validate(cfg)
+    with pytest.raises(ValueError, match="unknown variant 'nope'"):
+        environments.get_config("nope")
