@@ -24,15 +24,15 @@ exactly max_new_tokens) start from the same first prompts:
     single-turn, same loop steps      max_new_tokens = the multi-turn loop's steps: the same
                                       number of one-token model steps on the same batch, so the
                                       time difference is the multi-turn machinery's (host round
-                                      trips, environment steps, FEED bookkeeping)
+                                      trips, environment steps, observation appends)
 
 Goal 1 (throughput): policy tokens / s of each (median of --repeats interleaved calls after one
 warm-up call each that compiles) and "time / policy token vs single-turn": the baseline's tok/s
 over the row's (issue 30's goal: multi-turn <= 1.3). The multi-turn call is split into the
 prompt prefill, the jitted loop (each call blocked on), TokenEnv.step (timed by a subclass:
 decode of the policy's ids, the environment, encode of the observation) and the rest of the
-host's work (device -> host copies, queues, the trajectory record). Host round trips =
-``counts.exits``, loop steps = ``counts.steps``.
+host's work (device -> host copies, the observation chunks, the trajectory record). Host round
+trips = ``counts.exits``, loop steps = ``counts.steps``.
 
 Goal 2 (no re-prefill): per episode, the tokens the model processed (``Trajectories.processed``:
 prefill + one decode step per trajectory token) equal the prompt length + the trajectory length
@@ -41,42 +41,41 @@ token's column + 1), beside what a re-prefilling implementation would process: e
 re-processes its whole prefix (the prompt and every earlier turn and observation) and then
 generates its policy tokens.
 
-Measured 2026-12-06 on this repository's CPU VM (2 cores of an AMD EPYC, 23 GiB, Python 3.11,
-jax 0.10.2, CPU backend), SHARED with other sessions (load average ~7 on the 2 cores during the
-run: the timings are noisy), `python benchmarks/multiturn.py` (the defaults; 1 min 55 s):
-4 layers, d = 128, V = 278 (random weights), bf16 rollout, 64 episodes of trustrl:guess_sum
-(8 seeds x 8), T = 1.0, recorded top-K 20, median of 5:
+Measured 2026-12-06, commit 4b815a5 (the row-indexed cache: observations appended as one
+chunk per host exit), on this repository's CPU VM (2 cores of an AMD EPYC, 23 GiB, Python 3.11,
+jax 0.10.2, CPU backend) while another job compiled on it (load average 2-3.8: the timings are
+noisy), `python benchmarks/multiturn.py` (the defaults; ~1 min): 4 layers, d = 128, V = 278
+(random weights), bf16 rollout, 64 episodes of trustrl:guess_sum (8 seeds x 8), T = 1.0,
+recorded top-K 20, median of 5:
 
     Goal 1: limits, rollout           policy  loop  host  median  policy   ms /  time / policy
                                       tokens steps trips      s   tok/s   step  token vs single
-    3 x 6, 40  single, same policy     1,088    17     1  0.095  11,504   5.56  1.00x
-               single, same steps      2,560    40     1  0.252  10,156   6.30  1.13x
-               multi-turn              1,072    40     9  0.348   3,084   8.69  3.73x
-    4 x 32,    single, same policy     7,808   122     1  0.848   9,210   6.95  1.00x
-    160        single, same steps     10,240   160     1  1.880   5,447  11.75  1.69x
-               multi-turn              7,777   160    53  2.043   3,807  12.77  2.42x
+    3 x 6, 40  single, same policy     1,088    17     1  0.079  13,712   4.67  1.00x
+               single, same steps      1,152    18     1  0.085  13,514   4.74  1.01x
+               multi-turn              1,066    18     4  0.181   5,891  10.05  2.33x
+    4 x 32,    single, same policy     7,808   122     1  0.708  11,032   5.80  1.00x
+    160        single, same steps      8,192   128     1  0.716  11,441   5.59  0.96x
+               multi-turn              7,796   128     5  1.087   7,175   8.49  1.54x
 
-    multi-turn call split: 3 x 6, 40: prefill 9%, jitted loop 80%, TokenEnv.step 3%, other host
-    work 9% (5.6 policy tokens / turn, 1.38 observation tokens per policy token); 4 x 32, 160:
-    prefill 2%, loop 91%, TokenEnv.step 1%, other host 6% (30.4 / turn, 0.26 obs / policy).
+    multi-turn call split: 3 x 6, 40: prefill 14%, jitted loop (with the appends) 68%,
+    TokenEnv.step 2%, other host work 16% (5.6 policy tokens / turn, 1.39 observation tokens
+    per policy token); 4 x 32, 160: prefill 2%, loop 96%, TokenEnv.step 1%, other host 2%
+    (30.5 / turn, 0.26 obs / policy).
 
     Goal 2 (per episode, mean)   prompt  trajectory  processed  re-prefilling  naive / processed
-    3 x 6, 40                      15.0        39.8       54.8          114.3              2.09x
-    4 x 32, 160                    15.0       153.0      168.0          425.6              2.53x
+    3 x 6, 40                      15.0        39.8       54.8          114.1              2.08x
+    4 x 32, 160                    15.0       153.3      168.3          426.4              2.53x
     processed == prompt + trajectory for all 64 episodes of both (asserted).
 
-Goal 1 is NOT met on this workload: 3.73x and 2.42x the single-turn time per policy token
-(an earlier run of the same measurement on the same loaded VM: 3.00x and 1.82x). The time is
-the model's: the jitted loop is 80-91% of the call, environment steps 1-3%, the rest of the
-host's work (9 and 53 round trips) 6-9%. Against the same number of loop steps the multi-turn
-machinery costs 1.38x and 1.09x per step; the rest of the gap is loop steps: observations are
-fed one token per model step (1.38 observation tokens per policy token at the CPU demo's
-limits, where they dominate; 0.26 with 32-token turns) and a row that ends early idles until
-the longest row of the batch ends. Feeding an observation as one multi-token chunk instead of
-token by token would remove most of those steps (not measured here). A random model rarely
-ends a turn by itself, so nearly every turn runs to the per-turn limit (a trained policy's
-shorter turns raise the observation share). The single-turn sampler keeps its donated KV
-cache between calls; the multi-turn sampler allocates one per call (in "other host work").
+Seven runs of this code on the same VM gave 2.13-2.43x (3 x 6, 40) and 1.16-1.54x (4 x 32, 160):
+goal 1 (<= 1.3x) is met only in some runs of the longer turns and NOT at the CPU demo's limits.
+The loop now takes as many steps as the single-turn baseline (18 vs 17, 128 vs 122) and
+returns to the host once per turn (4, 5 round trips); environment steps are 1-4% of the call.
+What remains is the observations' compute: at the demo's limits they outnumber the policy
+tokens 1.39 : 1, and one [64, 16]-token append costs ~18 ms on this CPU, about 8 decode steps
+(a CPU prefills only ~2x more tokens per second than it decodes; an accelerator's decode is
+memory-bound, its appends relatively cheaper: not measured). The design before (the
+observation fed one token per loop step, 40 and 160 steps) measured 3.73x and 2.42x.
 """
 from __future__ import annotations
 
