@@ -7,17 +7,7 @@ from configs import environments
 from trustrl.infra.metrics import read_jsonl
 from trustrl.training import loop as train
 
-from test_train import LEARN
-
-
-def _set(cfg, fields):
-    for k, v in fields.items():
-        node = cfg
-        *path, last = k.split(".")
-        for q in path:
-            node = node[q]
-        node[last] = v
-    return cfg
+from test_train import LEARN, set_fields as _set
 
 
 @pytest.mark.slow

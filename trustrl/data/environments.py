@@ -140,6 +140,19 @@ def _first_int(text: str):
     return int(m.group()) if m else None
 
 
+def _feedback(action: str, target, correct: float):
+    """One guess against ``target``: "correct" (reward ``correct``, the episode ends), else
+    "higher" / "lower" (the target is higher / lower than the guess's first integer) or
+    "invalid" (no integer), reward 0."""
+    if target is None:
+        raise RuntimeError("step() before reset()")
+    guess = _first_int(action)
+    if guess == target:
+        return "correct", correct, True, False, {"guess": guess}
+    obs = "invalid" if guess is None else ("higher" if target > guess else "lower")
+    return obs, 0.0, False, False, {"guess": guess}
+
+
 class GuessTheSum:
     """An arithmetic question (trustrl.data.tasks.arithmetic_example, drawn from the seed),
     answered over turns: a wrong answer gets "higher" / "lower" (the sum is higher / lower than
@@ -158,13 +171,7 @@ class GuessTheSum:
         return ex["prompt"], {"answer": ex["answer"]}
 
     def step(self, action: str):
-        if self.answer is None:
-            raise RuntimeError("step() before reset()")
-        guess = _first_int(action)
-        if guess == self.answer:
-            return "correct", self.correct, True, False, {"guess": guess}
-        obs = "invalid" if guess is None else ("higher" if self.answer > guess else "lower")
-        return obs, 0.0, False, False, {"guess": guess}
+        return _feedback(action, self.answer, self.correct)
 
 
 class GuessTheNumber:
@@ -181,13 +188,7 @@ class GuessTheNumber:
         return (f"Guess my number between 1 and {self.high}.", {})
 
     def step(self, action: str):
-        if self.secret is None:
-            raise RuntimeError("step() before reset()")
-        guess = _first_int(action)
-        if guess == self.secret:
-            return "correct", self.correct, True, False, {"guess": guess}
-        obs = "invalid" if guess is None else ("higher" if self.secret > guess else "lower")
-        return obs, 0.0, False, False, {"guess": guess}
+        return _feedback(action, self.secret, self.correct)
 
 
 def make(env_id: str, **kwargs: Any) -> Environment:
