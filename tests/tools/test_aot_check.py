@@ -3,7 +3,6 @@ import importlib.util
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 
 from configs import default, qwen3_tpu
@@ -194,6 +193,70 @@ def test_tpu_topology_compiles_every_phase_with_splash(subprocess_env):
             + ("eval_k",) and " | " in line]
     assert [r.split()[0] for r in rows] == ["init", "rollout", "score", "train", "eval", "eval_k"]
     assert all(" yes " in line for line in rows), rows
+
+
+@pytest.mark.skipif(not (HAS_LIBTPU or LIBTPU_PATH), reason="libtpu is not installed (`make "
+                    "test` installs it into .venv/libtpu and sets TRUSTRL_LIBTPU_PATH)")
+def test_tpu_topology_compiles_the_multi_turn_programs(subprocess_env):
+    """An environment run's rollout for a TPU topology from this CPU host: the multi-turn
+    sampler's prefill, decode loop and observation append (row-indexed KV-cache writes, a
+    scatter) lower on the mesh and compile with libtpu (about 8 s on the 2-core VM)."""
+    import os
+    env = dict(subprocess_env, TPU_WORKER_HOSTNAMES="localhost")
+    env.pop("JAX_PLATFORMS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if LIBTPU_PATH:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [LIBTPU_PATH, env.get("PYTHONPATH")]))
+    done = _run(["--config=configs/environments.py:tiny", "--topology=v5p:2x2x2",
+                 "--prompt_len=16", "--phases=rollout", "--obs_len=300",
+                 "--config.env.id=game:Sudoku-v0-easy"], env)  # never made: no GEM import
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(8 chips, TPU v5" in done.stdout
+    # 8 episodes in 8 rows, trajectories of max_total_tokens, chunks capped at it
+    assert ("8 episodes (env.id 'game:Sudoku-v0-easy': multi-turn, 2 turns of <= 4 tokens, 8 "
+            "rows at a time, observation chunks of 32 tokens (--obs_len=300)) of 16 + 32 "
+            "tokens") in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith("rollout") and
+            " | " in line]
+    assert [r.split()[0] for r in rows] == ["rollout:prefill", "rollout:loop", "rollout:append"]
+    assert all(" yes " in line for line in rows), rows
+
+
+def test_multi_turn_sampler_lowers_its_programs_on_the_mesh():
+    """What aot_check compiles for an environment run (env.id): the multi-turn sampler's
+    prefill, decode loop and observation append on abstract arguments, max_rows rows, the loop
+    state donated and laid out like the single-turn sampler's (rows over data x fsdp, the KV
+    cache's kv heads over tensor)."""
+    import jax
+    from configs import environments
+    from trustrl.infra import sharding
+    from trustrl.model import hf as hf_lib, policy, transformer as model_lib
+    from trustrl.rollout import multiturn
+    from trustrl.rollout.sampler import SamplerConfig
+    cfg = environments.get_config("tiny")  # mesh data 2 x tensor 4
+    mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:8])
+    hf, _ = aot_check.model_hf_config(cfg, None)
+    roll_cfg = policy.rollout_config(hf_lib.config_from_hf(hf), "bfloat16", "")
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          model_lib.param_shapes(roll_cfg),
+                          model_lib.param_shardings(roll_cfg, mesh))
+    mts = multiturn.MultiTurnSampler(policy.decode_model(roll_cfg),
+                                     SamplerConfig(max_new_tokens=32, max_rows=4),
+                                     multiturn.MultiTurnConfig(max_total_tokens=32))
+    with jax.set_mesh(mesh):
+        progs = mts.lower(params, 8, 16, 5, sharding.batch_sharding(mesh))
+    assert [(name, what) for name, what, _ in progs] == [
+        ("prefill", "4 rows x 16 into a 16 + 32 cache"),  # max_rows=4 of the 8 episodes
+        ("loop", "4 rows x (16 + 32) tokens, <= 4 turns"),
+        ("append", "4 rows x 8 tokens onto the 16 + 32 cache")]  # min_obs_bucket 8
+    state = progs[1][2].args_info[0][1]
+    assert state.cache.k[0].shape == (4, roll_cfg.num_kv_heads, 48, roll_cfg.head_dim)
+    assert state.cache.index.shape == (4,)  # row-indexed: one write column per row
+    assert state.cache.k[0].donated and state.tokens.donated
+    layout = progs[1][2].compile().input_shardings[0][1]
+    assert layout.cache.k[0].spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor",
+                                                                 None, None)
+    assert layout.tokens.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
 
 
 # --- mixture of experts (issue 28) --------------------------------------------------------------

@@ -175,6 +175,25 @@ def obs_bucket(length: int, mt: MultiTurnConfig) -> int:
     return max(mt.min_obs_bucket, 1 << max(0, math.ceil(math.log2(max(length, 1)))))
 
 
+def batch_layout(tree, batch_sharding):
+    """NamedShardings for the leaves of ``tree``: each over its leading (row) axis like
+    ``batch_sharding`` (sharding.batch_sharding), scalars replicated, and the KV cache's 4-D
+    [rows, kv_heads, length, head_dim] keys / values also over the "tensor" mesh axis when it
+    divides the kv heads: the single-turn Sampler's layout (Sampler.layout), for ``lower``."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh, axes = batch_sharding.mesh, batch_sharding.spec[0]
+    tensor = mesh.shape.get("tensor", 1)
+
+    def spec_of(x):
+        if not x.ndim:
+            return P()
+        if x.ndim == 4 and tensor > 1 and x.shape[1] % tensor == 0:
+            return P(axes, "tensor", None, None)
+        return P(axes, *[None] * (x.ndim - 1))
+
+    return jax.tree.map(lambda x: NamedSharding(mesh, spec_of(x)), tree)
+
+
 @dataclasses.dataclass
 class Counts:
     """What a call did: loop steps, host round trips, observation appends, prefill tokens."""
@@ -211,6 +230,49 @@ class MultiTurnSampler:
             self._loops[eot] = jax.jit(functools.partial(
                 _loop, model=self.model, cfg=self.cfg, mt=self.mt, eot=eot), donate_argnums=(1,))
         return self._loops[eot]
+
+    def lower(self, params, rows: int, width: int, obs_len: int, batch_sharding, eot: int = 0):
+        """The three programs ``run`` executes for ``rows`` episodes at prompt bucket ``width``,
+        lowered on abstract arguments (``params`` may be ShapeDtypeStructs), every per-row
+        argument sharded like the single-turn Sampler's (``batch_layout``: over
+        ``batch_sharding``'s batch axes; the KV cache's keys / values also over "tensor"; the
+        outputs are left to the compiler, as ``run``'s jits leave them):
+        [(name, description, jax Lowered)] for
+
+            prefill  the first prompts into a new row-indexed cache of width + max_total_tokens
+            loop     the decode loop (one token per GEN row per step) on the donated LoopState
+            append   one [rows, Q] observation / prompt chunk, Q = obs_bucket(obs_len)
+
+        The rows: min(rows, max_rows) as in ``run``. ``eot``: the end-of-turn id, a constant
+        of the loop's stop test only (any id compiles the same program). For
+        trustrl.tools.aot_check, which needs no environment to compile."""
+        cfg, mt = self.cfg, self.mt
+        b = min(rows, cfg.max_rows) if cfg.max_rows else rows
+        n, k, q = mt.max_total_tokens, max(cfg.record_topk, 1), obs_bucket(obs_len, mt)
+        abstract = lambda tree: jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree,
+            batch_layout(tree, batch_sharding))
+        ints = lambda *shape, dt=jnp.int32: abstract(jax.ShapeDtypeStruct(shape, dt))
+        tok = ints(b, width)
+        prefill = self._prefill.lower(params, tok, tok, length=width + n)
+
+        def initial(params, toks, valid):  # run's first LoopState (its shapes and dtypes)
+            logits, cache = _prefill(params, toks, valid, model=self.model, length=width + n)
+            z = lambda *shape, dt=jnp.int32: jnp.zeros(shape, dt)
+            return LoopState(logits=logits, cache=cache,
+                             key=jax.random.fold_in(jax.random.key(0), 0), step=jnp.int32(0),
+                             t=z(b), pos=jnp.asarray(valid.sum(1), jnp.int32),
+                             mode=jnp.full((b,), GEN), turn_len=z(b), turn_end=z(b),
+                             tokens=z(b, n), mask=z(b, n), logp=z(b, n, dt=jnp.float32),
+                             topk_ids=z(b, n, k), topk_logp=z(b, n, k, dt=jnp.float32))
+
+        state = abstract(jax.eval_shape(initial, params, tok, tok))
+        loop = self._loop_fn(eot).lower(params, state)
+        append = self._append.lower(params, state, ints(b, q), ints(b, q), ints(b),
+                                    ints(b, dt=jnp.bool_))
+        return [("prefill", f"{b} rows x {width} into a {width} + {n} cache", prefill),
+                ("loop", f"{b} rows x ({width} + {n}) tokens, <= {mt.max_turns} turns", loop),
+                ("append", f"{b} rows x {q} tokens onto the {width} + {n} cache", append)]
 
     def run(self, params, envs: Sequence, seeds: Sequence[int], group_size: int, key):
         """``envs``: one TokenEnv per episode (E = len(seeds) x group_size; the group_size

@@ -20,6 +20,19 @@ TPU, inside a shard_map):
            rows) in train.microbatches micro-batches
   eval     evaluation's greedy pass (eval.num_prompts rows) and, as eval_k, its eval.k samples
            per prompt (the rollout sampler)
+Environment runs (cfg.env.id set; trustrl.training.episodes): rollout, eval and eval_k are the
+multi-turn sampler's three programs instead (trustrl.rollout.multiturn.MultiTurnSampler.lower),
+one row each, named phase:program:
+  prefill  the first prompts into a new row-indexed KV cache of prompt + env.max_total_tokens
+           columns (min(episodes, rollout.max_rows) rows)
+  loop     the decode loop (one token per generating row per step) on the donated loop state
+  append   one observation chunk of obs_bucket(--obs_len) columns (default 256: a game board
+           and its feedback; with rollout.max_rows < episodes a refilled row's prompt comes in
+           the same chunk, so then at least --prompt_len) appended onto every row's cache
+and the score pass / train step get rows of prompt + env.max_total_tokens tokens (one sequence
+per episode). No environment is made (nothing of GEM / reasoning-gym is imported to compile):
+the end-of-turn id is a placeholder (0), a constant of the loop's stop test whose value does not
+change the program.
 Per chip: the program (arguments + outputs + temporaries - aliased (donated) bytes, from
 XLA's compiled.memory_analysis()) plus what the run keeps alive beside it ("held": the train
 state during sampling; the optimizer state, the rollout params, the iteration's batch and, with
@@ -86,12 +99,13 @@ MODELS = {
                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
 }
 PHASES = ("init", "merge", "rollout", "score", "train", "eval")  # merge: LoRA runs only
+OBS_LEN = 256  # environment runs: observation tokens per appended chunk (--obs_len)
 
 
 def _define_flags():
     """The command line's flags (defined when run as a program: trustrl.main defines --config
     too, and both modules are imported by the tests)."""
-    global _CONFIG, _TOPOLOGY, _MODEL, _HBM, _PROMPT_LEN, _PHASES, _JSON
+    global _CONFIG, _TOPOLOGY, _MODEL, _HBM, _PROMPT_LEN, _OBS_LEN, _PHASES, _JSON
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                               lock_config=True)
     _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:2x4x4, v5e:4x4, "
@@ -101,6 +115,8 @@ def _define_flags():
     _HBM = flags.DEFINE_float("hbm_gib", None, "Memory per chip to check against (default: the "
                               "chip's HBM; none for cpu:N).")
     _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row (the bucket).")
+    _OBS_LEN = flags.DEFINE_integer("obs_len", OBS_LEN, "Environment runs (env.id): tokens of "
+                                    "the observation chunk appended per host exit (its bucket).")
     _PHASES = flags.DEFINE_list("phases", list(PHASES), f"Which of {list(PHASES)} to compile.")
     _JSON = flags.DEFINE_string("json", None, "Also write the rows, the settings assumed and the "
                                 "versions to this JSON file (benchmarks/pod_memory.py reads it).")
@@ -181,11 +197,15 @@ def per_chip_gib(tree) -> float:
     return total / GiB
 
 
-def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=print) -> list:
-    """Compiles the phases for cfg.mesh over ``devices``; returns one row dict per phase, each
-    with the program's memory and ``held``: what the run keeps alive on the chip during it
-    ({name: GiB per chip}, from the same objects the run holds), so ``total + held`` is the
-    phase's peak."""
+def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=print,
+          obs_len: int = OBS_LEN) -> list:
+    """Compiles the phases for cfg.mesh over ``devices``; returns one row dict per phase (per
+    program of an environment run's multi-turn phases), each with the program's memory and
+    ``held``: what the run keeps alive on the chip during it ({name: GiB per chip}, from the
+    same objects the run holds), so ``total + held`` is the phase's peak. ``obs_len``: an
+    environment run's observation chunk (module docstring)."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
@@ -197,6 +217,7 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     from trustrl.model import transformer as model_lib
     from trustrl.training import step as ts
     from trustrl.rollout.sampler import prompt_bucket
+    from trustrl.training import episodes
 
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     model_cfg = hf.config_from_hf(hf_config, param_dtype=cfg.model.param_dtype,
@@ -208,6 +229,18 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     tx = experiment.optimizer(cfg)
     state_sh = ts.state_shardings(model_cfg, tx, mesh)
     sampler, eval_greedy = experiment.samplers(cfg, _EosOnly(), roll_cfg, mesh)
+    multi = None  # an environment run's multi-turn samplers (as episodes.build makes them)
+    if episodes.enabled(cfg):
+        from trustrl.rollout import multiturn
+        mt = episodes.multiturn_config(cfg)
+        decode = policy.decode_model(roll_cfg)
+        plain = lambda c: dataclasses.replace(c, max_new_tokens=mt.max_total_tokens)
+        multi = (multiturn.MultiTurnSampler(decode, plain(sampler.cfg), mt),
+                 multiturn.MultiTurnSampler(decode, plain(eval_greedy.cfg), mt))
+        # the trainer's rows: prompt + the episode's max_total_tokens (batch_spec reads them
+        # from rollout.max_new_tokens)
+        cfg = cfg.copy_and_resolve_references()
+        cfg.rollout.max_new_tokens = mt.max_total_tokens
 
     def abstract(shapes, shardings):
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -239,8 +272,18 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     replayed = "routed_experts" in iteration  # R3: the batch carries the recorded experts
     with jax.set_mesh(mesh):  # what the run traces under: "auto" kernels resolve for it
         kernel = attention.resolve(model_cfg.attention, width + n_new, model_cfg.compute_dtype)
-    log(f"  assumed: prompt bucket {width} (--prompt_len={prompt_len}), {rows} rows of "
-        f"{width} + {n_new} tokens per iteration, attention {model_cfg.attention!r} -> "
+    at_once = lambda n: min(n, sampler.cfg.max_rows) if sampler.cfg.max_rows else n
+    slots = at_once(rows)
+    # an environment run's appended chunk: an observation (one longer than max_total_tokens
+    # ends its episode), or with refilled rows (max_rows < episodes) also a prompt
+    chunk = lambda n: (min(obs_len, n_new) if at_once(n) == n
+                       else max(min(obs_len, n_new), prompt_len))
+    log(f"  assumed: prompt bucket {width} (--prompt_len={prompt_len}), {rows} "
+        + (f"episodes (env.id {cfg.env.id!r}: multi-turn, {mt.max_turns} turns of <= "
+           f"{mt.max_turn_tokens} tokens, {slots} rows at a time, observation chunks of "
+           f"{multiturn.obs_bucket(chunk(rows), mt)} tokens (--obs_len={obs_len})) "
+           if multi else "rows ")
+        + f"of {width} + {n_new} tokens per iteration, attention {model_cfg.attention!r} -> "
         f"{kernel!r} on {devices[0].platform}, rollout {cfg.rollout.dtype}, mu's top-K "
         f"recorded: {topk or 'no'}, "
         + (f"routed experts recorded ({'replayed' if replayed else 'not replayed'}), "
@@ -256,12 +299,13 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
            if frozen is not None else ""))
 
     # what the run keeps on the chip between its programs (trustrl.training.loop._loop)
-    rollout_cache = sampler.abstract_cache(min(rows, sampler.cfg.max_rows or rows), width)
+    rollout_cache = sampler.abstract_cache(slots, width)
     held_state = {"train state": per_chip_gib(state)}
     held_frozen = {} if frozen is None else {"frozen base": per_chip_gib(frozen)}
     held_state.update(held_frozen)  # (the base stays on the chips for the whole run)
+    # (the multi-turn sampler keeps no cache between its calls)
     held_cache = ({"rollout sampler's KV cache": per_chip_gib(rollout_cache)}
-                  if cfg.rollout.get("keep_kv_cache", False) else {})
+                  if cfg.rollout.get("keep_kv_cache", False) and multi is None else {})
     held_roll = {"rollout params": per_chip_gib(roll_params)}
     prompts = {k: jax.ShapeDtypeStruct(shape, jnp.int32,
                                        sharding=sharding.batch_sharding(mesh, len(shape)))
@@ -314,8 +358,16 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     policy_params = ts.policy_params(params, frozen)
     frozen_args = () if frozen is None else (frozen,)
 
+    def record_multi(phase, mts, n_rows, label=""):
+        """An environment run's phase: the multi-turn sampler's programs, one row each."""
+        for name, what, lowered in mts.lower(roll_params, n_rows, width, chunk(n_rows),
+                                             sharding.batch_sharding(mesh)):
+            record(f"{phase}:{name}", label + what, lambda: lowered, held_state)
+
     with jax.set_mesh(mesh):
-        if "rollout" in phases:  # the train state stays on the chips while it samples
+        if "rollout" in phases and multi:  # the train state stays on the chips while it samples
+            record_multi("rollout", multi[0], rows)
+        elif "rollout" in phases:
             what, lowered, _ = sampler.lower(roll_params, rows, width)
             record("rollout", what, lambda: lowered, held_state)
         if "score" in phases and scored:
@@ -331,7 +383,12 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
                    f"{cfg.train.microbatches} micro-batch(es)",
                    lambda: step.lower(state, minibatch, roll_params, *frozen_args),
                    {**held_cache, **held_batch})
-        if "eval" in phases and cfg.eval.every:  # greedy (rollout sampler's cache freed first)
+        if "eval" in phases and cfg.eval.every and multi:  # greedy episodes, then sampled
+            record_multi("eval", multi[1], cfg.eval.num_prompts, "greedy: ")
+            if cfg.eval.k > 1:
+                record_multi("eval_k", multi[0], cfg.eval.num_prompts * cfg.eval.k,
+                             f"pass@{cfg.eval.k}: ")
+        elif "eval" in phases and cfg.eval.every:  # greedy (rollout sampler's cache freed first)
             n_eval = cfg.eval.num_prompts
             what, lowered, _ = eval_greedy.lower(roll_params, n_eval, width)
             record("eval", "greedy: " + what, lambda: lowered, held_state)
@@ -396,7 +453,7 @@ def main(argv):
                         if line.strip().startswith("assumed: ") else None)
     try:
         rows = check(cfg, devices, hf_config=hf_config, prompt_len=_PROMPT_LEN.value,
-                     phases=_PHASES.value, log=log)
+                     obs_len=_OBS_LEN.value, phases=_PHASES.value, log=log)
     except ValueError as e:
         _fail(str(e))
     table, verdict = report(rows, hbm)
@@ -424,7 +481,7 @@ def report(rows, hbm: float | None) -> tuple[str, str | None]:
     """(the table, None when every phase's peak fits else the line naming those that do not).
     A phase's peak is its program (arguments + outputs + temporaries - donated) plus what the
     run keeps alive beside it (``held``); the iteration's peak is the largest."""
-    lines = [f"\n{'phase':8} | {'program':52} | {'args':>7} | {'temp':>7} | {'total':>7} | "
+    lines = [f"\n{'phase':15} | {'program':52} | {'args':>7} | {'temp':>7} | {'total':>7} | "
              f"{'held':>7} | {'peak GiB':>8} | {'limit':>6} | fits | compile s"]
     over = []
     for r in rows:
@@ -434,7 +491,7 @@ def report(rows, hbm: float | None) -> tuple[str, str | None]:
             "yes" if peak <= hbm else "NO")
         if fits == "NO":
             over.append(r["phase"])
-        lines.append(f"{r['phase']:8} | {r['shape'][:52]:52} | {r['args']:7.3g} | "
+        lines.append(f"{r['phase']:15} | {r['shape'][:52]:52} | {r['args']:7.3g} | "
                      f"{r['temp']:7.4g} | {r['total']:7.4g} | {held:7.3g} | {peak:8.4g} | "
                      f"{'-' if hbm is None else f'{hbm:g}':>6} | {fits:4} | {r['compile_s']:9.1f}")
     peaks = [r.get("peak", r["total"]) for r in rows]
