@@ -90,6 +90,7 @@ def test_report_verdict():
 @pytest.mark.parametrize("args,needle", [
     (["--topology=v9:1x1"], "is not valid: use a TPU generation"),
     (["--topology=cpu:8", "--phases=init,sampler"], "--phases: unknown ['sampler']"),
+    (["--topology=cpu:8", "--obs_len=0"], "--obs_len must be >= 1"),
     (["--topology=cpu:8", "--config.rollout.max_rows=3"], "rollout.max_rows=3 is not divisible"),
 ])
 def test_bad_flags_exit_2(args, needle, subprocess_env):

@@ -411,6 +411,9 @@ def main(argv):
     bad = [p for p in _PHASES.value if p not in PHASES]
     if bad:
         _fail(f"--phases: unknown {bad}; valid: {list(PHASES)}")
+    if _OBS_LEN.value < 1:
+        _fail(f"--obs_len must be >= 1 (observation tokens per appended chunk), got "
+              f"{_OBS_LEN.value}")
     try:
         kind, n_cpu, hbm = parse_topology(_TOPOLOGY.value)
         hf_config, source = model_hf_config(cfg, _MODEL.value)
