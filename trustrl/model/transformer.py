@@ -435,9 +435,14 @@ class Attention(nn.Module):
         if cache_kv is not None:
             k_cache, v_cache = cache_kv  # [B, K, S, D]
             if jnp.ndim(index) == 2:  # per-row columns [B, T] (a row-indexed cache; S: dropped)
-                rows = jnp.arange(b)[:, None]
-                k_cache = k_cache.at[rows, :, index].set(key.astype(k_cache.dtype), mode="drop")
-                v_cache = v_cache.at[rows, :, index].set(val.astype(v_cache.dtype), mode="drop")
+                # one D-vector per (row, kv head, column) triple: a scatter of [K, D] windows
+                # made the TPU compiler keep every layer's cache transposed inside the program,
+                # a copy of the whole cache per call (measured: Qwen3-1.7B, 128 rows x 9,216
+                # columns on v5p: 31.9 GiB of loop temporaries, 0.66 with the triples)
+                at = (jnp.arange(b)[:, None, None], jnp.arange(k)[None, None, :],
+                      index[:, :, None])
+                k_cache = k_cache.at[at].set(key.astype(k_cache.dtype), mode="drop")
+                v_cache = v_cache.at[at].set(val.astype(v_cache.dtype), mode="drop")
             else:
                 k_cache = jax.lax.dynamic_update_slice(
                     k_cache, key.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, index, 0))

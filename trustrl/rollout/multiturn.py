@@ -210,7 +210,12 @@ class MultiTurnSampler:
     >>> rollout, traj = mts.run(params, [TokenEnv(...) for _ in range(B)], seeds, group_size, key)
     """
 
-    def __init__(self, model, cfg: SamplerConfig, mt: MultiTurnConfig):
+    def __init__(self, model, cfg: SamplerConfig, mt: MultiTurnConfig, *, batch_sharding=None):
+        """``batch_sharding`` (sharding.batch_sharding(mesh)): the programs' per-row outputs
+        (the KV cache, the loop state) are constrained to ``batch_layout`` (rows over the batch
+        axes, kv heads over "tensor"); unconstrained, the compiler chose a replicated cache
+        (Qwen3-1.7B on v5p: the whole cache on every chip). Row counts the batch axes do not
+        divide run unconstrained."""
         cfg.validate(model.vocab_size)
         if cfg.record_routes:
             raise ValueError("multi-turn rollouts do not record routed experts (R3) yet; set "
@@ -219,16 +224,35 @@ class MultiTurnSampler:
             raise ValueError("multi-turn rollouts append observations with DecodeModel.extend; "
                              "this model has none")
         self.model, self.cfg, self.mt = model, cfg, mt
-        self._prefill = jax.jit(functools.partial(_prefill, model=model),
+        self.batch_sharding = batch_sharding
+        self._prefill = jax.jit(self._constrained(functools.partial(_prefill, model=model)),
                                 static_argnames="length")
-        self._append = jax.jit(functools.partial(_append, model=model), donate_argnums=(1,))
+        self._append = jax.jit(self._constrained(functools.partial(_append, model=model)),
+                               donate_argnums=(1,))
         self._loops = {}
         self.counts = Counts()
 
+    def _constrained(self, fn):
+        """``fn`` with its outputs constrained to ``batch_layout`` (when sharded and the row
+        count divides the batch axes)."""
+        if self.batch_sharding is None:
+            return fn
+        mesh, axes = self.batch_sharding.mesh, self.batch_sharding.spec[0]
+        shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            rows = jax.tree.leaves(out)[0].shape[0]
+            if rows % shards:
+                return out
+            return jax.tree.map(jax.lax.with_sharding_constraint, out,
+                                batch_layout(out, self.batch_sharding))
+        return wrapped
+
     def _loop_fn(self, eot: int):
         if eot not in self._loops:
-            self._loops[eot] = jax.jit(functools.partial(
-                _loop, model=self.model, cfg=self.cfg, mt=self.mt, eot=eot), donate_argnums=(1,))
+            self._loops[eot] = jax.jit(self._constrained(functools.partial(
+                _loop, model=self.model, cfg=self.cfg, mt=self.mt, eot=eot)), donate_argnums=(1,))
         return self._loops[eot]
 
     def lower(self, params, rows: int, width: int, obs_len: int, batch_sharding, eot: int = 0):
@@ -236,7 +260,7 @@ class MultiTurnSampler:
         lowered on abstract arguments (``params`` may be ShapeDtypeStructs), every per-row
         argument sharded like the single-turn Sampler's (``batch_layout``: over
         ``batch_sharding``'s batch axes; the KV cache's keys / values also over "tensor"; the
-        outputs are left to the compiler, as ``run``'s jits leave them):
+        outputs as the sampler's ``batch_sharding`` constrains them):
         [(name, description, jax Lowered)] for
 
             prefill  the first prompts into a new row-indexed cache of width + max_total_tokens

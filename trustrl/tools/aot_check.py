@@ -235,8 +235,10 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
         mt = episodes.multiturn_config(cfg)
         decode = policy.decode_model(roll_cfg)
         plain = lambda c: dataclasses.replace(c, max_new_tokens=mt.max_total_tokens)
-        multi = (multiturn.MultiTurnSampler(decode, plain(sampler.cfg), mt),
-                 multiturn.MultiTurnSampler(decode, plain(eval_greedy.cfg), mt))
+        sh = sharding.batch_sharding(mesh)
+        multi = (multiturn.MultiTurnSampler(decode, plain(sampler.cfg), mt, batch_sharding=sh),
+                 multiturn.MultiTurnSampler(decode, plain(eval_greedy.cfg), mt,
+                                            batch_sharding=sh))
         # the trainer's rows: prompt + the episode's max_total_tokens (batch_spec reads them
         # from rollout.max_new_tokens)
         cfg = cfg.copy_and_resolve_references()

@@ -133,8 +133,9 @@ class Episodes:
         return out
 
 
-def build(cfg, tokenizer, roll_cfg, sampler_cfg, greedy_cfg) -> Episodes:
-    """The Episodes of a run (``sampler_cfg`` / ``greedy_cfg``: the run's SamplerConfigs)."""
+def build(cfg, tokenizer, roll_cfg, sampler_cfg, greedy_cfg, mesh=None) -> Episodes:
+    """The Episodes of a run (``sampler_cfg`` / ``greedy_cfg``: the run's SamplerConfigs;
+    ``mesh``: the run's, over whose batch axes the samplers' rows and caches are laid out)."""
     if jax.process_count() > 1:
         raise ValueError("env.id (environment episodes) runs in one process: the environments "
                          "step on the host; multi-process runs are not supported yet")
@@ -144,7 +145,9 @@ def build(cfg, tokenizer, roll_cfg, sampler_cfg, greedy_cfg) -> Episodes:
     template = environments.TurnTemplate(cfg.env.template)
     template.end_of_turn(tokenizer)
     plain = lambda c: dataclasses.replace(c, max_new_tokens=mt.max_total_tokens)
-    return Episodes(cfg=cfg, tokenizer=tokenizer,
-                    sampler=multiturn.MultiTurnSampler(model, plain(sampler_cfg), mt),
-                    greedy=multiturn.MultiTurnSampler(model, plain(greedy_cfg), mt),
-                    template=template)
+    sh = None if mesh is None else sharding.batch_sharding(mesh)
+    return Episodes(cfg=cfg, tokenizer=tokenizer, template=template,
+                    sampler=multiturn.MultiTurnSampler(model, plain(sampler_cfg), mt,
+                                                       batch_sharding=sh),
+                    greedy=multiturn.MultiTurnSampler(model, plain(greedy_cfg), mt,
+                                                      batch_sharding=sh))

@@ -335,7 +335,7 @@ def build(cfg, workdir: str, mesh=None) -> Run:
                                      cfg.rollout.head_dtype)
     sampler, eval_greedy = samplers(cfg, tokenizer, roll_cfg, mesh)
     runs_episodes = episodes_lib.enabled(cfg)
-    eps = (episodes_lib.build(cfg, tokenizer, roll_cfg, sampler.cfg, eval_greedy.cfg)
+    eps = (episodes_lib.build(cfg, tokenizer, roll_cfg, sampler.cfg, eval_greedy.cfg, mesh)
            if runs_episodes else None)
     source = episodes_lib.train_seeds(cfg) if runs_episodes else env.train
     return Run(
