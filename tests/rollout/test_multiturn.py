@@ -194,6 +194,7 @@ def test_masks_and_denominators_count_policy_tokens_only(episodes):
     assert metrics["episode/turns_mean"] == pytest.approx(traj.num_turns.mean())
 
 
+@pytest.mark.slow
 def test_dppo_mask_uses_mu_per_policy_token_against_a_turn_by_turn_reference(tiny, episodes):
     """The trainer's one forward over the episode vs a slow reference that runs each turn
     separately (its prefix from scratch): same pi log-probs, hence the same DPPO mask."""
@@ -278,6 +279,7 @@ def test_environment_errors_name_the_valid_choices(tok):
     assert g.step("nothing")[0] == "invalid"
 
 
+@pytest.mark.slow
 def test_fewer_rows_than_episodes_and_early_exits_play_the_same_greedy_episodes(tok, tiny):
     """max_rows=2 for 6 episodes (a finished episode's row takes the next one: cache row
     emptied, prompt appended) and exits as soon as one row waits give each episode exactly the
