@@ -67,7 +67,9 @@ recorded top-K 20, median of 5:
     4 x 32, 160                    15.0       153.3      168.3          426.4              2.53x
     processed == prompt + trajectory for all 64 episodes of both (asserted).
 
-Seven runs of this code on the same VM gave 2.13-2.43x (3 x 6, 40) and 1.16-1.54x (4 x 32, 160):
+Rerun at 238f8fc (the cache written as (row, kv head, column) triples, bit-identical), idle VM:
+2.35x and 1.40x (multi-turn 0.110 s vs 0.048 s; 0.734 s vs 0.524 s).
+Seven runs of 4b815a5 on the same VM gave 2.13-2.43x (3 x 6, 40) and 1.16-1.54x (4 x 32, 160):
 goal 1 (<= 1.3x) is met only in some runs of the longer turns and NOT at the CPU demo's limits.
 The loop now takes as many steps as the single-turn baseline (18 vs 17, 128 vs 122) and
 returns to the host once per turn (4, 5 round trips); environment steps are 1-4% of the call.
