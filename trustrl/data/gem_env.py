@@ -64,6 +64,12 @@ class MissingExtraError(ImportError):
     """An environment id needs the optional `envs` extra, which is not installed."""
 
 
+def _missing_extra(env_id: str, module: str, why: str) -> MissingExtraError:
+    return MissingExtraError(
+        f"environment {env_id!r} needs the optional 'envs' extra ({', '.join(EXTRA_PACKAGES)}"
+        f"; {module!r} {why}): pip install -e '.[envs]' ({PY312_NOTE})")
+
+
 def _require(module: str, env_id: str):
     """Imports ``module`` or raises MissingExtraError saying how to install it."""
     try:
@@ -71,10 +77,17 @@ def _require(module: str, env_id: str):
             return _import_gem()
         return importlib.import_module(module)
     except ImportError as e:
-        raise MissingExtraError(
-            f"environment {env_id!r} needs the optional 'envs' extra ({', '.join(EXTRA_PACKAGES)}"
-            f"; {module!r} failed to import: {e}): pip install -e '.[envs]' ({PY312_NOTE})"
-        ) from e
+        raise _missing_extra(env_id, module, f"failed to import: {e}") from e
+
+
+def check_installed(env_id: str):
+    """Raises MissingExtraError when the package ``env_id`` needs (reasoning_gym for
+    "reasoning_gym:*", gem for the GEM ids) is not installed; imports nothing (config
+    validation runs it before a run starts)."""
+    import importlib.util
+    module = "reasoning_gym" if env_id.split(":", 1)[0] == REASONING_GYM else "gem"
+    if importlib.util.find_spec(module) is None:
+        raise _missing_extra(env_id, module, "is not installed")
 
 
 def _import_gem():

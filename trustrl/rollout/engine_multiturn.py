@@ -130,13 +130,9 @@ def run_episodes(client: EngineClient, token_envs: Sequence, seeds: Sequence[int
             step = token_envs[i].step(c.ids.tolist(), ended=c.eos)
             rewards[i].append(float(step.reward))
             obs = [int(x) for x in step.obs_ids]
-            if step.terminated or step.truncated:
-                finish[i] = trajectory.TERMINATED if step.terminated else trajectory.ENV_TRUNCATED
-            elif len(rewards[i]) >= max_turns:
-                finish[i] = trajectory.MAX_TURNS
-            elif t[i] + len(obs) >= n:  # no room for the observation and one policy token
-                finish[i] = trajectory.MAX_TOTAL_TOKENS
-            else:
+            finish[i] = trajectory.episode_end(step, len(rewards[i]), int(t[i]), len(obs), n,
+                                               max_turns)
+            if finish[i] < 0:
                 lo = int(t[i])
                 tokens[i, lo:lo + len(obs)] = obs
                 turn_index[i, lo:lo + len(obs)] = turn
@@ -144,15 +140,9 @@ def run_episodes(client: EngineClient, token_envs: Sequence, seeds: Sequence[int
                 t[i] += len(obs)
                 still.append(i)
         live = still
-    turn_rewards = np.zeros((b, max_turns), np.float32)
-    for i, r in enumerate(rewards):
-        turn_rewards[i, :len(r)] = r
     width = prompt_bucket(longest, cfg)
     rollout = trajectory.build(prompts, width, tokens, mask, logp, topk_ids if k else None,
                                topk_logp if k else None, finish, group_size)
-    traj = trajectory.Trajectories(
-        turn_index=turn_index, turn_rewards=turn_rewards,
-        num_turns=np.asarray([len(r) for r in rewards], np.int32),
-        finish=finish.astype(np.int32), seeds=np.asarray(ep_seeds, np.int64),
-        turn_ends=turn_ends, processed=processed)
+    traj = trajectory.Trajectories.assemble(turn_index, rewards, max_turns, finish, ep_seeds,
+                                            turn_ends, processed)
     return rollout, traj

@@ -167,8 +167,20 @@ def _prefill(params, tokens, valid, *, model, length: int):
     cache = model.init_cache(tokens.shape[0], length)
     if isinstance(cache, transformer.KVCache):  # each row writes at its own column
         cache = transformer.row_indexed(cache)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    positions = transformer.positions_from_mask(valid).astype(jnp.int32)
     return model.prefill(params, tokens, positions, valid, cache)
+
+
+def _initial_state(logits, cache, key, valid, n: int, k: int) -> LoopState:
+    """The loop's first state after the prefill: every row generating from its prompt's end,
+    empty [B, N] trajectory buffers (top-K [B, N, K])."""
+    b = valid.shape[0]
+    z = lambda *shape, dt=jnp.int32: jnp.zeros(shape, dt)
+    return LoopState(logits=logits, cache=cache, key=key, step=jnp.int32(0), t=z(b),
+                     pos=jnp.asarray(valid.sum(1), jnp.int32), mode=jnp.full((b,), GEN),
+                     turn_len=z(b), turn_end=z(b), tokens=z(b, n), mask=z(b, n),
+                     logp=z(b, n, dt=jnp.float32), topk_ids=z(b, n, k),
+                     topk_logp=z(b, n, k, dt=jnp.float32))
 
 
 def obs_bucket(length: int, mt: MultiTurnConfig) -> int:
@@ -282,13 +294,7 @@ class MultiTurnSampler:
 
         def initial(params, toks, valid):  # run's first LoopState (its shapes and dtypes)
             logits, cache = _prefill(params, toks, valid, model=self.model, length=width + n)
-            z = lambda *shape, dt=jnp.int32: jnp.zeros(shape, dt)
-            return LoopState(logits=logits, cache=cache,
-                             key=jax.random.fold_in(jax.random.key(0), 0), step=jnp.int32(0),
-                             t=z(b), pos=jnp.asarray(valid.sum(1), jnp.int32),
-                             mode=jnp.full((b,), GEN), turn_len=z(b), turn_end=z(b),
-                             tokens=z(b, n), mask=z(b, n), logp=z(b, n, dt=jnp.float32),
-                             topk_ids=z(b, n, k), topk_logp=z(b, n, k, dt=jnp.float32))
+            return _initial_state(logits, cache, jax.random.key(0), valid, n, k)
 
         state = abstract(jax.eval_shape(initial, params, tok, tok))
         loop = self._loop_fn(eot).lower(params, state)
@@ -324,13 +330,8 @@ class MultiTurnSampler:
         logits, cache = self._prefill(params, jnp.asarray(toks), jnp.asarray(valid),
                                       length=width + n)
         self.counts = Counts(prefill_tokens=int(valid.sum()))
-        z = lambda *shape, dt=jnp.int32: jnp.zeros(shape, dt)
         # the loop donates its state: the caller's key is not handed in (a derived one is)
-        s = LoopState(logits=logits, cache=cache, key=jax.random.fold_in(key, 0),
-                      step=jnp.int32(0), t=z(b), pos=jnp.asarray(valid.sum(1), jnp.int32),
-                      mode=jnp.full((b,), GEN), turn_len=z(b), turn_end=z(b), tokens=z(b, n),
-                      mask=z(b, n), logp=z(b, n, dt=jnp.float32), topk_ids=z(b, n, k),
-                      topk_logp=z(b, n, k, dt=jnp.float32))
+        s = _initial_state(logits, cache, jax.random.fold_in(key, 0), valid, n, k)
         loop = self._loop_fn(eot)
         episode = list(range(b))  # the episode each row plays
         pending = b               # the next episode to start
@@ -357,14 +358,9 @@ class MultiTurnSampler:
                                     ended=turn_end[i] == 0)
                 rewards[e].append(step.reward)
                 obs = step.obs_ids
-                if step.terminated or step.truncated:
-                    finish[e] = (trajectory.TERMINATED if step.terminated
-                                 else trajectory.ENV_TRUNCATED)
-                elif len(rewards[e]) >= mt.max_turns:
-                    finish[e] = trajectory.MAX_TURNS
-                elif t[i] + len(obs) >= n:  # no room for the observation and one policy token
-                    finish[e] = trajectory.MAX_TOTAL_TOKENS
-                else:
+                finish[e] = trajectory.episode_end(step, len(rewards[e]), int(t[i]), len(obs),
+                                                   n, mt.max_turns)
+                if finish[e] < 0:
                     chunks[i] = obs
                     starts[e].append(int(t[i]) + len(obs))  # the next policy turn's column
                 if finish[e] >= 0:
@@ -403,15 +399,9 @@ class MultiTurnSampler:
             for turn, hi in enumerate(starts[e][1:] + [int(length[e])]):
                 turn_index[e, lo:hi] = turn
                 lo = hi
-        turn_rewards = np.zeros((e_all, mt.max_turns), np.float32)
-        for e, r in enumerate(rewards):
-            turn_rewards[e, :len(r)] = r
         rollout = trajectory.build(prompts, width, tokens, mask, logp, topk_ids, topk_logp,
                                    finish, group_size)
-        traj = trajectory.Trajectories(
-            turn_index=turn_index, turn_rewards=turn_rewards,
-            num_turns=np.asarray([len(r) for r in rewards], np.int32),
-            finish=finish.astype(np.int32), seeds=np.asarray(seeds, np.int64),
-            turn_ends=turn_ends,
-            processed=np.asarray([len(p) for p in prompts], np.int64) + length)
+        traj = trajectory.Trajectories.assemble(
+            turn_index, rewards, mt.max_turns, finish, seeds, turn_ends,
+            np.asarray([len(p) for p in prompts], np.int64) + length)
         return rollout, traj

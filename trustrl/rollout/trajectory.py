@@ -44,10 +44,29 @@ class Trajectories:
     turn_ends: np.ndarray     # [len(TURN_ENDS)] int64: how the policy turns ended, counted
     processed: np.ndarray     # [B] int64: tokens the model processed for the episode
 
+    @classmethod
+    def assemble(cls, turn_index, rewards, max_turns: int, finish, seeds, turn_ends,
+                 processed) -> "Trajectories":
+        """From a sampler's host bookkeeping: ``rewards`` one list of turn rewards per episode
+        (its length the number of turns), the other fields as the dataclass has them."""
+        turn_rewards = np.zeros((len(rewards), max_turns), np.float32)
+        for i, r in enumerate(rewards):
+            turn_rewards[i, :len(r)] = r
+        return cls(turn_index=np.asarray(turn_index, np.int32), turn_rewards=turn_rewards,
+                   num_turns=np.asarray([len(r) for r in rewards], np.int32),
+                   finish=np.asarray(finish).astype(np.int32),
+                   seeds=np.asarray(seeds, np.int64), turn_ends=turn_ends,
+                   processed=np.asarray(processed, np.int64))
+
     @property
     def returns(self) -> np.ndarray:
         """[B] float32: the episode return, the sum of its turn rewards."""
         return self.turn_rewards.sum(axis=1).astype(np.float32)
+
+    @property
+    def solved(self) -> np.ndarray:
+        """[B] bool: the environment ended the episode (terminated) with a positive return."""
+        return (self.finish == TERMINATED) & (self.returns > 0)
 
     def metrics(self, response_mask) -> dict:
         """Turns per episode, tokens per turn, the observation / policy token ratio, how
@@ -71,6 +90,20 @@ class Trajectories:
         return out
 
 
+def episode_end(step, turns: int, t: int, obs_len: int, n: int, max_turns: int) -> int:
+    """Whether an episode ends after a turn, and why (a FINISHES index; -1: it goes on with the
+    observation). ``step``: the turn's TokenStep, ``turns``: turns played (this one included),
+    ``t``: trajectory columns used, ``obs_len``: the observation's ids, ``n``: max total
+    tokens. The observation must leave room for at least one policy token."""
+    if step.terminated or step.truncated:
+        return TERMINATED if step.terminated else ENV_TRUNCATED
+    if turns >= max_turns:
+        return MAX_TURNS
+    if t + obs_len >= n:
+        return MAX_TOTAL_TOKENS
+    return -1
+
+
 def build(prompts: Sequence[Sequence[int]], width: int, tokens, policy_mask, logp, topk_ids,
           topk_logp, finish, group_size: int) -> Rollout:
     """The Rollout of B episodes from host arrays: ``prompts`` the first prompts (B token lists,
@@ -80,7 +113,7 @@ def build(prompts: Sequence[Sequence[int]], width: int, tokens, policy_mask, log
     b = len(prompts)
     toks = np.zeros((b, width), np.int32)
     pmask = np.zeros((b, width), np.int32)
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(prompts):  # sampler.left_pad's layout (not imported: layer depth)
         if len(p) > width:
             raise ValueError(f"prompt {i} has {len(p)} tokens, more than the width {width}")
         toks[i, width - len(p):] = p

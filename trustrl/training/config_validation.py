@@ -433,9 +433,9 @@ def validate(cfg):
 
 
 def _check_env(cfg):
-    """cfg.env (config alone): id "" is the single-turn task; otherwise the episode fields. The
-    id itself (an unknown one, a GEM id without the `envs` extra) is checked when the run is
-    built (trustrl.data.environments.make)."""
+    """cfg.env (config alone): id "" is the single-turn task; otherwise the episode fields, the
+    id's source, a native id's name and, for GEM / reasoning-gym ids, that the `envs` extra is
+    installed (an unknown GEM name is found when the run is built: environments.make)."""
     from trustrl.data import environments
     env = cfg.get("env")
     if env is None or not env.get("id", ""):
@@ -452,13 +452,11 @@ def _check_env(cfg):
         raise ValueError(f"env.id={env.id!r}: unknown trustrl environment {name!r}; valid: "
                          f"{['trustrl:' + n for n in environments.NATIVE]}")
     if source != "trustrl":  # GEM / reasoning-gym: the optional `envs` extra must be there
-        import importlib.util
-        module = "reasoning_gym" if source == environments.REASONING_GYM else "gem"
-        if importlib.util.find_spec(module) is None:
-            from trustrl.data import gem_env
-            raise ValueError(f"env.id={env.id!r} needs the optional 'envs' extra "
-                             f"({', '.join(gem_env.EXTRA_PACKAGES)}; {module!r} is not "
-                             f"installed): pip install -e '.[envs]' ({gem_env.PY312_NOTE})")
+        from trustrl.data import gem_env
+        try:
+            gem_env.check_installed(env.id)
+        except gem_env.MissingExtraError as e:
+            raise ValueError(f"env.id={env.id!r}: {e}") from None
     _choice("env.template", env.template, environments.TEMPLATES)
     _choice("env.advantage", env.advantage, advantages.LEVELS)
     for name in ("env.max_turns", "env.max_turn_tokens", "env.max_total_tokens"):

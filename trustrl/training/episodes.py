@@ -28,6 +28,7 @@ from trustrl.data import environments
 from trustrl.infra import multihost, sharding
 from trustrl.model import policy
 from trustrl.rollout import multiturn, trajectory
+from trustrl.training import evaluation
 
 TEST_SEED_OFFSET = 1_000_000_000
 
@@ -115,7 +116,7 @@ class Episodes:
         cfg = self.cfg
         seeds = [TEST_SEED_OFFSET + i for i in range(int(cfg.eval.num_prompts))]
         _, traj = self.play(params_roll, seeds, 1, key, greedy=True)
-        solved = (traj.finish == trajectory.TERMINATED) & (traj.returns > 0)
+        solved = traj.solved
         out = {"eval/pass@1": float(solved.mean()), "eval/num_prompts": len(seeds),
                "eval/return_mean": float(traj.returns.mean()),
                "eval/turns_mean": float(traj.num_turns.mean())}
@@ -124,12 +125,11 @@ class Episodes:
         k = int(cfg.eval.k)
         if k > 1:
             _, st = self.play(params_roll, seeds, k, jax.random.fold_in(key, 1))
-            ok = ((st.finish == trajectory.TERMINATED) & (st.returns > 0)).reshape(-1, k)
-            out[f"eval/pass@{k}"] = float(ok.any(axis=1).mean())
+            ok = st.solved.reshape(-1, k)
+            out[f"eval/pass@{k}"] = evaluation.pass_at_k(ok, k)
             out["eval/sampled_reward_mean"] = float(st.returns.mean())
-            per_seed = st.returns.reshape(-1, k).mean(1)
-            out["eval/sampled_reward_se"] = float(per_seed.std(ddof=1) / np.sqrt(len(per_seed))
-                                                  if len(per_seed) > 1 else np.nan)
+            out["eval/sampled_reward_se"] = evaluation.standard_error(
+                st.returns.reshape(-1, k).mean(1))
         return out
 
 

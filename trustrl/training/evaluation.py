@@ -24,6 +24,14 @@ def pass_at_k(correct: np.ndarray, k: int) -> float:
     return float(np.mean(1 - fail))
 
 
+def standard_error(per_prompt) -> float:
+    """The standard error of the mean over prompts (the independent units: a prompt's k
+    samples are correlated) of each prompt's mean reward; NaN for one prompt."""
+    per_prompt = np.asarray(per_prompt, np.float64)
+    n = len(per_prompt)
+    return float(per_prompt.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+
+
 def majority_at_k(answers: list[list[str | None]], truth_ok) -> float:
     """answers[p]: extracted answers of prompt p; truth_ok(p, answer) -> bool."""
     hits = []
@@ -61,9 +69,5 @@ def evaluate(run, params_roll, key, cfg) -> dict:
         out[f"eval/maj@{k}"] = majority_at_k(
             grouped, lambda p, a: env.answer_matches(a, answers[p]))
         out["eval/sampled_reward_mean"] = float(rew.mean())
-        # prompts are the independent units (a prompt's k samples are correlated): the standard
-        # error of the mean over prompts of each prompt's mean reward
-        per_prompt = rew.reshape(len(examples), k).mean(1)
-        out["eval/sampled_reward_se"] = float(per_prompt.std(ddof=1) / np.sqrt(len(examples))
-                                              if len(examples) > 1 else np.nan)
+        out["eval/sampled_reward_se"] = standard_error(rew.reshape(len(examples), k).mean(1))
     return out
