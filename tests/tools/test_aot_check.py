@@ -17,6 +17,19 @@ def _run(args, env):
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+def _tpu_env(subprocess_env):
+    """The environment of an aot_check run for a TPU topology: libtpu's compile-only devices
+    (one local worker), the JAX platform left to it, no persistent compilation cache, the
+    libtpu of `make test` (TRUSTRL_LIBTPU_PATH) importable."""
+    import os
+    env = dict(subprocess_env, TPU_WORKER_HOSTNAMES="localhost")
+    env.pop("JAX_PLATFORMS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the CPU tests' cache: not for TPU programs
+    if LIBTPU_PATH:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [LIBTPU_PATH, env.get("PYTHONPATH")]))
+    return env
+
+
 def test_topology_and_model_resolution():
     # the TPU compiler's own limits (its RESOURCE_EXHAUSTED message), not the marketed HBM
     assert aot_check.parse_topology("v5p:2x4x4") == ("tpu", None, 95.74)
@@ -178,12 +191,7 @@ def test_tpu_topology_compiles_every_phase_with_splash(subprocess_env):
     in a shard_map (rows over data, heads over tensor); every phase lowers and fits. Before
     issue 25 this compiled blockwise attention (the host's backend), and with splash it failed:
     'Mosaic kernels cannot be automatically partitioned'."""
-    import os
-    env = dict(subprocess_env, TPU_WORKER_HOSTNAMES="localhost")
-    env.pop("JAX_PLATFORMS", None)
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the CPU tests' cache: not for TPU programs
-    if LIBTPU_PATH:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [LIBTPU_PATH, env.get("PYTHONPATH")]))
+    env = _tpu_env(subprocess_env)
     done = _run(["--config=configs/default.py:tiny", "--topology=v5p:2x2x2",
                  "--config.rollout.max_rows=4"], env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -202,12 +210,7 @@ def test_tpu_topology_compiles_the_multi_turn_programs(subprocess_env):
     """An environment run's rollout for a TPU topology from this CPU host: the multi-turn
     sampler's prefill, decode loop and observation append (row-indexed KV-cache writes, a
     scatter) lower on the mesh and compile with libtpu (about 8 s on the 2-core VM)."""
-    import os
-    env = dict(subprocess_env, TPU_WORKER_HOSTNAMES="localhost")
-    env.pop("JAX_PLATFORMS", None)
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    if LIBTPU_PATH:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [LIBTPU_PATH, env.get("PYTHONPATH")]))
+    env = _tpu_env(subprocess_env)
     done = _run(["--config=configs/environments.py:tiny", "--topology=v5p:2x2x2",
                  "--prompt_len=16", "--phases=rollout", "--obs_len=300",
                  "--config.env.id=game:Sudoku-v0-easy"], env)  # never made: no GEM import
@@ -304,12 +307,7 @@ def test_moe_presets_are_qwen3_30b_a3b_and_a_small_one():
 def test_tpu_topology_compiles_the_small_moe_preset_with_routing_replay(subprocess_env):
     """The small MoE preset on a tiny v5p slice (mesh data 2 x tensor 4), with routing replay:
     every phase lowers and fits (about 150 s on the 2-core VM)."""
-    import os
-    env = dict(subprocess_env, TPU_WORKER_HOSTNAMES="localhost")
-    env.pop("JAX_PLATFORMS", None)
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    if LIBTPU_PATH:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [LIBTPU_PATH, env.get("PYTHONPATH")]))
+    env = _tpu_env(subprocess_env)
     done = _run(["--config=configs/default.py:tiny_moe", "--model=qwen3-moe-small",
                  "--topology=v5p:2x2x2", "--prompt_len=16", "--config.rollout.max_rows=4",
                  "--config.eval.every=0", "--config.model.routing_replay=True"], env)
