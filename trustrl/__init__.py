@@ -35,7 +35,7 @@ MOVED = {
     "preemption": "infra.preemption",
     "tasks": "data.tasks", "rewards": "data.rewards", "tokenizer": "data.tokenizer",
     "attention": "model.attention", "vocab_head": "model.vocab_head", "hf": "model.hf",
-    "quant": "model.quant", "policy": "model.policy",
+    "quant": "model.quant", "policy": "model.policy", "reward_model": "model.reward_model",
     "sampler": "rollout.sampler", "continuous": "rollout.continuous",
     "engine_client": "rollout.engine_client",
     "train": "training.loop", "train_step": "training.step", "experiment": "training.experiment",

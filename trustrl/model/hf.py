@@ -20,6 +20,11 @@ transformers 5's in-memory fused layout (``mlp.experts.gate_up_proj`` [X, 2F, E]
 first, and ``mlp.experts.down_proj`` [X, E, F]) when a checkpoint stores that. Dense layers
 among the sparse ones (``mlp_only_layers`` / ``decoder_sparse_step``) keep the dense MLP names;
 such a mixed model loads with ``scan_layers=False`` (scanned layers must be alike).
+
+The steps are functions of their own, shared with trustrl.model.reward_model (a sequence
+classifier is the same trunk plus a score head): reading is ``weight_files`` (tensor -> file)
+-> ``load_plan`` (tensor -> param path) -> ``check_plan`` -> ``read_params``; writing is
+``hf_tensors`` (params -> HF tensors) -> ``write_hf_dir`` (with any extra tensors and config).
 """
 from __future__ import annotations
 
@@ -375,7 +380,7 @@ def _open_safetensors(file: str, shards: list[str]):
         raise _shard_error(file, shards, e) from e
 
 
-def _weight_files(path: str) -> dict[str, str]:
+def weight_files(path: str) -> dict[str, str]:
     """HF tensor name -> safetensors file, from the index or the single model.safetensors."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
@@ -396,15 +401,21 @@ def _weight_files(path: str) -> dict[str, str]:
     raise FileNotFoundError(f"no weights in {path}: expected {single} or {index}{hint}")
 
 
-def read_config(path: str, **kwargs) -> ModelConfig:
-    """ModelConfig from ``path``/config.json (kwargs: param_dtype, dtype, remat)."""
+def config_json(path: str) -> tuple[dict, str]:
+    """(the parsed ``path``/config.json, that file's name); errors name what is missing."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         why = "is not a directory" if os.path.exists(path) else "does not exist"
         raise FileNotFoundError(f"no Hugging Face config at {cfg_file}: {path} {why}")
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"no Hugging Face config at {cfg_file}")
-    return config_from_hf(_read_json(cfg_file), source=cfg_file, **kwargs)
+    return _read_json(cfg_file), cfg_file
+
+
+def read_config(path: str, **kwargs) -> ModelConfig:
+    """ModelConfig from ``path``/config.json (kwargs: param_dtype, dtype, remat)."""
+    hf_cfg, cfg_file = config_json(path)
+    return config_from_hf(hf_cfg, source=cfg_file, **kwargs)
 
 
 def load_hf_dir(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES,
@@ -415,15 +426,28 @@ def load_hf_dir(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES,
     or the tensor whose shape does not match the config.
     """
     config = read_config(path, param_dtype=param_dtype, dtype=dtype, remat=remat)
-    files = _weight_files(path)
+    files = weight_files(path)
     plan = load_plan(config, files)
+    check_plan(path, config, plan, files)
+    flat_cfg = unrolled_config(config)
+    shardings = param_shardings(flat_cfg, mesh, rules) if mesh is not None else None
+    params = read_params(path, plan, files, param_shapes(flat_cfg), shardings, param_dtype)
+    return config, stack_layers(params, config, mesh, rules)
+
+
+# Extra tensors a checkpoint may hold that we knowingly ignore: RoPE buffers, and lm_head when
+# the head is tied.
+IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$|^lm_head\.weight$")
+
+
+def check_plan(path: str, config: ModelConfig, plan, files, ignorable=IGNORABLE):
+    """Every tensor of ``plan`` is in the checkpoint ``files`` (name -> file, ``weight_files``)
+    and every checkpoint tensor is in the plan or ``ignorable``; errors name the tensors."""
     names = {name for name, _ in plan}
     missing = [n for n, _ in plan if n not in files]
     if missing:
         raise KeyError(f"{len(missing)} tensor(s) missing from the checkpoint in {path}: "
                        f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    # Extra tensors we knowingly ignore: RoPE buffers, and lm_head when the head is tied.
-    ignorable = re.compile(r".*rotary_emb\.inv_freq$|^lm_head\.weight$")
     unused = [n for n in files if n not in names and not ignorable.match(n)]
     if unused:
         fields = ("num_hidden_layers / num_experts / mlp_only_layers / decoder_sparse_step"
@@ -431,15 +455,22 @@ def load_hf_dir(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES,
         raise ValueError(f"checkpoint in {path} has tensors the config does not use "
                          f"(wrong {fields} / architecture?): {sorted(unused)[:5]}")
 
-    # Read in the unrolled layout (tensor_map's layers_i paths); stacked at the end when the
-    # config scans its layers. A param fed by several tensors (the experts) is assembled on the
-    # host first.
+
+def read_params(path: str, plan, files, shapes, shardings=None, param_dtype="float32") -> dict:
+    """The tensors of ``plan`` ((HF name, Entry) pairs, ``load_plan``) read from ``files`` (HF
+    name -> safetensors file, ``weight_files``) into a nested dict at each Entry's path:
+    ``shapes`` (a pytree of ShapeDtypeStructs holding every Entry path, e.g. ``param_shapes`` of
+    an unrolled config) gives each param's shape, ``shardings`` (the same tree of
+    NamedShardings, or None: the default device) its placement, ``param_dtype`` its dtype.
+
+    One tensor at a time, memory-mapped; a param fed by several tensors (the experts) is
+    assembled on the host first; with shardings each device pulls only its slice
+    (``jax.make_array_from_callback``). Errors name the tensor, its file (and shard) and the
+    shape expected for the config in ``path``.
+    """
     by_path: dict[tuple, list[tuple[str, Entry]]] = {}
     for name, entry in plan:
         by_path.setdefault(entry.path, []).append((name, entry))
-    flat_cfg = unrolled_config(config)
-    shapes = param_shapes(flat_cfg)
-    shardings = param_shardings(flat_cfg, mesh, rules) if mesh is not None else None
     np_dtype = _DTYPES[param_dtype]
     params: dict = {}
     handles = {}
@@ -479,7 +510,7 @@ def load_hf_dir(path: str, *, mesh=None, rules=sharding_lib.LOGICAL_RULES,
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)
-    return config, stack_layers(params, config, mesh, rules)
+    return params
 
 
 def _write_weights(tensors: dict, path: str, max_shard_size: int | None):
@@ -522,10 +553,21 @@ def save_hf_dir(params, config: ModelConfig, path: str, *, copy_from: str | None
     Qwen3-MoE experts are written per expert (the hub's layout).
     Gathers the parameters to the host (fine up to a few billion parameters).
     """
+    _check_shard_size(max_shard_size)
+    os.makedirs(path, exist_ok=True)
+    return write_hf_dir(path, hf_tensors(params, config), config_to_hf(config),
+                        copy_from=copy_from, max_shard_size=max_shard_size)
+
+
+def _check_shard_size(max_shard_size: int | None):
     if max_shard_size is not None and max_shard_size < 1:
         raise ValueError(f"max_shard_size must be >= 1 byte (or None: one file), got "
                          f"{max_shard_size}")
-    os.makedirs(path, exist_ok=True)
+
+
+def hf_tensors(params, config: ModelConfig) -> dict[str, np.ndarray]:
+    """HF tensor name -> host array in the hub's layout (``tensor_map``; Qwen3-MoE experts per
+    expert), in the params' dtype. Gathers the parameters to the host."""
     params = unstack_layers(jax.device_get(params), config)  # host views layers_i of [L, ...]
     tensors = {}
     for name, entry in tensor_map(config).items():
@@ -533,9 +575,20 @@ def save_hf_dir(params, config: ModelConfig, path: str, *, copy_from: str | None
         if entry.expert is not None:
             x = x[entry.expert]
         tensors[name] = np.ascontiguousarray(_to_hf(entry.kind, x))
+    return tensors
+
+
+def write_hf_dir(path: str, tensors: dict, hf_config: dict, *, copy_from: str | None = None,
+                 max_shard_size: int | None = None) -> str:
+    """Writes ``tensors`` (HF name -> host array; ``hf_tensors`` plus any extra, e.g. a
+    sequence classifier's score.weight) as model.safetensors (or shards + index, see
+    ``save_hf_dir``), ``hf_config`` as config.json, and copies ``copy_from``'s tokenizer /
+    generation files (_NON_WEIGHT_FILES) alongside. Returns ``path``."""
+    _check_shard_size(max_shard_size)
+    os.makedirs(path, exist_ok=True)
     _write_weights(tensors, path, max_shard_size)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(config), f, indent=2)
+        json.dump(hf_config, f, indent=2)
     if copy_from is not None:
         for file in _NON_WEIGHT_FILES:
             if os.path.exists(os.path.join(copy_from, file)):
