@@ -12,10 +12,20 @@ back with `builder.as_data_source()` (tfds' random-access data source). Neither 
 A dataset is built the first time it is asked for and reused afterwards; the builder config name
 encodes everything the content depends on, so different parameters build to different
 directories: data_dir/trustrl_synthetic/<task>-d<difficulty>[-ops<...>]-n<train>-t<test>-s<seed>/
-and data_dir/trustrl_math/<dataset>-<fingerprint of the source files' names and sizes>/.
+data_dir/trustrl_math/<dataset>-<fingerprint of the source files' names and sizes>/ and
+data_dir/trustrl_prompts/<format>-<fingerprint>/ (RLHF prompt files, below).
 
 Every example is {"id", "prompt", "answer", "task"} of python str; "prompt" is the bare question
 (format_prompt adds the template), "task" is the dataset name (a trustrl.data.rewards.TASKS key).
+
+RLHF prompt sets (PREFERENCE_DATASETS; no verifier, rewards from a reward model, "answer" is ""
+except wordpref's reference response): "ultrafeedback" and "hh_rlhf" read files from
+task.manual_dir (PROMPT_LAYOUTS); "wordpref" is synthetic (trustrl.data.tasks; built like
+arithmetic). Preference pairs for reward-model training: trustrl.data.preferences.load_pairs.
+A conversation prompt (HH-RLHF's earlier turns, a message-list prompt) is stored in "prompt" as
+the JSON list of its {"role", "content"} messages (encode_prompt); a single user message stays
+plain text. prompt_messages(example) gives the message list of any example, and format_prompt
+renders both kinds.
 
 Math sets come from files the user downloaded into task.manual_dir, in their published layouts
 (MATH_LAYOUTS documents each). Splits:
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
@@ -48,7 +59,10 @@ log = logging.getLogger(__name__)
 
 SYNTHETIC_TASKS = tuple(tasks.TASK_NAMES)
 MATH_DATASETS = ("gsm8k", "math", "dapo_math", "aime")
-TASK_NAMES = SYNTHETIC_TASKS + MATH_DATASETS
+PROMPT_FORMATS = ("ultrafeedback", "hh_rlhf")  # RLHF prompt files in task.manual_dir
+TASK_NAMES = SYNTHETIC_TASKS + MATH_DATASETS + PROMPT_FORMATS
+# Tasks without a verifier (rewards.TASKS value REWARD_MODEL): a reward model scores them.
+PREFERENCE_DATASETS = tuple(k for k in TASK_NAMES if rewards.TASKS.get(k) == rewards.REWARD_MODEL)
 SPLITS = ("train", "test")
 FIELDS = ("id", "prompt", "answer", "task")
 
@@ -62,7 +76,12 @@ CHAT_INSTRUCTION = ("{prompt}\n\nPlease reason step by step, and put your final 
                     "\\boxed{{}}.")
 
 
-def _prompt_text(example) -> str:
+# Roles as the plain template writes the earlier turns of a conversation prompt.
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def prompt_text(example) -> str:
+    """The "prompt" field of an example dict as str (the example itself when it is a str)."""
     if isinstance(example, str):
         return example
     if isinstance(example, Mapping) and "prompt" in example:
@@ -71,17 +90,59 @@ def _prompt_text(example) -> str:
     raise TypeError(f"example must be a dict with a 'prompt' field or a str, got {type(example)}")
 
 
+def encode_prompt(messages) -> str:
+    """The "prompt" field of a conversation given as [{"role", "content"}, ...] messages: a lone
+    user message is its plain text; anything else (earlier turns, a system message) is
+    json.dumps of the message list. A plain text that would itself read back as such a list is
+    stored JSON-encoded too, so prompt_messages(encode_prompt(m)) == m for every m."""
+    messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if not messages:
+        raise ValueError("a prompt needs at least one message")
+    if (len(messages) == 1 and messages[0]["role"] == "user"
+            and _decode_messages(messages[0]["content"]) is None):
+        return messages[0]["content"]
+    return json.dumps(messages, ensure_ascii=False)
+
+
+def _decode_messages(text: str):
+    """The message list encode_prompt wrote into text, or None when text is a plain prompt."""
+    if not text.startswith('[{"role": '):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    ok = isinstance(value, list) and value and all(
+        isinstance(m, dict) and list(m) == ["role", "content"]
+        and all(isinstance(v, str) for v in m.values()) for m in value)
+    return value if ok else None
+
+
+def prompt_messages(example) -> list:
+    """The conversation of an example (a dict with "prompt", or the prompt): the decoded message
+    list of an encode_prompt conversation, else [{"role": "user", "content": prompt}]."""
+    text = prompt_text(example)
+    messages = _decode_messages(text)
+    return [{"role": "user", "content": text}] if messages is None else messages
+
+
 def format_prompt(example, template: str, tokenizer=None, **chat_kwargs) -> str:
     """The prompt text the policy sees for an example (a dict with "prompt", or the bare prompt).
 
-    "plain": PLAIN_TEMPLATE (ends with "Answer:"). "chat": one user message (CHAT_INSTRUCTION:
-    the question and a request for the final answer in \\boxed{}) rendered with
-    tokenizer.apply_chat_template(..., add_generation_prompt=True); chat_kwargs reach the template
-    (e.g. enable_thinking=False for Qwen3). The tokenizer must carry a chat template.
+    "plain": PLAIN_TEMPLATE (ends with "Answer:") around the last message; a conversation's
+    earlier turns come first, one "User: ..." / "Assistant: ..." / "System: ..." line each
+    (PLAIN_ROLES). "chat": the conversation (prompt_messages) rendered with
+    tokenizer.apply_chat_template(..., add_generation_prompt=True); the last user message of a
+    task with a verifier becomes CHAT_INSTRUCTION (the question and a request for the final
+    answer in \\boxed{}), a PREFERENCE_DATASETS example's messages are rendered as they are.
+    chat_kwargs reach the template (e.g. enable_thinking=False for Qwen3). The tokenizer must
+    carry a chat template.
     """
-    prompt = _prompt_text(example)
+    messages = prompt_messages(example)
     if template == "plain":
-        return PLAIN_TEMPLATE.format(prompt=prompt)
+        context = "".join(f"{PLAIN_ROLES.get(m['role'], m['role'].capitalize())}: "
+                          f"{m['content']}\n" for m in messages[:-1])
+        return context + PLAIN_TEMPLATE.format(prompt=messages[-1]["content"])
     if template == "chat":
         if tokenizer is None:
             raise ValueError("template='chat' needs a tokenizer with a chat template "
@@ -91,7 +152,11 @@ def format_prompt(example, template: str, tokenizer=None, **chat_kwargs) -> str:
                 "template='chat' but the tokenizer has no chat template (tokenizer_config.json "
                 "chat_template / chat_template.jinja); use template='plain' or a tokenizer "
                 "trained with a chat_template (trustrl.data.tokenizer.FALLBACK_TEMPLATES)")
-        messages = [{"role": "user", "content": CHAT_INSTRUCTION.format(prompt=prompt)}]
+        task = example.get("task") if isinstance(example, Mapping) else None
+        if task not in PREFERENCE_DATASETS:
+            last = messages[-1]
+            messages = messages[:-1] + [
+                {"role": last["role"], "content": CHAT_INSTRUCTION.format(prompt=last["content"])}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **chat_kwargs)
     raise ValueError(f"unknown prompt template {template!r}; choose one of {list(TEMPLATES)}")
 
@@ -119,15 +184,18 @@ def _tfds():
 _NO_CODE_PATH = None
 
 
-def _features(tfds):
-    return tfds.features.FeaturesDict({k: tfds.features.Text() for k in FIELDS})
+def text_features(fields=FIELDS):
+    """The tfds features of examples whose fields are all text (FIELDS by default)."""
+    tfds = _tfds()
+    return tfds.features.FeaturesDict({k: tfds.features.Text() for k in fields})
 
 
 _builders: dict = {}
 
 
 def _builder_classes():
-    """The two builder classes, defined (and registered with tfds) on first use."""
+    """The builder classes, defined (and registered with tfds) on first use: returns the
+    synthetic and math builders; _builders also holds the prompt-file builder ("prompts")."""
     if _builders:
         return _builders["synthetic"], _builders["math"]
     tfds = _tfds()
@@ -140,6 +208,7 @@ def _builder_classes():
         num_train: int = 1
         num_test: int = 0
         seed: int = 0
+        rule_seed: int = 0  # wordpref's lexicon and hidden weights
 
     class TrustrlSynthetic(tfds.core.GeneratorBasedBuilder):
         """Synthetic verifiable tasks from trustrl.data.tasks.generate_splits.
@@ -148,17 +217,19 @@ def _builder_classes():
         """
         VERSION = tfds.core.Version("1.0.0")
         code_path = _NO_CODE_PATH
-        RELEASE_NOTES = {"1.0.0": "arithmetic and countdown from trustrl.data.tasks"}
+        RELEASE_NOTES = {"1.0.0": "arithmetic and countdown (later wordpref, its own config "
+                                  "names) from trustrl.data.tasks"}
 
         def _info(self):
             return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                         features=_features(tfds), disable_shuffling=True)
+                                         features=text_features(), disable_shuffling=True)
 
         def _split_generators(self, dl_manager):
             del dl_manager
             c = self.builder_config
             splits = tasks.generate_splits(c.task, difficulty=c.difficulty, operations=c.operations,
-                                           num_train=c.num_train, num_test=c.num_test, seed=c.seed)
+                                           num_train=c.num_train, num_test=c.num_test, seed=c.seed,
+                                           rule_seed=c.rule_seed)
             return {s: self._generate_examples(ex) for s, ex in splits.items() if ex}
 
         def _generate_examples(self, examples):
@@ -178,7 +249,7 @@ def _builder_classes():
 
         def _info(self):
             return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                         features=_features(tfds), disable_shuffling=True)
+                                         features=text_features(), disable_shuffling=True)
 
         def _split_generators(self, dl_manager):
             dataset = self.builder_config.dataset
@@ -189,10 +260,36 @@ def _builder_classes():
             for i, ex in enumerate(examples):
                 yield i, ex
 
-    for cls in (SyntheticConfig, TrustrlSynthetic, MathConfig, TrustrlMath):
+    @dataclasses.dataclass(eq=False)
+    class PromptConfig(tfds.core.BuilderConfig):
+        fmt: str = "ultrafeedback"
+
+    class TrustrlPrompts(tfds.core.GeneratorBasedBuilder):
+        """RLHF prompt sets from local files (UltraFeedback, HH-RLHF): prompts without answers."""
+        VERSION = tfds.core.Version("1.0.0")
+        code_path = _NO_CODE_PATH
+        RELEASE_NOTES = {"1.0.0": "ultrafeedback and hh_rlhf prompts from manual_dir"}
+        MANUAL_DOWNLOAD_INSTRUCTIONS = "\n".join(f"{k}: {v}" for k, v in PROMPT_LAYOUTS.items())
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                         features=text_features(), disable_shuffling=True)
+
+        def _split_generators(self, dl_manager):
+            rows = read_prompt_files(self.builder_config.fmt,
+                                     pathlib.Path(str(dl_manager.manual_dir)))
+            return {s: self._generate_examples(ex) for s, ex in rows.items()}
+
+        def _generate_examples(self, examples):
+            for i, ex in enumerate(examples):
+                yield i, ex
+
+    for cls in (SyntheticConfig, TrustrlSynthetic, MathConfig, TrustrlMath, PromptConfig,
+                TrustrlPrompts):
         cls.__qualname__ = cls.__name__  # readable in tfds' log lines
     _builders.update(synthetic=TrustrlSynthetic, math=TrustrlMath,
-                     synthetic_config=SyntheticConfig, math_config=MathConfig)
+                     synthetic_config=SyntheticConfig, math_config=MathConfig,
+                     prompts=TrustrlPrompts, prompts_config=PromptConfig)
     return TrustrlSynthetic, TrustrlMath
 
 
@@ -200,9 +297,10 @@ _OP_NAMES = {"+": "plus", "-": "minus", "*": "times"}
 
 
 def synthetic_config_name(task: str, difficulty: int, operations: str, num_train: int,
-                          num_test: int, seed: int) -> str:
+                          num_test: int, seed: int, rule_seed: int = 0) -> str:
     """Builder config name, e.g. "arithmetic-d2-ops_plus-n20000-t256-s0" (operations only matter
-    for arithmetic and are left out for countdown)."""
+    for arithmetic and are left out otherwise; wordpref adds its rule seed: "wordpref-d24-r0-...").
+    """
     if task not in SYNTHETIC_TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; choose one of {list(SYNTHETIC_TASKS)}")
     ops = ""
@@ -212,19 +310,32 @@ def synthetic_config_name(task: str, difficulty: int, operations: str, num_train
             raise ValueError(f"arithmetic operations={operations!r} must be a non-empty string of "
                              f"{list(_OP_NAMES)}; invalid: {bad}")
         ops = "-ops_" + "_".join(_OP_NAMES[o] for o in operations)
+    if task == "wordpref":
+        ops = f"-r{int(rule_seed)}"
     return f"{task}-d{int(difficulty)}{ops}-n{int(num_train)}-t{int(num_test)}-s{int(seed)}"
 
 
 def synthetic_builder(task: str, *, difficulty: int, operations: str = "+", num_train: int,
-                      num_test: int, seed: int = 0, data_dir: str):
+                      num_test: int, seed: int = 0, data_dir: str, rule_seed: int = 0):
     """The tfds builder of a synthetic task (not yet prepared; see build())."""
-    name = synthetic_config_name(task, difficulty, operations, num_train, num_test, seed)
+    name = synthetic_config_name(task, difficulty, operations, num_train, num_test, seed,
+                                 rule_seed)
     cls, _ = _builder_classes()
     config = _builders["synthetic_config"](
         name=name, description=f"trustrl.data.tasks.generate_splits({task!r}, ...)", task=task,
         difficulty=int(difficulty), operations=operations if task == "arithmetic" else "+",
-        num_train=int(num_train), num_test=int(num_test), seed=int(seed))
+        num_train=int(num_train), num_test=int(num_test), seed=int(seed),
+        rule_seed=int(rule_seed) if task == "wordpref" else 0)
     return cls(config=config, data_dir=data_dir, file_format="array_record")
+
+
+def files_fingerprint(files: Mapping, manual_dir) -> str:
+    """12 hex digits of a sha1 over the relative names and sizes of {split: [file, ...]}."""
+    digest = hashlib.sha1()
+    root = pathlib.Path(manual_dir).expanduser()
+    for path in sorted(p for paths in files.values() for p in paths):
+        digest.update(f"{path.relative_to(root)}\0{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 def math_builder(dataset: str, *, manual_dir: str, data_dir: str):
@@ -235,14 +346,20 @@ def math_builder(dataset: str, *, manual_dir: str, data_dir: str):
     even when the dataset is already built (the fingerprint is how the build is found).
     """
     files = find_math_files(dataset, manual_dir)
-    digest = hashlib.sha1()
-    root = pathlib.Path(manual_dir).expanduser()
-    for path in sorted(p for paths in files.values() for p in paths):
-        digest.update(f"{path.relative_to(root)}\0{path.stat().st_size}\n".encode())
     _, cls = _builder_classes()
-    config = _builders["math_config"](name=f"{dataset}-{digest.hexdigest()[:12]}",
+    config = _builders["math_config"](name=f"{dataset}-{files_fingerprint(files, manual_dir)}",
                                       description=f"{dataset} from {manual_dir}", dataset=dataset)
     return cls(config=config, data_dir=data_dir, file_format="array_record")
+
+
+def prompt_builder(fmt: str, *, manual_dir: str, data_dir: str):
+    """The tfds builder of an RLHF prompt set (PROMPT_FORMATS) read from manual_dir (not yet
+    prepared; see build()); config name "<fmt>-<fingerprint>" as math_builder's."""
+    files = find_preference_files(fmt, manual_dir)
+    _builder_classes()
+    config = _builders["prompts_config"](name=f"{fmt}-{files_fingerprint(files, manual_dir)}",
+                                         description=f"{fmt} prompts from {manual_dir}", fmt=fmt)
+    return _builders["prompts"](config=config, data_dir=data_dir, file_format="array_record")
 
 
 def build(builder, manual_dir: str | None = None):
@@ -365,13 +482,15 @@ def _read_parquet(path) -> list:
     return pd.read_parquet(path).to_dict("records")
 
 
-def _read_rows(path: pathlib.Path) -> list:
+def read_rows(path: pathlib.Path) -> list:
+    """The rows of a .parquet, .json (one row), .jsonl or .jsonl.gz file."""
     if path.suffix == ".parquet":
         return _read_parquet(path)
     if path.suffix == ".json":
         return [json.loads(path.read_text(encoding="utf-8"))]
     rows = []
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -381,7 +500,7 @@ def _read_rows(path: pathlib.Path) -> list:
     return rows
 
 
-def _field(row: Mapping, *names, where=""):
+def row_field(row: Mapping, *names, where=""):
     """The first of names present in row (case-insensitive), as str."""
     lower = {str(k).lower(): v for k, v in row.items()}
     for name in names:
@@ -391,7 +510,8 @@ def _field(row: Mapping, *names, where=""):
     raise ValueError(f"{where}: none of the fields {list(names)} (has {sorted(row)})")
 
 
-def _text(value) -> str:
+def cell_text(value) -> str:
+    """A file cell as stripped str (bytes decoded; 7.0 -> "7")."""
     if isinstance(value, bytes):
         return value.decode("utf-8")
     if isinstance(value, float) and value.is_integer():
@@ -432,13 +552,13 @@ _DAPO_TAIL = 'Remember to put your answer on its own line after "Answer:".'
 
 def _dapo_prompt(value) -> str:
     if isinstance(value, (str, bytes)):
-        text = _text(value)
+        text = cell_text(value)
     else:  # a list (pyarrow) / numpy array (pandas) of {"role", "content"} messages
         messages = list(value)
         users = [m for m in messages if m.get("role") == "user"] or messages
         if not users:
             raise ValueError("empty prompt message list")
-        text = _text(users[-1]["content"])
+        text = cell_text(users[-1]["content"])
     if text.startswith(_DAPO_HEAD):
         text = text[len(_DAPO_HEAD):]
     if text.rstrip().endswith(_DAPO_TAIL):
@@ -449,24 +569,24 @@ def _dapo_prompt(value) -> str:
 def _math_example(dataset, row, where):
     """(prompt, answer) of one source row; answer None when the row has no usable answer."""
     if dataset == "gsm8k":
-        prompt = _text(_field(row, "question", where=where))
-        return prompt, gsm8k_answer(_text(_field(row, "answer", where=where)))
+        prompt = cell_text(row_field(row, "question", where=where))
+        return prompt, gsm8k_answer(cell_text(row_field(row, "answer", where=where)))
     if dataset == "math":
-        prompt = _text(_field(row, "problem", where=where))
+        prompt = cell_text(row_field(row, "problem", where=where))
         answer = row.get("answer")
-        if answer is None or not _text(answer):
-            answer = last_boxed(_text(_field(row, "solution", where=where)))
-        return prompt, None if answer is None else _text(answer)
+        if answer is None or not cell_text(answer):
+            answer = last_boxed(cell_text(row_field(row, "solution", where=where)))
+        return prompt, None if answer is None else cell_text(answer)
     if dataset == "dapo_math":
-        prompt = _dapo_prompt(_field(row, "prompt", where=where))
+        prompt = _dapo_prompt(row_field(row, "prompt", where=where))
         reward_model = row.get("reward_model")
         if isinstance(reward_model, Mapping) and reward_model.get("ground_truth") is not None:
             answer = reward_model["ground_truth"]
         else:
-            answer = _field(row, "solution", "answer", where=where)
-        return prompt, _text(answer)
-    prompt = _text(_field(row, "problem", "question", where=where))
-    return prompt, _text(_field(row, "answer", where=where))
+            answer = row_field(row, "solution", "answer", where=where)
+        return prompt, cell_text(answer)
+    prompt = cell_text(row_field(row, "problem", "question", where=where))
+    return prompt, cell_text(row_field(row, "answer", where=where))
 
 
 def read_math_files(dataset: str, manual_dir) -> dict:
@@ -479,7 +599,7 @@ def read_math_files(dataset: str, manual_dir) -> dict:
     for split, paths in find_math_files(dataset, manual_dir).items():
         examples, seen, skipped = [], set(), 0
         for path in paths:
-            for n, row in enumerate(_read_rows(path)):
+            for n, row in enumerate(read_rows(path)):
                 where = f"{dataset} {path}" + ("" if path.suffix == ".json" else f" row {n}")
                 prompt, answer = _math_example(dataset, row, where)
                 if answer is None or not answer:
@@ -502,14 +622,173 @@ def read_math_files(dataset: str, manual_dir) -> dict:
     return out
 
 
+# --- RLHF prompt files -----------------------------------------------------------------------------
+
+_SPLIT_STEMS = ("{split}_prefs", "{split}", "{split}_gen", "{split}_sft")
+_STEM_PATTERNS = ("{stem}.jsonl", "{stem}.jsonl.gz", "{stem}-*.jsonl", "{stem}-*.jsonl.gz",
+                  "{stem}.parquet", "{stem}-*.parquet")
+_ANY_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.parquet")
+_FILES = ("Files: in manual_dir or any folder directly under it (HH-RLHF's harmless-base/, "
+          "helpful-base/, ...; the HF layout's data/), split by name: for split S the first of "
+          "S_prefs, S, S_gen, S_sft that has files, each as S.jsonl, S.jsonl.gz, S-*.jsonl(.gz), "
+          "S.parquet or S-*.parquet (S = train / test); with no such file, every *.jsonl, "
+          "*.jsonl.gz and *.parquet there is train. ")
+PROMPT_LAYOUTS = {
+    "ultrafeedback": (
+        "UltraFeedback (huggingface openbmb/UltraFeedback, or HuggingFaceH4/ultrafeedback_"
+        "binarized: data/train_prefs-*.parquet, test_prefs-*.parquet, train_gen-*, ...). " + _FILES
+        + "The prompt is the field 'prompt' (a string, or a list of {role, content} messages: "
+        "the conversation up to its last user message) or 'instruction' (the original "
+        "UltraFeedback)."),
+    "hh_rlhf": (
+        "Anthropic HH-RLHF (github.com/anthropics/hh-rlhf, huggingface Anthropic/hh-rlhf: "
+        "<subset>/train.jsonl.gz, <subset>/test.jsonl.gz). " + _FILES + "Each row's 'chosen' "
+        "(else 'rejected') transcript '\\n\\nHuman: ...\\n\\nAssistant: ...'; the prompt is "
+        "the conversation before its last '\\n\\nAssistant:' (earlier turns kept)."),
+}
+
+
+def find_preference_files(fmt: str, manual_dir) -> dict:
+    """{split: [file, ...]} of an RLHF prompt / preference-pair set in manual_dir (the layout of
+    PROMPT_LAYOUTS); raises FileNotFoundError naming the expected files when there are none."""
+    if fmt not in PROMPT_FORMATS:
+        raise ValueError(f"unknown preference file format {fmt!r}; choose one of "
+                         f"{list(PROMPT_FORMATS)}")
+    def missing(why):
+        return FileNotFoundError(f"{fmt}: {why}. Expected layout: {PROMPT_LAYOUTS[fmt]}")
+    if not manual_dir:
+        raise missing("manual_dir is empty; download the dataset and point manual_dir at it")
+    root = pathlib.Path(manual_dir).expanduser()
+    if not root.is_dir():
+        raise missing(f"manual_dir {str(root)!r} is not a directory")
+    bases = [root] + sorted(p for p in root.iterdir() if p.is_dir())
+    out = {}
+    for split in SPLITS:
+        for stem in (s.format(split=split) for s in _SPLIT_STEMS):
+            files = sorted({f for b in bases
+                            for f in _glob(b, [p.format(stem=stem) for p in _STEM_PATTERNS])})
+            if files:
+                out[split] = files
+                break
+    if not out:
+        files = sorted({f for b in bases for f in _glob(b, _ANY_PATTERNS)})
+        if files:
+            out["train"] = files
+    if not out:
+        present = sorted(p.name for p in root.iterdir())[:20]
+        raise missing(f"no source files found in {str(root)!r} (it holds: {present})")
+    return out
+
+
+def message_list(value, where: str) -> list:
+    """{role, content} dicts of a message list (pyarrow: list of dicts; pandas: numpy array)."""
+    try:
+        return [{"role": cell_text(m["role"]), "content": cell_text(m["content"])} for m in value]
+    except (TypeError, KeyError, IndexError):
+        raise ValueError(f"{where}: expected a string or a list of {{'role', 'content'}} "
+                         f"messages, got {str(value)[:200]!r}") from None
+
+
+def prompt_from_value(value, where: str) -> list:
+    """The prompt messages of an UltraFeedback-style 'prompt' value: a string (one user message)
+    or a message list cut after its last user message."""
+    if isinstance(value, (str, bytes)):
+        return [{"role": "user", "content": cell_text(value)}]
+    messages = message_list(value, where)
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise ValueError(f"{where}: the prompt message list has no user message")
+    return messages[:users[-1] + 1]
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def hh_turns(transcript: str) -> list:
+    """The {role, content} messages of an HH-RLHF transcript "\\n\\nHuman: ...\\n\\nAssistant:
+    ..." ("Human" -> user, "Assistant" -> assistant, contents stripped); raises ValueError for
+    text before the first turn marker (the leading blank line may be missing)."""
+    text = transcript if transcript.startswith("\n\n") else "\n\n" + transcript.lstrip(" ")
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise ValueError(f"not an HH-RLHF transcript (it must start with 'Human:'): "
+                         f"{transcript[:80]!r}")
+    return [{"role": _HH_ROLES[role], "content": content.strip()}
+            for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def split_hh(transcript: str) -> tuple:
+    """(prompt messages, response) of an HH-RLHF transcript: the turns before its last
+    "\\n\\nAssistant:" and that turn's text (which may be empty)."""
+    turns = hh_turns(transcript)
+    if turns[-1]["role"] != "assistant":
+        raise ValueError(f"HH-RLHF transcript has no final 'Assistant:' turn: "
+                         f"...{transcript[-80:]!r}")
+    if len(turns) < 2:
+        raise ValueError(f"HH-RLHF transcript has no turn before its 'Assistant:' turn: "
+                         f"{transcript[:80]!r}")
+    return turns[:-1], turns[-1]["content"]
+
+
+def _row_prompt(fmt: str, row: Mapping, where: str) -> list:
+    if fmt == "ultrafeedback":
+        return prompt_from_value(row_field(row, "prompt", "instruction", where=where), where)
+    transcript = cell_text(row_field(row, "chosen", "rejected", where=where))
+    try:
+        return split_hh(transcript)[0]
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def read_prompt_files(fmt: str, manual_dir) -> dict:
+    """{split: [example dict, ...]} of an RLHF prompt set's files (PROMPT_LAYOUTS), "answer" "".
+
+    Identical prompts (equal encode_prompt text) are kept once per split, first occurrence in
+    file order; train also drops the prompts its test split holds (eval stays held out). Empty
+    prompts are skipped. Both counts are logged.
+    """
+    files = find_preference_files(fmt, manual_dir)
+    prompts = {}
+    for split in ("test", "train"):  # test first: train drops its prompts
+        seen = set(prompts.get("test", ()))
+        kept, dropped, empty = [], 0, 0
+        for path in files.get(split, ()):
+            for n, row in enumerate(read_rows(path)):
+                messages = _row_prompt(fmt, row, f"{fmt} {path} row {n}")
+                if not messages[-1]["content"]:
+                    empty += 1
+                    continue
+                prompt = encode_prompt(messages)
+                if prompt in seen:
+                    dropped += 1
+                    continue
+                seen.add(prompt)
+                kept.append(prompt)
+        if split in files:
+            if dropped or empty:
+                log.warning("%s %s: dropped %d duplicate prompts%s, %d empty ones", fmt, split,
+                            dropped, " (or prompts of the test split)" if split == "train" else "",
+                            empty)
+            if not kept:
+                raise ValueError(f"{fmt} {split}: no prompts in {[str(p) for p in files[split]]}")
+            prompts[split] = kept
+    out = {}
+    for split, kept in prompts.items():
+        width = len(str(len(kept) - 1))
+        out[split] = [{"id": f"{fmt}-{split}-{i:0{width}d}", "prompt": p, "answer": "",
+                       "task": fmt} for i, p in enumerate(kept)]
+    return out
+
+
 # --- loading ---------------------------------------------------------------------------------------
 
-def _decode(example, where: str = "", key=None) -> dict:
+def _decode(example, where: str = "", key=None, fields=FIELDS) -> dict:
     """The example with str values; raises IntegrityError naming ``where`` (the split's files)
     when a field reads as None: tfds decodes the records of a truncated or changed array_record
     shard that way, and training on them must not pass silently."""
-    if not isinstance(example, Mapping) or any(example.get(k) is None for k in FIELDS):
-        missing = (sorted(k for k in FIELDS if example.get(k) is None)
+    if not isinstance(example, Mapping) or any(example.get(k) is None for k in fields):
+        missing = (sorted(k for k in fields if example.get(k) is None)
                    if isinstance(example, Mapping) else "all")
         raise integrity.IntegrityError(
             f"{where or 'dataset'}: example {key} reads as None (fields {missing}): its shard is "
@@ -520,13 +799,15 @@ def _decode(example, where: str = "", key=None) -> dict:
 
 class Examples(collections.abc.Sequence):
     """Random-access examples (python str values) over a tfds data source, optionally a subset
-    given by indices. ``where`` names the files read (in the error for an unreadable example)."""
+    given by indices. ``where`` names the files read (in the error for an unreadable example);
+    ``fields`` are the ones every example must have (preference pairs have their own)."""
 
-    def __init__(self, source, indices=None, name: str = "", where: str = ""):
+    def __init__(self, source, indices=None, name: str = "", where: str = "", fields=FIELDS):
         self._source = source
         self._indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.name = name
         self.where = where or name
+        self.fields = tuple(fields)
 
     def __len__(self):
         return len(self._source) if self._indices is None else len(self._indices)
@@ -543,19 +824,20 @@ class Examples(collections.abc.Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         key = self._resolve(i)
-        return _decode(self._source[key], self.where, key)
+        return _decode(self._source[key], self.where, key, self.fields)
 
     def __getitems__(self, indices) -> list:
         keys = [self._resolve(i) for i in indices]
         getitems = getattr(self._source, "__getitems__", None)
         records = getitems(keys) if getitems is not None else [self._source[k] for k in keys]
-        return [_decode(r, self.where, k) for r, k in zip(records, keys)]
+        return [_decode(r, self.where, k, self.fields) for r, k in zip(records, keys)]
 
     def __repr__(self):
         return f"Examples({self.name!r}, {len(self)} examples)"
 
 
-def _cfg(task_cfg, key, default=None):
+def config_value(task_cfg, key, default=None):
+    """task_cfg[key] (a ConfigDict, a dict or an object's attribute), default when absent."""
     if isinstance(task_cfg, Mapping):
         return task_cfg.get(key, default)
     try:
@@ -567,12 +849,14 @@ def _cfg(task_cfg, key, default=None):
 def load_examples(task_cfg, split: str, data_dir: str, *, seed: int = 0) -> Sequence[dict]:
     """The examples of one split of task_cfg.name, built under data_dir on first use.
 
-    task_cfg: name, and for synthetic tasks difficulty, operations, num_train, num_test; for math
-    sets manual_dir (and num_test, the held-out size when the files hold no test split). seed
-    picks the synthetic problems and the held-out test problems. Returns a random-access sequence
-    of {"id", "prompt", "answer", "task"} dicts of python str. See the module docstring for splits.
+    task_cfg: name, and for synthetic tasks difficulty, operations, num_train, num_test (wordpref:
+    difficulty = the lexicon size, default tasks.WORDPREF_SIZE, and rule_seed, default 0); for
+    math sets and RLHF prompt files (PROMPT_FORMATS) manual_dir (and num_test, the held-out size
+    when the files hold no test split). seed picks the synthetic problems and the held-out test
+    problems. Returns a random-access sequence of {"id", "prompt", "answer", "task"} dicts of
+    python str. See the module docstring for splits.
     """
-    name = _cfg(task_cfg, "name")
+    name = config_value(task_cfg, "name")
     if name not in TASK_NAMES:
         raise ValueError(f"unknown task {name!r}; choose one of {list(TASK_NAMES)}")
     if split not in SPLITS:
@@ -580,46 +864,68 @@ def load_examples(task_cfg, split: str, data_dir: str, *, seed: int = 0) -> Sequ
     if not data_dir:
         raise ValueError("data_dir is empty: give the directory the tfds dataset is built in")
     data_dir = os.fspath(pathlib.Path(data_dir).expanduser())
-    num_test = int(_cfg(task_cfg, "num_test", 0) or 0)
+    num_test = int(config_value(task_cfg, "num_test", 0) or 0)
     from trustrl.infra import multihost
     # several processes sharing data_dir: process 0 builds, the others then find it built (a
     # builder made before the build would not see it, so they make theirs afterwards)
     if name in SYNTHETIC_TASKS:
+        difficulty = config_value(task_cfg, "difficulty")
+        if name == "wordpref" and difficulty is None:
+            difficulty = tasks.WORDPREF_SIZE
         with multihost.primary_first(f"tfds:{name}:{split}"):
             builder = synthetic_builder(
-                name, difficulty=_cfg(task_cfg, "difficulty"),
-                operations=_cfg(task_cfg, "operations", "+"),
-                num_train=_cfg(task_cfg, "num_train"), num_test=num_test, seed=seed,
-                data_dir=data_dir)
+                name, difficulty=difficulty, operations=config_value(task_cfg, "operations", "+"),
+                num_train=config_value(task_cfg, "num_train"), num_test=num_test, seed=seed,
+                data_dir=data_dir, rule_seed=int(config_value(task_cfg, "rule_seed", 0) or 0))
             sources = build(builder)
         if split not in sources:
             raise ValueError(f"{name} has no {split!r} split: task.num_{split}=0")
         return _checked(Examples(sources[split], name=f"{builder.builder_config.name}/{split}",
                                  where=_shards(builder, split)))
-    manual_dir = _cfg(task_cfg, "manual_dir", "")
+    manual_dir = config_value(task_cfg, "manual_dir", "")
+    make = prompt_builder if name in PROMPT_FORMATS else math_builder
     with multihost.primary_first(f"tfds:{name}:{split}"):
-        builder = math_builder(name, manual_dir=manual_dir, data_dir=data_dir)
+        builder = make(name, manual_dir=manual_dir, data_dir=data_dir)
         sources = build(builder, manual_dir=os.fspath(pathlib.Path(manual_dir).expanduser()))
+    return file_split(name, builder, sources, split, num_test=num_test, seed=seed,
+                      manual_dir=manual_dir, what="problems")
+
+
+def file_split(name: str, builder, sources: Mapping, split: str, *, num_test: int, seed: int,
+               manual_dir="", what: str = "examples", key: str = "task.num_test",
+               fields=FIELDS) -> Examples:
+    """One split of the dataset ``name`` built from the files in manual_dir ({split: data
+    source} from build()): the files' own split, or, when they hold no test split, num_test
+    examples held out of train (held_out_indices(seed)) as "test" and the rest as "train".
+    ``what`` and ``key`` (the config key of num_test) word the errors."""
     label = f"{builder.builder_config.name}/{split}"
     if "train" not in sources and split == "train":
         raise ValueError(f"{name}: the files in {manual_dir!r} hold only a test split (an "
                          f"evaluation set); train on another dataset")
     if "test" in sources or (split == "train" and num_test < 1):
-        return _checked(Examples(sources[split], name=label, where=_shards(builder, split)))
-    # No test split in the files: hold num_test problems out of train, reproducibly (seed).
+        return _checked(Examples(sources[split], name=label, where=_shards(builder, split),
+                                 fields=fields))
+    # No test split in the files: hold num_test examples out of train, reproducibly (seed).
     train = sources["train"]
     if num_test < 1:
-        raise ValueError(f"{name} has no test split in its files; set task.num_test > 0 to hold "
-                         f"that many problems out of train")
+        raise ValueError(f"{name} has no test split in its files; set {key} > 0 to hold "
+                         f"that many {what} out of train")
     if num_test >= len(train):
-        raise ValueError(f"{name}: task.num_test={num_test} leaves no training problems "
-                         f"(train has {len(train)})")
+        raise ValueError(f"{name}: {key}={num_test} leaves no training {what} (train has "
+                         f"{len(train)})")
     held = held_out_indices(len(train), num_test, seed)
+    where = _shards(builder, "train")
     if split == "test":
-        return _checked(Examples(train, held, name=f"{label} (held out of train)",
-                                 where=_shards(builder, "train")))
+        return _checked(Examples(train, held, name=f"{label} (held out of train)", where=where,
+                                 fields=fields))
     return _checked(Examples(train, np.setdiff1d(np.arange(len(train)), held), name=label,
-                             where=_shards(builder, "train")))
+                             where=where, fields=fields))
+
+
+def split_examples(builder, sources: Mapping, split: str, fields=FIELDS) -> Examples:
+    """The checked Examples of a split of a built dataset ({split: data source} from build())."""
+    return _checked(Examples(sources[split], name=f"{builder.builder_config.name}/{split}",
+                             where=_shards(builder, split), fields=fields))
 
 
 def _shards(builder, split: str) -> str:

@@ -12,7 +12,10 @@ Reward scale: `correct` for a correct answer, `wrong` for a wrong, malformed or 
 paper uses 1 / 0 (the default); pass correct=1, wrong=-1 for the symmetric scale. With the
 group-mean baseline (no std division) the scale only multiplies the advantages.
 
-Which verifier a dataset uses: TASKS maps every dataset / task name to a key of REWARD_FNS.
+Which verifier a dataset uses: TASKS maps every dataset / task name to a key of REWARD_FNS, or
+to REWARD_MODEL for the RLHF prompt sets (ultrafeedback, hh_rlhf, wordpref: trustrl.data.
+preferences), which have no verifier: get_reward_fn / score raise for them, naming the task,
+because their reward comes from a learned reward model (reward_model.hf_dir).
 """
 from __future__ import annotations
 
@@ -172,7 +175,10 @@ REWARD_FNS = {
     "math": math_correct,
 }
 
-# Dataset / task name (config task.name) -> verifier key in REWARD_FNS.
+# The TASKS value of a dataset without a verifier: its rewards come from a reward model.
+REWARD_MODEL = "reward_model"
+
+# Dataset / task name (config task.name) -> verifier key in REWARD_FNS (or REWARD_MODEL).
 TASKS = {
     "arithmetic": "arithmetic",
     "countdown": "countdown",
@@ -180,12 +186,19 @@ TASKS = {
     "math": "math",
     "dapo_math": "math",
     "aime": "math",
+    "ultrafeedback": REWARD_MODEL,
+    "hh_rlhf": REWARD_MODEL,
+    "wordpref": REWARD_MODEL,
 }
 
 
 def get_reward_fn(name: str):
-    """The verifier (response, answer) -> bool for a REWARD_FNS key or a TASKS name."""
+    """The verifier (response, answer) -> bool for a REWARD_FNS key or a TASKS name; raises for
+    a task without one (TASKS value REWARD_MODEL)."""
     key = TASKS.get(name, name)
+    if key == REWARD_MODEL:
+        raise ValueError(f"{name} has no verifier: it needs a reward model, set "
+                         f"reward_model.hf_dir")
     if key not in REWARD_FNS:
         raise ValueError(f"unknown reward / task {name!r}; choose one of "
                          f"{sorted(set(REWARD_FNS) | set(TASKS))}")

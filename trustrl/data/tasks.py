@@ -1,6 +1,7 @@
 """Synthetic verifiable reasoning tasks, generated locally and deterministically from a seed.
 
-Two task families, sized so a model of a few hundred K to a few M parameters learns them on CPU:
+Two verifiable task families, sized so a model of a few hundred K to a few M parameters learns
+them on CPU (and "wordpref", the RLHF demo's task, below):
 
 - "arithmetic": `What is 47 + 85?` -> `132`. difficulty = digits per operand; operations are
   drawn from a string of "+", "-", "*". Subtraction orders its operands so the answer is never
@@ -9,6 +10,11 @@ Two task families, sized so a model of a few hundred K to a few M parameters lea
   canonical answer is one expression that uses every number exactly once; any expression that
   uses the given numbers at most once each and evaluates to the target is correct (the verifier
   in trustrl.data.rewards reads the numbers and the target back from the canonical answer).
+- "wordpref" (no verifier: RLHF against a learned reward model): `Write about zu and tira.` ->
+  a few words of a pseudo-word lexicon. difficulty = the lexicon size (make_lexicon(difficulty,
+  rule_seed)); the answer is a REFERENCE response (3-8 lexicon words drawn uniformly, what the
+  supervised warm start trains on), not a gold answer. A hidden per-word weight
+  (wordpref_rule) defines the ground-truth score, trustrl.data.preferences.ground_truth.
 
 Every example is a dict {"id", "prompt", "answer", "task"} of strings. "prompt" is the bare
 question; trustrl.data.datasets.format_prompt wraps it in a template. The response format the
@@ -26,7 +32,7 @@ import re
 
 import numpy as np
 
-TASK_NAMES = ("arithmetic", "countdown")
+TASK_NAMES = ("arithmetic", "countdown", "wordpref")
 OPERATIONS = "+-*"
 SPLITS = ("train", "test")
 # Tries per example to draw a prompt not in the held-out set before declaring the space too small.
@@ -96,6 +102,33 @@ def countdown_example(rng: np.random.Generator, num_numbers: int, max_number: in
             break
     shown = ", ".join(str(n) for n in numbers)
     return {"prompt": f"Use {shown} to make {target}.", "answer": expr}
+
+
+# --- wordpref --------------------------------------------------------------------------------------
+
+WORDPREF_SIZE = 24  # default lexicon size (task.difficulty)
+WORDPREF_WORDS = (3, 8)  # a drawn response has 3 to 8 words (inclusive)
+WORDPREF_PROMPT = "Write about {a} and {b}."
+WORDPREF_TOPICS = re.compile(r"Write about (\S+) and (\S+)\.")
+
+
+def wordpref_rule(size: int = WORDPREF_SIZE, rule_seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """(lexicon, weights): make_lexicon(size, seed=rule_seed) and the hidden per-word weights
+    np.random.default_rng([rule_seed, 7]).normal(size=size) (float64, weights[i] of lexicon[i])."""
+    lexicon = make_lexicon(int(size), seed=int(rule_seed))
+    return lexicon, np.random.default_rng([int(rule_seed), 7]).normal(size=int(size))
+
+
+def wordpref_response(rng: np.random.Generator, lexicon) -> str:
+    """WORDPREF_WORDS[0]..[1] words drawn uniformly (with replacement), joined by spaces."""
+    n = int(rng.integers(WORDPREF_WORDS[0], WORDPREF_WORDS[1] + 1))
+    return " ".join(lexicon[int(i)] for i in rng.integers(len(lexicon), size=n))
+
+
+def wordpref_example(rng: np.random.Generator, lexicon) -> dict:
+    """One wordpref prompt (two distinct lexicon words as topics) and a reference response."""
+    a, b = (lexicon[int(i)] for i in rng.choice(len(lexicon), size=2, replace=False))
+    return {"prompt": WORDPREF_PROMPT.format(a=a, b=b), "answer": wordpref_response(rng, lexicon)}
 
 
 # --- safe expression evaluation (shared with the countdown verifier) -------------------------------
@@ -190,33 +223,43 @@ def check_task(task: str, difficulty: int, operations: str) -> None:
         if not operations or bad:
             raise ValueError(f"arithmetic operations={operations!r} must be a non-empty string of "
                              f"{list(OPERATIONS)}; invalid: {bad}")
+    elif task == "wordpref":
+        if not 2 <= difficulty <= 4096:
+            raise ValueError(f"wordpref difficulty (the lexicon size) must be in [2, 4096], "
+                             f"got {difficulty}")
     elif not 2 <= difficulty <= 6:
         raise ValueError(f"countdown difficulty (how many numbers) must be in [2, 6], "
                          f"got {difficulty}")
 
 
-def _draw(task, rng, difficulty, operations):
+def _draw(task, rng, difficulty, operations, lexicon=None):
     if task == "arithmetic":
         return arithmetic_example(rng, difficulty, operations)
+    if task == "wordpref":
+        return wordpref_example(rng, lexicon)
     return countdown_example(rng, difficulty)
 
 
 def generate_splits(task: str, *, difficulty: int, num_train: int, num_test: int, seed: int = 0,
-                    operations: str = "+") -> dict:
+                    operations: str = "+", rule_seed: int = 0) -> dict:
     """Both splits of a synthetic task: {"train": [example, ...], "test": [...]}.
 
-    Deterministic in (task, difficulty, operations, sizes, seed). Test prompts are distinct where
-    possible and never appear in train; raises ValueError when the problem space is too small for
-    that (e.g. 1-digit addition has 100 problems).
+    Deterministic in (task, difficulty, operations, sizes, seed; for wordpref rule_seed, the
+    lexicon's seed). Test prompts are distinct where possible and never appear in train; raises
+    ValueError when the problem space is too small for that (e.g. 1-digit addition has 100
+    problems; wordpref has difficulty * (difficulty - 1) prompts).
     """
     check_task(task, difficulty, operations)
+    draw = functools.partial(_draw, task, difficulty=difficulty, operations=operations,
+                             lexicon=make_lexicon(difficulty, rule_seed)
+                             if task == "wordpref" else None)
     if num_train < 1 or num_test < 0:
         raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
     test_rng = np.random.default_rng([seed, 1])
     test, held_out = [], set()
     for _ in range(num_test):
         for _ in range(_MAX_TRIES):  # distinct test prompts when the space has room for them
-            ex = _draw(task, test_rng, difficulty, operations)
+            ex = draw(test_rng)
             if ex["prompt"] not in held_out:
                 break
         held_out.add(ex["prompt"])
@@ -225,7 +268,7 @@ def generate_splits(task: str, *, difficulty: int, num_train: int, num_test: int
     train = []
     for _ in range(num_train):
         for _ in range(_MAX_TRIES):
-            ex = _draw(task, train_rng, difficulty, operations)
+            ex = draw(train_rng)
             if ex["prompt"] not in held_out:
                 break
         else:
