@@ -7,7 +7,7 @@ BASE_STAMP = $(VENV)/.trustrl-base-installed
 LATEST_VENV ?= .venv-latest
 PY312 ?=
 
-.PHONY: test install demo sanity sanity-quant clean test-latest install-latest test-extended
+.PHONY: test install demo rlhf-demo sanity sanity-quant clean test-latest install-latest test-extended
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,12 @@ install: $(STAMP)
 # The embedded default: DPPO-Binary-TV on synthetic addition, tiny model, CPU, a few minutes.
 demo: $(BASE_STAMP)
 	$(VENV)/bin/python -m trustrl.main --config=configs/default.py --workdir=workdirs/default
+
+# The offline RLHF demo (docs/rlhf.md): a reward model trained on synthetic preference pairs
+# with a hidden ground truth, then DPPO against it; prints the reward model's score and the
+# ground truth before / after (~10 min on 2 CPU cores).
+rlhf-demo: $(BASE_STAMP)
+	$(VENV)/bin/python launch/rlhf_demo.py --workdir=workdirs/rlhf_demo
 
 # The laptop-scale sanity study of docs/results.md (~2 h on 2 CPU cores; finished runs are reused).
 sanity: $(BASE_STAMP)

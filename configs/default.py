@@ -157,6 +157,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.env.advantage = "episode"  # episode (return, group baseline) | turn (return-to-go)
     c.env.kwargs = ml_collections.ConfigDict()  # the environment's constructor arguments
 
+    # A learned reward model (RLHF; trustrl.training.rlhf, docs/rlhf.md): hf_dir set scores the
+    # responses with a Hugging Face *ForSequenceClassification directory instead of the task's
+    # verifier; the conversation is re-rendered with the reward model's own tokenizer
+    c.reward_model = ml_collections.ConfigDict()
+    c.reward_model.hf_dir = ""  # the reward model ("": rewards from the task's verifier)
+    c.reward_model.tokenizer = ""  # its tokenizer dir ("": hf_dir's)
+    c.reward_model.dtype = "bfloat16"  # parameters and compute of the scoring pass
+    c.reward_model.template = "chat"  # chat (its tokenizer's chat template) | plain
+    c.reward_model.max_length = 2048  # tokens of a rendered exchange; longer ones are cut
+    c.reward_model.truncation = "right"  # right (keep the start) | left (keep the end)
+    c.reward_model.batch_size = 0  # rows per scoring call, sorted by length (0: all at once)
+    c.reward_model.bucket = 64  # scored widths are multiples of this (one compile per width)
+    c.reward_model.normalize = "none"  # none | batch | running (mean / std of all seen)
+    c.reward_model.clip = 0.0  # clip |reward| after normalising (0: off)
+    c.reward_model.length_penalty = 0.0  # minus coef * response tokens / max_new_tokens
+    c.reward_model.kl_coef = 0.0  # minus coef * sum_t (log mu - log pi_ref), pi_ref: the base
+
     c.loss = ml_collections.ConfigDict()
     c.loss.method = "dppo_binary_tv"  # see trustrl.core.losses.METHODS
     c.loss.delta_low = 0.15  # threshold on the A < 0 side (eps_low for ratio clips)

@@ -40,13 +40,22 @@ def _change(before: dict, after: dict) -> dict:
             "se": math.sqrt(before["se"] ** 2 + after["se"] ** 2)}
 
 
+# held-out metrics summarised (before -> after) and where each one's standard error is logged
+EVAL_SE = {"eval/pass@1": None, "eval/sampled_reward_mean": "eval/sampled_reward_se",
+           # RLHF (trustrl.training.evaluation.evaluate_reward_model)
+           "eval/rm_score": "eval/rm_score_se", "eval/ground_truth_mean": "eval/ground_truth_se"}
+# training metrics other than reward/mean summarised over the first / last window when logged
+# (RLHF: the reward model's raw score and the hidden ground truth of a synthetic task)
+TRAIN_EXTRA = ("reward/rm_mean", "reward/ground_truth_mean")
+
+
 def _eval_point(row: dict, key: str) -> dict:
     n = row.get("eval/num_prompts")
     value = float(row[key])
     if key == "eval/pass@1":
         se = binomial_se(value, int(n)) if n else math.nan
     else:
-        se = float(row.get("eval/sampled_reward_se", math.nan))
+        se = float(row.get(EVAL_SE[key], math.nan))
     return {"step": row["step"], "value": value, "se": se, "n": n}
 
 
@@ -73,7 +82,16 @@ def summarize(rows: list[dict], window: int = WINDOW) -> dict:
         "last": {"value": last[0], "se": last[1], "steps": (steps[-w], steps[-1])}},
         "eval": {}, "non_finite": non_finite, "window": w}
     out["train"]["change"] = _change(out["train"]["first"], out["train"]["last"])
-    for key in ("eval/pass@1", "eval/sampled_reward_mean"):
+    out["train_extra"] = {}
+    for key in TRAIN_EXTRA:
+        values = np.asarray([r[key] for r in train if isinstance(r.get(key), (int, float))])
+        if len(values):
+            wk = min(window, len(values))
+            a, b = _window_mean(values[:wk]), _window_mean(values[-wk:])
+            first, last = {"value": a[0], "se": a[1]}, {"value": b[0], "se": b[1]}
+            out["train_extra"][key] = {"first": first, "last": last,
+                                       "change": _change(first, last)}
+    for key in EVAL_SE:
         evals = [r for r in rows if isinstance(r.get(key), (int, float))]
         if len(evals) >= 2:  # one eval has no change to report
             before, after = _eval_point(evals[0], key), _eval_point(evals[-1], key)
@@ -101,8 +119,13 @@ def format_summary(s: dict) -> str:
              f"{t['first']['steps'][0]}-{t['first']['steps'][1]}) -> {_pm(t['last'])} "
              f"(iterations {t['last']['steps'][0]}-{t['last']['steps'][1]}); change "
              f"{_signed(t['change'])}"]
+    for key, e in s.get("train_extra", {}).items():
+        lines.append(f"training {key}, over {w} iterations: {_pm(e['first'])} -> "
+                     f"{_pm(e['last'])}; change {_signed(e['change'])}")
     names = {"eval/pass@1": ("held-out greedy pass@1", "binomial s.e."),
-             "eval/sampled_reward_mean": ("held-out T=1 reward", "s.e. over prompts")}
+             "eval/sampled_reward_mean": ("held-out T=1 reward", "s.e. over prompts"),
+             "eval/rm_score": ("held-out greedy reward-model score", "s.e. over prompts"),
+             "eval/ground_truth_mean": ("held-out greedy ground truth", "s.e. over prompts")}
     for key, e in s["eval"].items():
         name, how = names[key]
         b, a = e["before"], e["after"]

@@ -1,7 +1,8 @@
 """Data: synthetic tasks (tasks.py), tfds datasets and math files (datasets.py), rewards and
 verifiers (rewards.py), tokenizers (tokenizer.py, qwen_vocab.py) and a task's text side
 (task_env.py: TaskEnv), environments for multi-turn episodes (environments.py; GEM and
-reasoning-gym adapters in gem_env.py).
+reasoning-gym adapters in gem_env.py), preference data for RLHF (preferences.py: prompt sets,
+preference pairs, the synthetic "wordpref" task's hidden ground truth).
 
 ``trustrl.data`` was one module before the package had layers; its names
 (``trustrl.data.build``, ...) still resolve here, lazily, to ``trustrl.data.datasets``.
@@ -9,7 +10,7 @@ reasoning-gym adapters in gem_env.py).
 import importlib
 
 SUBMODULES = ('datasets', 'tasks', 'rewards', 'tokenizer', 'qwen_vocab', 'task_env',
-              'environments', 'gem_env')
+              'environments', 'gem_env', 'preferences')
 
 
 def __getattr__(name):

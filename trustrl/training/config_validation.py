@@ -315,10 +315,11 @@ def validate(cfg):
                          f"file writers, so task.data_dir must be a local path; leave it empty "
                          f"to build it in the workdir (for a gs:// workdir, on the host's local "
                          f"disk, see trustrl.infra.storage.local_dir)")
-    if t.name in data.MATH_DATASETS:
+    layouts = {**data.MATH_LAYOUTS, **data.PROMPT_LAYOUTS}  # the sets read from files
+    if t.name in layouts:
         if not t.manual_dir:
             raise ValueError(f"task.name={t.name!r} reads downloaded files: set task.manual_dir "
-                             f"to their directory (layout: {data.MATH_LAYOUTS[t.name]})")
+                             f"to their directory (layout: {layouts[t.name]})")
         _int(cfg, "task.num_test", 0)  # the held-out size when the files have no test split
     else:
         _int(cfg, "task.difficulty", 1)
@@ -430,6 +431,43 @@ def validate(cfg):
     _check_moe(cfg)  # after the mesh: the expert split needs its sizes
     _check_lora(cfg)
     _check_env(cfg)
+    _check_reward_model(cfg, data)
+
+
+def _check_reward_model(cfg, data):
+    """cfg.reward_model (config alone; the directory's config.json is read when the run is
+    built, trustrl.reward_model.read_config names a bad one): the choices and ranges, and that a
+    task without a verifier (a preference prompt set) has a reward model."""
+    from trustrl.training import rlhf
+    rm = cfg.get("reward_model")
+    if rm is None or not rm.get("hf_dir", ""):
+        if cfg.task.name in getattr(data, "PREFERENCE_DATASETS", ()):
+            raise ValueError(f"task.name={cfg.task.name!r} has no verifier: its prompts are "
+                             f"scored by a reward model; set reward_model.hf_dir to a Hugging "
+                             f"Face *ForSequenceClassification directory")
+        return
+    _typed(cfg, ("reward_model.hf_dir", "reward_model.tokenizer", "reward_model.dtype",
+                 "reward_model.template", "reward_model.truncation", "reward_model.normalize"),
+           str)
+    from trustrl.model.transformer import DTYPES
+    _choice("reward_model.dtype", rm.dtype, DTYPES)
+    _choice("reward_model.template", rm.template, rlhf.TEMPLATES)
+    _choice("reward_model.truncation", rm.truncation, rlhf.TRUNCATION)
+    _choice("reward_model.normalize", rm.normalize, rlhf.NORMALIZE)
+    _int(cfg, "reward_model.max_length", 2)
+    _int(cfg, "reward_model.batch_size", 0)
+    _int(cfg, "reward_model.bucket", 1)
+    for name in ("reward_model.clip", "reward_model.length_penalty", "reward_model.kl_coef"):
+        _float(cfg, name, 0.0)
+    if rm.kl_coef and not cfg.train.score_pass:
+        raise ValueError("reward_model.kl_coef > 0 needs train.score_pass=True: the reference "
+                         "policy's log-probs come from the trainer's scoring pass")
+    if cfg.get("env", {}).get("id", ""):
+        raise ValueError("reward_model.hf_dir is not supported with env.id (environment "
+                         "episodes are rewarded by their environment)")
+    if rm.batch_size and _batch_shards(cfg) and rm.batch_size % _batch_shards(cfg):
+        raise ValueError(f"reward_model.batch_size={rm.batch_size} is not divisible by the "
+                         f"mesh's batch axes (data x fsdp = {_batch_shards(cfg)})")
 
 
 def _check_env(cfg):
@@ -513,10 +551,25 @@ def check_environment(cfg, workdir: str, devices=None):
             raise ValueError(f"tokenizer.path: cannot load {path}: {type(e).__name__}: "
                              f"{str(e)[:200]}") from None
         check_vocab(cfg, vocab, f"the vocabulary of {path}")
+    rm_dir = cfg.get("reward_model", {}).get("hf_dir", "")
+    if rm_dir:  # its config.json is read first thing when the run is built (experiment.build)
+        missing = [f for f in ("config.json",) if not os.path.isfile(os.path.join(rm_dir, f))]
+        if not os.path.isdir(rm_dir) or missing:
+            raise ValueError(f"reward_model.hf_dir={rm_dir!r} is not a Hugging Face model "
+                             f"directory: " + (f"missing {missing[0]}" if os.path.isdir(rm_dir)
+                                               else "no such directory"))
+        rm_tok = cfg.reward_model.get("tokenizer", "") or rm_dir
+        if not os.path.isfile(os.path.join(rm_tok, "tokenizer.json")):
+            field = "reward_model.tokenizer" if cfg.reward_model.get("tokenizer") else (
+                "reward_model.hf_dir")
+            raise ValueError(f"{field}={rm_tok!r} has no tokenizer.json: the responses are "
+                             f"re-rendered with the reward model's own tokenizer")
     t = cfg.task
-    if t.name in data.MATH_DATASETS:
+    if t.name in data.MATH_DATASETS + data.PROMPT_FORMATS:
+        find = (data.find_math_files if t.name in data.MATH_DATASETS
+                else data.find_preference_files)
         try:
-            files = data.find_math_files(t.name, t.manual_dir)
+            files = find(t.name, t.manual_dir)
         except (OSError, ValueError) as e:
             raise ValueError(f"task.manual_dir={t.manual_dir!r}: {e}") from None
         if "train" not in files:

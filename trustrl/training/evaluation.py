@@ -44,6 +44,8 @@ def majority_at_k(answers: list[list[str | None]], truth_ok) -> float:
 def evaluate(run, params_roll, key, cfg) -> dict:
     if run.episodes is not None:  # environment episodes: held-out seeds
         return run.episodes.evaluate(params_roll, key)
+    if getattr(run, "reward", None) is not None:  # RLHF: the reward model's held-out score
+        return evaluate_reward_model(run, params_roll, key, cfg)
     env = run.env
     examples = env.eval_examples(cfg.eval.num_prompts)
     prompts = env.encode_prompts(examples)
@@ -70,4 +72,36 @@ def evaluate(run, params_roll, key, cfg) -> dict:
             grouped, lambda p, a: env.answer_matches(a, answers[p]))
         out["eval/sampled_reward_mean"] = float(rew.mean())
         out["eval/sampled_reward_se"] = standard_error(rew.reshape(len(examples), k).mean(1))
+    return out
+
+
+def evaluate_reward_model(run, params_roll, key, cfg) -> dict:
+    """An RLHF run's held-out evaluation: the reward model's raw score of greedy responses
+    (``eval/rm_score``) and of k samples per prompt (``eval/sampled_rm_score``), with standard
+    errors over prompts, the greedy responses' length, and the task's hidden ground truth where
+    it has one (``eval/ground_truth``: synthetic preference tasks), the score that tells reward
+    hacking (the reward model's score rising while the ground truth does not) from learning."""
+    from trustrl.infra import multihost
+    env, reward = run.env, run.reward
+    examples = env.eval_examples(cfg.eval.num_prompts)
+    prompts = env.encode_prompts(examples)
+    texts_in = [ex["prompt"] for ex in examples]
+    run.sampler.release()
+    greedy = run.eval_greedy.generate(params_roll, prompts, 1, key)
+    run.eval_greedy.release()
+    texts = env.decode_responses(greedy)
+    scores, _ = reward.scores(texts_in, texts)
+    out = {"eval/rm_score": float(scores.mean()), "eval/rm_score_se": standard_error(scores),
+           "eval/response_length": float(multihost.to_host(greedy.response_mask).sum(1).mean()),
+           "eval/num_prompts": len(examples)}
+    out.update(reward.ground_truth_metrics(texts_in, texts, prefix="eval/"))
+    k = cfg.eval.k
+    if k > 1:
+        sampled = run.sampler.generate(params_roll, prompts, k, jax.random.fold_in(key, 1))
+        texts = env.decode_responses(sampled)
+        many = [p for p in texts_in for _ in range(k)]
+        scores, _ = reward.scores(many, texts)
+        out["eval/sampled_rm_score"] = float(scores.mean())
+        out["eval/sampled_rm_score_se"] = standard_error(scores.reshape(len(examples), k).mean(1))
+        out.update(reward.ground_truth_metrics(many, texts, prefix="eval/sampled_"))
     return out

@@ -17,9 +17,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.training import config_validation as cv, filtering, optim, step as ts, warmstart
-from trustrl.training import episodes as episodes_lib
-from trustrl.data import datasets as data, tasks
-from trustrl.model import hf, lora, policy, quant
+from trustrl.training import episodes as episodes_lib, rlhf
+from trustrl.data import datasets as data, preferences, tasks
+from trustrl.model import hf, lora, policy, quant, reward_model
 from trustrl.model import transformer as model_lib
 from trustrl.core import losses
 from trustrl.infra import integrity, multihost, sharding, storage
@@ -50,6 +50,10 @@ class Run:
     base_id: dict | None = None
     # environment episodes (cfg.env.id; trustrl.training.episodes), None for the task's prompts
     episodes: Any = None
+    # RLHF (reward_model.hf_dir; trustrl.training.rlhf): the reward model scoring the responses,
+    # and with reward_model.kl_coef > 0 the reference policy (the initial parameters)
+    reward: Any = None
+    reference: Any = None
 
     def policy_params(self, params=None):
         """The model's parameter tree for ``params`` (default: the state's): with LoRA, the
@@ -292,6 +296,8 @@ def data_fingerprint(env) -> str:
 def build(cfg, workdir: str, mesh=None) -> Run:
     """Everything a run needs; ``mesh``: the device mesh of cfg.mesh (made here when None)."""
     mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
+    # the reward model first: a directory that is not one fails before any data or warm start
+    scorer = reward_scorer(cfg, mesh) if rlhf.enabled(cfg) else None
     data_dir = cfg.task.data_dir or os.path.join(storage.local_dir(workdir), "data")
     train_ex = data.load_examples(cfg.task, "train", data_dir, seed=cfg.task.seed)
     test_ex = data.load_examples(cfg.task, "test", data_dir, seed=cfg.task.seed)
@@ -338,6 +344,12 @@ def build(cfg, workdir: str, mesh=None) -> Run:
     eps = (episodes_lib.build(cfg, tokenizer, roll_cfg, sampler.cfg, eval_greedy.cfg, mesh)
            if runs_episodes else None)
     source = episodes_lib.train_seeds(cfg) if runs_episodes else env.train
+    reward = reference = None
+    if rlhf.enabled(cfg):
+        reward = rlhf.RewardModelReward(cfg, mesh, *scorer,
+                                        ground_truth=preferences.ground_truth_fn(cfg.task))
+        if cfg.reward_model.kl_coef:  # pi_ref: the policy before any RL update
+            reference = rlhf.reference_params(state.params)  # LoRA: the adapters only
     return Run(
         cfg=cfg, mesh=mesh, env=env, model_cfg=model_cfg, rollout_cfg=roll_cfg, state=state,
         key=key, episodes=eps,
@@ -346,7 +358,21 @@ def build(cfg, workdir: str, mesh=None) -> Run:
         rollout_params=rollout_params_program(model_cfg, roll_cfg, frozen),
         score=score_program(cfg, model_cfg, mesh),
         train_step=train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh),
-        frozen=frozen, base_id=base_id)
+        frozen=frozen, base_id=base_id, reward=reward, reference=reference)
+
+
+def reward_scorer(cfg, mesh):
+    """((config, params, jitted score program), tokenizer) of reward_model.hf_dir on ``mesh``,
+    in reward_model.dtype (trustrl.reward_model; aot_check's "reward" phase compiles the
+    program), with reward_model.tokenizer (or the directory's own)."""
+    rm = cfg.reward_model
+    try:
+        config, params = reward_model.load_hf_dir(rm.hf_dir, mesh=mesh, param_dtype=rm.dtype,
+                                                  dtype=rm.dtype)
+    except (OSError, KeyError, ValueError) as e:  # each names the file and the field
+        raise ValueError(f"reward_model.hf_dir={rm.hf_dir!r}: {e}") from None
+    return (config, params, reward_model.score_program(config, mesh)), Tokenizer.from_dir(
+        rm.get("tokenizer", "") or rm.hf_dir)
 
 
 def rollout_params_program(model_cfg, roll_cfg, frozen=None):

@@ -18,37 +18,51 @@ from trustrl.infra import checkpoint as ckpt_lib
 from trustrl.training import resume
 from trustrl.infra import multihost, preemption, sharding, storage, workdir_lock
 from trustrl.training import config_validation as cv
-from trustrl.training import evaluation, experiment, step as ts
+from trustrl.training import evaluation, experiment, rlhf, step as ts
 from trustrl.core import losses
 from trustrl.infra.metrics import MetricWriter
 from trustrl.rollout.record import FINISH_LENGTH, mismatch_stats, validate
 
 
-def _rewards(env, host_rollout, examples, group_size, cfg):
+def _rewards(env, host_rollout, examples, group_size, cfg, reward=None):
+    """(rewards [B] float32, metrics): the task's verifier, or with ``reward`` (RLHF) the
+    reward model's shaped score of the decoded responses (trustrl.training.rlhf)."""
     texts = env.decode_responses(host_rollout)
-    answers = [ex["answer"] for ex in examples for _ in range(group_size)]
-    rewards = env.score(texts, answers)
+    metrics = {}
+    if reward is None:
+        answers = [ex["answer"] for ex in examples for _ in range(group_size)]
+        rewards = env.score(texts, answers)
+    else:
+        prompts = [ex["prompt"] for ex in examples for _ in range(group_size)]
+        rewards, metrics = reward(prompts, texts, host_rollout.response_mask.sum(1))
     if cfg.rollout.overlong == "penalty":
         rewards = np.where(host_rollout.finish_reason == FINISH_LENGTH,
                            cfg.rollout.overlong_penalty, rewards)
-    return rewards.astype(np.float32)
+    return rewards.astype(np.float32), metrics
 
 
-def _collect(env, sampler, params_roll, prompt_iter, key, cfg, mesh):
+def _mean_metrics(rounds: list[dict]) -> dict:
+    """Each key's mean over the sampling rounds that logged it."""
+    keys = {k for m in rounds for k in m}
+    return {k: float(np.mean([m[k] for m in rounds if k in m])) for k in sorted(keys)}
+
+
+def _collect(env, sampler, params_roll, prompt_iter, key, cfg, mesh, reward=None):
     """Samples one iteration's groups; with dynamic sampling, keeps only groups whose rewards
     differ and refills (a bounded number of rounds) to a fixed batch size. Returns the rollout
     on the devices, its host copy (numpy, gathered from every process), the examples, the
     rewards and extra metrics."""
     g, n = cfg.rollout.group_size, cfg.rollout.prompts_per_iter
-    kept_ex, kept_r, kept_rew = [], [], []
+    kept_ex, kept_r, kept_rew, rounds = [], [], [], []
     for round_ in range(1 + (cfg.rollout.max_refill_rounds if cfg.rollout.dynamic_sampling else 0)):
         examples = next(prompt_iter)
         key, sub = jax.random.split(key)
         r = sampler.generate(params_roll, env.encode_prompts(examples), g, sub)
         host = multihost.to_host(r)
-        rew = _rewards(env, host, examples, g, cfg)
+        rew, rew_metrics = _rewards(env, host, examples, g, cfg, reward)
+        rounds.append(rew_metrics)
         if not cfg.rollout.dynamic_sampling:
-            return r, host, examples, rew, {}
+            return r, host, examples, rew, rew_metrics
         informative = rew.reshape(-1, g).std(axis=1) > 0
         for i in np.flatnonzero(informative):
             kept_ex.append(examples[i])
@@ -65,7 +79,22 @@ def _collect(env, sampler, params_roll, prompt_iter, key, cfg, mesh):
     host = host.replace(group_index=np.repeat(np.arange(n, dtype=np.int32), g))
     r = multihost.to_global(host, jax.tree.map(
         lambda x: sharding.batch_sharding(mesh, x.ndim), host))
-    return r, host, kept_ex[:n], np.concatenate(kept_rew[:n]), {"rollout/refill_rounds": round_}
+    return r, host, kept_ex[:n], np.concatenate(kept_rew[:n]), {
+        "rollout/refill_rounds": round_, **_mean_metrics(rounds)}
+
+
+def _kl_penalty(cfg, run, batch, host_r, rewards):
+    """rewards - kl_coef * KL(mu || pi_ref) per response (trustrl.training.rlhf.sequence_kl),
+    pi_ref's log-probs from the trainer's scoring pass on the reference parameters; returns
+    (rewards, advantages [B] float32, metrics)."""
+    ref_logp = sharding.cpu_sync(run.score(run.policy_params(run.reference), batch))
+    kl = rlhf.sequence_kl(host_r.rollout_logp, multihost.to_host(ref_logp),
+                          multihost.to_host(batch["response_mask"]))
+    rewards = (rewards - np.float32(cfg.reward_model.kl_coef) * kl).astype(np.float32)
+    adv = np.asarray(adv_lib.compute_advantages(rewards, cfg.rollout.group_size,
+                                                cfg.loss.advantage), np.float32)
+    return rewards, adv, {"reward/kl_ref_mean": float(kl.mean()),
+                          "reward/kl_ref_max": float(kl.max())}
 
 
 def _check_storage(cfg, workdir: str):
@@ -120,6 +149,8 @@ def _run(cfg, workdir, run, changes=()):
         key = jax.random.wrap_key_data(jnp.asarray(np.asarray(host["key"], np.uint32)))
         start = host["iteration"]
         run.prompt_iter.restore(host["data"])
+        if run.reward is not None and "reward_norm" in host:  # the running normalisation
+            run.reward.moments = rlhf.RunningMoments(**host["reward_norm"])
         print(f"resumed from {ckpt.directory} at iteration {start}")
     ckpt.check_space(state)
     if multihost.is_primary():  # the run has started: its config (and accepted changes) now
@@ -189,7 +220,8 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
                 params_roll, run.prompt_iter, k_roll, run.mesh)
         else:
             r, host_r, examples, rewards, extra = _collect(env, run.sampler, params_roll,
-                                                           run.prompt_iter, k_roll, cfg, run.mesh)
+                                                           run.prompt_iter, k_roll, cfg, run.mesh,
+                                                           run.reward)
             adv = adv_lib.compute_advantages(rewards, g, cfg.loss.advantage)
         if not cfg.rollout.get("keep_kv_cache", False):  # not on the chips during the update
             run.sampler.release()
@@ -217,6 +249,11 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
                 batch["old_logp"] = old_logp
         else:
             metrics = {}
+        if run.reference is not None:  # RLHF's KL-to-reference penalty, then the advantages
+            rewards, adv, kl_metrics = _kl_penalty(cfg, run, batch, host_r, rewards)
+            metrics.update(kl_metrics)
+            batch["advantages"] = multihost.to_global(
+                adv, sharding.batch_sharding(run.mesh, adv.ndim))
         if routing is not None and routed is not None:
             metrics.update(sharding.cpu_sync(routing(
                 run.policy_params(state.params), {**batch, "routed_experts": routed}, old_logp)))
@@ -260,6 +297,8 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
                     "config": cfg.to_dict()}  # what config.json says
             if run.base_id is not None:  # LoRA: the adapters' base, checked on restore
                 host["lora_base"] = run.base_id
+            if run.reward is not None:  # RLHF: the running reward normalisation's moments
+                host["reward_norm"] = run.reward.moments.state()
             ckpt.save(it + 1, state, host)
         if stop:
             raise preemption.Preempted(it + 1, watcher.received)

@@ -19,7 +19,9 @@ OPERATIONAL = ("log.", "mesh.", "eval.every", "checkpoint.every", "checkpoint.ma
                "train.microbatches",  # exact gradient accumulation: memory, not the update
                "train.score_microbatches",  # the score pass in parts: memory, not the values
                "rollout.keep_kv_cache",  # memory between iterations, not the rollouts
-               "model.attention")  # the kernel, not the math (backends agree to float error)
+               "model.attention",
+               # how the reward model's rows are batched and padded (right padding: exact)
+               "reward_model.batch_size", "reward_model.bucket")  # the kernel, not the math (backends agree to float error)
 
 
 def latest_checkpoint(workdir: str):
@@ -70,7 +72,14 @@ ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.contin
                 # environment episodes (issue 30): id "" is the single-turn task of older runs
                 "env.id": "", "env.template": "plain", "env.max_turns": 4,
                 "env.max_turn_tokens": 8, "env.max_total_tokens": 64, "env.advantage": "episode",
-                "env.kwargs": {}}
+                "env.kwargs": {},
+                # learned reward models (issue 31): hf_dir "" is the verifier reward of older runs
+                "reward_model.hf_dir": "", "reward_model.tokenizer": "",
+                "reward_model.dtype": "bfloat16", "reward_model.template": "chat",
+                "reward_model.max_length": 2048, "reward_model.truncation": "right",
+                "reward_model.batch_size": 0, "reward_model.bucket": 64,
+                "reward_model.normalize": "none", "reward_model.clip": 0.0,
+                "reward_model.length_penalty": 0.0, "reward_model.kl_coef": 0.0}
 
 
 def config_changes(old: dict, new: dict):
