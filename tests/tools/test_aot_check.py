@@ -318,3 +318,54 @@ def test_tpu_topology_compiles_the_small_moe_preset_with_routing_replay(subproce
             and " | " in line]
     assert [r.split()[0] for r in rows] == ["init", "rollout", "score", "train"]
     assert all(" yes " in line for line in rows), rows
+
+
+# --- reward models (issue 31) -------------------------------------------------------------------
+
+def test_reward_phase_and_its_params_held_through_the_run():
+    """A run with a reward model: its scoring pass is compiled on the run's mesh (calls of
+    reward_model.batch_size rows, rounded up to the data shards, at max_length rounded up to
+    the bucket) and its params are held during every other phase; the report says whether the
+    largest policy phase fits beside them. The presets: Skywork-Reward-Llama-3.1-8B's shape."""
+    import jax
+    import ml_collections
+    import numpy as np
+    from trustrl.model import reward_model
+    from trustrl.model import transformer as model_lib
+    big = reward_model.config_from_hf(aot_check.REWARD_MODELS["llama3.1-8b"])
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(reward_model.param_shapes(big)))
+    assert 7.5e9 < n < 7.6e9 and big.model.rope_scaling.factor == 8.0, n  # 8B less lm_head
+    cfg = default.get_config("tiny")
+    cfg.mesh = dict(data=8, fsdp=1, tensor=1)  # everything replicated: a hand count
+    cfg.rollout.prompts_per_iter, cfg.rollout.group_size = 8, 2  # 16 rows
+    cfg.reward_model = ml_collections.ConfigDict(dict(hf_dir="/nowhere/Skywork-Reward-Llama-"
+                                                      "3.1-8B-v0.2", dtype="bfloat16",
+                                                      max_length=40, bucket=16, batch_size=4))
+    assert aot_check.reward_hf_config(cfg, None) == (aot_check.REWARD_MODELS[
+        "skywork-reward-llama-3.1-8b"], "preset skywork-reward-llama-3.1-8b")
+    rm_hf = dict(aot_check.REWARD_MODELS["llama3.1-8b"], vocab_size=300, hidden_size=64,
+                 intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+    hf, _ = aot_check.model_hf_config(cfg, None)
+    lines = []
+    rows = {r["phase"]: r for r in aot_check.check(
+        cfg, jax.devices()[:8], hf_config=hf, prompt_len=16, phases=("reward", "train"),
+        log=lines.append, reward_config=rm_hf)}
+    assert list(rows) == ["reward", "train"]
+    assumed = next(line for line in lines if "assumed: reward model" in line)
+    assert "4 scoring call(s) per iteration of 8 rows x 48 tokens" in assumed  # 4 -> 8 rows
+    tiny = reward_model.config_from_hf(rm_hf)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model_lib.param_shapes(
+        tiny.model))) + 64
+    gib = 2 ** 30
+    assert rows["reward"]["reward_model_params"] * gib == 2 * params  # bf16, replicated
+    assert rows["reward"]["args"] * gib == 2 * params + 48 * (4 + 4 + 1)  # + 1 row per chip
+    assert rows["train"]["held"]["reward model params"] == rows["reward"]["reward_model_params"]
+    assert "reward model params" not in rows["reward"]["held"]
+    assert "train state" in rows["reward"]["held"]
+    table, verdict = aot_check.report(list(rows.values()), 1.0)
+    assert verdict is None
+    assert f"reward model: {2 * params / gib:.4g} GiB of params per chip" in table
+    assert "beside the largest policy phase (train: " in table and "of 1: fits" in table
+    assert aot_check.report(list(rows.values()), 1e-6)[1].startswith(
+        "aot_check: reward, train do(es) not fit")

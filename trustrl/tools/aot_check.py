@@ -15,6 +15,15 @@ TPU, inside a shard_map):
   rollout  one iteration's sampling: prompts_per_iter x group_size rows of --prompt_len (its
            bucket) + rollout.max_new_tokens, rollout.max_rows at a time (continuous slots or
            split calls), with the KV cache the sampler keeps
+  reward   (runs with a reward model: --reward_model, or cfg.reward_model.hf_dir) the reward
+           model's scoring pass (trustrl.model.reward_model.score_program, bf16 unless
+           reward_model.dtype says otherwise): one call of reward_model.batch_size rows (all of
+           prompts_per_iter x group_size when 0 or absent; rounded up to a multiple of the
+           mesh's data x fsdp, as trustrl.training.rlhf packs them) at reward_model.max_length
+           tokens (rounded up to reward_model.bucket; prompt bucket + rollout.max_new_tokens
+           without a max_length), on the run's mesh. Its params stay on the chips for the whole
+           run, so they are "held" in every other phase; the table's last lines say whether the
+           largest policy phase fits with them and what the scoring pass peaks at
   score    the score pass (pi_old of the whole iteration) in train.score_microbatches parts
   train    one optimizer step of a minibatch ((prompts_per_iter x group_size / minibatches)
            rows) in train.microbatches micro-batches
@@ -45,7 +54,10 @@ when one does not fit (--hbm_gib, default the TPU compiler's own limit for the c
 HBM_GIB); 2 on bad flags.
 
 The model: model.hf_dir/config.json when it exists, else --model (a preset of MODELS), else the
-preset named by hf_dir's last component (e.g. /mnt/models/Qwen3-8B-Base -> qwen3-8b).
+preset named by hf_dir's last component (e.g. /mnt/models/Qwen3-8B-Base -> qwen3-8b). The
+reward model likewise: reward_model.hf_dir/config.json, else --reward_model (REWARD_MODELS),
+else the preset hf_dir's last component names (.../Skywork-Reward-Llama-3.1-8B); no reward model
+(reward_model.hf_dir empty, no flag, or "reward" not in --phases): no reward phase.
 ``--topology=cpu:N``: N host CPU devices instead (a fallback where libtpu is not installed;
 memory then follows XLA:CPU's layouts, not a TPU's). TPU topologies need the libtpu that
 matches the pinned jax: ``pip install "libtpu==0.0.42.*"`` for jax 0.10.2 (jax[tpu]).
@@ -98,20 +110,35 @@ MODELS = {
                             num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
 }
-PHASES = ("init", "merge", "rollout", "score", "train", "eval")  # merge: LoRA runs only
+# Reward models (*ForSequenceClassification config.json fields) this tool can size without their
+# files. Skywork-Reward-Llama-3.1-8B (the paper's sec. 7.2 reward model) is Llama-3.1-8B with a
+# one-label score head; its pad token does not change the program's memory.
+_LLAMA31_8B_RM = dict(architectures=["LlamaForSequenceClassification"], model_type="llama",
+                      vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      head_dim=128, rope_theta=500000.0, rope_scaling=dict(
+                          rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=8192),
+                      rms_norm_eps=1e-5, max_position_embeddings=131072,
+                      tie_word_embeddings=False, num_labels=1, pad_token_id=None)
+REWARD_MODELS = {"llama3.1-8b": _LLAMA31_8B_RM, "skywork-reward-llama-3.1-8b": _LLAMA31_8B_RM}
+PHASES = ("init", "merge", "rollout", "reward", "score", "train", "eval")  # merge: LoRA only
 OBS_LEN = 256  # environment runs: observation tokens per appended chunk (--obs_len)
 
 
 def _define_flags():
     """The command line's flags (defined when run as a program: trustrl.main defines --config
     too, and both modules are imported by the tests)."""
-    global _CONFIG, _TOPOLOGY, _MODEL, _HBM, _PROMPT_LEN, _OBS_LEN, _PHASES, _JSON
+    global _CONFIG, _TOPOLOGY, _MODEL, _REWARD_MODEL, _HBM, _PROMPT_LEN, _OBS_LEN, _PHASES, _JSON
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                               lock_config=True)
     _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:2x4x4, v5e:4x4, "
                                     "v4:2x2x2; or cpu:N (N host CPU devices).")
     _MODEL = flags.DEFINE_string("model", None, f"Model preset when model.hf_dir has no "
                                  f"config.json: one of {sorted(MODELS)}.")
+    _REWARD_MODEL = flags.DEFINE_string(
+        "reward_model", None, f"Reward model preset when reward_model.hf_dir has no "
+        f"config.json (or is not set): one of {sorted(REWARD_MODELS)}.")
     _HBM = flags.DEFINE_float("hbm_gib", None, "Memory per chip to check against (default: the "
                               "chip's HBM; none for cpu:N).")
     _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row (the bucket).")
@@ -175,6 +202,66 @@ def model_hf_config(cfg, preset: str | None) -> tuple[dict, str]:
     return MODELS[name], f"preset {name}"
 
 
+def reward_hf_config(cfg, preset: str | None) -> tuple[dict | None, str | None]:
+    """(HF config dict of the run's reward model, where it came from), (None, None) without
+    one: reward_model.hf_dir/config.json, else the preset ``preset`` names, else the one
+    hf_dir's last component names."""
+    rm = cfg.get("reward_model") or {}
+    hf_dir = rm.get("hf_dir", "") or ""
+    file = os.path.join(hf_dir, "config.json") if hf_dir else ""
+    if preset is None and file and os.path.isfile(file):
+        with open(file) as f:
+            return json.load(f), file
+    name = preset
+    if name is None and hf_dir:
+        base = os.path.basename(os.path.normpath(hf_dir)).lower()
+        name = next((k for k in sorted(REWARD_MODELS, key=len, reverse=True)
+                     if base == k or base.startswith(k + "-")), None)
+        if name is None:
+            raise ValueError(f"no reward model shape: reward_model.hf_dir={hf_dir!r} has no "
+                             f"config.json and names no preset; pass --reward_model, one of "
+                             f"{sorted(REWARD_MODELS)} (or leave 'reward' out of --phases)")
+    if name is None:
+        return None, None
+    if name not in REWARD_MODELS:
+        raise ValueError(f"--reward_model={name!r} is not a preset; choose one of "
+                         f"{sorted(REWARD_MODELS)}")
+    return REWARD_MODELS[name], f"preset {name}"
+
+
+def reward_spec(cfg, hf_config: dict, mesh, default_width: int) -> dict:
+    """What the reward phase compiles: the reward model's config (reward_model.dtype, default
+    bf16), its abstract sharded params, and one scoring call's abstract (tokens, positions,
+    valid): ``rows`` rows (reward_model.batch_size, or all of prompts_per_iter x group_size,
+    rounded up to a multiple of the mesh's data x fsdp) of ``width`` tokens
+    (reward_model.max_length, else ``default_width``, rounded up to reward_model.bucket);
+    ``calls``: scoring calls per iteration."""
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    from trustrl.infra import sharding
+    from trustrl.model import reward_model
+
+    rm = cfg.get("reward_model") or {}
+    dtype = rm.get("dtype", "") or "bfloat16"
+    config = reward_model.config_from_hf(hf_config, param_dtype=dtype, dtype=dtype)
+    total = cfg.rollout.prompts_per_iter * cfg.rollout.group_size
+    per_call = min(int(rm.get("batch_size", 0) or 0) or total, total)
+    shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    rows = shards * math.ceil(per_call / shards)
+    width = int(rm.get("max_length", 0) or 0) or default_width
+    bucket = int(rm.get("bucket", 0) or 0)
+    width = bucket * math.ceil(width / bucket) if bucket else width
+    batch = tuple(jax.ShapeDtypeStruct((rows, width), dt,
+                                       sharding=sharding.batch_sharding(mesh))
+                  for dt in (jnp.int32, jnp.int32, jnp.bool_))
+    return dict(config=config, params=reward_model.abstract_params(config, mesh), batch=batch,
+                rows=rows, width=width, calls=math.ceil(total / per_call), dtype=dtype,
+                program=reward_model.score_program(config, mesh))
+
+
 def compiled_memory(compiled) -> dict:
     """GiB per device of a compiled program (XLA's memory analysis): args, out, temp and total
     = args + out + temp - aliased (donated) bytes."""
@@ -198,12 +285,15 @@ def per_chip_gib(tree) -> float:
 
 
 def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=print,
-          obs_len: int = OBS_LEN) -> list:
+          obs_len: int = OBS_LEN, reward_config: dict | None = None) -> list:
     """Compiles the phases for cfg.mesh over ``devices``; returns one row dict per phase (per
     program of an environment run's multi-turn phases), each with the program's memory and
     ``held``: what the run keeps alive on the chip during it ({name: GiB per chip}, from the
     same objects the run holds), so ``total + held`` is the phase's peak. ``obs_len``: an
-    environment run's observation chunk (module docstring)."""
+    environment run's observation chunk (module docstring). ``reward_config``: the reward
+    model's HF config (``reward_hf_config``), None without one; with it the "reward" phase
+    is compiled and its params are held in every other phase (the row of the reward phase
+    carries them as ``reward_model_params``)."""
     import dataclasses
 
     import jax
@@ -324,9 +414,20 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
             routes_dtype(model_cfg.num_experts), sharding=sharding.batch_sharding(mesh, 4))
         held_routes = {"rollout record's routed experts": per_chip_gib(routes)}
         held_batch.update(held_routes)
+    rm = None  # the reward model: held through the whole run, scored after each rollout
+    held_rm = {}
+    if reward_config is not None and "reward" in phases:
+        rm = reward_spec(cfg, reward_config, mesh, width + n_new)
+        held_rm = {"reward model params": per_chip_gib(rm["params"])}
+        log(f"  assumed: reward model {rm['config'].architecture} ({rm['dtype']}, "
+            f"{rm['config'].model.num_layers} layers, width {rm['config'].model.hidden_size}): "
+            f"{rm['calls']} scoring call(s) per iteration of {rm['rows']} rows x {rm['width']} "
+            f"tokens")
     out = []
 
     def record(phase, shape, lower, held):
+        if phase != "reward":  # (the reward phase has them as its arguments)
+            held = {**held, **held_rm}
         t0 = time.perf_counter()
         try:
             memory = compiled_memory(lower().compile())
@@ -372,6 +473,14 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
         elif "rollout" in phases:
             what, lowered, _ = sampler.lower(roll_params, rows, width)
             record("rollout", what, lambda: lowered, held_state)
+        if rm is not None:  # after the rollout: the policy's state, rollout params and record
+            record("reward", f"{rm['rows']} x {rm['width']} tokens per call, {rm['calls']} "
+                   f"call(s) ({rm['dtype']})",
+                   lambda: rm["program"].lower(rm["params"], *rm["batch"]),
+                   {**held_state, **held_roll, **held_cache, **{
+                       ("rollout record (~ the iteration's batch)" if k == "iteration's batch"
+                        else k): v for k, v in held_batch.items()}})
+            out[-1]["reward_model_params"] = held_rm["reward model params"]
         if "score" in phases and scored:
             score = experiment.score_program(cfg, model_cfg, mesh)
             record("score", f"{rows} x ({width} + {n_new}) tokens in "
@@ -419,6 +528,8 @@ def main(argv):
     try:
         kind, n_cpu, hbm = parse_topology(_TOPOLOGY.value)
         hf_config, source = model_hf_config(cfg, _MODEL.value)
+        reward_config, reward_source = (reward_hf_config(cfg, _REWARD_MODEL.value)
+                                        if "reward" in _PHASES.value else (None, None))
     except ValueError as e:
         _fail(str(e))
     hbm = _HBM.value if _HBM.value is not None else hbm
@@ -452,13 +563,16 @@ def main(argv):
                   f"{jax.__version__} (pip install 'jax[tpu]=={jax.__version__}') or use "
                   f"--topology=cpu:N")
     print(f"aot_check: {_TOPOLOGY.value} ({len(devices)} chips, {devices[0].device_kind}), mesh "
-          f"{dict(cfg.mesh)}, model from {source}, jax {jax.__version__}")
+          f"{dict(cfg.mesh)}, model from {source}"
+          + (f", reward model from {reward_source}" if reward_source else "")
+          + f", jax {jax.__version__}")
     assumed = []
     log = lambda line: (print(line, flush=True), assumed.append(line.strip()[len("assumed: "):])
                         if line.strip().startswith("assumed: ") else None)
     try:
         rows = check(cfg, devices, hf_config=hf_config, prompt_len=_PROMPT_LEN.value,
-                     obs_len=_OBS_LEN.value, phases=_PHASES.value, log=log)
+                     obs_len=_OBS_LEN.value, phases=_PHASES.value, log=log,
+                     reward_config=reward_config)
     except ValueError as e:
         _fail(str(e))
     table, verdict = report(rows, hbm)
@@ -473,6 +587,7 @@ def main(argv):
                 versions[name] = None
         with open(_JSON.value, "w") as f:
             json.dump(dict(topology=_TOPOLOGY.value, chips=len(devices), model=source,
+                           reward_model=reward_source,
                            mesh=dict(cfg.mesh), hbm_gib=hbm, assumed=assumed, versions=versions,
                            fits=verdict is None, rows=rows), f, indent=1,
                       default=lambda x: None)
@@ -480,6 +595,25 @@ def main(argv):
     if verdict:
         print(verdict, file=sys.stderr)
         sys.exit(1)
+
+
+def _reward_lines(rows, peaks, hbm: float | None) -> list[str]:
+    """The reward model's verdict: its params are held through the run, its scoring pass'
+    activations only while it scores."""
+    i = next((i for i, r in enumerate(rows) if r["phase"] == "reward"), None)
+    if i is None:
+        return []
+    params, others = rows[i]["reward_model_params"], [j for j in range(len(rows)) if j != i]
+    fits = lambda peak: "" if hbm is None else (f" of {hbm:g}: " + (
+        "fits" if peak <= hbm else "does NOT fit"))
+    out = [f"reward model: {params:.4g} GiB of params per chip, held through the whole run; "
+           f"its scoring pass peaks at {peaks[i]:.4g} GiB{fits(peaks[i])}"]
+    if others:
+        j = max(others, key=lambda j: peaks[j])
+        out.append(f"  beside the largest policy phase ({rows[j]['phase']}: "
+                   f"{peaks[j] - params:.4g} GiB): {peaks[j]:.4g} GiB per chip with the reward "
+                   f"model's params{fits(peaks[j])}")
+    return out
 
 
 def report(rows, hbm: float | None) -> tuple[str, str | None]:
@@ -508,6 +642,7 @@ def report(rows, hbm: float | None) -> tuple[str, str | None]:
             if r.get("held"):
                 lines.append(f"  held during {r['phase']}: " + ", ".join(
                     f"{k} {v:.3g}" for k, v in r["held"].items()))
+        lines += _reward_lines(rows, peaks, hbm)
     if not over:
         return "\n".join(lines), None
     limit = f"{hbm:g} GiB per chip" if hbm is not None else "the device memory"
