@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # HF tokenizer dir ("": base.hf_dir's, else a BPE trained on pairs)
-    c.tokenizer.vocab_size = 400  # the trained BPE's size
+    c.tokenizer.vocab_size = 320  # the trained BPE's size
     c.tokenizer.split_digits = True
 
     c.pairs = ml_collections.ConfigDict()
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pairs.manual_dir = ""  # the downloaded pair files (ultrafeedback / hh_rlhf)
     c.pairs.data_dir = ""  # where the tfds dataset is built ("": WORKDIR/data)
     c.pairs.num_train = 4096  # synthetic pairs
-    c.pairs.num_test = 512  # held-out pairs (synthetic; or held out of files without a test split)
+    c.pairs.num_test = 128  # held-out pairs (synthetic; or held out of files without a test split)
     c.pairs.seed = 0
     c.pairs.difficulty = 24  # wordpref: lexicon size
     c.pairs.rule_seed = 0  # wordpref: the hidden rule

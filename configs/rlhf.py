@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.rule_seed = 0  # the hidden rule (= configs/reward_model.py's pairs.rule_seed)
     c.task.num_train = 4096
     c.task.num_test = 128
-    c.tokenizer.vocab_size = 400
+    c.tokenizer.vocab_size = 320
     c.tokenizer.split_digits = False
     # the base writes random word lists (the warm start's "answers"); its loss cannot reach a
     # small target (the words are random), so it runs a fixed number of steps

@@ -117,3 +117,15 @@ def test_correlation_and_its_constant_case():
     assert rlhf.correlation([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert rlhf.correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(rlhf.correlation([1, 1, 1], [1, 2, 3]))
+
+
+def test_a_multi_turn_prompt_is_rendered_as_its_conversation(tokenizers):
+    _, rm = tokenizers
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "zaku?"}]
+    text = rlhf.render(rm, conv, "tebi")
+    assert text == ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
+                    "<|im_start|>user\nzaku?<|im_end|>\n<|im_start|>assistant\ntebi<|im_end|>\n")
+    assert rlhf.render(rm, conv, "tebi", "plain") == "hi\n\nhello\n\nzaku?\n\ntebi"
+    assert rlhf.last_user_text(conv) == "zaku?" and rlhf.last_user_text("p") == "p"
+    assert conv[-1]["content"] == "zaku?"  # the caller's list is not changed

@@ -118,3 +118,54 @@ def test_a_causal_lm_given_as_reward_model_is_refused_before_the_run(tmp_path):
     cfg.reward_model.hf_dir = str(tmp_path / "lm")
     with pytest.raises(ValueError, match="reward_model.hf_dir=.*lm.*config.json.*causal"):
         experiment.reward_scorer(cfg, sharding.make_mesh(cfg.mesh))
+
+
+def test_reward_model_training_starts_from_a_hugging_face_base(tmp_path):
+    """base.hf_dir: a causal LM directory (here a tiny Llama written by trustrl, with its
+    tokenizer) is the trunk; its embedding and layers start as the base's."""
+    import jax
+    from trustrl.data.tokenizer import train_bpe
+    from trustrl.model import hf
+    from trustrl.model.transformer import ModelConfig, init_params
+    tok = train_bpe(["Write about zaku and tebi. zaku tebi mola"] * 50 + ["user: assistant: \n"],
+                    280, save_dir=None)
+    m = ModelConfig.tiny(vocab_size=tok.vocab_size)
+    base = init_params(m, jax.random.key(3))
+    hf.save_hf_dir(base, m, str(tmp_path / "base"))
+    tok.save(str(tmp_path / "base"))
+    cfg = set_fields(rm_configs.get_config("tiny"), {"base.hf_dir": str(tmp_path / "base"),
+                                                    "train.steps": 1})
+    params, rm_cfg, tok2, _ = reward_training.train(cfg, str(tmp_path / "work"))
+    assert tok2.vocab_size == tok.vocab_size and rm_cfg.model.num_layers == m.num_layers
+    # one small step moved the trunk only a little from the base's weights
+    diff = np.abs(np.asarray(params["model"]["embedding"]) - np.asarray(base["embedding"]))
+    assert 0 < diff.max() < 0.05
+
+
+@pytest.mark.optimized  # execution-bound: compiled at XLA's default level
+@pytest.mark.slow
+def test_rlhf_against_a_learned_reward_model_improves_the_hidden_ground_truth(tmp_path):
+    """The demo shrunk: a reward model learns the hidden "wordpref" rule from labelled pairs
+    (held-out accuracy well above chance), then DPPO against it raises both the reward model's
+    score and the ground truth the reward model never saw."""
+    rm_cfg = set_fields(rm_configs.get_config("wordpref"), {
+        "base.num_layers": 1, "base.hidden_size": 64, "base.intermediate_size": 128,
+        "base.head_dim": 16, "pairs.num_train": 2048, "pairs.num_test": 128,
+        "train.steps": 120, "train.eval_every": 0})
+    params, cfg_rm, tok, metrics = reward_training.train(rm_cfg, str(tmp_path / "rm"))
+    assert metrics["eval/accuracy"] > 0.7
+    rm_dir = reward_training.export(params, cfg_rm, tok, str(tmp_path / "rm_hf"))
+    cfg = set_fields(rlhf_configs.get_config("demo"), {
+        "reward_model.hf_dir": rm_dir, "warmstart.steps": 150, "warmstart.cache_dir": "",
+        "model.num_layers": 2, "rollout.prompts_per_iter": 16, "rollout.group_size": 4,
+        "rollout.max_new_tokens": 16, "train.iterations": 12, "train.minibatches": 2,
+        "eval.every": 12, "eval.num_prompts": 32, "eval.k": 2, "checkpoint.every": 0,
+        "log.progress": False, "log.tensorboard": False, "optim.learning_rate": 3e-4})
+    wd = str(tmp_path / "run")
+    train.train(cfg, wd)
+    rows = read_jsonl(wd + "/metrics.jsonl")
+    first, last = rows[1:4], rows[-3:]
+    mean = lambda rs, k: float(np.mean([r[k] for r in rs]))  # noqa: E731
+    assert mean(last, "reward/rm_mean") > mean(first, "reward/rm_mean") + 0.5
+    assert mean(last, "reward/ground_truth_mean") > mean(first, "reward/ground_truth_mean") + 0.1
+    assert rows[-1]["eval/ground_truth_mean"] > rows[0]["eval/ground_truth_mean"]

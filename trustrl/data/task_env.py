@@ -36,6 +36,11 @@ class TaskEnv:
     def prompt_text(self, example) -> str:
         return data.format_prompt(example, self.template, self.tokenizer)
 
+    def prompt_messages(self, example) -> list[dict]:
+        """The example's conversation as [{"role", "content"}, ...] (a reward model re-renders
+        it with the response as the assistant turn: trustrl.training.rlhf)."""
+        return data.prompt_messages(example)
+
     def encode_prompts(self, examples) -> list[list[int]]:
         return [self.tokenizer.encode(self.prompt_text(ex)) for ex in examples]
 

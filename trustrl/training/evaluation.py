@@ -85,7 +85,7 @@ def evaluate_reward_model(run, params_roll, key, cfg) -> dict:
     env, reward = run.env, run.reward
     examples = env.eval_examples(cfg.eval.num_prompts)
     prompts = env.encode_prompts(examples)
-    texts_in = [ex["prompt"] for ex in examples]
+    texts_in = [env.prompt_messages(ex) for ex in examples]
     run.sampler.release()
     greedy = run.eval_greedy.generate(params_roll, prompts, 1, key)
     run.eval_greedy.release()

@@ -33,7 +33,7 @@ def _rewards(env, host_rollout, examples, group_size, cfg, reward=None):
         answers = [ex["answer"] for ex in examples for _ in range(group_size)]
         rewards = env.score(texts, answers)
     else:
-        prompts = [ex["prompt"] for ex in examples for _ in range(group_size)]
+        prompts = [env.prompt_messages(ex) for ex in examples for _ in range(group_size)]
         rewards, metrics = reward(prompts, texts, host_rollout.response_mask.sum(1))
     if cfg.rollout.overlong == "penalty":
         rewards = np.where(host_rollout.finish_reason == FINISH_LENGTH,

@@ -102,7 +102,7 @@ def make_step(rm_cfg, tx):
             lambda p: loss_fn(p, rm_cfg, batch), has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {**metrics, "bt/grad_norm": optax.global_norm(grads)}
+        return params, opt_state, {**metrics, "bt/grad_norm": optax.tree.norm(grads)}
     return step
 
 

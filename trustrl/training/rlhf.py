@@ -56,16 +56,33 @@ def enabled(cfg) -> bool:
 # ----------------------------------------------------------------------------- re-templating
 
 
-def render(tokenizer, prompt: str, response: str, template: str = "chat") -> str:
-    """The reward model's text of one exchange (see the module docstring); ``tokenizer``: a
+def messages_of(prompt) -> list[dict]:
+    """A prompt given as text (one user message) or as [{"role", "content"}, ...] messages
+    (a multi-turn conversation: TaskEnv.prompt_messages) -> the message list."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+
+
+def last_user_text(prompt) -> str:
+    """The last user message of a prompt (text or messages)."""
+    users = [m["content"] for m in messages_of(prompt) if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def render(tokenizer, prompt, response: str, template: str = "chat") -> str:
+    """The reward model's text of one exchange (see the module docstring): ``prompt`` text or
+    a conversation's messages, then the response as the assistant turn. ``tokenizer``: a
     trustrl.data.tokenizer.Tokenizer (not imported here: config validation reads this
-    module's choices and stays shallow)."""
+    module's choices and stays shallow). "plain" joins the messages' contents and the response
+    with blank lines."""
+    messages = messages_of(prompt)
     if template == "plain":
-        return f"{prompt}\n\n{response}"
+        return "\n\n".join([m["content"] for m in messages] + [response])
     if template != "chat":
         raise ValueError(f"reward_model.template={template!r} is not valid; choose one of "
                          f"{list(TEMPLATES)}")
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    messages.append({"role": "assistant", "content": response})
     return tokenizer.apply_chat_template(messages, add_generation_prompt=False)
 
 
@@ -233,7 +250,8 @@ class RewardModelReward:
         when the task has a hidden ground truth (a synthetic preference task), else {}."""
         if self.ground_truth is None:
             return {}
-        g = np.asarray(self.ground_truth(list(prompts), list(responses)), np.float64)
+        g = np.asarray(self.ground_truth([last_user_text(p) for p in prompts],
+                                         list(responses)), np.float64)
         se = float(g.std(ddof=1) / math.sqrt(len(g))) if len(g) > 1 else float("nan")
         return {f"{prefix}ground_truth_mean": float(g.mean()), f"{prefix}ground_truth_se": se}
 
