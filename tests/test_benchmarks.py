@@ -269,3 +269,16 @@ def test_multiturn_quick(capsys):
     assert ep["turns"].max() > 1 and (ep["naive"] >= ep["processed"]).all()
     assert math.isfinite(out["naive_ratio"]) and out["naive_ratio"] > 1
     assert f"{out['naive_ratio']:.2f}x |" in printed
+
+
+def test_reward_model_quick(capsys):
+    """benchmarks/reward_model.py --quick: the three rows (the trainer's scoring pass, the reward
+    model's program, its end-to-end call) with finite positive ratios; the script checks that the
+    end-to-end scores equal the program's (re-templating and packing change nothing)."""
+    rows = _load_bench("reward_model").main(["--quick"])
+    printed = capsys.readouterr().out
+    assert "| pass | tokens | best ms | tokens/s | x score pass |" in printed
+    assert [r["pass"] for r in rows] == ["score pass", "RM, program", "RM, end to end"]
+    assert rows[0]["ratio"] == 1.0
+    assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["tokens"] > 0 for r in rows)
+    assert rows[1]["tokens"] == rows[2]["tokens"]
