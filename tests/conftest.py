@@ -218,9 +218,9 @@ _EXTENDED = (
 
 # The files of the longest tests (measured), longest first: run first so that no long test is
 # left to run alone at the end of the suite.
-_LONGEST = ("test_multiprocess.py", "test_sanity.py", "test_rollout_model.py",
-            "test_notebooks.py", "test_train.py", "test_resume.py", "test_multihost.py",
-            "test_checkpoint.py", "test_loop.py", "test_benchmarks.py")
+_LONGEST = ("test_multiprocess.py", "test_sanity.py", "test_rlhf_run.py",
+            "test_rollout_model.py", "test_notebooks.py", "test_train.py", "test_resume.py",
+            "test_multihost.py", "test_checkpoint.py", "test_loop.py", "test_benchmarks.py")
 
 
 def pytest_collection_modifyitems(config, items):
