@@ -200,6 +200,21 @@ def _builder_classes():
         return _builders["synthetic"], _builders["math"]
     tfds = _tfds()
 
+    class TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """A builder of examples whose fields are all text (``FIELDS``), written in the order
+        its ``_split_generators`` lists them; downloads nothing (no code path)."""
+        FIELDS = FIELDS
+        code_path = _NO_CODE_PATH
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                         features=text_features(self.FIELDS),
+                                         disable_shuffling=True)
+
+        def _generate_examples(self, examples):
+            for i, ex in enumerate(examples):
+                yield i, ex
+
     @dataclasses.dataclass(eq=False)
     class SyntheticConfig(tfds.core.BuilderConfig):
         task: str = "arithmetic"
@@ -210,19 +225,14 @@ def _builder_classes():
         seed: int = 0
         rule_seed: int = 0  # wordpref's lexicon and hidden weights
 
-    class TrustrlSynthetic(tfds.core.GeneratorBasedBuilder):
+    class TrustrlSynthetic(TextBuilder):
         """Synthetic verifiable tasks from trustrl.data.tasks.generate_splits.
 
         Bump VERSION when trustrl.data.tasks changes what a seed generates (built data is reused).
         """
         VERSION = tfds.core.Version("1.0.0")
-        code_path = _NO_CODE_PATH
         RELEASE_NOTES = {"1.0.0": "arithmetic and countdown (later wordpref, its own config "
                                   "names) from trustrl.data.tasks"}
-
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                         features=text_features(), disable_shuffling=True)
 
         def _split_generators(self, dl_manager):
             del dl_manager
@@ -232,65 +242,54 @@ def _builder_classes():
                                            rule_seed=c.rule_seed)
             return {s: self._generate_examples(ex) for s, ex in splits.items() if ex}
 
-        def _generate_examples(self, examples):
-            for i, ex in enumerate(examples):
-                yield i, ex
 
     @dataclasses.dataclass(eq=False)
     class MathConfig(tfds.core.BuilderConfig):
         dataset: str = "gsm8k"
 
-    class TrustrlMath(tfds.core.GeneratorBasedBuilder):
+    class TrustrlMath(TextBuilder):
         """Math word-problem sets from local files (GSM8K, MATH, DAPO-Math-17k, AIME)."""
         VERSION = tfds.core.Version("1.0.0")
-        code_path = _NO_CODE_PATH
         RELEASE_NOTES = {"1.0.0": "gsm8k, math, dapo_math, aime from manual_dir"}
         MANUAL_DOWNLOAD_INSTRUCTIONS = "\n".join(f"{k}: {v}" for k, v in MATH_LAYOUTS.items())
-
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                         features=text_features(), disable_shuffling=True)
 
         def _split_generators(self, dl_manager):
             dataset = self.builder_config.dataset
             rows = read_math_files(dataset, pathlib.Path(str(dl_manager.manual_dir)))
             return {s: self._generate_examples(ex) for s, ex in rows.items()}
 
-        def _generate_examples(self, examples):
-            for i, ex in enumerate(examples):
-                yield i, ex
 
     @dataclasses.dataclass(eq=False)
     class PromptConfig(tfds.core.BuilderConfig):
         fmt: str = "ultrafeedback"
 
-    class TrustrlPrompts(tfds.core.GeneratorBasedBuilder):
+    class TrustrlPrompts(TextBuilder):
         """RLHF prompt sets from local files (UltraFeedback, HH-RLHF): prompts without answers."""
         VERSION = tfds.core.Version("1.0.0")
-        code_path = _NO_CODE_PATH
         RELEASE_NOTES = {"1.0.0": "ultrafeedback and hh_rlhf prompts from manual_dir"}
         MANUAL_DOWNLOAD_INSTRUCTIONS = "\n".join(f"{k}: {v}" for k, v in PROMPT_LAYOUTS.items())
-
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                         features=text_features(), disable_shuffling=True)
 
         def _split_generators(self, dl_manager):
             rows = read_prompt_files(self.builder_config.fmt,
                                      pathlib.Path(str(dl_manager.manual_dir)))
             return {s: self._generate_examples(ex) for s, ex in rows.items()}
 
-        def _generate_examples(self, examples):
-            for i, ex in enumerate(examples):
-                yield i, ex
 
     for cls in (SyntheticConfig, TrustrlSynthetic, MathConfig, TrustrlMath, PromptConfig,
                 TrustrlPrompts):
         cls.__qualname__ = cls.__name__  # readable in tfds' log lines
     _builders.update(synthetic=TrustrlSynthetic, math=TrustrlMath,
                      synthetic_config=SyntheticConfig, math_config=MathConfig,
-                     prompts=TrustrlPrompts, prompts_config=PromptConfig)
+                     prompts=TrustrlPrompts, prompts_config=PromptConfig, text=TextBuilder)
     return TrustrlSynthetic, TrustrlMath
+
+
+def text_builder():
+    """The base class of trustrl's tfds builders (not registered): examples whose fields are
+    all text (its ``FIELDS``; override in a subclass), written in order, no downloads; a
+    subclass defines VERSION and ``_split_generators``."""
+    _builder_classes()
+    return _builders["text"]
 
 
 _OP_NAMES = {"+": "plus", "-": "minus", "*": "times"}

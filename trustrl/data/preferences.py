@@ -294,18 +294,13 @@ def _pair_classes():
         seed: int = 0
         label_noise: float = 0.0
 
-    class TrustrlPairs(tfds.core.GeneratorBasedBuilder):
+    class TrustrlPairs(datasets.text_builder()):
         """Preference pairs (prompt, chosen, rejected) from files or the wordpref rule."""
         VERSION = tfds.core.Version("1.0.0")
-        code_path = None  # downloads nothing: no checksums file to look for (datasets.py)
+        FIELDS = PAIR_FIELDS
         RELEASE_NOTES = {"1.0.0": "ultrafeedback / hh_rlhf files, synthetic wordpref"}
         MANUAL_DOWNLOAD_INSTRUCTIONS = "\n".join(
             f"{k}: {v}" for k, v in datasets.PROMPT_LAYOUTS.items())
-
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                         features=datasets.text_features(PAIR_FIELDS),
-                                         disable_shuffling=True)
 
         def _split_generators(self, dl_manager):
             c = self.builder_config
@@ -316,10 +311,6 @@ def _pair_classes():
             else:
                 splits, _ = read_pair_files(c.kind, pathlib.Path(str(dl_manager.manual_dir)))
             return {s: self._generate_examples(ex) for s, ex in splits.items() if ex}
-
-        def _generate_examples(self, examples):
-            for i, ex in enumerate(examples):
-                yield i, ex
 
     for cls in (PairConfig, TrustrlPairs):
         cls.__qualname__ = cls.__name__
