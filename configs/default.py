@@ -183,6 +183,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.alpha = 0.1  # mu cutoff of relax_* methods (ignored otherwise)
     c.loss.advantage = "group_mean"  # group_mean | grpo | rloo
     c.loss.trm_divergence = "binary_tv"  # token divergence trm_seq masks on
+    # The trust-region family after DPPO (trustrl.core.losses.PARAMS; docs/trust_region_family.md);
+    # each is read only by its method
+    c.loss.icepop_low = 0.5  # icepop: keep tokens with icepop_low <= pi/mu <= icepop_high (AReaL)
+    c.loss.icepop_high = 5.0
+    c.loss.kpop_phi = 2.0  # kpop: mask max(KL_b(pi||mu), KL_b(mu||pi)) > phi (AReaL example)
+    c.loss.opsm_delta = 1e-4  # opsm: mask A<0 rows with mean log(mu/pi) > delta (slime default)
+    c.loss.geo_low = 0.99  # geo_seq_mask: keep rows with geo_low <= geo-mean pi/mu <= geo_high
+    c.loss.geo_high = 1.01  # (SkyRL defaults)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-4  # AdamW learning rate for RL (2e-4: held-out fell late, issue 10)

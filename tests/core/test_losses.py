@@ -236,10 +236,15 @@ def _ref_keep(method, pi, mu, old, a, d, dl, dh, alpha):
         return not (hi or lo)
     if method == "mask_neg":
         return not (a < 0 and mu - pi >= dl)
+    if method == "icepop":  # PARAMS defaults: keep 0.5 <= r <= 5
+        return bool(0.5 <= r <= 5.0)
+    if method == "kpop":  # PARAMS default phi = 2: both Bernoulli KL directions <= 2
+        kl = lambda p, q: p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+        return bool(max(kl(pi, mu), kl(mu, pi)) <= 2.0)
     raise AssertionError(method)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "trm_seq"])
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].elementwise])
 @pytest.mark.parametrize("agg", losses.AGGREGATIONS)
 def test_random_vs_slow_reference(method, agg):
     rng = np.random.default_rng(zlib.crc32(f"{method}/{agg}".encode()))

@@ -51,6 +51,7 @@ class _Inputs(NamedTuple):
     delta_low: float
     delta_high: float
     alpha: float | None
+    params: dict  # the method's PARAMS values (defaults filled in), Python floats
 
 
 def _dppo_block(adv, up, down, div, delta_low, delta_high):
@@ -123,6 +124,134 @@ def _m_trm_seq(x: _Inputs):
     return jnp.broadcast_to(seq_blocked, x.logp.shape), x.divergence
 
 
+# ------------------------------------------------------------ the trust-region family (issue 32)
+# Each mask below is read against the reference code named in its docstring. They anchor on mu
+# (rollout_logp) and measure with the CURRENT pi (stop-gradient): the references measure with
+# pi_old / pi_proximal (the trainer's log-probs before this update), which is pi on the first
+# optimizer step of an iteration. Masked tokens stay in every aggregation denominator, as in
+# AReaL (loss_mask_count taken before the rejection mask), slime and TRL (the loss is multiplied
+# by the mask); SkyRL multiplies its loss_mask, so its token-mean denominator drops them.
+
+
+def _m_icepop(x: _Inputs):
+    """IcePop (arXiv 2510.18855), both advantage signs: block iff r < low or r > high with
+    r = pi / mu; ties kept (low <= r <= high is kept). Weight min(r, C) on the kept tokens.
+
+    Source: areal-project/AReaL @ cbff54d, areal/utils/functional/functional.py
+    apply_rejection_sampling (level=token, action=mask, metric=ratio: keep iff
+    lower <= exp(logp_prox - logp_behave) <= upper; behave_imp_weight = that ratio, 0 if
+    masked) with examples/math/gsm8k_icepop.yaml (lower 0.5, upper 5.0); the same test in
+    THUDM/slime @ 624b824 slime/backends/megatron_utils/loss.py icepop_function
+    (ice_ratio >= tis_clip_low & ice_ratio <= tis_clip, weight ice_ratio else 0) and SkyRL
+    @ a9564572 off_policy_correction_utils.compute_token_mask. A mask (weight 0), not a clip."""
+    lo, hi = x.params["icepop_low"], x.params["icepop_high"]
+    return (x.ratio < lo) | (x.ratio > hi), jnp.abs(x.ratio - 1)
+
+
+def _m_kpop(x: _Inputs):
+    """KPop, both advantage signs: block iff max(KL_b(pi || mu), KL_b(mu || pi)) > phi, with
+    KL_b the Bernoulli KL of the sampled token's probabilities,
+    KL_b(p || q) = p log(p / q) + (1 - p) log((1 - p) / (1 - q)).
+
+    Source: areal-project/AReaL @ cbff54d, areal/utils/functional/functional.py
+    apply_rejection_sampling metric="binary_kl" (metric = max(kl_fwd, kl_rev), kept iff
+    metric <= upper) and compute_binary_kl_divergence (probabilities clamped to
+    [1e-8, 1 - 1e-8]; here divergences.binary_kl's log1mexp form, equal away from p = 1 where
+    the clamp rounds to 1 in float32); phi = upper = 2.0 in examples/math/gsm8k_kpop.yaml and
+    docs/en/algorithms/grpo_series.md. Weight min(r, C) on the kept tokens."""
+    kl = jnp.maximum(divergences.binary_kl(x.logp, x.rollout_logp),   # KL(mu || pi)
+                     divergences.binary_kl(x.rollout_logp, x.logp))   # KL(pi || mu)
+    return kl > x.params["kpop_phi"], kl
+
+
+def _seq_mean(v, mask):
+    """Per-row mean of v over the response tokens, [B, 1] (0 for a row without any)."""
+    return jnp.sum(v * mask, axis=-1, keepdims=True) / jnp.maximum(
+        jnp.sum(mask, axis=-1, keepdims=True), 1.0)
+
+
+def _m_opsm(x: _Inputs):
+    """Off-policy sequence masking (DeepSeek-V3.2 sec. 3.1) on the GRPO clipped objective:
+    block a token iff the PPO / GRPO clip test on r = pi / mu blocks it (eps_low = delta_low,
+    eps_high = delta_high, as ppo_clip), or A_t < 0 and its sequence's
+
+        kl_b = sum_t m_bt (log mu_bt - log pi_bt) / max(sum_t m_bt, 1) > opsm_delta.
+
+    Source: THUDM/slime @ 624b824, slime/utils/ppo_utils.py compute_opsm_mask (seq_kl as
+    above with old = rollout log-probs under --use-rollout-logprobs; mask = (advantage < 0) &
+    (seq_kl > opsm_delta), the advantage per token; --opsm-delta default 1e-4) applied to
+    compute_policy_loss's clipped loss in slime/backends/megatron_utils/loss.py; identical
+    rule in huggingface/trl @ f2cd577 GRPOTrainer.get_off_policy_mask (off_policy_mask_threshold).
+    Sequence-level (the mean runs over the row's mask): not elementwise."""
+    kl = _seq_mean(x.rollout_logp - x.logp, x.mask)
+    seq = (x.adv < 0) & (kl > x.params["opsm_delta"])
+    blocked = _clip_block(x.adv, x.ratio, x.delta_low, x.delta_high) | seq
+    return blocked, jnp.broadcast_to(kl, x.logp.shape)
+
+
+def _m_geo_seq_mask(x: _Inputs):
+    """SkyRL's geometric sequence mask: block the whole sequence iff
+    g_b = exp(sum_t m_bt log r_bt / max(sum_t m_bt, 1)) is < geo_low or > geo_high
+    (ties kept), r = pi / mu; weight min(r, C) per token.
+
+    Source: NovaSky-AI/SkyRL @ a9564572,
+    skyrl/backends/skyrl_train/utils/off_policy_correction_utils.py compute_sequence_mask
+    (sequence_mask_metric="geometric"; safe_exp_delta clips the log at 20) with
+    skyrl/train/config/config.py geo_mask_low 0.99 / geo_mask_high 1.01; this row is that mask
+    with tis_ratio_type="token" (token_tis_ratio_clip_high = is_cap). Not elementwise."""
+    log_g = _seq_mean(jnp.clip(x.logp - x.rollout_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP),
+                      x.mask)
+    g = jnp.exp(jnp.clip(log_g, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    seq = (g < x.params["geo_low"]) | (g > x.params["geo_high"])
+    return jnp.broadcast_to(seq, x.logp.shape), jnp.broadcast_to(jnp.abs(g - 1), x.logp.shape)
+
+
+class Param(NamedTuple):
+    """A method parameter: its default (also configs/default.py's c.loss.<name> and
+    resume.ADDED_FIELDS) and its valid interval (a ValueError naming it otherwise)."""
+    default: float
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+
+# Method parameters beyond delta_low / delta_high / is_cap / alpha, passed as policy_loss(...,
+# params={name: value}) and in the loss config as loss.<name>. A method reads only the names in
+# its Method.params; the others are ignored.
+PARAMS = {
+    "icepop_low": Param(0.5, 0.0, open_low=True),     # IcePop: keep low <= pi/mu <= high
+    "icepop_high": Param(5.0, 0.0, open_low=True),
+    "kpop_phi": Param(2.0, 0.0, open_low=True),       # KPop: max binary KL threshold
+    "opsm_delta": Param(1e-4, 0.0),                   # OPSM: mean log(mu/pi) threshold
+    "geo_low": Param(0.99, 0.0, 1.0, open_low=True),  # SkyRL geometric sequence mask band
+    "geo_high": Param(1.01, 1.0),
+}
+# (low, high) pairs that must satisfy low < high
+PARAM_ORDER = (("icepop_low", "icepop_high"), ("geo_low", "geo_high"))
+
+
+def check_params(params: dict, where: str = "") -> None:
+    """Each value a finite number in its Param interval, ordered pairs ordered; a ValueError
+    naming ``where + name`` (config_validation passes where="loss.")."""
+    for name, v in params.items():
+        if name not in PARAMS:
+            raise ValueError(f"unknown loss parameter {where}{name!r}; valid: "
+                             f"{', '.join(where + k for k in PARAMS)}")
+        p = PARAMS[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{where}{name} must be a finite number, got {v!r}")
+        below = v <= p.low if p.open_low else v < p.low
+        above = v >= p.high if p.open_high else v > p.high
+        if below or above:
+            lo = f"{'(' if p.open_low else '['}{p.low}"
+            hi = "inf)" if math.isinf(p.high) else f"{p.high}{')' if p.open_high else ']'}"
+            raise ValueError(f"{where}{name} must be in {lo}, {hi}, got {v}")
+    for lo, hi in PARAM_ORDER:
+        if lo in params and hi in params and not params[lo] < params[hi]:
+            raise ValueError(f"{where}{lo}={params[lo]} must be < {where}{hi}={params[hi]}")
+
+
 class Method(NamedTuple):
     """A loss method: its mask and what the train step must hand it besides (logp, rollout_logp,
     advantages, mask). Everything that depends on the method reads this table."""
@@ -137,7 +266,8 @@ class Method(NamedTuple):
     needs_alpha: bool = False    # relax_*: the mu cutoff alpha
     ratio_clip: bool = False     # delta_low is a ratio-clip epsilon, so it must be < 1
     elementwise: bool = True     # the mask is per token (logp_grad, the loss-fused head); not
-    #                              trm_seq, whose mask is a max over the sequence
+    #                              trm_seq, opsm, geo_seq_mask (a max / mean over the sequence)
+    params: tuple = ()           # the PARAMS this method reads (loss.<name> in the config)
 
 
 METHODS = {
@@ -160,6 +290,11 @@ METHODS = {
     "relax_both": Method(_m_relax("both"), needs_alpha=True, ratio_clip=True),
     "mask_neg": Method(_m_mask_neg),
     "trm_seq": Method(_m_trm_seq, divergence="binary", elementwise=False),
+    # the trust-region family after DPPO (issue 32; docs/trust_region_family.md)
+    "icepop": Method(_m_icepop, params=("icepop_low", "icepop_high")),
+    "kpop": Method(_m_kpop, params=("kpop_phi",)),
+    "opsm": Method(_m_opsm, ratio_clip=True, elementwise=False, params=("opsm_delta",)),
+    "geo_seq_mask": Method(_m_geo_seq_mask, elementwise=False, params=("geo_low", "geo_high")),
 }
 
 
@@ -181,9 +316,23 @@ def _is_concrete(x):
     return not isinstance(x, jax.core.Tracer)
 
 
-def _validate(logp, rollout_logp, advantages, mask, method, delta_low, delta_high, is_cap, agg,
-              old_logp, divergence, alpha):
+def method_params(method: str, params=None) -> dict:
+    """The values of ``method``'s PARAMS: ``params`` (a mapping of PARAMS names; names the
+    method does not read are ignored) over the defaults, checked (check_params)."""
     spec = method_spec(method)
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        raise ValueError(f"unknown loss parameter(s) {unknown}; valid: {', '.join(PARAMS)}")
+    used = {k: params.get(k, PARAMS[k].default) for k in spec.params}
+    check_params(used)
+    return {k: float(v) for k, v in used.items()}
+
+
+def _validate(logp, rollout_logp, advantages, mask, method, delta_low, delta_high, is_cap, agg,
+              old_logp, divergence, alpha, params=None):
+    spec = method_spec(method)
+    method_params(method, params)
     if agg not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {agg!r}; valid: {', '.join(AGGREGATIONS)}")
     for name, d in (("delta_low", delta_low), ("delta_high", delta_high)):
@@ -254,16 +403,16 @@ def aggregation_weights(mask, agg):
 
 def policy_loss_terms(logp, rollout_logp, advantages, mask, *, method, delta_low, delta_high,
                       is_cap=float("inf"), agg="token-mean", old_logp=None, divergence=None,
-                      alpha=None) -> LossTerms:
+                      alpha=None, params=None) -> LossTerms:
     """Like policy_loss, but returns (loss_sum, denom, metrics) for exact micro-batching."""
     _validate(logp, rollout_logp, advantages, mask, method, delta_low, delta_high, is_cap, agg,
-              old_logp, divergence, alpha)
+              old_logp, divergence, alpha, params)
     logp_f = jnp.asarray(logp, jnp.float32)
     mask_f = _f32(mask)
     x, (blocked, div_used, weight, truncated, coef) = _coef(
         logp_f, rollout_logp, advantages, mask_f, method=method, delta_low=delta_low,
         delta_high=delta_high, is_cap=is_cap, old_logp=old_logp, divergence=divergence,
-        alpha=alpha)
+        alpha=alpha, params=params)
     per_token = -coef * jnp.exp(logp_f - jax.lax.stop_gradient(logp_f))
     num_w, denom = aggregation_weights(mask_f, agg)
     loss_sum = jnp.sum(per_token * num_w)
@@ -277,17 +426,18 @@ def _f32(a):
 
 
 def _coef(logp, rollout_logp, advantages, mask, *, method, delta_low, delta_high, is_cap,
-          old_logp, divergence, alpha):
+          old_logp, divergence, alpha, params=None):
     """The stop-gradient per-token coefficient M * w * A of every method (and its parts):
     (inputs, (blocked, divergence used, weight, truncated, coef)). Elementwise over any token
-    shape, except trm_seq (a max over the last axis)."""
+    shape, except the non-elementwise methods (a max / mean over the last axis)."""
     lp, lmu = _f32(logp), _f32(rollout_logp)
     adv = _f32(advantages)
     if adv.ndim == lp.ndim - 1:
         adv = jnp.broadcast_to(adv[..., None], lp.shape)
     ratio = _ratio(lp, lmu)
     x = _Inputs(lp, lmu, adv, _f32(mask), ratio, _f32(old_logp), _f32(divergence),
-                float(delta_low), float(delta_high), None if alpha is None else float(alpha))
+                float(delta_low), float(delta_high), None if alpha is None else float(alpha),
+                method_params(method, params))
     blocked, div_used = METHODS[method].mask(x)
     keep = 1.0 - blocked.astype(jnp.float32)
     if method == "cispo":  # MiniMax CISPO: every token kept, weight sg(clip(r, 1-eps_l, 1+eps_h))
@@ -302,19 +452,20 @@ def _coef(logp, rollout_logp, advantages, mask, *, method, delta_low, delta_high
 
 
 def logp_grad(logp, rollout_logp, advantages, agg_weight, *, method, delta_low, delta_high,
-              is_cap=float("inf"), old_logp=None, divergence=None, alpha=None):
+              is_cap=float("inf"), old_logp=None, divergence=None, alpha=None, params=None):
     """d loss / d logp per token, -M * min(r, C) * A * agg_weight (agg_weight: the aggregation's
     num_w / denom), elementwise over any token shape: what autodiff of policy_loss_terms'
     loss_sum / denom gives, computed without a backward pass (the loss-fused vocabulary head,
-    trustrl.model.vocab_head, uses it inside its forward chunks). Not for trm_seq (a sequence-level
-    mask)."""
+    trustrl.model.vocab_head, uses it inside its forward chunks). Not for the sequence-level
+    masks (Method.elementwise False: trm_seq, opsm, geo_seq_mask)."""
     if method not in METHODS or not METHODS[method].elementwise:
         raise ValueError(f"logp_grad is elementwise; method {method!r} is not (valid: "
                          f"{', '.join(m for m, spec in METHODS.items() if spec.elementwise)})")
     ones = jnp.ones(jnp.shape(logp), jnp.float32)
     _, (*_, coef) = _coef(logp, rollout_logp, advantages, ones, method=method,
                           delta_low=delta_low, delta_high=delta_high, is_cap=is_cap,
-                          old_logp=old_logp, divergence=divergence, alpha=alpha)
+                          old_logp=old_logp, divergence=divergence, alpha=alpha,
+                          params=params)
     return -coef * _f32(agg_weight)
 
 
@@ -354,7 +505,7 @@ def _metrics(lp, lmu, adv, mask, blocked, div, weight, truncated, ratio):
 
 def policy_loss(logp, rollout_logp, advantages, mask, *, method, delta_low, delta_high,
                 is_cap=float("inf"), agg="token-mean", old_logp=None, divergence=None,
-                alpha=None):
+                alpha=None, params=None):
     """Trust-region policy-gradient loss (PAPER Eq. 12 / 23 and the sec. 4 baselines).
 
     Args:
@@ -370,11 +521,16 @@ def policy_loss(logp, rollout_logp, advantages, mask, *, method, delta_low, delt
       old_logp: [B, T] recomputed pi_old log-probs (only *_recompute methods).
       divergence: [B, T] token divergence D(mu || pi) (top-K, full and trm_seq methods).
       alpha: mu cutoff of the relax_* ablation.
+      params: the method's own parameters, a mapping of PARAMS names (icepop_low / icepop_high,
+        kpop_phi, opsm_delta, geo_low / geo_high) to numbers; a name the method does not read is
+        ignored, one it reads and is not given takes PARAMS[name].default. The train step passes
+        {name: loss_cfg[name] for name in METHODS[method].params}.
     Returns:
       (loss scalar, metrics dict of scalars). d loss / d logp = -M * min(r, C) * A * agg weight.
     """
     terms = policy_loss_terms(logp, rollout_logp, advantages, mask, method=method,
                               delta_low=delta_low, delta_high=delta_high, is_cap=is_cap, agg=agg,
-                              old_logp=old_logp, divergence=divergence, alpha=alpha)
+                              old_logp=old_logp, divergence=divergence, alpha=alpha,
+                              params=params)
     loss = terms.loss_sum / jnp.maximum(terms.denom, 1e-8)
     return loss, {**terms.metrics, "loss/value": loss}

@@ -264,6 +264,9 @@ def validate(cfg):
     _float(cfg, "loss.is_cap", 0, open_low=True, inf_ok=True)
     if losses.METHODS[cfg.loss.method].needs_alpha:
         _float(cfg, "loss.alpha", 0, 1, open_low=True)
+    # the method's own parameters (losses.PARAMS): ranges and low < high, named as loss.<name>
+    losses.check_params({k: _get(cfg, f"loss.{k}") for k in losses.METHODS[cfg.loss.method].params},
+                        where="loss.")
     _choice("rollout.dtype", cfg.rollout.dtype, policy.ROLLOUT_DTYPES)
     _choice("rollout.head_dtype", cfg.rollout.head_dtype, policy.HEAD_DTYPES)
     _choice("model.dtype", cfg.model.dtype, transformer.DTYPES)

@@ -79,7 +79,10 @@ ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.contin
                 "reward_model.max_length": 2048, "reward_model.truncation": "right",
                 "reward_model.batch_size": 0, "reward_model.bucket": 64,
                 "reward_model.normalize": "none", "reward_model.clip": 0.0,
-                "reward_model.length_penalty": 0.0, "reward_model.kl_coef": 0.0}
+                "reward_model.length_penalty": 0.0, "reward_model.kl_coef": 0.0,
+                # the trust-region family (issue 32): read only by the new loss methods
+                "loss.icepop_low": 0.5, "loss.icepop_high": 5.0, "loss.kpop_phi": 2.0,
+                "loss.opsm_delta": 1e-4, "loss.geo_low": 0.99, "loss.geo_high": 1.01}
 
 
 def config_changes(old: dict, new: dict):

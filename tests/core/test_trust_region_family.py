@@ -1,0 +1,303 @@
+"""The trust-region family after DPPO (issue 32): icepop, kpop, opsm, geo_seq_mask.
+
+Hand-computed masks and gradients, test-only NumPy transcriptions of the reference code (which
+file, which commit: each function's docstring), aggregation, micro-batch exactness, the
+loss-fused head's logp_grad, bad parameters (here and through config_validation.validate)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trustrl.core import losses
+from trustrl.core.losses import METHODS, policy_loss, policy_loss_terms
+
+NEW = ("icepop", "kpop", "opsm", "geo_seq_mask")
+
+
+def grad(method, pi, mu, adv, mask=None, agg="token-sum", **kw):
+    lp, lmu = jnp.log(jnp.asarray(pi, jnp.float32)), jnp.log(jnp.asarray(mu, jnp.float32))
+    mask = jnp.ones_like(lp) if mask is None else jnp.asarray(mask, jnp.float32)
+    kw.setdefault("delta_low", 0.2)
+    kw.setdefault("delta_high", 0.28)
+    f = lambda x: policy_loss(x, lmu, jnp.asarray(adv, jnp.float32), mask, method=method,
+                              agg=agg, **kw)[0]
+    return np.asarray(jax.grad(f)(lp))
+
+
+def bern_kl(p, q):  # KL(Bernoulli(p) || Bernoulli(q)), float64
+    return p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+
+
+# ------------------------------------------------------------------------- hand-computed
+
+def test_icepop_hand():
+    # r = .45 | .55 | 4.5 | 5.5 | 1 ; both advantage signs: outside [0.5, 5] is masked
+    pi, mu = [[0.09, 0.11, 0.45, 0.55, 0.5]], [[0.2, 0.2, 0.1, 0.1, 0.5]]
+    adv = [[1.0, -1.0, -1.0, 1.0, -1.0]]
+    r = np.array(pi) / np.array(mu)
+    np.testing.assert_allclose(grad("icepop", pi, mu, adv),
+                               -np.array([[0, 1, 1, 0, 1]]) * r * np.array(adv), rtol=1e-5)
+    # a narrower band [0.5, 2] also masks r = 4.5
+    g = grad("icepop", pi, mu, adv, params={"icepop_low": 0.5, "icepop_high": 2.0})
+    np.testing.assert_allclose(g, -np.array([[0, 1, 0, 0, 1]]) * r * np.array(adv), rtol=1e-5)
+
+
+def test_kpop_hand():
+    # (pi, mu): (.5, .8): KL(mu||pi) = .8 ln 1.6 + .2 ln .4 = .1927, KL(pi||mu) = .2231 -> the
+    # larger direction (.2231 > phi = .2) masks it (DPPO Binary-KL at .2 would keep it);
+    # (.6, .5): .0204 / .0201 kept; rare (1e-2, 1e-4), r = 100: .0095 / .0362 kept;
+    # (.2, .5): .2231 / .1927 masked. Both advantage signs.
+    pi, mu = [[0.5, 0.6, 1e-2, 0.2]], [[0.8, 0.5, 1e-4, 0.5]]
+    adv = [[-1.0, 1.0, 1.0, 1.0]]
+    kl = np.maximum(bern_kl(np.array(pi), np.array(mu)), bern_kl(np.array(mu), np.array(pi)))
+    np.testing.assert_allclose(kl, [[0.2231, 0.0204, 0.0362, 0.2231]], atol=2e-4)
+    r = np.array(pi) / np.array(mu)
+    g = grad("kpop", pi, mu, adv, params={"kpop_phi": 0.2})
+    np.testing.assert_allclose(g, -np.array([[0, 1, 1, 0]]) * r * np.array(adv), rtol=1e-5)
+    # the default phi = 2.0 keeps all four
+    np.testing.assert_allclose(grad("kpop", pi, mu, adv), -r * np.array(adv), rtol=1e-5)
+    _, m = policy_loss(jnp.log(jnp.array(pi)), jnp.log(jnp.array(mu)), jnp.array(adv),
+                       jnp.ones((1, 4)), method="kpop", delta_low=.2, delta_high=.2,
+                       params={"kpop_phi": 0.2})
+    assert float(m["loss/masked_frac"]) == pytest.approx(0.5)
+    assert float(m["loss/div_max"]) == pytest.approx(0.2231, abs=2e-4)
+
+
+def test_opsm_hand():
+    # row 0, A < 0: mean log(mu/pi) = ln(1.2) / 3 = .0608 > 1e-4: the whole row is masked
+    # row 1, A < 0: (0 + ln(.5/.6)) / 2 = -.091 (padding not counted): kept; r = 1.2 not clipped
+    # row 2, A > 0: never sequence-masked; token 1 r = 1.667 > 1 + .28: clipped (GRPO clip)
+    pi = [[0.5, 0.5, 0.5], [0.5, 0.6, 0.9], [0.5, 0.5, 0.5]]
+    mu = [[0.5, 0.5, 0.6], [0.5, 0.5, 0.1], [0.5, 0.3, 0.6]]
+    adv = [-1.0, -1.0, 1.0]
+    mask = [[1, 1, 1], [1, 1, 0], [1, 1, 1]]
+    r = np.array(pi) / np.array(mu)
+    want = -np.array([[0, 0, 0], [1, 1, 0], [1, 0, 1]]) * r * np.array(adv)[:, None]
+    np.testing.assert_allclose(grad("opsm", pi, mu, adv, mask), want, rtol=1e-5)
+    # delta = .07 > .0608: row 0 is kept (no token of it is clipped: r = 1, 1, .833 > .8)
+    g = grad("opsm", pi, mu, adv, mask, params={"opsm_delta": 0.07})
+    want[0] = -r[0] * adv[0]
+    np.testing.assert_allclose(g, want, rtol=1e-5)
+
+
+def test_geo_seq_mask_hand():
+    # one token per row off by r; geometric mean over 3 response tokens = r^(1/3):
+    # 1.03 -> 1.0099 kept, 1.04 -> 1.0132 > 1.01 masked, .96 -> .9865 < .99 masked;
+    # row 3: padding with r = 9 is not counted (its tokens 0, 1 have r = 1: kept)
+    pi = [[0.515, 0.5, 0.5], [0.52, 0.5, 0.5], [0.48, 0.5, 0.5], [0.5, 0.5, 0.9]]
+    mu = [[0.5, 0.5, 0.5]] * 3 + [[0.5, 0.5, 0.1]]
+    mask = [[1, 1, 1]] * 3 + [[1, 1, 0]]
+    adv = [1.0, -1.0, 1.0, 2.0]
+    r = np.array(pi) / np.array(mu)
+    keep = np.array([[1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1, 0]])
+    np.testing.assert_allclose(grad("geo_seq_mask", pi, mu, adv, mask),
+                               -keep * r * np.array(adv)[:, None], rtol=1e-5)
+    g = grad("geo_seq_mask", pi, mu, adv, mask, params={"geo_low": 0.9, "geo_high": 1.1})
+    np.testing.assert_allclose(g, -np.array(mask) * r * np.array(adv)[:, None], rtol=1e-5)
+
+
+# -------------------------------------------------- test-only transcriptions of the references
+
+def areal_rejection_sampling_token(prox, old, loss_mask, metric, upper, lower=None):
+    """areal-project/AReaL @ cbff54d6, areal/utils/functional/functional.py
+    apply_rejection_sampling, level="token", action="mask" (steps 1-5), with
+    compute_binary_kl_divergence (eps 1e-8). Returns (updated loss_mask, behave_imp_weight)."""
+    log_ratio = prox - old
+    log_ratio = np.where(np.isfinite(log_ratio), log_ratio, 0.0)
+    if metric == "ratio":
+        m = np.exp(log_ratio)
+    else:  # "binary_kl"
+        def kl(log_p, log_q, eps=1e-8):
+            p = np.clip(np.exp(log_p), eps, 1.0 - eps)
+            q = np.clip(np.exp(log_q), eps, 1.0 - eps)
+            return p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+        m = np.maximum(kl(prox, old), kl(old, prox))
+    w = np.exp(log_ratio)
+    in_bounds = (m >= lower) & (m <= upper) if lower is not None else m <= upper
+    updated = (loss_mask.astype(bool) & in_bounds).astype(loss_mask.dtype)
+    return updated, np.where(updated.astype(bool), w, 0.0)
+
+
+def areal_grad(logp, behave, adv, loss_mask, metric, upper, lower=None):
+    """d/d logprobs of AReaL's ppo_actor_loss_fn (token level, eps_clip .2, no dual clip) at
+    logprobs = proximal_logprobs = logp (the first minibatch: ratio 1, so the clip is inactive
+    and d pg_loss / d logprobs = -A * behave_imp_weight), loss = sum(pg_loss * mask) / count of
+    the ORIGINAL loss_mask (functional.py: loss_mask_count is taken before rejection)."""
+    count = max(loss_mask.sum(), 1)
+    mask, w = areal_rejection_sampling_token(logp, behave, loss_mask, metric, upper, lower)
+    return -adv * w * mask / count
+
+
+def slime_opsm_grad(logp, rollout, adv, loss_mask, eps, eps_high, opsm_delta):
+    """THUDM/slime @ 624b824a: utils/ppo_utils.py compute_opsm_mask (per-sample loop) times
+    compute_policy_loss (ppo_kl = old - new with old = rollout log-probs, no dual clip), summed
+    over tokens; the gradient of torch.maximum(pg1, pg2) written out: -A r where pg1 >= pg2
+    (ratio inside the clip range or the unclipped side), 0 where the clamp is active."""
+    rows = []
+    for lp, lo, a, lm in zip(logp, rollout, adv, loss_mask):
+        seq_kl = ((lo - lp) * lm).sum() / max(lm.sum(), 1)
+        mask = ((a < 0) & (seq_kl > opsm_delta)).astype(float)
+        rows.append(1 - mask)
+    opsm_mask = np.stack(rows)
+    ratio = np.exp(-(rollout - logp))
+    pg1 = -ratio * adv
+    pg2 = -np.clip(ratio, 1 - eps, 1 + eps_high) * adv
+    g = np.where(pg1 >= pg2, -ratio * adv, 0.0)
+    return g * opsm_mask * loss_mask
+
+
+def trl_off_policy_mask(adv, logp, rollout, mask, threshold):
+    """huggingface/trl @ f2cd5771, trl/trainer/grpo_trainer.py GRPOTrainer.get_off_policy_mask."""
+    kl_div = rollout - logp
+    avg = (kl_div * mask).sum(1, keepdims=True) / np.maximum(mask.sum(1, keepdims=True), 1.0)
+    return ((adv[:, None] >= 0) | (avg <= threshold)).astype(mask.dtype)
+
+
+def skyrl_geo_grad(logp, rollout, adv, loss_mask, low, high, tis_cap):
+    """NovaSky-AI/SkyRL @ a9564572, skyrl/backends/skyrl_train/utils/off_policy_correction_utils
+    .py compute_sequence_mask ("geometric") and compute_tis_ratio ("token": clamp(max=cap)),
+    old_log_probs = logp (first minibatch: the PPO ratio is 1); token-sum of -A * tis * mask."""
+    log_r = logp - rollout
+    n = np.maximum(loss_mask.sum(-1, keepdims=True), 1.0)
+    geo = np.exp(np.clip((log_r * loss_mask).sum(-1, keepdims=True) / n, -20, 20))
+    seq = ~(geo > high) & ~(geo < low)
+    tis = np.minimum(np.exp(np.clip(log_r, -20, 20)), tis_cap)
+    return -adv * tis * (loss_mask * seq)
+
+
+def _batch(seed, B=6, T=9, scale=0.3):
+    rng = np.random.default_rng(seed)
+    lmu = np.log(rng.uniform(0.02, 0.98, (B, T))).astype(np.float32)
+    lp = np.minimum(lmu + rng.normal(0, scale, (B, T)), -1e-3).astype(np.float32)
+    adv = rng.choice([-1.3, -0.4, 0.6, 1.1], size=B).astype(np.float32)
+    mask = (np.arange(T)[None] < rng.integers(2, T + 1, (B, 1))).astype(np.float32)
+    return lp, lmu, adv, mask
+
+
+def _ours(method, lp, lmu, adv, mask, agg, **kw):
+    f = lambda x: policy_loss(x, jnp.asarray(lmu), jnp.asarray(adv), jnp.asarray(mask),
+                              method=method, delta_low=0.2, delta_high=0.28, agg=agg, **kw)[0]
+    return np.asarray(jax.grad(f)(jnp.asarray(lp)), np.float64)
+
+
+def test_icepop_and_kpop_match_areal():
+    lp, lmu, adv, mask = _batch(0, scale=0.8)
+    f64 = lambda a: np.asarray(a, np.float64)
+    a2 = np.broadcast_to(f64(adv)[:, None], lp.shape)
+    want = areal_grad(f64(lp), f64(lmu), a2, f64(mask), "ratio", 5.0, 0.5)
+    assert 0.05 < np.mean((want == 0) & (mask > 0) & (a2 != 0)) < 0.6  # the band does bite
+    np.testing.assert_allclose(_ours("icepop", lp, lmu, adv, mask, "token-mean"), want,
+                               rtol=2e-5, atol=1e-7)
+    for phi in (2.0, 0.05):
+        want = areal_grad(f64(lp), f64(lmu), a2, f64(mask), "binary_kl", phi)
+        got = _ours("kpop", lp, lmu, adv, mask, "token-mean", params={"kpop_phi": phi})
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+    assert np.mean(want == 0) > 0.2  # phi = .05 masks
+
+
+def test_opsm_matches_slime_and_trl():
+    lp, lmu, adv, mask = _batch(1, scale=0.2)
+    f64 = lambda a: np.asarray(a, np.float64)
+    for delta in (1e-4, 0.05):
+        want = slime_opsm_grad(f64(lp), f64(lmu), f64(adv)[:, None], f64(mask), 0.2, 0.28, delta)
+        got = _ours("opsm", lp, lmu, adv, mask, "token-sum", params={"opsm_delta": delta})
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+        keep_trl = trl_off_policy_mask(f64(adv), f64(lp), f64(lmu), f64(mask), delta)
+        # rows TRL drops get exactly zero gradient here
+        assert np.all(got[np.broadcast_to(keep_trl == 0, got.shape)] == 0)
+    assert (trl_off_policy_mask(f64(adv), f64(lp), f64(lmu), f64(mask), 1e-4) == 0).any()
+
+
+def test_geo_seq_mask_matches_skyrl():
+    lp, lmu, adv, mask = _batch(2, scale=0.02)
+    f64 = lambda a: np.asarray(a, np.float64)
+    want = skyrl_geo_grad(f64(lp), f64(lmu), f64(adv)[:, None], f64(mask), 0.99, 1.01, 2.0)
+    got = _ours("geo_seq_mask", lp, lmu, adv, mask, "token-sum", is_cap=2.0)
+    assert 0 < np.mean(np.all(want == 0, axis=1)) < 1  # some rows masked, some not
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+
+
+# ------------------------------------------------- aggregation, micro-batches, loss-fused head
+
+@pytest.mark.parametrize("method", NEW)
+def test_all_aggregations_finite_and_microbatch_exact(method):
+    lp, lmu, adv, mask = _batch(3, B=4, T=6, scale=0.5)
+    lp, lmu, adv, mask = map(jnp.asarray, (lp, lmu, adv, mask))
+    params = {"kpop_phi": 0.1}
+    for agg in losses.AGGREGATIONS:
+        kw = dict(method=method, delta_low=0.2, delta_high=0.28, agg=agg, params=params)
+        (loss, m), g = jax.value_and_grad(
+            lambda x: policy_loss(x, lmu, adv, mask, **kw), has_aux=True)(lp)
+        assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(g))), agg
+        assert all(np.isfinite(float(v)) for v in m.values()), agg
+        full = policy_loss_terms(lp, lmu, adv, mask, **kw)
+        parts = [policy_loss_terms(lp[i:i + 2], lmu[i:i + 2], adv[i:i + 2], mask[i:i + 2],
+                                   **kw) for i in (0, 2)]
+        assert float(sum(p.loss_sum for p in parts)) == pytest.approx(float(full.loss_sum),
+                                                                      rel=1e-5, abs=1e-7)
+        if agg != "token-sum":  # (token-sum's denominator is 1 per call)
+            assert float(sum(p.denom for p in parts)) == pytest.approx(float(full.denom))
+
+
+@pytest.mark.parametrize("method", ["icepop", "kpop"])
+def test_logp_grad_is_autodiff(method):
+    lp, lmu, adv, mask = _batch(4, scale=0.8)
+    params = {"icepop_low": 0.6, "icepop_high": 3.0, "kpop_phi": 0.1}
+    kw = dict(method=method, delta_low=0.2, delta_high=0.28, is_cap=4.0, params=params)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        f = lambda x: policy_loss(x, jnp.asarray(lmu), jnp.asarray(adv), jnp.asarray(mask),
+                                  agg=agg, **kw)[0]
+        want = np.asarray(jax.grad(f)(jnp.asarray(lp)))
+        num_w, denom = losses.aggregation_weights(jnp.asarray(mask), agg)
+        adv2 = jnp.broadcast_to(jnp.asarray(adv)[:, None], lp.shape)
+        got = losses.logp_grad(jnp.asarray(lp).ravel(), jnp.asarray(lmu).ravel(), adv2.ravel(),
+                               (num_w / denom).ravel(), **kw)
+        assert np.mean(want == 0) > 0.05
+        np.testing.assert_allclose(np.asarray(got).reshape(lp.shape), want, rtol=1e-6,
+                                   atol=1e-9)
+
+
+def test_sequence_level_methods_are_not_elementwise():
+    assert METHODS["icepop"].elementwise and METHODS["kpop"].elementwise
+    for method in ("opsm", "geo_seq_mask"):
+        assert not METHODS[method].elementwise
+        with pytest.raises(ValueError, match=method):
+            losses.logp_grad(jnp.zeros(3), jnp.zeros(3), jnp.ones(3), jnp.ones(3),
+                             method=method, delta_low=0.1, delta_high=0.1)
+
+
+# ------------------------------------------------------------------------- bad parameters
+
+@pytest.mark.parametrize("method,params,msg", [
+    ("icepop", {"icepop_low": 0.0}, r"icepop_low must be in \(0.0, inf\)"),
+    ("icepop", {"icepop_low": 2.0, "icepop_high": 1.5}, "icepop_low=2.0 must be < icepop_high"),
+    ("kpop", {"kpop_phi": -1.0}, "kpop_phi must be in"),
+    ("opsm", {"opsm_delta": math.nan}, "opsm_delta must be a finite number"),
+    ("geo_seq_mask", {"geo_high": 0.9}, r"geo_high must be in \[1.0, inf\)"),
+    ("icepop", {"icepop_lo": 0.5}, "unknown loss parameter"),
+])
+def test_bad_params(method, params, msg):
+    with pytest.raises(ValueError, match=msg):
+        policy_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
+                    method=method, delta_low=0.2, delta_high=0.2, params=params)
+
+
+@pytest.mark.parametrize("method,field,value", [
+    ("icepop", "icepop_high", 0.4),  # < icepop_low 0.5
+    ("kpop", "kpop_phi", 0.0),
+    ("opsm", "opsm_delta", -1e-3),
+    ("geo_seq_mask", "geo_low", 1.5),
+])
+def test_bad_config_values_name_the_field(method, field, value):
+    from configs import default
+    from trustrl.training import config_validation
+    cfg = default.get_config()
+    cfg.loss.method = method
+    config_validation.validate(cfg)  # the defaults are valid
+    cfg.loss[field] = value
+    with pytest.raises(ValueError, match=f"loss.{field}"):
+        config_validation.validate(cfg)
+    cfg.loss.method = "dppo_binary_tv"  # another method does not read it
+    config_validation.validate(cfg)
