@@ -41,5 +41,6 @@ def test_overlong_penalty(mode, want):
     cfg.rollout.overlong = mode
     cfg.rollout.overlong_penalty = -1.0
     r = types.SimpleNamespace(finish_reason=np.array([FINISH_EOS, FINISH_EOS, FINISH_LENGTH]))
-    got = train._rewards(_Env(), r, [{"answer": "x"}] * 3, 1, cfg)
+    got, metrics = train._rewards(_Env(), r, [{"answer": "x"}] * 3, 1, cfg)
     np.testing.assert_array_equal(got, want)
+    assert metrics == {}  # a verifier's reward: no reward-model diagnostics
