@@ -50,7 +50,8 @@ def _step(method, agg, microbatches, mesh=None):
 @pytest.mark.slow
 @pytest.mark.parametrize("method,agg,n", [
     ("dppo_binary_tv", "token-sum", 4), ("dppo_topk_kl", "seq-mean-token-mean", 2),
-    ("trm_seq", "seq-mean-token-sum-norm", 8)])  # n = 8: one row each, one of them empty
+    ("trm_seq", "seq-mean-token-sum-norm", 8),  # n = 8: one row each, one of them empty
+    ("opsm", "seq-mean-token-mean", 4)])  # a sequence mask with its own parameter (loss.*)
 def test_accumulated_step_equals_one_pass(method, agg, n):
     one, m1 = _step(method, agg, 1)
     acc, mn = _step(method, agg, n)

@@ -385,8 +385,8 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
     loss_kw = dict(method=method, delta_low=loss_cfg.delta_low, delta_high=loss_cfg.delta_high,
                    is_cap=loss_cfg.is_cap,
                    alpha=loss_cfg.alpha if spec.needs_alpha else None,
-                   # the method's own parameters (losses.PARAMS), loss.<name> in the config
-                   params={k: loss_cfg[k] for k in spec.params})
+                   # the method's own parameters: loss.<name>, else losses.PARAMS' default
+                   params={k: loss_cfg.get(k, losses.PARAMS[k].default) for k in spec.params})
 
     def divergence_of(out, mu_topk_logp):
         """The per-token divergence the method masks on, from the head's outputs."""
