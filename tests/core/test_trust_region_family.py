@@ -13,7 +13,7 @@ import pytest
 from trustrl.core import losses
 from trustrl.core.losses import METHODS, policy_loss, policy_loss_terms
 
-NEW = ("icepop", "kpop", "opsm", "geo_seq_mask")
+NEW = ("icepop", "kpop", "opsm", "geo_seq_mask", "drpo")
 
 
 def grad(method, pi, mu, adv, mask=None, agg="token-sum", **kw):
@@ -241,10 +241,10 @@ def test_all_aggregations_finite_and_microbatch_exact(method):
             assert float(sum(p.denom for p in parts)) == pytest.approx(float(full.denom))
 
 
-@pytest.mark.parametrize("method", ["icepop", "kpop"])
+@pytest.mark.parametrize("method", ["icepop", "kpop", "drpo"])
 def test_logp_grad_is_autodiff(method):
     lp, lmu, adv, mask = _batch(4, scale=0.8)
-    params = {"icepop_low": 0.6, "icepop_high": 3.0, "kpop_phi": 0.1}
+    params = {"icepop_low": 0.6, "icepop_high": 3.0, "kpop_phi": 0.1, "drpo_eps": 0.3}
     kw = dict(method=method, delta_low=0.2, delta_high=0.28, is_cap=4.0, params=params)
     for agg in ("token-mean", "seq-mean-token-mean"):
         f = lambda x: policy_loss(x, jnp.asarray(lmu), jnp.asarray(adv), jnp.asarray(mask),
@@ -301,3 +301,69 @@ def test_bad_config_values_name_the_field(method, field, value):
         config_validation.validate(cfg)
     cfg.loss.method = "dppo_binary_tv"  # another method does not read it
     config_validation.validate(cfg)
+
+
+# ------------------------------------------------------------------------------------ DRPO
+
+def unirl_drpo_loss(new_logp, old_logp, advantages, epsilon=12.5):
+    """Tencent-Hunyuan/UniRL @ 1a7b501e, unirl/algorithms/drpo.py _drpo_loss (mu_weighted=True),
+    in NumPy float64: the per-token loss and its derivative w.r.t. new_logp (torch autograd
+    written out: clamp passes the gradient inside [-20, 20])."""
+    log_diff = np.clip(new_logp - old_logp, -20.0, 20.0)
+    ratio = np.exp(log_diff)
+    adv = advantages
+    old_prob = np.exp(old_logp)
+    quadratic_penalty = np.abs(adv) * old_prob * (ratio - 1.0) ** 2 / (2.0 * epsilon)
+    pg_losses = -adv * ratio + quadratic_penalty
+    inside = (new_logp - old_logp >= -20.0) & (new_logp - old_logp <= 20.0)
+    d = (-adv * ratio + np.abs(adv) * old_prob * (ratio - 1.0) * ratio / epsilon) * inside
+    return pg_losses, d
+
+
+def test_drpo_hand():
+    # (pi, mu, A): r = 1.5, pi - mu = .1 (diverging, A > 0): weight 1 - .1 / eps;
+    # r = .5, pi - mu = -.2, A > 0 (converging): 1 + .2 / eps; A < 0, r = 2, pi - mu = .3
+    # (converging for A < 0): 1 + .3 / eps; r = 1: no penalty
+    pi, mu, adv = [[0.3, 0.2, 0.6, 0.5]], [[0.2, 0.4, 0.3, 0.5]], [[1.0, 2.0, -1.0, -1.5]]
+    r = np.array(pi) / np.array(mu)
+    for eps in (12.5, 0.25):
+        w = 1 - np.sign(np.array(adv) * (r - 1)) * np.abs(np.array(pi) - np.array(mu)) / eps
+        g = grad("drpo", pi, mu, adv, params={"drpo_eps": eps})
+        np.testing.assert_allclose(g, -r * np.array(adv) * w, rtol=1e-5)
+    # eps = .25: the diverging token's weight 1 - .1 / .25 = .6; at |pi - mu| > eps it turns
+    # corrective (negative): pi = .5, mu = .2, A = 1 -> weight 1 - .3 / .25 = -.2
+    g = grad("drpo", [[0.5]], [[0.2]], [[1.0]], params={"drpo_eps": 0.25})
+    np.testing.assert_allclose(g, [[-2.5 * -0.2]], rtol=1e-5)
+    # value: -A r + |A| mu (r - 1)^2 / (2 eps), token-sum
+    loss, m = policy_loss(jnp.log(jnp.array(pi)), jnp.log(jnp.array(mu)), jnp.array(adv),
+                          jnp.ones((1, 4)), method="drpo", delta_low=.2, delta_high=.2,
+                          agg="token-sum")
+    want = np.sum(-np.array(adv) * r + np.abs(adv) * np.array(mu) * (r - 1) ** 2 / 25.0)
+    assert float(loss) == pytest.approx(want, rel=1e-6)
+    assert float(m["loss/masked_frac"]) == 0.0
+
+
+def test_drpo_matches_unirl():
+    lp, lmu, adv, mask = _batch(5, scale=0.8)
+    f64 = lambda a: np.asarray(a, np.float64)
+    a2 = np.broadcast_to(f64(adv)[:, None], lp.shape)
+    for eps in (12.5, 0.1):
+        l_ref, g_ref = unirl_drpo_loss(f64(lp), f64(lmu), a2, eps)
+        # the reference's token-mean: loss_per_elem * loss_mask, then .mean() over the packed
+        # response tokens = sum over the mask / count
+        n = mask.sum()
+        kw = dict(method="drpo", delta_low=0.2, delta_high=0.28, agg="token-mean",
+                  params={"drpo_eps": eps})
+        loss, _ = policy_loss(jnp.asarray(lp), jnp.asarray(lmu), jnp.asarray(adv),
+                              jnp.asarray(mask), **kw)
+        assert float(loss) == pytest.approx(float((l_ref * mask).sum() / n), rel=2e-5)
+        np.testing.assert_allclose(_ours("drpo", lp, lmu, adv, mask, "token-mean",
+                                         params={"drpo_eps": eps}),
+                                   g_ref * mask / n, rtol=2e-5, atol=1e-7)
+        # the reference's seq-mean-token-sum-norm with horizon = T
+        loss, _ = policy_loss(jnp.asarray(lp), jnp.asarray(lmu), jnp.asarray(adv),
+                              jnp.asarray(mask), **{**kw, "agg": "seq-mean-token-sum-norm"})
+        want = np.mean((l_ref * mask).sum(-1)) / lp.shape[1]
+        assert float(loss) == pytest.approx(float(want), rel=2e-5)
+    # eps = .1 makes some weights corrective: the gradient has the opposite sign of -A r
+    assert np.any((np.sign(g_ref) == np.sign(a2)) & (a2 != 0) & (mask > 0))

@@ -364,7 +364,7 @@ def test_train_step_loss_fused_equals_unfused(method, corrections):
     assert conds_fused > conds  # the loss-fused backward (its cotangent check) is in the step
     jax.effects_barrier()
     assert corrections == []
-    assert 0 < float(m_want["loss/masked_frac"]) < 1 or method in ("pg_is", "cispo"), (
+    assert 0 < float(m_want["loss/masked_frac"]) < 1 or method in ("pg_is", "cispo", "drpo"), (
         float(m_want["loss/masked_frac"]))
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want))
     assert scale > 0

@@ -18,6 +18,10 @@ its value is the surrogate -M * w * A and its gradient w.r.t. logp is exactly -M
 the aggregation weight). Reference codebases that use the ratio form -A * M * r agree in the
 gradient wherever r < C; compare gradients, not loss values.
 
+One method adds a differentiable per-token term to that surrogate (Method.penalty): drpo's
+advantage-weighted quadratic |A| mu (r - 1)^2 / (2 eps), whose derivative w.r.t. logp is known
+in closed form, so logp_grad and the loss-fused head stay exact.
+
 Numerics: everything in float32; log-ratios are clamped to +-LOG_RATIO_CLAMP before exp, so the
 largest representable ratio is e^20 (a token whose true ratio is larger gets weight e^20 when
 is_cap = inf).
@@ -148,6 +152,13 @@ def _m_icepop(x: _Inputs):
     return (x.ratio < lo) | (x.ratio > hi), jnp.abs(x.ratio - 1)
 
 
+def _log1mexp_parts(logp):
+    """(p, 1 - p, log(1 - p)) for logp <= 0 as divergences.binary_kl computes them: its public
+    log1mexp, whose exp / expm1 of the same clamped input XLA merges with these (CSE)."""
+    logp = jnp.minimum(logp, 0.0)
+    return jnp.exp(logp), -jnp.expm1(logp), divergences.log1mexp(logp)
+
+
 def _m_kpop(x: _Inputs):
     """KPop, both advantage signs: block iff max(KL_b(pi || mu), KL_b(mu || pi)) > phi, with
     KL_b the Bernoulli KL of the sampled token's probabilities,
@@ -161,8 +172,8 @@ def _m_kpop(x: _Inputs):
     docs/en/algorithms/grpo_series.md. Weight min(r, C) on the kept tokens."""
     # divergences.binary_kl in both directions, sharing p, 1 - p, log(1 - p) of pi and of mu:
     # KL(mu||pi) - KL(pi||mu) terms written once (half the transcendentals of two calls)
-    pi, rest_pi, log_rest_pi = divergences._log1mexp_parts(x.logp)
-    mu, rest_mu, log_rest_mu = divergences._log1mexp_parts(x.rollout_logp)
+    pi, rest_pi, log_rest_pi = _log1mexp_parts(x.logp)
+    mu, rest_mu, log_rest_mu = _log1mexp_parts(x.rollout_logp)
     d_log, d_log_rest = x.rollout_logp - x.logp, log_rest_mu - log_rest_pi
     kl_mu_pi = mu * d_log + rest_mu * d_log_rest      # KL(mu || pi)
     kl_pi_mu = -(pi * d_log + rest_pi * d_log_rest)   # KL(pi || mu)
@@ -212,6 +223,29 @@ def _m_geo_seq_mask(x: _Inputs):
     return jnp.broadcast_to(seq, x.logp.shape), jnp.broadcast_to(jnp.abs(g - 1), x.logp.shape)
 
 
+def _p_drpo(x: _Inputs, logp):
+    """DRPO's penalty (arXiv 2606.09821 sec. 3, Eq. 8): the per-token loss is
+
+        L_t = -A_t r_t + |A_t| mu_t (r_t - 1)^2 / (2 eps),   r_t = pi / mu = exp(clip(log pi -
+                                                               log mu, -20, 20)), mu_t = exp(log mu)
+
+    (eps = drpo_eps, 12.5). This returns the second term (differentiable in ``logp``) and its
+    closed-form derivative w.r.t. log pi, |A| mu (r - 1) r / eps (0 where the clip is active, as
+    torch.clamp's gradient). The first term is the row's weight min(r, C) (C = is_cap = inf in
+    the reference), so d L_t / d log pi = -r (A - |A| (pi - mu) / eps): Table 1's smooth weight
+    1 - sign(A (r - 1)) |pi - mu| / eps. Elementwise.
+
+    Source: Tencent-Hunyuan/UniRL @ 1a7b501e, unirl/algorithms/drpo.py _drpo_loss (mu_weighted
+    True = verl spo_adaptive_eps; DRPOConfig.drpo_epsilon 12.5, "regularization threshold",
+    paper sec. 4; examples/ar/qwen3_drpo_4b_base_dapo_sglang.yaml)."""
+    scale = jnp.abs(x.adv) * jnp.exp(x.rollout_logp) / (2.0 * x.params["drpo_eps"])
+    d = logp - x.rollout_logp
+    value = scale * jnp.square(jnp.exp(jnp.clip(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) - 1.0)
+    inside = jnp.abs(x.logp - x.rollout_logp) <= LOG_RATIO_CLAMP
+    grad = jnp.where(inside, 2.0 * scale * (x.ratio - 1.0) * x.ratio, 0.0)
+    return value, jax.lax.stop_gradient(grad)
+
+
 class Param(NamedTuple):
     """A method parameter: its default (also configs/default.py's c.loss.<name> and
     resume.ADDED_FIELDS) and its valid interval (a ValueError naming it otherwise)."""
@@ -232,6 +266,7 @@ PARAMS = {
     "opsm_delta": Param(1e-4, 0.0),                   # OPSM: mean log(mu/pi) threshold
     "geo_low": Param(0.99, 0.0, 1.0, open_low=True),  # SkyRL geometric sequence mask band
     "geo_high": Param(1.01, 1.0),
+    "drpo_eps": Param(12.5, 0.0, open_low=True),     # DRPO: regularization threshold eps
 }
 # (low, high) pairs that must satisfy low < high
 PARAM_ORDER = (("icepop_low", "icepop_high"), ("geo_low", "geo_high"))
@@ -274,6 +309,9 @@ class Method(NamedTuple):
     elementwise: bool = True     # the mask is per token (logp_grad, the loss-fused head); not
     #                              trm_seq, opsm, geo_seq_mask (a max / mean over the sequence)
     params: tuple = ()           # the PARAMS this method reads (loss.<name> in the config)
+    # A differentiable per-token term added to the loss (drpo): (_Inputs, logp) -> (value [B, T],
+    # its derivative w.r.t. logp [B, T], stop-gradient, for logp_grad); None: none. Elementwise.
+    penalty: Callable | None = None
 
 
 METHODS = {
@@ -301,6 +339,8 @@ METHODS = {
     "kpop": Method(_m_kpop, params=("kpop_phi",)),
     "opsm": Method(_m_opsm, ratio_clip=True, elementwise=False, params=("opsm_delta",)),
     "geo_seq_mask": Method(_m_geo_seq_mask, elementwise=False, params=("geo_low", "geo_high")),
+    # no mask, weight min(r, C), plus the advantage-weighted quadratic penalty beyond Binary-TV
+    "drpo": Method(_m_none, params=("drpo_eps",), penalty=_p_drpo),
 }
 
 
@@ -420,6 +460,9 @@ def policy_loss_terms(logp, rollout_logp, advantages, mask, *, method, delta_low
         delta_high=delta_high, is_cap=is_cap, old_logp=old_logp, divergence=divergence,
         alpha=alpha, params=params)
     per_token = -coef * jnp.exp(logp_f - jax.lax.stop_gradient(logp_f))
+    penalty = METHODS[method].penalty
+    if penalty is not None:
+        per_token = per_token + penalty(x, logp_f)[0]
     num_w, denom = aggregation_weights(mask_f, agg)
     loss_sum = jnp.sum(per_token * num_w)
     lp, lmu, adv, ratio = x.logp, x.rollout_logp, x.adv, x.ratio
@@ -459,8 +502,8 @@ def _coef(logp, rollout_logp, advantages, mask, *, method, delta_low, delta_high
 
 def logp_grad(logp, rollout_logp, advantages, agg_weight, *, method, delta_low, delta_high,
               is_cap=float("inf"), old_logp=None, divergence=None, alpha=None, params=None):
-    """d loss / d logp per token, -M * min(r, C) * A * agg_weight (agg_weight: the aggregation's
-    num_w / denom), elementwise over any token shape: what autodiff of policy_loss_terms'
+    """d loss / d logp per token, (-M * min(r, C) * A + d penalty / d logp) * agg_weight
+    (agg_weight: the aggregation's num_w / denom; the penalty: Method.penalty, drpo's), elementwise over any token shape: what autodiff of policy_loss_terms'
     loss_sum / denom gives, computed without a backward pass (the loss-fused vocabulary head,
     trustrl.model.vocab_head, uses it inside its forward chunks). Not for the sequence-level
     masks (Method.elementwise False: trm_seq, opsm, geo_seq_mask)."""
@@ -468,11 +511,14 @@ def logp_grad(logp, rollout_logp, advantages, agg_weight, *, method, delta_low, 
         raise ValueError(f"logp_grad is elementwise; method {method!r} is not (valid: "
                          f"{', '.join(m for m, spec in METHODS.items() if spec.elementwise)})")
     ones = jnp.ones(jnp.shape(logp), jnp.float32)
-    _, (*_, coef) = _coef(logp, rollout_logp, advantages, ones, method=method,
+    x, (*_, coef) = _coef(logp, rollout_logp, advantages, ones, method=method,
                           delta_low=delta_low, delta_high=delta_high, is_cap=is_cap,
                           old_logp=old_logp, divergence=divergence, alpha=alpha,
                           params=params)
-    return -coef * _f32(agg_weight)
+    g = -coef
+    if METHODS[method].penalty is not None:
+        g = g + METHODS[method].penalty(x, x.logp)[1]
+    return g * _f32(agg_weight)
 
 
 def _masked_mean(x, m):
@@ -528,11 +574,12 @@ def policy_loss(logp, rollout_logp, advantages, mask, *, method, delta_low, delt
       divergence: [B, T] token divergence D(mu || pi) (top-K, full and trm_seq methods).
       alpha: mu cutoff of the relax_* ablation.
       params: the method's own parameters, a mapping of PARAMS names (icepop_low / icepop_high,
-        kpop_phi, opsm_delta, geo_low / geo_high) to numbers; a name the method does not read is
+        kpop_phi, opsm_delta, geo_low / geo_high, drpo_eps) to numbers; a name the method does not read is
         ignored, one it reads and is not given takes PARAMS[name].default. The train step passes
         {name: loss_cfg[name] for name in METHODS[method].params}.
     Returns:
-      (loss scalar, metrics dict of scalars). d loss / d logp = -M * min(r, C) * A * agg weight.
+      (loss scalar, metrics dict of scalars). d loss / d logp = -M * min(r, C) * A * agg weight,
+      plus the derivative of a method's penalty term (drpo) times the agg weight.
     """
     terms = policy_loss_terms(logp, rollout_logp, advantages, mask, method=method,
                               delta_low=delta_low, delta_high=delta_high, is_cap=is_cap, agg=agg,
