@@ -154,8 +154,8 @@ def make_step(method, topk_fn=None, with_metrics=False):
             divergence = topk_fn(lpi_k, lmu_k)
         extra = {}
         spec = losses.METHODS[method]
-        if spec.divergence:
-            extra["divergence"] = divergence
+        if spec.divergence and spec.divergence != "m2po":  # m2po: its batch mask, computed
+            extra["divergence"] = divergence                # inside (the sort is its cost)
         if spec.needs_old_logp:
             extra["old_logp"] = old_logp
         if spec.needs_alpha:

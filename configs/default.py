@@ -192,6 +192,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.geo_low = 0.99  # geo_seq_mask: keep rows with geo_low <= geo-mean pi/mu <= geo_high
     c.loss.geo_high = 1.01  # (SkyRL defaults)
     c.loss.drpo_eps = 12.5  # drpo: penalty |A| mu (r-1)^2 / (2 eps) (UniRL / paper sec. 4 default)
+    c.loss.m2po_threshold = 0.04  # m2po: block the largest (log mu - log pi_old)^2 of the minibatch
+    #                               until the rest's mean is below this (AReaL gsm8k_m2po.yaml)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-4  # AdamW learning rate for RL (2e-4: held-out fell late, issue 10)

@@ -13,7 +13,7 @@ import pytest
 from trustrl.core import losses
 from trustrl.core.losses import METHODS, policy_loss, policy_loss_terms
 
-NEW = ("icepop", "kpop", "opsm", "geo_seq_mask", "drpo")
+NEW = ("icepop", "kpop", "opsm", "geo_seq_mask", "drpo", "m2po")
 
 
 def grad(method, pi, mu, adv, mask=None, agg="token-sum", **kw):
@@ -226,15 +226,21 @@ def test_all_aggregations_finite_and_microbatch_exact(method):
     lp, lmu, adv, mask = _batch(3, B=4, T=6, scale=0.5)
     lp, lmu, adv, mask = map(jnp.asarray, (lp, lmu, adv, mask))
     params = {"kpop_phi": 0.1}
+    # m2po: pi_old, and its batch mask computed once over all rows (as the train step does)
+    old = lp + 0.2 * jnp.sin(jnp.arange(lp.size, dtype=jnp.float32).reshape(lp.shape))
+    blocked = losses.m2po_blocked(old, lmu, mask, 0.04).astype(jnp.float32)
+    extra = (lambda s: dict(old_logp=old[s], divergence=blocked[s])) if method == "m2po" else (
+        lambda s: {})
     for agg in losses.AGGREGATIONS:
         kw = dict(method=method, delta_low=0.2, delta_high=0.28, agg=agg, params=params)
         (loss, m), g = jax.value_and_grad(
-            lambda x: policy_loss(x, lmu, adv, mask, **kw), has_aux=True)(lp)
+            lambda x: policy_loss(x, lmu, adv, mask, **kw, **extra(slice(None))),
+            has_aux=True)(lp)
         assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(g))), agg
         assert all(np.isfinite(float(v)) for v in m.values()), agg
-        full = policy_loss_terms(lp, lmu, adv, mask, **kw)
+        full = policy_loss_terms(lp, lmu, adv, mask, **kw, **extra(slice(None)))
         parts = [policy_loss_terms(lp[i:i + 2], lmu[i:i + 2], adv[i:i + 2], mask[i:i + 2],
-                                   **kw) for i in (0, 2)]
+                                   **kw, **extra(slice(i, i + 2))) for i in (0, 2)]
         assert float(sum(p.loss_sum for p in parts)) == pytest.approx(float(full.loss_sum),
                                                                       rel=1e-5, abs=1e-7)
         if agg != "token-sum":  # (token-sum's denominator is 1 per call)
@@ -367,3 +373,134 @@ def test_drpo_matches_unirl():
         assert float(loss) == pytest.approx(float(want), rel=2e-5)
     # eps = .1 makes some weights corrective: the gradient has the opposite sign of -A r
     assert np.any((np.sign(g_ref) == np.sign(a2)) & (a2 != 0) & (mask > 0))
+
+
+# ------------------------------------------------------------------------------------ M2PO
+
+def areal_m2po_mask(old_logp, prox_logp, loss_mask, m2_threshold):
+    """areal-project/AReaL @ cbff54d6, areal/trainer/ppo/actor.py _apply_m2po_masking and
+    _get_m2po_loss_mask in NumPy (float64; a stable descending sort). Returns the kept mask."""
+    delta = old_logp - prox_logp
+    m2 = delta * delta
+    mask_flat = loss_mask.reshape(-1).astype(bool)
+    m2_selected = m2.reshape(-1)[mask_flat]
+    if m2_selected.size == 0:
+        return loss_mask.astype(bool)
+    indices = np.argsort(-m2_selected, kind="stable")
+    sorted_m2 = m2_selected[indices]
+    restored_indices = np.argsort(indices, kind="stable")
+    n = sorted_m2.size
+    suffix_sums = np.cumsum(sorted_m2[::-1])[::-1]
+    counts = np.arange(n, 0, -1, dtype=np.float64)
+    below = np.where(suffix_sums / counts < m2_threshold)[0]
+    num_to_mask = below[0] if len(below) > 0 else n - 1
+    keep_sorted = np.ones(n, bool)
+    keep_sorted[:num_to_mask] = False
+    full = np.zeros_like(mask_flat)
+    full[mask_flat] = keep_sorted[restored_indices]
+    return full.reshape(loss_mask.shape)
+
+
+def test_m2po_hand():
+    # m2 = (log mu - log pi_old)^2 = .25, .01, .04, 0 (+ padding .81 not counted); threshold .04:
+    # suffix means .075 (>= .04), .05/3 = .0167 < .04 -> block the one largest (.25)
+    old = np.zeros((1, 5), np.float32) - 1.0
+    mu = old - np.array([[0.5, 0.1, 0.2, 0.0, 0.9]], np.float32)
+    mask = np.array([[1, 1, 1, 1, 0]], np.float32)
+    got = losses.m2po_blocked(jnp.asarray(old), jnp.asarray(mu), jnp.asarray(mask), 0.04)
+    assert np.asarray(got).tolist() == [[True, False, False, False, False]]
+    # threshold .01: .0167 >= .01, then (.01 + 0) / 2 = .005 < .01: block the two largest
+    got = losses.m2po_blocked(jnp.asarray(old), jnp.asarray(mu), jnp.asarray(mask), 0.01)
+    assert np.asarray(got).tolist() == [[True, False, True, False, False]]
+    # threshold 1e-4: only the last suffix (m2 = 0) is below it: the three largest blocked
+    got = losses.m2po_blocked(jnp.asarray(old), jnp.asarray(mu), jnp.asarray(mask), 1e-4)
+    assert np.asarray(got).tolist() == [[True, True, True, False, False]]
+    # gradient: pi = pi_old (the PPO clip on pi / pi_old inactive), weight pi / mu, A = 1
+    lp = jnp.asarray(old)
+    g = jax.grad(lambda x: policy_loss(x, jnp.asarray(mu), jnp.ones(1), jnp.asarray(mask),
+                                       method="m2po", delta_low=.2, delta_high=.2,
+                                       agg="token-sum", old_logp=lp)[0])(lp)
+    r = np.exp(old - mu)
+    np.testing.assert_allclose(np.asarray(g), -r * [[0, 1, 1, 1, 0]], rtol=1e-6)
+
+
+def test_m2po_matches_areal_and_is_exact_over_microbatches():
+    lp, lmu, adv, mask = _batch(6, scale=0.3)
+    rng = np.random.default_rng(7)
+    old = (lp + rng.normal(0, 0.05, lp.shape)).astype(np.float32)  # pi_old near pi
+    f64 = lambda a: np.asarray(a, np.float64)
+    for thr in (0.04, 0.02):
+        keep = areal_m2po_mask(f64(lmu), f64(old), f64(mask), thr)
+        got = ~np.asarray(losses.m2po_blocked(old, lmu, mask, thr)) & (mask > 0)
+        np.testing.assert_array_equal(got, keep)
+        assert 0 < (~keep & (mask > 0)).sum() < mask.sum()
+    blocked = losses.m2po_blocked(old, lmu, mask, 0.04).astype(jnp.float32)
+    kw = dict(method="m2po", delta_low=0.2, delta_high=0.28, agg="token-mean")
+    args = lambda s: (jnp.asarray(lp[s]), jnp.asarray(lmu[s]), jnp.asarray(adv[s]),
+                      jnp.asarray(mask[s]))
+    full = policy_loss_terms(*args(slice(None)), old_logp=jnp.asarray(old), **kw)
+    # the train step's micro-batches: strided rows, the minibatch's mask handed to each
+    parts = [policy_loss_terms(*args(slice(i, None, 2)), old_logp=jnp.asarray(old[i::2]),
+                               divergence=blocked[i::2], **kw) for i in (0, 1)]
+    assert float(sum(p.loss_sum for p in parts)) == pytest.approx(float(full.loss_sum),
+                                                                  rel=1e-6, abs=1e-8)
+    # (the per-micro-batch statistic would differ: the reason the step computes it once)
+    local = [policy_loss_terms(*args(slice(i, None, 2)), old_logp=jnp.asarray(old[i::2]), **kw)
+             for i in (0, 1)]
+    assert abs(float(sum(p.loss_sum for p in local)) - float(full.loss_sum)) > 1e-4
+    # the gradient and logp_grad (elementwise, given the batch mask)
+    f = lambda x: policy_loss(x, jnp.asarray(lmu), jnp.asarray(adv), jnp.asarray(mask),
+                              old_logp=jnp.asarray(old), **kw)[0]
+    want = np.asarray(jax.grad(f)(jnp.asarray(lp)))
+    num_w, denom = losses.aggregation_weights(jnp.asarray(mask), "token-mean")
+    adv2 = jnp.broadcast_to(jnp.asarray(adv)[:, None], lp.shape)
+    got = losses.logp_grad(jnp.asarray(lp), jnp.asarray(lmu), adv2, num_w / denom,
+                           old_logp=jnp.asarray(old), divergence=blocked,
+                           **{k: v for k, v in kw.items() if k != "agg"})
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-9)
+    r, r_old = np.exp(f64(lp) - f64(lmu)), np.exp(f64(lp) - f64(old))
+    a2 = np.broadcast_to(f64(adv)[:, None], lp.shape)
+    clip = ((a2 > 0) & (r_old > 1.28)) | ((a2 < 0) & (r_old < 0.8))
+    ref = -a2 * r * areal_m2po_mask(f64(lmu), f64(old), f64(mask), 0.04) * ~clip / mask.sum()
+    np.testing.assert_allclose(want, ref, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_m2po_accumulated_train_step_equals_one_pass():
+    """train.microbatches = 4 gives the one-pass update: the batch mask is computed once over
+    the minibatch before the split (a per-micro-batch statistic would not)."""
+    import functools
+    from configs import default
+    from trustrl.model.transformer import ModelConfig, init_params
+    from trustrl.training import optim, step as ts
+    B, P, N, V = 8, 3, 5, 32
+    rng = np.random.default_rng(0)
+    toks = jnp.asarray(rng.integers(1, V, (B, P + N)), jnp.int32)
+    valid = jnp.ones((B, P + N), jnp.int32)
+    mask = (np.arange(N)[None] < np.array([5, 1, 3, 0, 2, 5, 4, 1])[:, None]).astype(np.float32)
+    lmu = rng.uniform(-4.0, -0.5, (B, N)).astype(np.float32)
+    batch = dict(tokens=toks, valid=valid, positions=jnp.cumsum(valid, 1) - 1,
+                 response_tokens=toks[:, P:], response_mask=jnp.asarray(mask),
+                 rollout_logp=jnp.asarray(lmu),
+                 old_logp=jnp.asarray(lmu + rng.normal(0, 0.3, (B, N)).astype(np.float32)),
+                 advantages=jnp.asarray(rng.normal(size=B), jnp.float32))
+    frac = float(losses.m2po_blocked(batch["old_logp"], batch["rollout_logp"], mask, 0.04)
+                 .sum() / mask.sum())
+    assert 0 < frac < 1
+    mcfg = ModelConfig.tiny(vocab_size=V)
+    params = init_params(mcfg, jax.random.key(0))
+    cfg = default.get_config("tiny")
+    cfg.loss.method, cfg.loss.agg = "m2po", "token-mean"
+    cfg.optim.grad_clip = 0.0
+    tx = optim.make_optimizer(cfg.optim, 10)
+    state = ts.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), skipped=jnp.zeros((), jnp.int32))
+    run = lambda n: jax.jit(functools.partial(
+        ts.train_step, model_cfg=mcfg, loss_cfg=cfg.loss, tx=tx, rollout_model_cfg=mcfg,
+        microbatches=n))(state, batch, params)
+    (one, m1), (acc, m4) = run(1), run(4)
+    assert float(m1["train/grad_norm"]) > 0
+    np.testing.assert_allclose(float(m4["loss/value"]), float(m1["loss/value"]), rtol=1e-5,
+                               atol=1e-7)
+    for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(one.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

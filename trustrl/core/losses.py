@@ -223,6 +223,49 @@ def _m_geo_seq_mask(x: _Inputs):
     return jnp.broadcast_to(seq, x.logp.shape), jnp.broadcast_to(jnp.abs(g - 1), x.logp.shape)
 
 
+def m2po_blocked(old_logp, rollout_logp, mask, threshold):
+    """M2PO's batch-level mask (arXiv 2510.01161), [B, T] bool: over ALL response tokens of the
+    given batch, m2_t = (log mu_t - log pi_old_t)^2; sorted descending, the k largest are
+    blocked, k the first index whose suffix mean sum(m2_sorted[k:]) / (n - k) < threshold (n - 1
+    if none: one token stays), so the kept tokens' mean m2 is below the threshold. Ties keep
+    index order (a stable sort).
+
+    A batch statistic: the train step computes it ONCE over the whole minibatch, before the
+    micro-batch split, and hands it to each micro-batch (exact under train.microbatches > 1);
+    policy_loss without divergence= computes it over the rows it is given.
+
+    Source: areal-project/AReaL @ cbff54d, areal/trainer/ppo/actor.py _apply_m2po_masking and
+    _get_m2po_loss_mask (delta = old_logp - prox_logp: behaviour = rollout log-probs minus the
+    recomputed proximal ones; m2 = delta^2 over the loss-mask-selected tokens), called in
+    grpo_loss_fn when actor.m2_threshold is set (examples/math/gsm8k_m2po.yaml: 0.04)."""
+    shape = jnp.shape(rollout_logp)
+    m2 = jnp.square(_f32(rollout_logp) - _f32(old_logp)).reshape(-1)
+    valid = (jnp.asarray(mask) > 0).reshape(-1)
+    n = jnp.sum(valid)
+    order = jnp.argsort(jnp.where(valid, -m2, 1.0), stable=True)  # response tokens first, desc
+    srt = jnp.where(valid[order], m2[order], 0.0)
+    idx = jnp.arange(srt.size)
+    suffix_mean = jnp.cumsum(srt[::-1])[::-1] / jnp.maximum(n - idx, 1).astype(jnp.float32)
+    below = (idx < n) & (suffix_mean < threshold)
+    k = jnp.where(jnp.any(below), jnp.argmax(below), jnp.maximum(n - 1, 0))
+    blocked = jnp.zeros(srt.size, bool).at[order].set(idx < k)
+    return blocked.reshape(shape)
+
+
+def _m_m2po(x: _Inputs):
+    """M2PO on the decoupled PPO objective: block a token iff the batch-level second-moment mask
+    (m2po_blocked, given as the divergence input, 1 = blocked) blocks it, or the PPO clip test on
+    pi / pi_old blocks it (eps = delta_low / delta_high, as ppo_clip_recompute); weight
+    min(pi / mu, C). Reported divergence: m2 = (log mu - log pi_old)^2.
+
+    Source: AReaL @ cbff54d (m2po_blocked's docstring) with use_decoupled_loss (ratio pi / pi_prox
+    clipped, times the behaviour weight pi_prox / mu: d/d log pi = -A pi / mu where unclipped).
+    Elementwise once the batch mask is given."""
+    ratio_old = _ratio(x.logp, x.old_logp)
+    blocked = _clip_block(x.adv, ratio_old, x.delta_low, x.delta_high) | (x.divergence > 0.5)
+    return blocked, jnp.square(x.rollout_logp - x.old_logp)
+
+
 def _p_drpo(x: _Inputs, logp):
     """DRPO's penalty (arXiv 2606.09821 sec. 3, Eq. 8): the per-token loss is
 
@@ -267,6 +310,7 @@ PARAMS = {
     "geo_low": Param(0.99, 0.0, 1.0, open_low=True),  # SkyRL geometric sequence mask band
     "geo_high": Param(1.01, 1.0),
     "drpo_eps": Param(12.5, 0.0, open_low=True),     # DRPO: regularization threshold eps
+    "m2po_threshold": Param(0.04, 0.0, open_low=True),  # M2PO: kept tokens' mean m2 < this
 }
 # (low, high) pairs that must satisfy low < high
 PARAM_ORDER = (("icepop_low", "icepop_high"), ("geo_low", "geo_high"))
@@ -300,7 +344,9 @@ class Method(NamedTuple):
     # The divergence= the caller computes: "" none (the mask uses logp / rollout_logp / old_logp
     # only), "topk" (log pi at mu's recorded top-K ids -> divergences.topk_*; the sampler must
     # record_topk), "full" (exact over the vocabulary from mu's parameters, the fused head's
-    # tv / kl), "binary" (divergences.binary_* of the sampled token: trm_seq's per-token input).
+    # tv / kl), "binary" (divergences.binary_* of the sampled token: trm_seq's per-token input),
+    # "m2po" (m2po_blocked over the whole minibatch, 1 = blocked; policy_loss computes it over
+    # its rows when not given).
     divergence: str = ""
     measure: str = ""            # "tv" | "kl" of a topk / full divergence
     needs_old_logp: bool = False  # the recomputed pi_old log-probs (a score pass per iteration)
@@ -341,6 +387,9 @@ METHODS = {
     "geo_seq_mask": Method(_m_geo_seq_mask, elementwise=False, params=("geo_low", "geo_high")),
     # no mask, weight min(r, C), plus the advantage-weighted quadratic penalty beyond Binary-TV
     "drpo": Method(_m_none, params=("drpo_eps",), penalty=_p_drpo),
+    # the batch-level second-moment mask: divergence= m2po_blocked over the whole minibatch
+    "m2po": Method(_m_m2po, divergence="m2po", needs_old_logp=True, ratio_clip=True,
+                   params=("m2po_threshold",)),
 }
 
 
@@ -399,7 +448,7 @@ def _validate(logp, rollout_logp, advantages, mask, method, delta_low, delta_hig
     if jnp.shape(advantages) not in (shape, shape[:1]):
         raise ValueError(f"advantages must be [B] or [B, T] = {shape[:1]} or {shape}, "
                          f"got {jnp.shape(advantages)}")
-    if spec.divergence and divergence is None:
+    if spec.divergence not in ("", "m2po") and divergence is None:
         raise ValueError(f"method {method!r} needs divergence= [B, T] (computed with "
                          "trustrl.core.divergences in the train step)")
     if spec.needs_old_logp and old_logp is None:
@@ -455,6 +504,9 @@ def policy_loss_terms(logp, rollout_logp, advantages, mask, *, method, delta_low
               old_logp, divergence, alpha, params)
     logp_f = jnp.asarray(logp, jnp.float32)
     mask_f = _f32(mask)
+    if METHODS[method].divergence == "m2po" and divergence is None:  # over the rows given
+        divergence = m2po_blocked(old_logp, rollout_logp, mask_f,
+                                  method_params(method, params)["m2po_threshold"])
     x, (blocked, div_used, weight, truncated, coef) = _coef(
         logp_f, rollout_logp, advantages, mask_f, method=method, delta_low=delta_low,
         delta_high=delta_high, is_cap=is_cap, old_logp=old_logp, divergence=divergence,

@@ -83,7 +83,7 @@ ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.contin
                 # the trust-region family (issue 32): read only by the new loss methods
                 "loss.icepop_low": 0.5, "loss.icepop_high": 5.0, "loss.kpop_phi": 2.0,
                 "loss.opsm_delta": 1e-4, "loss.geo_low": 0.99, "loss.geo_high": 1.01,
-                "loss.drpo_eps": 12.5}
+                "loss.drpo_eps": 12.5, "loss.m2po_threshold": 0.04}
 
 
 def config_changes(old: dict, new: dict):

@@ -397,14 +397,21 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
         return None
 
     def chunk_grad(out, ex):  # the loss's d loss / d logp on a chunk of tokens (elementwise)
+        div = ex["m2po_blocked"] if "m2po_blocked" in ex else divergence_of(
+            out, ex.get("mu_topk_logp"))
         return losses.logp_grad(out["logp"], ex["rollout_logp"], ex["adv"], ex["agg_w"],
-                                old_logp=ex.get("old_logp"),
-                                divergence=divergence_of(out, ex.get("mu_topk_logp")),
-                                **loss_kw)
+                                old_logp=ex.get("old_logp"), divergence=div, **loss_kw)
 
     if bool(model_cfg.lora_rank) != (frozen is not None):
         raise ValueError("a LoRA model (model_cfg.lora_rank > 0) trains its adapters against a "
                          "frozen base: pass frozen= (and only then)")
+
+    if spec.divergence == "m2po" and batch.get("old_logp") is not None:
+        # M2PO's mask is a statistic of the whole minibatch: computed once, before the
+        # micro-batch split, and split with the batch (exact for any train.microbatches)
+        batch = {**batch, "m2po_blocked": losses.m2po_blocked(
+            batch["old_logp"], batch["rollout_logp"], batch["response_mask"],
+            loss_kw["params"]["m2po_threshold"]).astype(jnp.float32)}
 
     def loss_fn(params, batch):
         params = policy_params(params, frozen)
@@ -422,6 +429,8 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
                 ex["old_logp"] = batch["old_logp"]
             if spec.divergence == "topk":
                 ex["mu_topk_logp"] = batch["topk_logp"]
+            if spec.divergence == "m2po":
+                ex["m2po_blocked"] = batch["m2po_blocked"]
             logp_grad = (chunk_grad, jax.tree.map(jax.lax.stop_gradient, ex))
         # The fused head (trustrl.model.vocab_head): float32 chunks, never [tokens, vocab] logits.
         # For
@@ -447,6 +456,8 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
             out = policy.response_head(params, model_cfg, batch, **head_kw)
         logp, entropy = out["logp"], out["entropy"]  # entropy: no gradient (a metric)
         divergence = divergence_of(out, batch.get("topk_logp"))
+        if spec.divergence == "m2po":
+            divergence = batch.get("m2po_blocked")
         if spec.divergence == "binary":  # trm_seq: the sampled token's divergence, per token
             fn = getattr(divergences, loss_cfg.trm_divergence)
             divergence = fn(jax.lax.stop_gradient(logp), batch["rollout_logp"])
