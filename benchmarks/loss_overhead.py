@@ -5,6 +5,7 @@ Run:
     python benchmarks/loss_overhead.py --quick    # small sizes, < 30 s (used by tests/test_benchmarks.py)
     python benchmarks/loss_overhead.py --batch 1024 --seq 1024 --repeats 15 --no-full \
         --methods dppo_binary_tv,icepop,kpop,opsm,geo_seq_mask   # issue 32's rows at 1M tokens
+        (and --methods dppo_binary_tv,drpo,m2po)
 
 Issue 32's rows at 1M tokens (B=1024, T=1024, median of 15; 2-core VM at load average 3.5-5,
 other jobs running, so +-30% is noise; two runs):
@@ -20,6 +21,18 @@ Goal "within 1.1x of dppo_binary_tv": met by icepop, opsm, geo_seq_mask; NOT met
 Bernoulli KLs: exp, expm1 and a two-branch log1mexp for pi and for mu, as dppo_binary_kl, whose
 cost is the same problem; run 2 already shares the four transcendental sets between the two
 directions).
+
+DRPO and M2PO (issue 32), same command with --methods dppo_binary_tv,drpo,m2po (B=1024, T=1024,
+median of 15, load average 4.7-5.9, two runs):
+
+    method         | ms (run 1 / run 2) | vs dppo_binary_tv | ms +metrics     | vs dppo +metrics
+    dppo_binary_tv |   8.8 /   7.7      | 1                 |  46.3 /  43.0   | 1
+    drpo           |  10.5 /   8.8      | 1.20x / 1.14x     |  49.4 /  47.3   | 1.07x / 1.10x
+    m2po           | 426.8 / 408.7      | 49x   / 53x       | 480.1 / 447.2   | 10.4x / 10.4x
+
+drpo: the penalty's exp / square and its backward, near the 1.1x goal (met with metrics, not in
+isolation). m2po: NOT met: its minibatch mask sorts all 1M m2 values (XLA:CPU's sort, ~0.4 s);
+the train step computes it once per minibatch, outside the micro-batch loop.
 
 The script sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before importing jax, so the
 sharded rows run on 8 simulated CPU devices on any machine.
