@@ -195,7 +195,7 @@ _EXTENDED = (
     *(f"model/test_vocab_head.py::test_train_step_loss_fused_equals_unfused[{m}]" for m in (
         "dppo_binary_kl", "dppo_topk_tv", "dppo_full_kl", "dppo_binary_tv_recompute",
         "dppo_binary_kl_recompute", "ppo_clip", "pg_is", "relax_high", "relax_low",
-        "relax_both", "mask_neg", "icepop", "kpop")),
+        "relax_both", "mask_neg", "icepop", "kpop", "m2po")),
     "training/test_train.py::test_learning_happens[ppo_clip]",
     "rollout/test_rollout_model.py::test_greedy_equals_transformers_generate_smollm2",
     "training/test_microbatch.py::test_accumulated_step_equals_one_pass[dppo_topk_kl-seq-mean-"
