@@ -555,8 +555,8 @@ def _coef(logp, rollout_logp, advantages, mask, *, method, delta_low, delta_high
 def logp_grad(logp, rollout_logp, advantages, agg_weight, *, method, delta_low, delta_high,
               is_cap=float("inf"), old_logp=None, divergence=None, alpha=None, params=None):
     """d loss / d logp per token, (-M * min(r, C) * A + d penalty / d logp) * agg_weight
-    (agg_weight: the aggregation's num_w / denom; the penalty: Method.penalty, drpo's), elementwise over any token shape: what autodiff of policy_loss_terms'
-    loss_sum / denom gives, computed without a backward pass (the loss-fused vocabulary head,
+    (agg_weight: the aggregation's num_w / denom; the penalty: Method.penalty, drpo's),
+    elementwise over any token shape: what autodiff of policy_loss_terms' loss_sum / denom gives, computed without a backward pass (the loss-fused vocabulary head,
     trustrl.model.vocab_head, uses it inside its forward chunks). Not for the sequence-level
     masks (Method.elementwise False: trm_seq, opsm, geo_seq_mask)."""
     if method not in METHODS or not METHODS[method].elementwise:
@@ -626,8 +626,8 @@ def policy_loss(logp, rollout_logp, advantages, mask, *, method, delta_low, delt
       divergence: [B, T] token divergence D(mu || pi) (top-K, full and trm_seq methods).
       alpha: mu cutoff of the relax_* ablation.
       params: the method's own parameters, a mapping of PARAMS names (icepop_low / icepop_high,
-        kpop_phi, opsm_delta, geo_low / geo_high, drpo_eps) to numbers; a name the method does not read is
-        ignored, one it reads and is not given takes PARAMS[name].default. The train step passes
+        kpop_phi, opsm_delta, geo_low / geo_high, drpo_eps, m2po_threshold) to numbers; a name
+        the method does not read is ignored, one it reads and is not given takes PARAMS[name].default. The train step passes
         {name: loss_cfg[name] for name in METHODS[method].params}.
     Returns:
       (loss scalar, metrics dict of scalars). d loss / d logp = -M * min(r, C) * A * agg weight,

@@ -19,9 +19,9 @@ OPERATIONAL = ("log.", "mesh.", "eval.every", "checkpoint.every", "checkpoint.ma
                "train.microbatches",  # exact gradient accumulation: memory, not the update
                "train.score_microbatches",  # the score pass in parts: memory, not the values
                "rollout.keep_kv_cache",  # memory between iterations, not the rollouts
-               "model.attention",
+               "model.attention",  # the kernel, not the math (backends agree to float error)
                # how the reward model's rows are batched and padded (right padding: exact)
-               "reward_model.batch_size", "reward_model.bucket")  # the kernel, not the math (backends agree to float error)
+               "reward_model.batch_size", "reward_model.bucket")
 
 
 def latest_checkpoint(workdir: str):
