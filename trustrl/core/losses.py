@@ -556,8 +556,9 @@ def logp_grad(logp, rollout_logp, advantages, agg_weight, *, method, delta_low, 
               is_cap=float("inf"), old_logp=None, divergence=None, alpha=None, params=None):
     """d loss / d logp per token, (-M * min(r, C) * A + d penalty / d logp) * agg_weight
     (agg_weight: the aggregation's num_w / denom; the penalty: Method.penalty, drpo's),
-    elementwise over any token shape: what autodiff of policy_loss_terms' loss_sum / denom gives, computed without a backward pass (the loss-fused vocabulary head,
-    trustrl.model.vocab_head, uses it inside its forward chunks). Not for the sequence-level
+    elementwise over any token shape: what autodiff of policy_loss_terms' loss_sum / denom gives,
+    computed without a backward pass (the loss-fused vocabulary head, trustrl.model.vocab_head,
+    uses it inside its forward chunks). Not for the sequence-level
     masks (Method.elementwise False: trm_seq, opsm, geo_seq_mask)."""
     if method not in METHODS or not METHODS[method].elementwise:
         raise ValueError(f"logp_grad is elementwise; method {method!r} is not (valid: "
