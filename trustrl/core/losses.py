@@ -628,8 +628,9 @@ def policy_loss(logp, rollout_logp, advantages, mask, *, method, delta_low, delt
       alpha: mu cutoff of the relax_* ablation.
       params: the method's own parameters, a mapping of PARAMS names (icepop_low / icepop_high,
         kpop_phi, opsm_delta, geo_low / geo_high, drpo_eps, m2po_threshold) to numbers; a name
-        the method does not read is ignored, one it reads and is not given takes PARAMS[name].default. The train step passes
-        {name: loss_cfg[name] for name in METHODS[method].params}.
+        the method does not read is ignored, one it reads and is not given takes
+        PARAMS[name].default. The train step passes loss.<name> (or that default) for each
+        name in METHODS[method].params.
     Returns:
       (loss scalar, metrics dict of scalars). d loss / d logp = -M * min(r, C) * A * agg weight,
       plus the derivative of a method's penalty term (drpo) times the agg weight.
