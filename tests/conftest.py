@@ -213,6 +213,14 @@ _EXTENDED = (
     "rollout/test_rollout_model.py::test_rollout_logp_vs_trainer_smollm2",
     "training/test_episodes.py::test_a_tiny_model_learns_the_multi_turn_task",
     "training/test_sanity.py::test_small_sanity_study_end_to_end",
+    # CI took ~1,260 s with issue 31 / 32's tests (the 3.11 leg's tests 977 s): the RLHF learning
+    # run (~210 s on CI's cores; the tiny RLHF run with every shaping option and a resume stays,
+    # and the demo's measured learning is in docs/rlhf.md) and opsm's accumulated step (m2po's,
+    # the minibatch-mask path, stays)
+    "training/test_rlhf_run.py::"
+    "test_rlhf_against_a_learned_reward_model_improves_the_hidden_ground_truth",
+    "training/test_microbatch.py::test_accumulated_step_equals_one_pass[opsm-seq-mean-token-"
+    "mean-4]",
 )
 
 
