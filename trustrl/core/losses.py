@@ -152,13 +152,6 @@ def _m_icepop(x: _Inputs):
     return (x.ratio < lo) | (x.ratio > hi), jnp.abs(x.ratio - 1)
 
 
-def _log1mexp_parts(logp):
-    """(p, 1 - p, log(1 - p)) for logp <= 0 as divergences.binary_kl computes them: its public
-    log1mexp, whose exp / expm1 of the same clamped input XLA merges with these (CSE)."""
-    logp = jnp.minimum(logp, 0.0)
-    return jnp.exp(logp), -jnp.expm1(logp), divergences.log1mexp(logp)
-
-
 def _m_kpop(x: _Inputs):
     """KPop, both advantage signs: block iff max(KL_b(pi || mu), KL_b(mu || pi)) > phi, with
     KL_b the Bernoulli KL of the sampled token's probabilities,
@@ -170,14 +163,10 @@ def _m_kpop(x: _Inputs):
     [1e-8, 1 - 1e-8]; here divergences.binary_kl's log1mexp form, equal away from p = 1 where
     the clamp rounds to 1 in float32); phi = upper = 2.0 in examples/math/gsm8k_kpop.yaml and
     docs/en/algorithms/grpo_series.md. Weight min(r, C) on the kept tokens."""
-    # divergences.binary_kl in both directions, sharing p, 1 - p, log(1 - p) of pi and of mu:
-    # KL(mu||pi) - KL(pi||mu) terms written once (half the transcendentals of two calls)
-    pi, rest_pi, log_rest_pi = _log1mexp_parts(x.logp)
-    mu, rest_mu, log_rest_mu = _log1mexp_parts(x.rollout_logp)
-    d_log, d_log_rest = x.rollout_logp - x.logp, log_rest_mu - log_rest_pi
-    kl_mu_pi = mu * d_log + rest_mu * d_log_rest      # KL(mu || pi)
-    kl_pi_mu = -(pi * d_log + rest_pi * d_log_rest)   # KL(pi || mu)
-    kl = jnp.maximum(jnp.maximum(kl_mu_pi, kl_pi_mu), 0.0)
+    # both directions of divergences.binary_kl (each >= 0); XLA computes the exp / log1mexp of
+    # pi and of mu that the two calls share once
+    kl = jnp.maximum(divergences.binary_kl(x.logp, x.rollout_logp),   # KL(mu || pi)
+                     divergences.binary_kl(x.rollout_logp, x.logp))   # KL(pi || mu)
     return kl > x.params["kpop_phi"], kl
 
 
