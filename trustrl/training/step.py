@@ -388,19 +388,22 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
                    # the method's own parameters: loss.<name>, else losses.PARAMS' default
                    params={k: loss_cfg.get(k, losses.PARAMS[k].default) for k in spec.params})
 
-    def divergence_of(out, mu_topk_logp):
-        """The per-token divergence the method masks on, from the head's outputs."""
+    def divergence_of(out, src):
+        """The per-token divergence the method masks on: from the head's outputs and ``src``
+        (the batch, or a chunk's inputs): mu's top-K log-probs, or M2PO's minibatch mask."""
         if spec.divergence == "topk":
-            return getattr(divergences, f"topk_{spec.measure}")(out["topk_logp"], mu_topk_logp)
+            return getattr(divergences, f"topk_{spec.measure}")(out["topk_logp"],
+                                                                src["topk_logp"])
         if spec.divergence == "full":
             return out[spec.measure]
+        if spec.divergence == "m2po":
+            return src.get("m2po_blocked")  # None without old_logp: policy_loss names it
         return None
 
     def chunk_grad(out, ex):  # the loss's d loss / d logp on a chunk of tokens (elementwise)
-        div = ex["m2po_blocked"] if "m2po_blocked" in ex else divergence_of(
-            out, ex.get("mu_topk_logp"))
         return losses.logp_grad(out["logp"], ex["rollout_logp"], ex["adv"], ex["agg_w"],
-                                old_logp=ex.get("old_logp"), divergence=div, **loss_kw)
+                                old_logp=ex.get("old_logp"), divergence=divergence_of(out, ex),
+                                **loss_kw)
 
     if bool(model_cfg.lora_rank) != (frozen is not None):
         raise ValueError("a LoRA model (model_cfg.lora_rank > 0) trains its adapters against a "
@@ -428,7 +431,7 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
             if spec.needs_old_logp:
                 ex["old_logp"] = batch["old_logp"]
             if spec.divergence == "topk":
-                ex["mu_topk_logp"] = batch["topk_logp"]
+                ex["topk_logp"] = batch["topk_logp"]
             if spec.divergence == "m2po":
                 ex["m2po_blocked"] = batch["m2po_blocked"]
             logp_grad = (chunk_grad, jax.tree.map(jax.lax.stop_gradient, ex))
@@ -455,9 +458,7 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
         else:
             out = policy.response_head(params, model_cfg, batch, **head_kw)
         logp, entropy = out["logp"], out["entropy"]  # entropy: no gradient (a metric)
-        divergence = divergence_of(out, batch.get("topk_logp"))
-        if spec.divergence == "m2po":
-            divergence = batch.get("m2po_blocked")
+        divergence = divergence_of(out, batch)
         if spec.divergence == "binary":  # trm_seq: the sampled token's divergence, per token
             fn = getattr(divergences, loss_cfg.trm_divergence)
             divergence = fn(jax.lax.stop_gradient(logp), batch["rollout_logp"])
