@@ -123,8 +123,8 @@ def main(argv=None):
         reward = rlhf.RewardModelReward(cfg, mesh, (rm_cfg, rm_params, program), rm_tok)
         ids, _ = rlhf.encode(rm_tok, prompts, responses, max_length=4096)
         (_, rm_tokens, rm_valid), = rlhf.pack(ids, pad_id=reward.pad_id, bucket=64)
-        rm_args = (jnp.asarray(rm_tokens), jnp.asarray(
-            np.maximum(np.cumsum(rm_valid, 1) - 1, 0), jnp.int32), jnp.asarray(rm_valid))
+        rm_args = (jnp.asarray(rm_tokens), jnp.asarray(rlhf.positions_of(rm_valid)),
+                   jnp.asarray(rm_valid))
         rm_count = int(sum(map(len, ids)))
         best, outs = best_of({
             "score pass": lambda: score_pass(params, batch),

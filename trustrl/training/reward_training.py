@@ -82,8 +82,7 @@ def pad_rows(ids, width: int, pad_id: int):
     for i, x in enumerate(ids):
         tokens[i, :len(x)] = x
         valid[i, :len(x)] = True
-    positions = np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32)
-    return tokens, positions, valid
+    return tokens, rlhf.positions_of(valid), valid
 
 
 def loss_fn(params, rm_cfg, batch):
@@ -116,23 +115,12 @@ def _rows(chosen, rejected, idx, width, pad_id):
     return {"tokens": tokens, "positions": positions, "valid": valid}
 
 
-def accuracy(params, rm_cfg, chosen, rejected, width, pad_id, mesh, batch_size) -> dict:
-    """Held-out pair accuracy (ties count 1/2) and mean margin, scored in batches."""
-    program = reward_model.score_program(rm_cfg, mesh)
-    sc, sr = [], []
-    shards = int(np.prod([dict(mesh.shape).get(a, 1) for a in sharding.BATCH_AXES]))
-    for start in range(0, len(chosen), batch_size):
-        ids = chosen[start:start + batch_size] + rejected[start:start + batch_size]
-        rows = shards * math.ceil(len(ids) / shards)
-        ids = ids + [[pad_id]] * (rows - len(ids))
-        b = _place(mesh, dict(zip(("tokens", "positions", "valid"), pad_rows(ids, width,
-                                                                             pad_id))))
-        s = multihost.to_host(sharding.cpu_sync(program(params, b["tokens"], b["positions"],
-                                                        b["valid"])))
-        n = len(chosen[start:start + batch_size])
-        sc.append(s[:n])
-        sr.append(s[n:2 * n])
-    sc, sr = np.concatenate(sc), np.concatenate(sr)
+def accuracy(params, rm_cfg, chosen, rejected, pad_id, mesh, batch_size) -> dict:
+    """Held-out pair accuracy (ties count 1/2) and mean margin, scored in batches of
+    ``batch_size`` rows sorted by length, as an RL run scores (rlhf.score_ids)."""
+    s = rlhf.score_ids(reward_model.score_program(rm_cfg, mesh), params, chosen + rejected,
+                       pad_id=pad_id, mesh=mesh, bucket=16, batch_size=batch_size)
+    sc, sr = s[:len(chosen)], s[len(chosen):]
     acc = np.where(sc > sr, 1.0, np.where(sc == sr, 0.5, 0.0))
     return {"eval/accuracy": float(acc.mean()), "eval/margin_mean": float((sc - sr).mean()),
             "eval/num_pairs": len(sc)}
@@ -164,8 +152,8 @@ def train(cfg, workdir: str, mesh=None):
         step = make_step(rm_cfg, tx)
         writer = MetricWriter(workdir, tensorboard=False, resume_step=0)
         evaluate = functools.partial(accuracy, rm_cfg=rm_cfg, chosen=t_chosen,
-                                     rejected=t_rejected, width=width, pad_id=pad_id, mesh=mesh,
-                                     batch_size=int(cfg.train.batch_size))
+                                     rejected=t_rejected, pad_id=pad_id, mesh=mesh,
+                                     batch_size=2 * int(cfg.train.batch_size))
         metrics = {**evaluate(params), "data/truncated_train": cut, "data/truncated_test": t_cut,
                    "data/train_pairs": len(chosen)}
         writer.write(0, metrics)

@@ -126,6 +126,29 @@ def pack(token_lists, *, pad_id: int, bucket: int = 64, batch_size: int = 0,
     return out
 
 
+def positions_of(valid) -> np.ndarray:
+    """RoPE positions [B, T] int32 of right-padded rows (numpy; transformer.positions_from_mask
+    on the host)."""
+    return np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32)
+
+
+def score_ids(program, params, ids, *, pad_id: int, mesh=None, bucket: int = 64,
+              batch_size: int = 0) -> np.ndarray:
+    """Scores [N] float32 of token-id rows, in their order, by a reward model's jitted
+    ``program`` (trustrl.reward_model.score_program): packed by ``pack`` (rows padded to the
+    mesh's batch shards), placed on ``mesh``, gathered back."""
+    shape = dict(mesh.shape) if mesh is not None else {}
+    rows = int(np.prod([shape.get(a, 1) for a in sharding.BATCH_AXES]))
+    out = np.zeros(len(ids), np.float32)
+    for idx, tokens, valid in pack(ids, pad_id=pad_id, bucket=bucket, batch_size=batch_size,
+                                   row_multiple=rows):
+        args = (tokens, positions_of(valid), valid)
+        if mesh is not None:
+            args = tuple(multihost.to_global(a, sharding.batch_sharding(mesh)) for a in args)
+        out[idx] = multihost.to_host(sharding.cpu_sync(program(params, *args)))[:len(idx)]
+    return out
+
+
 # ----------------------------------------------------------------------------- shaping
 
 
@@ -172,9 +195,8 @@ def normalize(scores, how: str, moments: RunningMoments | None = None, eps: floa
 
 def sequence_kl(rollout_logp, ref_logp, mask) -> np.ndarray:
     """Per response: sum_t mask * (log mu - log pi_ref), [B] float32 (numpy in, numpy out)."""
-    mask = np.asarray(mask, np.float32)
     diff = np.asarray(rollout_logp, np.float32) - np.asarray(ref_logp, np.float32)
-    return (mask * np.where(mask > 0, diff, 0.0)).sum(1).astype(np.float32)
+    return np.where(np.asarray(mask) > 0, diff, 0.0).sum(1).astype(np.float32)
 
 
 def correlation(x, y) -> float:
@@ -204,25 +226,14 @@ class RewardModelReward:
         self.pad_id = int(pad if pad is not None else (self.tokenizer.pad_id or 0))
         self.moments = RunningMoments()
         self.ground_truth = ground_truth  # (prompts, responses) -> [N], or None
-        shape = dict(mesh.shape) if mesh is not None else {}
-        self.row_multiple = int(np.prod([shape.get(a, 1) for a in sharding.BATCH_AXES]))
 
     def scores(self, prompts, responses) -> tuple[np.ndarray, np.ndarray]:
         """(raw scores [N] float32, truncated [N] bool) of the exchanges."""
         ids, truncated = encode(self.tokenizer, prompts, responses, template=self.cfg.template,
                                 max_length=int(self.cfg.max_length),
                                 truncation=self.cfg.get("truncation", "right"))
-        out = np.zeros(len(ids), np.float32)
-        for idx, tokens, valid in pack(ids, pad_id=self.pad_id, bucket=int(self.cfg.bucket),
-                                       batch_size=int(self.cfg.batch_size),
-                                       row_multiple=self.row_multiple):
-            positions = np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32)
-            args = (tokens, positions, valid)
-            if self.mesh is not None:
-                args = tuple(multihost.to_global(a, sharding.batch_sharding(self.mesh))
-                             for a in args)
-            out[idx] = multihost.to_host(sharding.cpu_sync(self.program(self.params, *args)))[
-                :len(idx)]
+        out = score_ids(self.program, self.params, ids, pad_id=self.pad_id, mesh=self.mesh,
+                        bucket=int(self.cfg.bucket), batch_size=int(self.cfg.batch_size))
         if not np.all(np.isfinite(out)):
             bad = np.flatnonzero(~np.isfinite(out))
             raise FloatingPointError(f"the reward model ({self.cfg.hf_dir}) gave non-finite "
