@@ -41,20 +41,26 @@ def majority_at_k(answers: list[list[str | None]], truth_ok) -> float:
     return float(np.mean(hits)) if hits else 0.0
 
 
+def _greedy(run, params_roll, prompts, key):
+    """The held-out greedy responses. One sampler's KV cache on the chips at a time (what
+    aot_check counts): the rollout sampler's goes before the greedy pass, the greedy one's
+    before the sampled pass (and before anything scores the responses)."""
+    run.sampler.release()
+    greedy = run.eval_greedy.generate(params_roll, prompts, 1, key)
+    run.eval_greedy.release()
+    return greedy
+
+
 def evaluate(run, params_roll, key, cfg) -> dict:
     if run.episodes is not None:  # environment episodes: held-out seeds
         return run.episodes.evaluate(params_roll, key)
-    if getattr(run, "reward", None) is not None:  # RLHF: the reward model's held-out score
+    if run.reward is not None:  # RLHF: the reward model's held-out score
         return evaluate_reward_model(run, params_roll, key, cfg)
     env = run.env
     examples = env.eval_examples(cfg.eval.num_prompts)
     prompts = env.encode_prompts(examples)
     answers = [ex["answer"] for ex in examples]
-    # one sampler's KV cache on the chips at a time (what aot_check counts): the rollout
-    # sampler's goes before the greedy pass, the greedy one's before the sampled pass
-    run.sampler.release()
-    greedy = run.eval_greedy.generate(params_roll, prompts, 1, key)
-    run.eval_greedy.release()
+    greedy = _greedy(run, params_roll, prompts, key)
     rew_g = env.score(env.decode_responses(greedy), answers)
     # num_prompts lets readers give each score its sampling error (trustrl.analysis.summary)
     out = {"eval/pass@1": float(np.mean(rew_g >= env.correct_threshold)),
@@ -86,9 +92,7 @@ def evaluate_reward_model(run, params_roll, key, cfg) -> dict:
     examples = env.eval_examples(cfg.eval.num_prompts)
     prompts = env.encode_prompts(examples)
     texts_in = [env.prompt_messages(ex) for ex in examples]
-    run.sampler.release()
-    greedy = run.eval_greedy.generate(params_roll, prompts, 1, key)
-    run.eval_greedy.release()
+    greedy = _greedy(run, params_roll, prompts, key)
     texts = env.decode_responses(greedy)
     scores, _ = reward.scores(texts_in, texts)
     out = {"eval/rm_score": float(scores.mean()), "eval/rm_score_se": standard_error(scores),
