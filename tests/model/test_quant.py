@@ -26,9 +26,10 @@ def test_per_channel_error_bounds(kind, in_ndim, shape):
                                rtol=1e-6)
     back = np.asarray(quant.dequantize(q, scale, in_ndim, jnp.float32), np.float64)
     err, s = np.abs(back - w), np.asarray(scale, np.float64)
-    if kind == "int8":
+    if kind in ("int8", "int4"):
         assert np.all(err <= s / 2 * (1 + 1e-5))
-        assert np.abs(np.asarray(q, np.int32)).max() == 127  # the channel maximum hits 127
+        # the channel maximum hits QMAX (127 / 7)
+        assert np.abs(np.asarray(q, np.int32)).max() == quant.QMAX[kind]
     else:  # e4m3: 3 mantissa bits (half-ulp 2^-4 relative), subnormal step 2^-9 of the scale
         assert np.all(err <= np.maximum(2.0 ** -4 * np.abs(w), 2.0 ** -10 * s) * (1 + 1e-5))
     assert np.all(back[..., 0] == 0)
@@ -52,10 +53,10 @@ def test_quantize_params_layout_and_errors():
     assert jax.tree.map(lambda x: (x.shape, x.dtype), roll) == want
     assert policy.cast_params(roll, roll_cfg) is not None  # idempotent on quantised params
     with pytest.raises(ValueError, match=r"rollout dtype must be one of \('float32', "
-                                         r"'bfloat16', 'int8', 'fp8'\), got 'int4'"):
-        policy.rollout_config(cfg, "int4")
-    with pytest.raises(ValueError, match="unknown weight quantisation 'int4'"):
-        M.ModelConfig.tiny(V, weight_quant="int4")
+                                         r"'bfloat16', 'int8', 'fp8', 'int4'\), got 'int2'"):
+        policy.rollout_config(cfg, "int2")
+    with pytest.raises(ValueError, match="unknown weight quantisation 'int2'"):
+        M.ModelConfig.tiny(V, weight_quant="int2")
 
 
 @pytest.mark.parametrize("kind", quant.QUANT)
@@ -87,7 +88,7 @@ def test_quantised_mismatch_is_larger_than_bf16s():
     cfg = M.ModelConfig.tiny(V, "llama")
     params = _perturbed(M.init_params(cfg, jax.random.key(0)))
     prompts, stats = _prompts((5, 12, 7)), {}
-    for dtype in ("float32", "bfloat16", "int8", "fp8"):
+    for dtype in ("float32", "bfloat16", "int8", "fp8", "int4"):
         roll_cfg = policy.rollout_config(cfg, dtype)
         s = Sampler(policy.decode_model(roll_cfg), SamplerConfig(max_new_tokens=16,
                                                                  record_topk=0))
@@ -100,3 +101,5 @@ def test_quantised_mismatch_is_larger_than_bf16s():
     # measured mean |pi - mu|: bf16 2.6e-5, int8 5.0e-5 (bf16 activations + 8-bit weights),
     # fp8 2.0e-4 (3 mantissa bits)
     assert mean["int8"] > 1.5 * mean["bfloat16"] and mean["fp8"] > 4 * mean["bfloat16"], mean
+    # 4-bit weights (per channel, 15 levels): the dial's largest precision source
+    assert mean["int4"] > 2 * mean["fp8"], mean

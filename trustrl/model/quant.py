@@ -1,4 +1,5 @@
-"""Weight-only quantisation of the rollout policy: int8 or fp8 (e4m3) weights, bf16 activations.
+"""Weight-only quantisation of the rollout policy: int8, fp8 (e4m3) or int4 weights, bf16
+activations.
 
 Quantised rollout engines (8-bit weights for the sampler, full precision in the trainer) are a
 real and large source of training-inference mismatch, created on purpose for rollout speed.
@@ -13,6 +14,11 @@ Scheme (per output channel, symmetric, no zero point):
   int8:  q = clip(round(w / scale), -127, 127)          |w - q * scale| <= scale / 2
   fp8:   q = float8_e4m3fn(w / scale)  (QMAX = 448, the format's largest finite value; round to
          nearest even)                                |w - q * scale| <= max(2^-4 |w|, 2^-10 scale)
+  int4:  q = clip(round(w / scale), -7, 7)  (QMAX = 7)  |w - q * scale| <= scale / 2
+int4 is the mismatch dial's "4-bit weights" (rollout.dtype="int4", trustrl.rollout.mismatch):
+per output channel like the 8-bit kinds, so coarser than the group-wise (e.g. 128 inputs per
+scale) 4-bit checkpoints engines serve; it is a deliberate, large mismatch source, not a model
+of a particular engine's 4-bit format.
 Quantised: the attention and MLP projections (q, k, v, o, gate, up, down). The embedding and
 the LM head stay at the rollout dtype, as weight-only int8 / fp8 checkpoints commonly keep them
 (their error would also hit every logit alike); norms and biases too.
@@ -26,9 +32,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-QUANT = ("int8", "fp8")
-STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
-QMAX = {"int8": 127.0, "fp8": 448.0}
+QUANT = ("int8", "fp8", "int4")
+STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "int4": jnp.int4}
+QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}
 # matmul kernels of the trunk -> number of leading input axes (the rest are output channels)
 KERNELS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
            "down_proj": 1}
@@ -49,7 +55,7 @@ def quantize(w, in_ndim: int, kind: str, lead: int = 0):
     amax = jnp.max(jnp.abs(w), axis=axes)
     scale = jnp.where(amax > 0, amax / QMAX[kind], 1.0).astype(jnp.float32)
     x = w / jnp.expand_dims(scale, axes)
-    if kind == "int8":
+    if kind in ("int8", "int4"):
         x = jnp.clip(jnp.round(x), -QMAX[kind], QMAX[kind])
     return x.astype(STORAGE[kind]), scale
 
@@ -103,4 +109,4 @@ def dequantize_params(params, dtype, stacked: bool):
 
 
 def is_quantized(x) -> bool:
-    return jnp.asarray(x).dtype in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+    return jnp.asarray(x).dtype in {jnp.dtype(t) for t in STORAGE.values()}

@@ -105,7 +105,7 @@ class ModelConfig:
     remat: str = "full"  # per-layer rematerialisation policy: REMAT_POLICIES (or a bool)
     attention: str = "auto"  # attention backend: trustrl.model.attention.BACKENDS
     attention_block_size: int = 512  # blockwise backend: query / key tile length
-    weight_quant: str = ""  # "" | "int8" | "fp8": quantised matmul kernels (trustrl.model.quant)
+    weight_quant: str = ""  # "" | "int8" | "fp8" | "int4": quantised kernels (trustrl.model.quant)
     # KV-cache decode: attend blocks of this many cache slots up to the last written one
     # (0: the whole cache in one pass); attention.decode_attention
     decode_block_size: int = 256
