@@ -13,7 +13,7 @@ import pytest
 from trustrl.core import losses
 from trustrl.core.losses import METHODS, policy_loss, policy_loss_terms
 
-NEW = ("icepop", "kpop", "opsm", "geo_seq_mask", "drpo", "m2po")
+NEW = ("icepop", "kpop", "opsm", "geo_seq_mask", "drpo", "m2po", "cppo")
 
 
 def grad(method, pi, mu, adv, mask=None, agg="token-sum", **kw):
@@ -267,7 +267,7 @@ def test_logp_grad_is_autodiff(method):
 
 def test_sequence_level_methods_are_not_elementwise():
     assert METHODS["icepop"].elementwise and METHODS["kpop"].elementwise
-    for method in ("opsm", "geo_seq_mask"):
+    for method in ("opsm", "geo_seq_mask", "cppo"):
         assert not METHODS[method].elementwise
         with pytest.raises(ValueError, match=method):
             losses.logp_grad(jnp.zeros(3), jnp.zeros(3), jnp.ones(3), jnp.ones(3),
@@ -283,6 +283,8 @@ def test_sequence_level_methods_are_not_elementwise():
     ("opsm", {"opsm_delta": math.nan}, "opsm_delta must be a finite number"),
     ("geo_seq_mask", {"geo_high": 0.9}, r"geo_high must be in \[1.0, inf\)"),
     ("icepop", {"icepop_lo": 0.5}, "unknown loss parameter"),
+    ("cppo", {"cppo_w_min": 1.5}, r"cppo_w_min must be in \[0.0, 1.0\]"),
+    ("cppo", {"cppo_delta": 0.0}, r"cppo_delta must be in \(0.0, inf\)"),
 ])
 def test_bad_params(method, params, msg):
     with pytest.raises(ValueError, match=msg):
@@ -295,6 +297,7 @@ def test_bad_params(method, params, msg):
     ("kpop", "kpop_phi", 0.0),
     ("opsm", "opsm_delta", -1e-3),
     ("geo_seq_mask", "geo_low", 1.5),
+    ("cppo", "cppo_delta_b", -0.01),
 ])
 def test_bad_config_values_name_the_field(method, field, value):
     from configs import default
@@ -504,3 +507,91 @@ def test_m2po_accumulated_train_step_equals_one_pass():
                                atol=1e-7)
     for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(one.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------ CPPO
+
+def unirl_cppo_keep(new_logp, old_logp, advantages, lengths, delta, w_min, delta_b):
+    """Tencent-Hunyuan/UniRL @ 30899fcf, unirl/algorithms/cppo.py ``_cppo_mask`` transcribed
+    to NumPy float64 (test-only): packed responses (one flat array, ``lengths`` per response),
+    a loop per response; np.quantile's default (linear) is torch.quantile's."""
+    prob, old_prob = np.exp(new_logp), np.exp(old_logp)
+    d_all = np.abs(prob - old_prob)
+    ratio = np.exp(np.clip(new_logp - old_logp, -20.0, 20.0))
+    toward_mu = (advantages * (ratio - 1.0)) <= 0.0
+    keep, start = [], 0
+    for n in lengths:
+        d_t, toward_t = d_all[start:start + n], toward_mu[start:start + n]
+        start += n
+        if n == 0:
+            continue
+        pos = np.arange(1, n + 1, dtype=np.float64)
+        w_t = 1.0 - (1.0 - w_min) * (pos - 1) / max(n - 1, 1)
+        z_t = w_t * d_t
+        s_prev = np.concatenate([[0.0], np.cumsum(z_t)[:-1]])
+        w_prev = np.concatenate([[0.0], np.cumsum(w_t)[:-1]])
+        delta_b_seq = np.clip(np.quantile(d_t, 0.9), delta_b, 2.0 * delta_b)
+        c_t = np.minimum(np.full_like(z_t, delta), delta + delta_b_seq * w_prev - s_prev)
+        keep.append(toward_t | (z_t <= c_t))
+    return np.concatenate(keep)
+
+
+def unirl_cppo_grad(lp, lmu, adv, mask, delta, w_min, delta_b):
+    """The reference loss -A r keep (keep detached) per token: d/d logp = -A r keep on the
+    packed tokens, unpacked to [B, T] (the rows' response tokens are their first mask > 0)."""
+    lengths = mask.sum(1).astype(int)
+    sel = mask > 0
+    a2 = np.broadcast_to(adv[:, None], lp.shape)
+    keep = unirl_cppo_keep(lp[sel], lmu[sel], a2[sel], lengths, delta, w_min, delta_b)
+    r = np.exp(np.clip(lp[sel] - lmu[sel], -20, 20))
+    out = np.zeros(lp.shape)
+    out[sel] = -a2[sel] * r * keep
+    return out, keep
+
+
+def test_cppo_hand():
+    """One row of 3 tokens, A = +1, every pi > mu (moving away), delta 0.15, w_min 0.8,
+    delta_b 0.02: D = .1, .1, .12; w = 1, .9, .8; Z = .1, .09, .096; the 0.9-quantile of D
+    = .1 + .8 (.12 - .1) = .116 -> db = clip(.116, .02, .04) = .04; W_prev = 0, 1, 1.9;
+    S_prev = 0, .1, .19; c = min(.15, .15 + .04 W_prev - S_prev) = .15, .09, .036. Kept: t1
+    (.1 <= .15), t2 (.09 <= .09, a tie), not t3 (.096 > .036). With A = -1 every token moves
+    back towards mu (A (r - 1) < 0) and all are kept."""
+    mu = np.array([[0.3, 0.4, 0.5]])
+    pi = mu + np.array([[0.1, 0.1, 0.12]])
+    r = pi / mu
+    g = grad("cppo", pi, mu, [[1.0, 1.0, 1.0]])
+    np.testing.assert_allclose(g, -np.array([[1, 1, 0]]) * r, rtol=1e-5)
+    np.testing.assert_allclose(grad("cppo", pi, mu, [[-1.0, -1.0, -1.0]]), r, rtol=1e-5)
+    # a second row after it does not change the first (the sums reset per row), padding neither
+    pi2 = np.array([[0.4, 0.5, 0.62, 0.5], [0.9, 0.9, 0.9, 0.5]])
+    mu2 = np.array([[0.3, 0.4, 0.5, 0.5], [0.1, 0.1, 0.1, 0.5]])
+    mask2 = np.array([[1, 1, 1, 0], [1, 1, 1, 0]])
+    g2 = grad("cppo", pi2, mu2, [[1.0] * 4, [1.0] * 4], mask=mask2)
+    np.testing.assert_allclose(g2[0, :3], -np.array([1, 1, 0]) * r[0], rtol=1e-5)
+    assert g2[0, 3] == 0 and g2[1, 3] == 0
+    # row 2: D = .8 each > delta / w: only the first token (c_1 = delta = .15 < .8): none kept
+    assert np.all(g2[1] == 0)
+
+
+def test_cppo_matches_unirl():
+    for seed, scale in ((5, 0.3), (6, 0.8), (7, 0.05)):
+        lp, lmu, adv, mask = _batch(seed, B=8, T=12, scale=scale)
+        f64 = lambda a: np.asarray(a, np.float64)
+        for delta, w_min, db in ((0.15, 0.8, 0.02), (0.05, 0.5, 0.01)):
+            want, keep = unirl_cppo_grad(f64(lp), f64(lmu), f64(adv), f64(mask), delta, w_min, db)
+            got = _ours("cppo", lp, lmu, adv, mask, "token-sum",
+                        params={"cppo_delta": delta, "cppo_w_min": w_min, "cppo_delta_b": db})
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+            if scale == 0.3:  # the mask bites and keeps
+                assert 0.05 < np.mean(~keep) < 0.95, np.mean(~keep)
+
+
+def test_cppo_row_quantile_is_numpys_linear():
+    rng = np.random.default_rng(0)
+    v = rng.uniform(size=(5, 7)).astype(np.float32)
+    mask = (np.arange(7)[None] < np.array([[7], [1], [2], [5], [0]])).astype(np.float32)
+    got = np.asarray(losses._row_quantile(jnp.asarray(v), jnp.asarray(mask), 0.9))[:, 0]
+    for b in range(4):
+        n = int(mask[b].sum())
+        assert got[b] == pytest.approx(np.quantile(v[b, :n].astype(np.float64), 0.9), rel=1e-6)
+    assert got[4] == 0.0

@@ -212,6 +212,55 @@ def _m_geo_seq_mask(x: _Inputs):
     return jnp.broadcast_to(seq, x.logp.shape), jnp.broadcast_to(jnp.abs(g - 1), x.logp.shape)
 
 
+def _row_quantile(v, mask, q: float):
+    """Per-row q-quantile of v over the response tokens, [B, 1], with linear interpolation
+    between order statistics (torch.quantile's / numpy's default): sorted s, h = (n - 1) q,
+    s[floor h] + (h - floor h) (s[floor h + 1] - s[floor h]); 0 for a row without tokens."""
+    srt = jnp.sort(jnp.where(mask > 0, v, jnp.inf), axis=-1)
+    n = jnp.sum(mask > 0, axis=-1, keepdims=True)
+    h = (jnp.maximum(n, 1) - 1).astype(jnp.float32) * q
+    lo = jnp.floor(h).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
+    s_lo = jnp.take_along_axis(srt, lo, axis=-1)
+    s_hi = jnp.take_along_axis(srt, hi, axis=-1)
+    return jnp.where(n > 0, s_lo + (h - lo) * (s_hi - s_lo), 0.0)
+
+
+def _m_cppo(x: _Inputs):
+    """CPPO (arXiv 2606.10968): a position-weighted Binary-TV threshold with a cumulative prefix
+    budget. Over a row's response tokens (the mask: t = 1 .. T in order, T = their number),
+
+        D_t = |pi_t - mu_t|,  w_t = 1 - (1 - w_min) (t - 1) / max(T - 1, 1),  Z_t = w_t D_t,
+        S_{t-1} = sum_{j<t} Z_j,  W_{t-1} = sum_{j<t} w_j   (0 at t = 1),
+        db = clip(quantile_0.9(D_1..D_T), delta_b, 2 delta_b)   (linear interpolation),
+        c_t = min(delta, delta + db W_{t-1} - S_{t-1}),
+
+    and a token is kept iff A_t (r_t - 1) <= 0 (it moves back towards mu, or A = 0) or
+    Z_t <= c_t; weight min(r, C), r = pi / mu (C = inf in the reference). S counts every
+    earlier response token, blocked or not; the quantile reads the whole row (not causal),
+    with the current pi, as the reference. delta = cppo_delta (0.15: the reference's comment
+    quotes the paper's Table 3, 0.15 for dense models and 0.20 for 30B-A3B, its class default),
+    w_min = cppo_w_min 0.8, delta_b = cppo_delta_b 0.02. Reported divergence: Z_t.
+
+    Source: Tencent-Hunyuan/UniRL @ 30899fcf, unirl/algorithms/cppo.py _cppo_mask / _cppo_loss
+    (a per-sequence loop over packed responses; here cumulative sums along the row) and
+    CPPO/README.md @ 097515bf. The paper's main table used DPPO's Top-K TV as D_t; the
+    reference ships this Binary-TV variant, which is what this row is. Sequence-level (the
+    budget and the quantile read the whole row): not elementwise."""
+    p = x.params
+    m = (x.mask > 0).astype(jnp.float32)
+    d = jnp.abs(jnp.exp(x.logp) - jnp.exp(x.rollout_logp)) * m
+    n = jnp.sum(m, axis=-1, keepdims=True)
+    pos = jnp.cumsum(m, axis=-1)  # t of each response token (1-based)
+    w = (1.0 - (1.0 - p["cppo_w_min"]) * (pos - 1.0) / jnp.maximum(n - 1.0, 1.0)) * m
+    z = w * d
+    s_prev, w_prev = jnp.cumsum(z, axis=-1) - z, jnp.cumsum(w, axis=-1) - w
+    db = jnp.clip(_row_quantile(d, m, 0.9), p["cppo_delta_b"], 2.0 * p["cppo_delta_b"])
+    c = jnp.minimum(p["cppo_delta"], p["cppo_delta"] + db * w_prev - s_prev)
+    keep = (x.adv * (x.ratio - 1.0) <= 0) | (z <= c)
+    return ~keep, z
+
+
 def m2po_blocked(old_logp, rollout_logp, mask, threshold):
     """M2PO's batch-level mask (arXiv 2510.01161), [B, T] bool: over ALL response tokens of the
     given batch, m2_t = (log mu_t - log pi_old_t)^2; sorted descending, the k largest are
@@ -300,6 +349,9 @@ PARAMS = {
     "geo_high": Param(1.01, 1.0),
     "drpo_eps": Param(12.5, 0.0, open_low=True),     # DRPO: regularization threshold eps
     "m2po_threshold": Param(0.04, 0.0, open_low=True),  # M2PO: kept tokens' mean m2 < this
+    "cppo_delta": Param(0.15, 0.0, open_low=True),   # CPPO: Binary-TV threshold delta
+    "cppo_w_min": Param(0.8, 0.0, 1.0),              # CPPO: position weight at the last token
+    "cppo_delta_b": Param(0.02, 0.0),                # CPPO: prefix budget floor (ceiling 2x)
 }
 # (low, high) pairs that must satisfy low < high
 PARAM_ORDER = (("icepop_low", "icepop_high"), ("geo_low", "geo_high"))
@@ -342,7 +394,7 @@ class Method(NamedTuple):
     needs_alpha: bool = False    # relax_*: the mu cutoff alpha
     ratio_clip: bool = False     # delta_low is a ratio-clip epsilon, so it must be < 1
     elementwise: bool = True     # the mask is per token (logp_grad, the loss-fused head); not
-    #                              trm_seq, opsm, geo_seq_mask (a max / mean over the sequence)
+    #                              trm_seq, opsm, geo_seq_mask, cppo (read the whole sequence)
     params: tuple = ()           # the PARAMS this method reads (loss.<name> in the config)
     # A differentiable per-token term added to the loss (drpo): (_Inputs, logp) -> (value [B, T],
     # its derivative w.r.t. logp [B, T], stop-gradient, for logp_grad); None: none. Elementwise.
@@ -379,6 +431,9 @@ METHODS = {
     # the batch-level second-moment mask: divergence= m2po_blocked over the whole minibatch
     "m2po": Method(_m_m2po, divergence="m2po", needs_old_logp=True, ratio_clip=True,
                    params=("m2po_threshold",)),
+    # position-weighted Binary-TV with a cumulative prefix budget per sequence
+    "cppo": Method(_m_cppo, elementwise=False, params=("cppo_delta", "cppo_w_min",
+                                                       "cppo_delta_b")),
 }
 
 
