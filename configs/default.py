@@ -145,6 +145,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.max_refill_rounds = 4  # extra sampling rounds for dynamic sampling
     c.rollout.overlong = "none"  # none | filter (no loss on truncated) | penalty
     c.rollout.overlong_penalty = -1.0  # reward of a truncated response with "penalty"
+    # where mu comes from: "sampler" (the recorded log-probs) | "rescored" (the trainer's forward
+    # of the rollout's parameters replaces them: pi_old == mu exactly; trustrl.rollout.mismatch)
+    c.rollout.mu = "sampler"
+    # the mismatch dial (trustrl.rollout.mismatch): deliberate, labelled mismatch sources, each
+    # independent (precision is rollout.dtype); `python -m trustrl.tools.calibrate_mismatch`
+    c.rollout.mismatch = ml_collections.ConfigDict()
+    c.rollout.mismatch.noise = 0.0  # std of N(0, s^2) on the rollout's logits (mu: noised)
+    c.rollout.mismatch.staleness = 0  # roll out with the parameters of k optimizer steps earlier
+    c.rollout.mismatch.pre_temperature = False  # trap: record log-probs before the temperature
+    c.rollout.mismatch.top_p_renorm = False  # trap: record the top-p / top-k renormalised ones
 
     # Environment episodes (trustrl.training.episodes; docs/environments.md): an id runs
     # multi-turn episodes (task.num_train seeds) instead of prompt -> response; "" = the task
@@ -194,6 +204,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.drpo_eps = 12.5  # drpo: penalty |A| mu (r-1)^2 / (2 eps) (UniRL / paper sec. 4 default)
     c.loss.m2po_threshold = 0.04  # m2po: block the largest (log mu - log pi_old)^2 of the minibatch
     #                               until the rest's mean is below this (AReaL gsm8k_m2po.yaml)
+    c.loss.cppo_delta = 0.15  # cppo: Binary-TV threshold (paper Table 3, dense models)
+    c.loss.cppo_w_min = 0.8  # cppo: position weight 1 -> w_min over the response
+    c.loss.cppo_delta_b = 0.02  # cppo: prefix budget per unit weight (floor; 2x ceiling)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-4  # AdamW learning rate for RL (2e-4: held-out fell late, issue 10)

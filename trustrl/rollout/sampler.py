@@ -74,6 +74,17 @@ class SamplerConfig:
     # processed token to ([B, P + N, M, k] uint8 / uint16: B x (P + N) x M x k bytes per call);
     # needs a model with experts
     record_routes: bool = False
+    # The mismatch dial's sampler-side sources (trustrl.rollout.mismatch, rollout.mismatch.*):
+    # deliberate, labelled training-inference mismatch. ``logit_noise`` s: N(0, s^2) added to
+    # every logit before the temperature, so the token is drawn from the noised distribution
+    # and mu (rollout_logp, the recorded top-K) is that distribution. The two engine traps
+    # leave sampling as it is and corrupt only what is recorded: ``record_pre_temperature``
+    # records log softmax(logits) (the temperature ignored, vLLM's raw log-probs);
+    # ``record_renormalized`` records the log-probs renormalised over the top-p / top-k set
+    # the token was drawn from (the truncated distribution, not the trainer's full softmax).
+    logit_noise: float = 0.0
+    record_pre_temperature: bool = False
+    record_renormalized: bool = False
 
     def __post_init__(self):
         """Checks every field that does not depend on the vocabulary (``validate`` does the
@@ -82,7 +93,8 @@ class SamplerConfig:
                           ("min_prompt_bucket", 1), ("max_prompt_len", 1), ("max_rows", 0),
                           ("refill_rows", 0)):
             check_int(name, getattr(self, name), low)
-        for name in ("greedy", "continuous", "record_routes"):
+        for name in ("greedy", "continuous", "record_routes", "record_pre_temperature",
+                     "record_renormalized"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name, valid in (("temperature", "> 0"), ("top_p", "in (0, 1]")):
@@ -96,6 +108,18 @@ class SamplerConfig:
             raise ValueError(f"temperature must be > 0 {why}, got {self.temperature}{hint}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if (not _is_real(self.logit_noise) or not math.isfinite(self.logit_noise)
+                or self.logit_noise < 0):
+            raise ValueError(f"logit_noise must be a finite number >= 0 (the std of the noise "
+                             f"added to the rollout's logits), got {self.logit_noise!r}")
+        if self.record_renormalized and not self.truncated:
+            raise ValueError("record_renormalized needs a truncated sampling distribution "
+                             "(top_p < 1 or top_k > 0, not greedy): without one it records "
+                             "the full softmax")
+        if self.record_renormalized and self.record_topk:
+            raise ValueError(f"record_renormalized with record_topk={self.record_topk}: the "
+                             f"renormalised distribution is -inf outside the top-p / top-k set, "
+                             f"so its top-K cannot be recorded; valid: record_topk=0")
         eos = self.eos_ids
         eos = (eos,) if _is_int(eos) else eos
         if isinstance(eos, (str, bytes)) or not isinstance(eos, (Sequence, np.ndarray)):
@@ -173,7 +197,7 @@ _warned_truncation = False
 
 def _warn_truncation_once(cfg: SamplerConfig):
     global _warned_truncation
-    if cfg.truncated and not _warned_truncation:
+    if cfg.truncated and not cfg.record_renormalized and not _warned_truncation:
         _warned_truncation = True
         warnings.warn(
             f"top_p={cfg.top_p} / top_k={cfg.top_k} truncate the sampling distribution, but "
@@ -244,14 +268,25 @@ def prompt_routes(ids, prompt_mask, n: int, dtype):
 
 def next_token(logits, key, cfg: SamplerConfig):
     """One decode step's choice: (tokens [B], their log mu [B], log mu [B, V]), mu the tempered
-    softmax over the full vocabulary."""
-    logp_full = jax.nn.log_softmax(logits.astype(jnp.float32) / cfg.temperature, axis=-1)
+    softmax over the full vocabulary (the recorded distribution: with the dial's
+    ``logit_noise`` the noised one, with a trap the corrupted one; SamplerConfig)."""
+    logits = logits.astype(jnp.float32)
+    if cfg.logit_noise > 0:  # a key of its own: the sampling draw below keeps ``key``
+        key, k_noise = jax.random.split(key)
+        logits = logits + cfg.logit_noise * jax.random.normal(k_noise, logits.shape, jnp.float32)
+    logp_full = jax.nn.log_softmax(logits / cfg.temperature, axis=-1)
+    filtered = None
     if cfg.greedy:
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
         filtered = filter_logits(logp_full, cfg.top_p, cfg.top_k)
         tok = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    return tok, jnp.take_along_axis(logp_full, tok[:, None], axis=-1)[:, 0], logp_full
+    recorded = logp_full
+    if cfg.record_pre_temperature:
+        recorded = jax.nn.log_softmax(logits, axis=-1)
+    if cfg.record_renormalized:  # over the set the token was drawn from (filtered's support)
+        recorded = jax.nn.log_softmax(jnp.where(filtered > -jnp.inf, recorded, -jnp.inf), -1)
+    return tok, jnp.take_along_axis(recorded, tok[:, None], axis=-1)[:, 0], recorded
 
 
 def record_topk(logp_full, cfg: SamplerConfig):

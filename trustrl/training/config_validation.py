@@ -124,7 +124,7 @@ def check_moe_shape(num_experts, k, layers, mlp_only_layers, where: str):
 
 def _check_lora(cfg):
     """cfg.model.lora (config alone): rank 0 is off; with rank >= 1 the other fields."""
-    from trustrl.model import lora, quant
+    from trustrl.model import lora
     spec = cfg.model.get("lora")
     if spec is None:
         return
@@ -142,7 +142,7 @@ def _check_lora(cfg):
         raise ValueError(f"model.lora.targets must be a tuple of projection names, got "
                          f"{targets!r}; valid names: {tuple(lora.TARGETS)}")
     lora.check_config(spec.rank, spec.alpha, tuple(targets), spec.init)
-    _choice("model.lora.base_quant", spec.base_quant, ("",) + quant.QUANT)
+    _choice("model.lora.base_quant", spec.base_quant, ("", "int8", "fp8"))  # int4: not tested
 
 
 def _check_moe(cfg):
@@ -431,10 +431,50 @@ def validate(cfg):
         raise ValueError(f"rollout.max_rows={cfg.rollout.max_rows} is not divisible by the "
                          f"mesh's batch axes (data x fsdp = {shards}); each call's rows are "
                          f"split over them")
+    _check_mismatch(cfg)
     _check_moe(cfg)  # after the mesh: the expert split needs its sizes
     _check_lora(cfg)
     _check_env(cfg)
     _check_reward_model(cfg, data)
+
+
+def _check_mismatch(cfg):
+    """The mismatch dial (rollout.mismatch.*, rollout.mu; trustrl.rollout.mismatch): ranges,
+    settings that would do nothing, and combinations whose mu would be inconsistent."""
+    from trustrl.rollout import mismatch
+    _choice("rollout.mu", cfg.rollout.mu, mismatch.MU_SOURCES)
+    _float(cfg, "rollout.mismatch.noise", 0)
+    _int(cfg, "rollout.mismatch.staleness", 0)
+    _typed(cfg, ("rollout.mismatch.pre_temperature", "rollout.mismatch.top_p_renorm"), bool)
+    r, d, method = cfg.rollout, mismatch.settings(cfg), cfg.loss.method
+    if d["pre_temperature"] and r.temperature == 1:
+        raise ValueError("rollout.mismatch.pre_temperature=True with rollout.temperature=1: the "
+                         "log-probs before and after the temperature are the same, the trap "
+                         "would do nothing; set rollout.temperature != 1")
+    if d["top_p_renorm"] and not (r.top_p < 1 or r.top_k > 0):
+        raise ValueError("rollout.mismatch.top_p_renorm=True without truncation: set "
+                         "rollout.top_p < 1 or rollout.top_k > 0 (the renormalised "
+                         "distribution is the full softmax otherwise)")
+    if d["top_p_renorm"] and _divergence(cfg) == "topk":
+        raise ValueError(f"rollout.mismatch.top_p_renorm=True with loss.method={method!r}: the "
+                         f"renormalised mu is -inf outside the top-p set, so its top-K cannot be "
+                         f"recorded; use a per-token method")
+    if mismatch.corrupts_mu(cfg) and _divergence(cfg) == "full":
+        raise ValueError(f"rollout.mismatch noise / traps with loss.method={method!r}: the "
+                         f"full-vocabulary methods recompute mu from the rollout parameters, "
+                         f"which cannot see the sampler-side noise or traps; use precision "
+                         f"(rollout.dtype) or staleness, or a binary / top-K method")
+    if r.mu == "rescored":
+        if mismatch.corrupts_mu(cfg):
+            raise ValueError("rollout.mu='rescored' replaces mu by the trainer's forward, so "
+                             "rollout.mismatch.noise / pre_temperature / top_p_renorm would "
+                             "only change sampling, unrecorded; turn them off or use "
+                             "rollout.mu='sampler'")
+        if _divergence(cfg) in ("topk", "full"):
+            raise ValueError(f"rollout.mu='rescored' rescores the sampled tokens only; "
+                             f"loss.method={method!r} reads mu's {_divergence(cfg)} "
+                             f"distribution; use a binary / per-token method or "
+                             f"rollout.mu='sampler'")
 
 
 def _check_reward_model(cfg, data):

@@ -24,6 +24,7 @@ from trustrl.model import transformer as model_lib
 from trustrl.core import losses
 from trustrl.infra import integrity, multihost, sharding, storage
 from trustrl.model.transformer import ModelConfig, init_params
+from trustrl.rollout import mismatch
 from trustrl.rollout.sampler import Sampler, SamplerConfig
 from trustrl.data.tokenizer import Tokenizer, train_bpe
 from trustrl.data.task_env import TaskEnv
@@ -237,11 +238,12 @@ def with_run_fields(cfg, model_cfg: ModelConfig) -> ModelConfig:
 
 
 def _sampler_cfg(cfg, tokenizer, *, greedy: bool, record_topk: bool | None = None,
-                 record_routes: bool = False) -> SamplerConfig:
+                 record_routes: bool = False, dial: bool = False) -> SamplerConfig:
     """The run's sampler settings. mu's top-K is recorded (rollout.record_topk) only where it
     is read: ``record_topk`` None = when the loss method is a top-K one (greedy: never).
     ``record_routes``: record the experts a mixture of experts routed every token to (R3 and the
-    routing metrics; never when greedy)."""
+    routing metrics; never when greedy). ``dial``: with the mismatch dial's sampler-side
+    sources (rollout.mismatch noise / traps; the rollout sampler only, never greedy)."""
     eos = tuple(i for i in (tokenizer.eos_id,) if i is not None)
     if record_topk is None:
         record_topk = losses.METHODS[cfg.loss.method].divergence == "topk"
@@ -251,7 +253,8 @@ def _sampler_cfg(cfg, tokenizer, *, greedy: bool, record_topk: bool | None = Non
         greedy=greedy, eos_ids=eos,
         record_topk=cfg.rollout.record_topk if record_topk and not greedy else 0,
         max_rows=cfg.rollout.max_rows, continuous=cfg.rollout.continuous,
-        refill_rows=cfg.rollout.refill_rows, record_routes=bool(record_routes and not greedy))
+        refill_rows=cfg.rollout.refill_rows, record_routes=bool(record_routes and not greedy),
+        **(mismatch.sampler_fields(cfg) if dial and not greedy else {}))
 
 
 def _filter(cfg, env, model_cfg, tokenizer, params, mesh, workdir):
@@ -504,11 +507,13 @@ def batch_spec(cfg, sampler_cfg: SamplerConfig, rows: int, prompt_width: int, me
 def samplers(cfg, tokenizer, roll_cfg, mesh) -> tuple[Sampler, Sampler]:
     """(the rollout sampler, also evaluation's pass@k sampler; the greedy evaluation sampler).
     ``tokenizer``: anything with an ``eos_id``. The rollout sampler of a mixture of experts
-    records the experts it routed every token to (Rollout.routed_experts)."""
+    records the experts it routed every token to (Rollout.routed_experts); it carries the
+    mismatch dial's noise / traps (pass@k then samples the noised policy, as it samples the
+    rollout's precision), the greedy one does not."""
     batch_sharding = sharding.batch_sharding(mesh)
     moe = bool(roll_cfg.sparse_layers)  # a mixture of experts records its routing (R3, metrics)
     return tuple(Sampler(policy.decode_model(roll_cfg),
-                         _sampler_cfg(cfg, tokenizer, greedy=g, record_routes=moe),
+                         _sampler_cfg(cfg, tokenizer, greedy=g, record_routes=moe, dial=not g),
                          batch_sharding=batch_sharding) for g in (False, True))
 
 

@@ -19,6 +19,7 @@ from trustrl.training import resume
 from trustrl.infra import multihost, preemption, sharding, storage, workdir_lock
 from trustrl.training import config_validation as cv
 from trustrl.training import evaluation, experiment, rlhf, step as ts
+from trustrl.training.rollout_source import RolloutSource
 from trustrl.core import losses
 from trustrl.infra.metrics import MetricWriter
 from trustrl.rollout.record import FINISH_LENGTH, mismatch_stats, validate
@@ -210,11 +211,16 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
     need_old = losses.METHODS[cfg.loss.method].needs_old_logp
     replay = bool(cfg.model.get("routing_replay", False))
     routing = routing_program(cfg, run.model_cfg, run.mesh)
+    source = RolloutSource(cfg, run)  # the dial's staleness and rollout.mu
+    if source.history is not None and start:
+        print(f"rollout.mismatch.staleness={source.history.capacity - 1}: the parameter history "
+              f"is not checkpointed; it refills from the restored parameters (rollout/staleness "
+              f"logs the actual staleness)", flush=True)
     metrics = {}
     for it in range(start, cfg.train.iterations):
         t0 = time.perf_counter()
         key, k_roll, k_perm, k_eval = jax.random.split(key, 4)
-        params_roll = sharding.cpu_sync(run.rollout_params(state.params))
+        params_roll, source_metrics = source.start(state)
         if run.episodes is not None:  # environment episodes (multi-turn); rewards: returns
             r, host_r, examples, rewards, extra, adv = run.episodes.collect(
                 params_roll, run.prompt_iter, k_roll, run.mesh)
@@ -233,7 +239,7 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
         adv = np.asarray(adv, np.float32)  # [B], or [B, N] per turn
         advantages = multihost.to_global(  # identical on every process; each places its rows
             adv, sharding.batch_sharding(run.mesh, adv.ndim))
-        batch = ts.rollout_batch(r, advantages)
+        batch, host_r = source.rescore(ts.rollout_batch(r, advantages), host_r)
         # the recorded experts reach the score pass and the train step only when they replay
         # them (the programs' inputs are a dense run's otherwise); the routing metrics read them
         routed = batch.pop("routed_experts", None)
@@ -241,14 +247,19 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
             batch["routed_experts"] = routed
         old_logp = None
         if cfg.train.score_pass or need_old:
-            old_logp = sharding.cpu_sync(run.score(run.policy_params(state.params), batch))
-            metrics = dict(mismatch_stats(old_logp, r.rollout_logp, r.response_mask))
+            old_logp = (batch["rollout_logp"] if source.reuses_score else  # the same pass
+                        sharding.cpu_sync(run.score(run.policy_params(state.params), batch)))
+            metrics = dict(mismatch_stats(old_logp, batch["rollout_logp"], r.response_mask))
+            if source.rescored:  # what the rescoring replaced: the sampler's own mismatch
+                metrics["rollout/sampler_mismatch_mean"] = mismatch_stats(
+                    old_logp, r.rollout_logp, r.response_mask)["rollout/mismatch_mean"]
             if run.episodes is not None:  # and per turn of the episodes
                 metrics.update(run.episodes.turn_mismatch(old_logp, host_r))
             if need_old:
                 batch["old_logp"] = old_logp
         else:
             metrics = {}
+        metrics.update(source_metrics)
         if run.reference is not None:  # RLHF's KL-to-reference penalty, then the advantages
             rewards, adv, kl_metrics = _kl_penalty(cfg, run, batch, host_r, rewards)
             metrics.update(kl_metrics)
@@ -265,6 +276,7 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
             for idx in np.array_split(perm, cfg.train.minibatches):
                 mb = sharding.cpu_sync(jax.tree.map(lambda x: x[idx], batch))
                 state, m = sharding.cpu_sync(run.train_step(state, mb, params_roll, run.frozen))
+                source.stepped(state)
                 step_metrics.append(m)
         jax.block_until_ready(state)
         t_update = time.perf_counter()
@@ -283,7 +295,7 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
             **extra})
         last = it + 1 == cfg.train.iterations
         if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or last):
-            metrics.update(evaluation.evaluate(run, params_roll, k_eval, cfg))
+            metrics.update(evaluation.evaluate(run, source.eval_params(params_roll), k_eval, cfg))
         writer.write(it + 1, metrics)
         if bar is not None:
             bar.update(1)

@@ -83,7 +83,12 @@ ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.contin
                 # the trust-region family (issue 32): read only by the new loss methods
                 "loss.icepop_low": 0.5, "loss.icepop_high": 5.0, "loss.kpop_phi": 2.0,
                 "loss.opsm_delta": 1e-4, "loss.geo_low": 0.99, "loss.geo_high": 1.01,
-                "loss.drpo_eps": 12.5, "loss.m2po_threshold": 0.04}
+                "loss.drpo_eps": 12.5, "loss.m2po_threshold": 0.04,
+                "loss.cppo_delta": 0.15, "loss.cppo_w_min": 0.8, "loss.cppo_delta_b": 0.02,
+                # the mismatch dial (issue 32): all off is what every older run did
+                "rollout.mu": "sampler", "rollout.mismatch.noise": 0.0,
+                "rollout.mismatch.staleness": 0, "rollout.mismatch.pre_temperature": False,
+                "rollout.mismatch.top_p_renorm": False}
 
 
 def config_changes(old: dict, new: dict):
