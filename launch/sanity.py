@@ -29,7 +29,7 @@ THRESHOLD = 0.9  # training reward (10-iteration mean) counted as "reached"
 WINDOW = 10
 
 
-def _finished(run_dir: str) -> bool:
+def finished(run_dir: str) -> bool:
     """The run logged its last iteration (so re-running the study skips it without starting a
     process that would only restore and exit)."""
     path = os.path.join(run_dir, "config.json")
@@ -232,7 +232,7 @@ def main(argv=None):
         entries = sanity_cfg.get_quant_sweep()
         a.workdir = a.workdir.rstrip("/") + "_quant"
     if not a.analyze_only:
-        todo = [e for e in entries if not _finished(os.path.join(a.workdir, sweep.run_name(e)))]
+        todo = [e for e in entries if not finished(os.path.join(a.workdir, sweep.run_name(e)))]
         cmds = sweep.commands(CONFIG, todo, a.workdir, variant)
         # the first run alone builds the shared warm start and filter cache, then the rest (when
         # some run has finished, the cache exists: all of them run `parallel` at a time)

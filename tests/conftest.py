@@ -173,6 +173,9 @@ _EXTENDED = (
     # LoRA (issue 29): the benchmark's smoke run (~40 CPU-s), the expert adapters (~21 s) and
     # the resume run (~26 s); and, to make room for the LoRA tests in CI, two more tables of
     # benchmarks/train_memory.py (test_train_memory_small still runs the script in CI)
+    # the trust-region study's --small launcher run (~60 CPU-s): launch/sanity.py --small covers
+    # the shared table / plot code in CI; test_trust_region_study's config test every entry
+    "training/test_trust_region_study.py::test_small_study_end_to_end",
     "test_benchmarks.py::test_lora_quick",
     "model/test_lora.py::test_expert_adapters_one_per_expert_merge_shard_and_start_at_the_base",
     "training/test_lora_train.py::test_a_tiny_lora_run_resumes_bitwise_and_checkpoints_only_adapters",

@@ -282,3 +282,14 @@ def test_reward_model_quick(capsys):
     assert rows[0]["ratio"] == 1.0
     assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["tokens"] > 0 for r in rows)
     assert rows[1]["tokens"] == rows[2]["tokens"]
+
+
+def test_mismatch_dial_quick(capsys):
+    """benchmarks/mismatch_dial.py --quick: the dial's sampler variants run, and the rescored
+    mu (a second trainer forward) equals pi bitwise while the fp32 sampler's does not have to."""
+    bench = _load_bench("mismatch_dial")
+    out = bench.main(["--quick"])
+    assert out["rescored_gap"] == 0.0
+    assert math.isfinite(out["sampler_gap"]) and out["sampler_gap"] < 1e-4
+    assert all(math.isfinite(t) and t > 0 for t in out["times"].values())
+    assert "| rescored (trainer forward) | 0.000e+00 |" in capsys.readouterr().out
