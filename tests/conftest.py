@@ -224,6 +224,27 @@ _EXTENDED = (
     "test_rlhf_against_a_learned_reward_model_improves_the_hidden_ground_truth",
     "training/test_microbatch.py::test_accumulated_step_equals_one_pass[opsm-seq-mean-token-"
     "mean-4]",
+    # CI took 1,391 s at the last stop (the goal is < 1,200 s) before the mismatch dial's tests
+    # (~60 s of wall): two of the five notebooks (quickstart, the real-model one and the
+    # trust-region geometry one stay; each notebook's code paths are CI-tested modules), m2po's
+    # accumulated step (its minibatch mask's micro-batch exactness stays at the loss level:
+    # test_m2po_matches_areal_and_is_exact_over_microbatches), one full-vocabulary head
+    # variant (full_tv's stays), the pod-memory table from a real aot_check run (the TPU
+    # topology compiles stay), a failed --allow_config_change (the accepted and refused changes
+    # stay in test_resume_checks_the_recorded_config), test_train's own resume trajectory (the
+    # tiny runs with a resume of test_summary, test_storage, test_episodes and test_rlhf_run
+    # stay), test_train's 2x4-mesh entry point (the multihost tests run trustrl.main) and the
+    # rollout-throughput benchmark's smoke run
+    "test_notebooks.py::test_compare_methods_notebook",
+    "test_notebooks.py::test_multiturn_notebook",
+    "core/test_trust_region_family.py::test_m2po_accumulated_train_step_equals_one_pass",
+    "model/test_vocab_head.py::test_train_step_equals_plain_head_update[dppo_full_kl-False]",
+    "test_benchmarks.py::test_pod_memory_table_from_a_real_aot_check_run",
+    "training/test_resume.py::"
+    "test_a_failed_allow_config_change_leaves_the_config_and_the_original_command_works",
+    "training/test_train.py::test_resume_follows_the_same_trajectory",
+    "training/test_train.py::test_entry_point_one_iteration_on_2x4_mesh",
+    "test_benchmarks.py::test_rollout_throughput_quick_tiny",
 )
 
 
