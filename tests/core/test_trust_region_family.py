@@ -595,3 +595,25 @@ def test_cppo_row_quantile_is_numpys_linear():
         n = int(mask[b].sum())
         assert got[b] == pytest.approx(np.quantile(v[b, :n].astype(np.float64), 0.9), rel=1e-6)
     assert got[4] == 0.0
+
+
+def test_cppo_clipped_quantile_takes_the_fast_path_only_where_the_clip_decides():
+    """The clipped 0.9-quantile equals clip(np.quantile) on rows below, inside, straddling and
+    above [low, high], with and without a row that needs the sort (both branches)."""
+    rng = np.random.default_rng(1)
+    low, high = 0.02, 0.04
+    rows = [rng.uniform(0, 0.01, 9), rng.uniform(0.05, 0.2, 9), rng.uniform(0.021, 0.039, 9),
+            np.r_[rng.uniform(0, 0.01, 7), 0.03, 0.05], np.r_[np.zeros(8), 0.5],
+            np.r_[rng.uniform(0, 0.01, 4), np.full(5, 0.07)]]
+    v = np.stack(rows).astype(np.float32)
+    lengths = np.array([9, 9, 9, 9, 9, 3])
+    mask = (np.arange(9)[None] < lengths[:, None]).astype(np.float32)
+    for sel in (slice(None), [0, 1, 4, 5]):  # all rows (the sort runs) / only decided rows
+        got = np.asarray(losses._clipped_row_quantile(jnp.asarray(v[sel]),
+                                                      jnp.asarray(mask[sel]), 0.9, low, high))
+        for i, b in enumerate(np.arange(len(rows))[sel]):
+            n = lengths[b]
+            want = np.clip(np.quantile(v[b, :n].astype(np.float64), 0.9), low, high)
+            assert got[i, 0] == pytest.approx(want, rel=1e-6), (b, got[i, 0], want)
+    empty = losses._clipped_row_quantile(jnp.zeros((1, 4)), jnp.zeros((1, 4)), 0.9, low, high)
+    assert float(empty[0, 0]) == pytest.approx(low)

@@ -28,6 +28,7 @@ is_cap = inf).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -226,6 +227,25 @@ def _row_quantile(v, mask, q: float):
     return jnp.where(n > 0, s_lo + (h - lo) * (s_hi - s_lo), 0.0)
 
 
+def _clipped_row_quantile(v, mask, q: float, low: float, high: float):
+    """clip(_row_quantile(v, mask, q), low, high), [B, 1], without the per-row sort where the
+    clip decides: a row whose order statistic above the quantile is <= low (at least hi + 1 of
+    its values <= low) gives low, one whose statistic below it is >= high (at most lo values
+    < high) gives high, with lo = floor((n - 1) q), hi = min(lo + 1, n - 1) (the quantile lies
+    between them); a row without tokens gives low, as clip(0, low, high). The sort runs only
+    when some row is undecided (a lax.cond over the batch), and then gives the same values."""
+    m = mask > 0
+    n = jnp.sum(m, axis=-1, keepdims=True)
+    lo = jnp.floor((jnp.maximum(n, 1) - 1).astype(jnp.float32) * q).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
+    at_low = jnp.sum(m & (v <= low), axis=-1, keepdims=True) >= hi + 1
+    at_high = jnp.sum(m & (v < high), axis=-1, keepdims=True) <= lo
+    decided = at_low | at_high | (n == 0)
+    fast = jnp.where(at_high & (n > 0), high, low).astype(jnp.float32)
+    return jax.lax.cond(jnp.all(decided), lambda: fast, lambda: jnp.where(
+        decided, fast, jnp.clip(_row_quantile(v, mask, q), low, high)).astype(jnp.float32))
+
+
 def _m_cppo(x: _Inputs):
     """CPPO (arXiv 2606.10968): a position-weighted Binary-TV threshold with a cumulative prefix
     budget. Over a row's response tokens (the mask: t = 1 .. T in order, T = their number),
@@ -251,11 +271,16 @@ def _m_cppo(x: _Inputs):
     m = (x.mask > 0).astype(jnp.float32)
     d = jnp.abs(jnp.exp(x.logp) - jnp.exp(x.rollout_logp)) * m
     n = jnp.sum(m, axis=-1, keepdims=True)
-    pos = jnp.cumsum(m, axis=-1)  # t of each response token (1-based)
-    w = (1.0 - (1.0 - p["cppo_w_min"]) * (pos - 1.0) / jnp.maximum(n - 1.0, 1.0)) * m
+    # prefix sums along the row (associative_scan: ~2.5x XLA:CPU's cumsum); W_{t-1} in closed
+    # form, sum_{i<t} (1 - c (i - 1) / (T - 1)) = (t - 1) - c (t - 1) (t - 2) / (2 (T - 1))
+    scan = functools.partial(jax.lax.associative_scan, jnp.add, axis=-1)
+    pos = scan(m)  # t of each response token (1-based; exact: small integers)
+    c, span = 1.0 - p["cppo_w_min"], jnp.maximum(n - 1.0, 1.0)
+    w = (1.0 - c * (pos - 1.0) / span) * m
     z = w * d
-    s_prev, w_prev = jnp.cumsum(z, axis=-1) - z, jnp.cumsum(w, axis=-1) - w
-    db = jnp.clip(_row_quantile(d, m, 0.9), p["cppo_delta_b"], 2.0 * p["cppo_delta_b"])
+    s_prev = scan(z) - z
+    w_prev = ((pos - 1.0) - c * (pos - 1.0) * (pos - 2.0) / (2.0 * span)) * m
+    db = _clipped_row_quantile(d, m, 0.9, p["cppo_delta_b"], 2.0 * p["cppo_delta_b"])
     c = jnp.minimum(p["cppo_delta"], p["cppo_delta"] + db * w_prev - s_prev)
     keep = (x.adv * (x.ratio - 1.0) <= 0) | (z <= c)
     return ~keep, z
