@@ -102,6 +102,13 @@ Reading:
   here is an XLA:CPU artefact, not a property of sharding: 8 simulated devices share 2 cores, and
   XLA:CPU reduces long rows slowly (the same single-device full_tv on [1024, 151936] takes 1.7 s,
   on the identical data reshaped to [8192, 18992] 0.17 s). Expect different ratios on TPU / GPU.
+
+CPPO (issue 32), --methods dppo_binary_tv,cppo at B=1024, T=1024, median of 15, 2026-12-07, one
+study run beside it (load average ~2): dppo_binary_tv 8.2 ms, cppo 27.1 ms (3.3x; +metrics 41.6
+/ 60.1 ms, 1.45x). NOT within 1.1x: the row needs two prefix sums along the response
+(associative_scan, ~4 ms each at 1M tokens on this CPU) and counts for the clipped quantile
+(the per-row sort runs only when some row's quantile falls inside [delta_b, 2 delta_b]; with a
+sort every time it was 212 ms).
 """
 from __future__ import annotations
 

@@ -16,8 +16,20 @@ The second table: max |log mu - log pi| on the response tokens between the float
 recorded log-probs (KV-cache decode, one query row per step) and the trainer's float32 forward
 (all positions in one pass) on the same tokens and parameters, and the same for the rescored mu.
 
-Measured 2026-12-07 on this repository's CPU VM (2 cores, jax 0.10.2), tests running beside it:
-see docs/trust_region_family.md ("Bitwise on-policy mode") for the table.
+Measured 2026-12-07 04:45 UTC on this repository's CPU VM (2 cores, jax 0.10.2; one study run
+beside it, load average ~2), commit 1a5a4e4, `python benchmarks/mismatch_dial.py` (4 layers,
+d=128, V=512, 64 rows x 24 new tokens, fp32, best of 3):
+
+    | call | best ms | x clean sample |
+    |---|---|---|
+    | sample, clean | 116.4 | 1.00x |
+    | sample, noise 0.05 | 136.6 | 1.17x |
+    | sample, pre-temperature trap | 119.6 | 1.03x |
+    | rescore (score pass) | 68.3 | 0.59x |
+    | mu | max abs(log mu - log pi) on response tokens |
+    |---|---|
+    | float32 sampler (KV-cache decode) | 9.537e-07 |
+    | rescored (trainer forward) | 0.000e+00 |
 """
 from __future__ import annotations
 
