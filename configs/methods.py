@@ -1,6 +1,8 @@
 r"""Every paper method on the embedded default task (CPU): ``--config=configs/methods.py:NAME``.
 
-NAME is one of PAPER_METHODS (thresholds from the paper's sanity test, sec. 5):
+NAME is one of PAPER_METHODS (thresholds from the paper's sanity test, sec. 5) or of
+FAMILY_METHODS (icepop, kpop, opsm, geo_seq_mask, drpo, m2po, cppo: issue 32's methods at their
+references' defaults):
 
     dppo_binary_tv   DPPO Binary-TV, delta 0.15          dppo_binary_kl   DPPO Binary-KL, delta 0.05
     dppo_topk_tv     DPPO Top-K-TV (K=20), delta 0.15    dppo_topk_kl     DPPO Top-K-KL (K=20), 0.05
@@ -31,15 +33,21 @@ PAPER_METHODS = {
     "minirl_tis": ("ppo_clip_recompute", 0.2, 0.28, 3.0),
     "relax_both": ("relax_both", 0.2, 0.28, INF),
 }
+# the trust-region family after DPPO (issue 32, docs/trust_region_family.md): each method's own
+# parameters at the references' defaults (losses.PARAMS / configs/default.py's loss.<name>);
+# delta_low / delta_high are the GRPO clip of opsm and m2po (unused by the others)
+FAMILY_METHODS = {name: (name, 0.2, 0.28, INF)
+                  for name in ("icepop", "kpop", "opsm", "geo_seq_mask", "drpo", "m2po", "cppo")}
+CONFIGS = {**PAPER_METHODS, **FAMILY_METHODS}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """arg: "NAME" or "NAME,VARIANT" with VARIANT a configs/default.py variant (e.g. tiny)."""
     name, _, variant = (arg or "dppo_binary_tv").partition(",")
-    if name not in PAPER_METHODS:
-        raise ValueError(f"unknown method config {name!r}; valid: {sorted(PAPER_METHODS)}")
+    if name not in CONFIGS:
+        raise ValueError(f"unknown method config {name!r}; valid: {sorted(CONFIGS)}")
     c = default.get_config(variant or "default")
-    method, lo, hi, cap = PAPER_METHODS[name]
+    method, lo, hi, cap = CONFIGS[name]
     c.loss.method, c.loss.delta_low, c.loss.delta_high, c.loss.is_cap = method, lo, hi, cap
     c.loss.alpha = 0.1  # relax_* cutoff on mu
     if method.startswith("dppo_topk"):

@@ -172,8 +172,10 @@ def test_config_validation_errors(field, value, needle):
 def test_every_shipped_config_validates():
     config_validation.validate(default.get_config())
     config_validation.validate(default.get_config("tiny"))
-    for name in methods.PAPER_METHODS:
+    for name in methods.CONFIGS:
         config_validation.validate(methods.get_config(name))
+    assert methods.get_config("cppo").loss.method == "cppo"  # issue 32's family presets
+    assert methods.get_config("m2po").loss.delta_high == 0.28
     from configs import sanity
     for name in sanity.SANITY_METHODS:
         for variant in ("", ",small", ",stress", ",long"):
