@@ -37,6 +37,9 @@ def main(argv=None):
     p.add_argument("--max_runs", type=int, default=None)
     p.add_argument("--small", action="store_true", help="CI-sized variant")
     p.add_argument("--analyze_only", action="store_true")
+    p.add_argument("--cache_ready", action="store_true",
+                   help="the warm start and filter are already cached (e.g. by a calibration or "
+                        "a pilot): start `parallel` runs at once from the first")
     a = p.parse_args(argv)
     entries = sweep.load_sweep(CONFIG)
     variant = ""
@@ -51,7 +54,7 @@ def main(argv=None):
         cmds = sweep.commands(CONFIG, todo, a.workdir, variant)
         # the first run alone builds the shared warm start and filter cache (when no run has
         # finished yet), then `parallel` at a time
-        first = 0 if len(todo) < len(entries) else 1
+        first = 0 if (len(todo) < len(entries) or a.cache_ready) else 1
         failed = (sweep.run_commands(cmds[:first], 1)
                   + sweep.run_commands(cmds[first:], a.parallel))
         if failed:
