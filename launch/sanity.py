@@ -42,6 +42,19 @@ def finished(run_dir: str) -> bool:
     return bool(rows) and rows[-1]["step"] >= iterations
 
 
+def run_missing(config: str, entries, workdir: str, variant: str = "", parallel: int = 2,
+                max_runs: int | None = None, cache_ready: bool = False) -> list[str]:
+    """Runs the entries not finished yet (at most ``max_runs`` of them, in order) through
+    launch/sweep.py; returns the failed runs. The first run goes alone, building the shared warm
+    start and filter cache, unless some run has finished or ``cache_ready``; then ``parallel``
+    at a time."""
+    todo = [e for e in entries if not finished(os.path.join(workdir, sweep.run_name(e)))]
+    todo = todo[:max_runs] if max_runs is not None else todo
+    cmds = sweep.commands(config, todo, workdir, variant)
+    first = 0 if (len(todo) < len(entries) or cache_ready) else 1
+    return sweep.run_commands(cmds[:first], 1) + sweep.run_commands(cmds[first:], parallel)
+
+
 def smooth(y, w=WINDOW):
     y = np.asarray(y, float)
     return np.array([y[max(0, i - w + 1):i + 1].mean() for i in range(len(y))])
@@ -232,13 +245,7 @@ def main(argv=None):
         entries = sanity_cfg.get_quant_sweep()
         a.workdir = a.workdir.rstrip("/") + "_quant"
     if not a.analyze_only:
-        todo = [e for e in entries if not finished(os.path.join(a.workdir, sweep.run_name(e)))]
-        cmds = sweep.commands(CONFIG, todo, a.workdir, variant)
-        # the first run alone builds the shared warm start and filter cache, then the rest (when
-        # some run has finished, the cache exists: all of them run `parallel` at a time)
-        first = 0 if len(todo) < len(entries) else 1
-        failed = (sweep.run_commands(cmds[:first], 1)
-                  + sweep.run_commands(cmds[first:], a.parallel))
+        failed = run_missing(CONFIG, entries, a.workdir, variant, a.parallel)
         if failed:
             print(f"{len(failed)} run(s) failed; see their log.txt: {failed}")
             return 1

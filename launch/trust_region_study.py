@@ -48,15 +48,8 @@ def main(argv=None):
         entries = [{"config_arg": n, "seed": 0} for n in ("cppo,d3,s4", "pg_is,d0,s0")]
         a.workdir = a.workdir.rstrip("/") + "_small"
     if not a.analyze_only:
-        todo = [e for e in entries
-                if not sanity.finished(os.path.join(a.workdir, sweep.run_name(e)))]
-        todo = todo[:a.max_runs] if a.max_runs is not None else todo
-        cmds = sweep.commands(CONFIG, todo, a.workdir, variant)
-        # the first run alone builds the shared warm start and filter cache (when no run has
-        # finished yet), then `parallel` at a time
-        first = 0 if (len(todo) < len(entries) or a.cache_ready) else 1
-        failed = (sweep.run_commands(cmds[:first], 1)
-                  + sweep.run_commands(cmds[first:], a.parallel))
+        failed = sanity.run_missing(CONFIG, entries, a.workdir, variant, a.parallel,
+                                    a.max_runs, a.cache_ready)
         if failed:
             print(f"{len(failed)} run(s) failed; see their log.txt: {failed}")
             return 1

@@ -12,19 +12,11 @@ from configs import default
 from trustrl.infra.metrics import read_jsonl
 from trustrl.training import calibration, config_validation as cv, loop as train
 
+from test_config_validation import tiny as _tiny  # the tiny config with dotted overrides
 from test_main import TINY, _main
 from test_multihost import REPO
 
 
-def _tiny(**overrides):
-    d = default.get_config("tiny").to_dict()
-    for k, v in overrides.items():
-        node = d
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return ConfigDict(d)
 
 
 def test_stale_rescored_run(tmp_path):
