@@ -213,15 +213,22 @@ def _m_geo_seq_mask(x: _Inputs):
     return jnp.broadcast_to(seq, x.logp.shape), jnp.broadcast_to(jnp.abs(g - 1), x.logp.shape)
 
 
+def _quantile_order(mask, q: float):
+    """(n, h, lo, hi) per row [B, 1]: the response-token count n, the quantile's fractional
+    position h = (n - 1) q among the sorted values, and the order statistics around it,
+    lo = floor h, hi = min(lo + 1, n - 1) (linear interpolation between them)."""
+    n = jnp.sum(mask > 0, axis=-1, keepdims=True)
+    h = (jnp.maximum(n, 1) - 1).astype(jnp.float32) * q
+    lo = jnp.floor(h).astype(jnp.int32)
+    return n, h, lo, jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
+
+
 def _row_quantile(v, mask, q: float):
     """Per-row q-quantile of v over the response tokens, [B, 1], with linear interpolation
     between order statistics (torch.quantile's / numpy's default): sorted s, h = (n - 1) q,
     s[floor h] + (h - floor h) (s[floor h + 1] - s[floor h]); 0 for a row without tokens."""
     srt = jnp.sort(jnp.where(mask > 0, v, jnp.inf), axis=-1)
-    n = jnp.sum(mask > 0, axis=-1, keepdims=True)
-    h = (jnp.maximum(n, 1) - 1).astype(jnp.float32) * q
-    lo = jnp.floor(h).astype(jnp.int32)
-    hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
+    n, h, lo, hi = _quantile_order(mask, q)
     s_lo = jnp.take_along_axis(srt, lo, axis=-1)
     s_hi = jnp.take_along_axis(srt, hi, axis=-1)
     return jnp.where(n > 0, s_lo + (h - lo) * (s_hi - s_lo), 0.0)
@@ -235,9 +242,7 @@ def _clipped_row_quantile(v, mask, q: float, low: float, high: float):
     between them); a row without tokens gives low, as clip(0, low, high). The sort runs only
     when some row is undecided (a lax.cond over the batch), and then gives the same values."""
     m = mask > 0
-    n = jnp.sum(m, axis=-1, keepdims=True)
-    lo = jnp.floor((jnp.maximum(n, 1) - 1).astype(jnp.float32) * q).astype(jnp.int32)
-    hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
+    n, _, lo, hi = _quantile_order(mask, q)
     at_low = jnp.sum(m & (v <= low), axis=-1, keepdims=True) >= hi + 1
     at_high = jnp.sum(m & (v < high), axis=-1, keepdims=True) <= lo
     decided = at_low | at_high | (n == 0)
