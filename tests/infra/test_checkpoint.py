@@ -122,6 +122,22 @@ def test_unverified_step_with_broken_json_reports_the_real_cause(tmp_path, capsy
     c.close()
 
 
+def test_a_long_tensorstore_error_keeps_its_reason():
+    """CI once cut an escaped 600-character path before ': Read-only file system'."""
+    path = "".join(f"\\x{b:02x}" for b in b"d" * 200)
+    inner = ValueError(f'FAILED_PRECONDITION: Error writing local file "{path}": Read-only file '
+                       "system [OS error 30: Read-only file system] [source locations='a.cc:1'] "
+                       "[tensorstore_spec='{\"driver\": \"zarr\"}']")
+    try:
+        raise RuntimeError("save failed") from inner
+    except RuntimeError as e:
+        cause = ckpt_lib._cause(e)
+    assert cause.startswith("ValueError: FAILED_PRECONDITION: Error writing local file")
+    assert cause.endswith("Read-only file system [OS error 30: Read-only file system]")
+    assert " ... " in cause and len(cause) < 700
+    assert "source locations" not in cause and "tensorstore_spec" not in cause
+
+
 def test_no_intact_step_is_a_clear_error_and_moves_nothing(tmp_path):
     c = _two_steps(tmp_path)
     _corrupt(c.step_dir(2), "flip")

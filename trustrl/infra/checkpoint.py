@@ -20,6 +20,7 @@ is restored unverified, with a printed warning.
 from __future__ import annotations
 
 import json
+import re
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -88,8 +89,10 @@ def _cause(e: BaseException) -> str:
     """The innermost exception of a chain, without TensorStore's multi-kB spec dumps."""
     while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
         e = e.__cause__ or e.__context__
-    text = str(e).split(" [tensorstore_spec", 1)[0]
-    return f"{type(e).__name__}: {text[:600]}"
+    text = re.sub(r" \[source locations='[^']*'\]", "", str(e).split(" [tensorstore_spec", 1)[0])
+    if len(text) > 600:  # the reason ends the message (": Read-only file system"): keep both ends
+        text = f"{text[:300]} ... {text[-300:]}"
+    return f"{type(e).__name__}: {text}"
 
 
 def state_nbytes(state) -> int:
