@@ -36,6 +36,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # RL seed: prompt order, sampling (and init when there is no warm start)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)  # mesh axis sizes; one -1 is filled in
+    # a split layout (trustrl.training.async_rollouts): devices > 0 (a count, or a fraction in
+    # (0, 1)) gives the rollout sampler that many devices with this layout; `mesh` then lays
+    # out the trainer over the rest. Needed by train.mode="async"; with "sync", the sequential
+    # baseline of the same layout
+    c.sampler_mesh = dict(devices=0.0, data=-1, fsdp=1, tensor=1)
 
     c.model = ml_collections.ConfigDict()
     c.model.hf_dir = ""  # local Hugging Face dir to load (empty: build from the fields below)
@@ -227,6 +232,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the score pass runs the iteration's rows in this many parts (0: minibatches x microbatches,
     # i.e. as many rows at once as a train micro-batch); exact, only memory changes
     c.train.score_microbatches = 0
+    # "sync": sample, then train. "async" (needs sampler_mesh.devices): the sampler samples
+    # iteration j + 1.. while the trainer updates on j, from parameters at most max_staleness
+    # iterations old (it waits rather than sample staler), synced every sync_every iterations
+    c.train.mode = "sync"
+    c.train.max_staleness = 1
+    c.train.sync_every = 1
+    # benchmark-only: seconds slept inside the sample / train phase (emulated device time that
+    # takes no CPU; benchmarks/async_rl.py); 0 in every real run
+    c.train.emulate_sample_s = 0.0
+    c.train.emulate_train_s = 0.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 25  # iterations between evals (0 = off); also before RL (step 0) and at the end

@@ -432,6 +432,7 @@ def validate(cfg):
                          f"mesh's batch axes (data x fsdp = {shards}); each call's rows are "
                          f"split over them")
     _check_mismatch(cfg)
+    _check_async(cfg)
     _check_moe(cfg)  # after the mesh: the expert split needs its sizes
     _check_lora(cfg)
     _check_env(cfg)
@@ -475,6 +476,59 @@ def _check_mismatch(cfg):
                              f"loss.method={method!r} reads mu's {_divergence(cfg)} "
                              f"distribution; use a binary / per-token method or "
                              f"rollout.mu='sampler'")
+
+
+def _check_async(cfg):
+    """train.mode, the staleness bound, the sync period and sampler_mesh
+    (trustrl.training.async_rollouts): ranges, and what a split layout does not support."""
+    from trustrl.training import async_rollouts
+    t = cfg.train
+    _choice("train.mode", t.mode, async_rollouts.MODES)
+    _int(cfg, "train.max_staleness", 0)
+    _int(cfg, "train.sync_every", 1)
+    _float(cfg, "train.emulate_sample_s", 0)
+    _float(cfg, "train.emulate_train_s", 0)
+    n = _float(cfg, "sampler_mesh.devices", 0)
+    if n >= 1 and n != int(n):
+        raise ValueError(f"sampler_mesh.devices={n} must be a device count (a whole number) "
+                         f"or a fraction of the devices in (0, 1)")
+    sizes = [_get(cfg, f"sampler_mesh.{a}") for a in ("data", "fsdp", "tensor")]
+    if (any(isinstance(v, bool) or not isinstance(v, int) for v in sizes)
+            or sum(v == -1 for v in sizes) > 1 or any(v == 0 or v < -1 for v in sizes)):
+        raise ValueError(f"sampler_mesh sizes (data, fsdp, tensor) must be positive ints with at "
+                         f"most one -1, got {dict(cfg.sampler_mesh)}")
+    if t.mode == "async":
+        if not n:
+            raise ValueError("train.mode='async' needs sampler_mesh.devices > 0: the devices "
+                             "(a count, or a fraction in (0, 1)) the sampler runs on while the "
+                             "trainer updates on the rest")
+        if t.max_staleness < t.sync_every - 1:
+            raise ValueError(f"train.max_staleness={t.max_staleness} is below train.sync_every"
+                             f"={t.sync_every} - 1: between two syncs the sampler's parameters "
+                             f"fall sync_every - 1 iterations behind, so it would wait for ever")
+        spec = losses.method_spec(cfg.loss.method)
+        if t.max_staleness > 0 and spec.needs_old_logp:
+            mu_anchored = [m for m, s in losses.METHODS.items() if not s.needs_old_logp]
+            raise ValueError(
+                f"loss.method={cfg.loss.method!r} with train.mode='async' and train.max_"
+                f"staleness={t.max_staleness}: its pi_old is recomputed at the trainer's "
+                f"current parameters, which are not the parameters that sampled a stale "
+                f"rollout, so its old log-probs are undefined there; use a mu-anchored method "
+                f"({', '.join(mu_anchored)}) or train.max_staleness=0")
+    elif t.sync_every != 1:
+        raise ValueError(f"train.sync_every={t.sync_every} applies to train.mode='async' only; "
+                         f"a sync run rolls out with the current parameters every iteration")
+    if not n:
+        return
+    unsupported = [("env.id", bool(cfg.get("env", {}).get("id", ""))),
+                   ("reward_model.hf_dir", bool(cfg.get("reward_model", {}).get("hf_dir", ""))),
+                   ("rollout.mismatch.staleness", bool(cfg.rollout.mismatch.staleness)),
+                   ("rollout.mu", cfg.rollout.mu != "sampler")]
+    for field, on in unsupported:
+        if on:
+            raise ValueError(f"{field}={_get(cfg, field)!r} is not supported with a split layout "
+                             f"(sampler_mesh.devices={n}, train.mode={t.mode!r}) yet; "
+                             f"train.max_staleness is the split layout's staleness")
 
 
 def _check_reward_model(cfg, data):
@@ -561,11 +615,14 @@ def check_environment(cfg, workdir: str, devices=None):
     from trustrl.data import datasets as data
     from trustrl.infra import sharding
     devices = jax.devices() if devices is None else devices
+    from trustrl.training import async_rollouts
     try:
-        mesh = sharding.make_mesh(cfg.mesh, devices)
+        mesh, sampler_mesh = async_rollouts.meshes(cfg, devices)
     except ValueError as e:
         raise ValueError(f"mesh does not fit the {len(devices)} available devices: {e}") from None
     check_mesh_rows(cfg, dict(mesh.shape))
+    if sampler_mesh is not None:
+        check_mesh_rows(cfg, dict(sampler_mesh.shape))
     if cfg.model.hf_dir:
         d = cfg.model.hf_dir
         if not os.path.isdir(d):

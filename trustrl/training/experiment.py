@@ -55,6 +55,9 @@ class Run:
     # and with reward_model.kl_coef > 0 the reference policy (the initial parameters)
     reward: Any = None
     reference: Any = None
+    # a split layout (sampler_mesh.devices > 0): the sampler's sub-mesh and its rollout sampler
+    sampler_mesh: Any = None
+    rollout_sampler: Sampler | None = None
 
     def policy_params(self, params=None):
         """The model's parameter tree for ``params`` (default: the state's): with LoRA, the
@@ -296,8 +299,11 @@ def data_fingerprint(env) -> str:
     return h.hexdigest()[:16]
 
 
-def build(cfg, workdir: str, mesh=None) -> Run:
-    """Everything a run needs; ``mesh``: the device mesh of cfg.mesh (made here when None)."""
+def build(cfg, workdir: str, mesh=None, sampler_mesh=None) -> Run:
+    """Everything a run needs; ``mesh``: the device mesh of cfg.mesh (made here when None).
+    ``sampler_mesh``: a split layout's sampler sub-mesh (trustrl.training.async_rollouts); the
+    rollouts are then sampled there by ``Run.rollout_sampler``, and ``mesh`` (the trainer's)
+    runs everything else, evaluation included."""
     mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
     # the reward model first: a directory that is not one fails before any data or warm start
     scorer = reward_scorer(cfg, mesh) if rlhf.enabled(cfg) else None
@@ -361,7 +367,9 @@ def build(cfg, workdir: str, mesh=None) -> Run:
         rollout_params=rollout_params_program(model_cfg, roll_cfg, frozen),
         score=score_program(cfg, model_cfg, mesh),
         train_step=train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh),
-        frozen=frozen, base_id=base_id, reward=reward, reference=reference)
+        frozen=frozen, base_id=base_id, reward=reward, reference=reference,
+        sampler_mesh=sampler_mesh, rollout_sampler=None if sampler_mesh is None else
+        samplers(cfg, tokenizer, roll_cfg, sampler_mesh)[0])
 
 
 def reward_scorer(cfg, mesh):

@@ -18,7 +18,7 @@ from trustrl.infra import checkpoint as ckpt_lib
 from trustrl.training import resume
 from trustrl.infra import multihost, preemption, sharding, storage, workdir_lock
 from trustrl.training import config_validation as cv
-from trustrl.training import evaluation, experiment, rlhf, step as ts
+from trustrl.training import async_rollouts, evaluation, experiment, rlhf, step as ts
 from trustrl.training.rollout_source import RolloutSource
 from trustrl.core import losses
 from trustrl.infra.metrics import MetricWriter
@@ -131,10 +131,10 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False):
         for line in notices:
             print(line, flush=True)
         _check_storage(cfg, workdir)
-        mesh = sharding.make_mesh(cfg.mesh)
+        mesh, sampler_mesh = async_rollouts.meshes(cfg)  # sampler_mesh: a split layout's
         # under the mesh, the model's activation sharding constraints apply (batch over data+fsdp)
         with jax.set_mesh(mesh):
-            run = experiment.build(cfg, workdir, mesh)  # tokenizer, data, model, optimizer, ...
+            run = experiment.build(cfg, workdir, mesh, sampler_mesh)  # data, model, optimizer..
             if jax.process_count() > 1:  # every process built or read the same examples
                 multihost.check_agree("data", {"data (sha256 of the train / test examples)":
                                                experiment.data_fingerprint(run.env)})
@@ -207,7 +207,6 @@ def routing_program(cfg, model_cfg, mesh):
 
 def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
     """The iterations start .. cfg.train.iterations; returns (state, last metrics)."""
-    env, g = run.env, cfg.rollout.group_size
     need_old = losses.METHODS[cfg.loss.method].needs_old_logp
     replay = bool(cfg.model.get("routing_replay", False))
     routing = routing_program(cfg, run.model_cfg, run.mesh)
@@ -216,21 +215,68 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
         print(f"rollout.mismatch.staleness={source.history.capacity - 1}: the parameter history "
               f"is not checkpointed; it refills from the restored parameters (rollout/staleness "
               f"logs the actual staleness)", flush=True)
+    producer = None
+    if run.sampler_mesh is not None:  # rollouts from the sampler sub-mesh (sync or async)
+        producer = async_rollouts.RolloutProducer(cfg, run, functools.partial(
+            _collect_on_sampler, cfg, run), start, key)
+    try:
+        return _iterations(cfg, run, ckpt, writer, bar, watcher, state, key, start, source,
+                           producer, need_old, replay, routing)
+    finally:
+        if producer is not None:
+            producer.close()
+
+
+def _collect_on_sampler(cfg, run, params, key):
+    """One iteration's rollout on a split layout's sampler mesh (async_rollouts)."""
+    out = _collect(run.env, run.rollout_sampler, params, run.prompt_iter, key, cfg,
+                   run.sampler_mesh, run.reward)
+    if not cfg.rollout.get("keep_kv_cache", False):
+        run.rollout_sampler.release()
+    return out
+
+
+def _rollout(cfg, run, source, producer, state, it, k_roll, evaluates):
+    """Iteration it's rollout on the trainer mesh: (rollout, host copy, examples, rewards, extra
+    metrics, advantages, its rollout parameters, source metrics, the rollout parameters of the
+    policy at the iteration's start for evaluation on a split layout, the producer's Item)."""
+    g = cfg.rollout.group_size
+    if producer is not None:  # sampled on the sampler mesh, with a version <= it
+        item, params_roll, metrics = producer.take(it)
+        metrics["rollout/staleness"] = float((it - item.version) * int(cfg.train.epochs)
+                                             * int(cfg.train.minibatches))  # optimizer steps
+        r = multihost.to_global(item.host, jax.tree.map(
+            lambda x: sharding.batch_sharding(run.mesh, x.ndim), item.host))
+        adv = adv_lib.compute_advantages(item.rewards, g, cfg.loss.advantage)
+        eval_roll = sharding.cpu_sync(run.rollout_params(state.params)) if evaluates else None
+        return (r, item.host, item.examples, item.rewards, item.extra, adv, params_roll,
+                metrics, eval_roll, item)
+    params_roll, metrics = source.start(state)
+    if run.episodes is not None:  # environment episodes (multi-turn); rewards: returns
+        r, host_r, examples, rewards, extra, adv = run.episodes.collect(
+            params_roll, run.prompt_iter, k_roll, run.mesh)
+    else:
+        r, host_r, examples, rewards, extra = _collect(run.env, run.sampler, params_roll,
+                                                       run.prompt_iter, k_roll, cfg, run.mesh,
+                                                       run.reward)
+        adv = adv_lib.compute_advantages(rewards, g, cfg.loss.advantage)
+    if not cfg.rollout.get("keep_kv_cache", False):  # not on the chips during the update
+        run.sampler.release()
+    return r, host_r, examples, rewards, extra, adv, params_roll, metrics, None, None
+
+
+def _iterations(cfg, run, ckpt, writer, bar, watcher, state, key, start, source, producer,
+                need_old, replay, routing):
+    if producer is not None:
+        producer.publish(start, state)  # the parameters the run starts (or resumes) at
     metrics = {}
     for it in range(start, cfg.train.iterations):
         t0 = time.perf_counter()
         key, k_roll, k_perm, k_eval = jax.random.split(key, 4)
-        params_roll, source_metrics = source.start(state)
-        if run.episodes is not None:  # environment episodes (multi-turn); rewards: returns
-            r, host_r, examples, rewards, extra, adv = run.episodes.collect(
-                params_roll, run.prompt_iter, k_roll, run.mesh)
-        else:
-            r, host_r, examples, rewards, extra = _collect(env, run.sampler, params_roll,
-                                                           run.prompt_iter, k_roll, cfg, run.mesh,
-                                                           run.reward)
-            adv = adv_lib.compute_advantages(rewards, g, cfg.loss.advantage)
-        if not cfg.rollout.get("keep_kv_cache", False):  # not on the chips during the update
-            run.sampler.release()
+        last = it + 1 == cfg.train.iterations
+        evaluates = cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or last)
+        (r, host_r, examples, rewards, extra, adv, params_roll, source_metrics,
+         eval_roll, item) = _rollout(cfg, run, source, producer, state, it, k_roll, evaluates)
         validate(host_r, run.model_cfg.vocab_size)
         if cfg.rollout.overlong == "filter":
             r = r.replace(
@@ -279,6 +325,10 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
                 source.stepped(state)
                 step_metrics.append(m)
         jax.block_until_ready(state)
+        if cfg.train.get("emulate_train_s", 0.0):  # benchmark-only: device time without CPU
+            time.sleep(float(cfg.train.emulate_train_s))
+        if producer is not None and producer.due(it + 1):
+            metrics.update(producer.publish(it + 1, state))
         t_update = time.perf_counter()
         metrics.update({k: np.mean([float(m[k]) for m in step_metrics]) for k in step_metrics[0]})
         metrics["train/skipped"] = float(sum(float(m["train/skipped"]) for m in step_metrics))
@@ -293,9 +343,10 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
             "time/tokens_per_s": n_tok / max(t_update - t0, 1e-9),
             "train/optimizer_steps": int(state.step), "train/skipped_total": int(state.skipped),
             **extra})
-        last = it + 1 == cfg.train.iterations
-        if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or last):
-            metrics.update(evaluation.evaluate(run, source.eval_params(params_roll), k_eval, cfg))
+        if evaluates:
+            metrics.update(evaluation.evaluate(
+                run, eval_roll if producer is not None else source.eval_params(params_roll),
+                k_eval, cfg))
         writer.write(it + 1, metrics)
         if bar is not None:
             bar.update(1)
@@ -304,7 +355,8 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
         stop = not last and watcher.should_stop(it + 1)
         workdir_lock.check(ckpt.workdir)  # a lease lost to another run: stop before saving
         if (cfg.checkpoint.every and (it + 1) % cfg.checkpoint.every == 0) or last or stop:
-            host = {"iteration": it + 1, "data": run.prompt_iter.state(),
+            host = {"iteration": it + 1,  # a split layout's producer has sampled further
+                    "data": run.prompt_iter.state() if producer is None else item.data_state,
                     "key": np.asarray(jax.random.key_data(key)).tolist(),
                     "config": cfg.to_dict()}  # what config.json says
             if run.base_id is not None:  # LoRA: the adapters' base, checked on restore

@@ -14,14 +14,16 @@ CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
 # Fields that change how a run is operated, not what it computes: they may differ on resume.
 # (mesh: the checkpoint is restored into the new layout; only rounding can differ.)
-OPERATIONAL = ("log.", "mesh.", "eval.every", "checkpoint.every", "checkpoint.max_to_keep",
-               "task.data_dir", "warmstart.cache_dir",
+OPERATIONAL = ("log.", "mesh.", "sampler_mesh.", "eval.every", "checkpoint.every",
+               "checkpoint.max_to_keep", "task.data_dir", "warmstart.cache_dir",
                "train.microbatches",  # exact gradient accumulation: memory, not the update
                "train.score_microbatches",  # the score pass in parts: memory, not the values
                "rollout.keep_kv_cache",  # memory between iterations, not the rollouts
                "model.attention",  # the kernel, not the math (backends agree to float error)
                # how the reward model's rows are batched and padded (right padding: exact)
-               "reward_model.batch_size", "reward_model.bucket")
+               "reward_model.batch_size", "reward_model.bucket",
+               # benchmark-only sleeps (emulated device time), not the math
+               "train.emulate_sample_s", "train.emulate_train_s")
 
 
 def latest_checkpoint(workdir: str):
@@ -88,7 +90,12 @@ ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.contin
                 # the mismatch dial (issue 32): all off is what every older run did
                 "rollout.mu": "sampler", "rollout.mismatch.noise": 0.0,
                 "rollout.mismatch.staleness": 0, "rollout.mismatch.pre_temperature": False,
-                "rollout.mismatch.top_p_renorm": False}
+                "rollout.mismatch.top_p_renorm": False,
+                # asynchronous RL (issue 33): sync on the whole mesh is what every older run did
+                "sampler_mesh.devices": 0.0, "sampler_mesh.data": -1, "sampler_mesh.fsdp": 1,
+                "sampler_mesh.tensor": 1, "train.mode": "sync", "train.max_staleness": 1,
+                "train.sync_every": 1, "train.emulate_sample_s": 0.0,
+                "train.emulate_train_s": 0.0}
 
 
 def config_changes(old: dict, new: dict):

@@ -1,0 +1,205 @@
+"""Asynchronous RL on a split layout (trustrl.training.async_rollouts, trustrl.rollout.weight_sync):
+exactness at staleness 0, the staleness bound under slow phases, mu of stale rollouts, resume,
+weight sync and the config errors."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from trustrl.infra import sharding
+from trustrl.infra.metrics import read_jsonl
+from trustrl.rollout import weight_sync
+from trustrl.training import async_rollouts, config_validation as cv, loop as train, step as ts
+
+from test_config_validation import tiny as _tiny
+from test_main import TINY, _main
+
+# a tiny run that learns something (rewards differ within groups: the overlong penalty on a
+# 30-step warm start), split 4 trainer (tensor 4) + 4 sampler (data 4) devices
+SPLIT = {"mesh.data": -1, "mesh.tensor": 4, "sampler_mesh.devices": 4.0, "train.iterations": 3,
+         "eval.every": 0, "checkpoint.every": 0, "optim.learning_rate": 1e-2,
+         "rollout.overlong": "penalty", "rollout.overlong_penalty": -1.0, "warmstart.steps": 30,
+         "rollout.max_new_tokens": 6, "rollout.dtype": "float32"}
+
+
+def _run(tmp_path, name, **overrides):
+    wd = str(tmp_path / name)
+    state, _ = train.train(_tiny(**{**SPLIT, **overrides}), wd)
+    return state, read_jsonl(os.path.join(wd, "metrics.jsonl"))
+
+
+def _math(row):  # everything but wall times and the async bookkeeping
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "async/"))}
+
+
+def _equal_trees(a, b):
+    return all(jax.tree.leaves(jax.tree.map(
+        lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)))
+
+
+def test_async_at_staleness_0_is_the_sync_run_bitwise(tmp_path):
+    """train.mode=async, max_staleness 0 (a sampler thread, back-pressure, the queue) against
+    the sequential run of the same layout: the same metrics rows and the same final state."""
+    s_sync, rows_sync = _run(tmp_path, "sync")
+    s_async, rows_async = _run(tmp_path, "async", **{"train.mode": "async",
+                                                     "train.max_staleness": 0})
+    assert [_math(r) for r in rows_async] == [_math(r) for r in rows_sync]
+    assert all(r["train/grad_norm"] > 0 for r in rows_sync)  # the runs do update
+    assert [r["async/version_lag"] for r in rows_async] == [0.0, 0.0, 0.0]
+    assert _equal_trees(s_sync.params, s_async.params)
+    assert _equal_trees(s_sync.opt_state, s_async.opt_state)
+
+
+def test_stale_rollouts_record_the_mu_of_their_version(tmp_path, monkeypatch):
+    """max_staleness 2 with a slow trainer: the sampler runs ahead, so rollouts lag 1-2
+    versions. Every recorded mu equals the log-probs that the parameters of the rollout's
+    version give the sampled tokens (recomputed by the trainer's score program), and not
+    those of the newest parameters."""
+    taken = []
+    take = async_rollouts.RolloutProducer.take
+
+    def recording_take(self, it):
+        item, params, metrics = take(self, it)
+        taken.append((item, params, self.run, self._trainer_params.get(max(self._trainer_params))))
+        return item, params, metrics
+
+    monkeypatch.setattr(async_rollouts.RolloutProducer, "take", recording_take)
+    _, rows = _run(tmp_path, "stale", **{"train.mode": "async", "train.max_staleness": 2,
+                                         "train.iterations": 4, "train.emulate_train_s": 1.0})
+    lags = [r["async/version_lag"] for r in rows]
+    assert max(lags) >= 1 and all(0 <= x <= 2 for x in lags), lags
+    checked = 0
+    for item, params, run, newest in taken:
+        batch = {k: jnp.asarray(v) for k, v in ts.rollout_batch(item.host, jnp.asarray(
+            np.zeros(len(item.rewards), np.float32))).items() if v is not None}
+        mask = item.host.response_mask > 0
+        with jax.set_mesh(run.mesh):
+            mu = np.asarray(run.score(run.policy_params(params), batch))
+        np.testing.assert_allclose(mu[mask], item.host.rollout_logp[mask], atol=2e-5)
+        if item.iteration > item.version:  # stale: the newest parameters do not give mu
+            with jax.set_mesh(run.mesh):
+                pi = np.asarray(run.score(run.policy_params(newest), batch))
+            assert np.abs(pi[mask] - item.host.rollout_logp[mask]).max() > 1e-3
+            checked += 1
+    assert checked >= 1
+
+
+@pytest.mark.parametrize("slow,max_staleness", [("train", 1), ("sample", 2)])
+def test_the_staleness_bound_holds_under_a_slow_phase(tmp_path, slow, max_staleness):
+    """A slow trainer lets the sampler run ahead until the bound stops it (lag reaches the
+    bound, never exceeds it, at most bound + 1 rollouts queued); a slow sampler makes the
+    trainer wait for fresh rollouts (lag stays below the bound)."""
+    _, rows = _run(tmp_path, slow, **{"train.mode": "async", "train.max_staleness": max_staleness,
+                                      "train.iterations": 5, f"train.emulate_{slow}_s": 1.0})
+    lags = [r["async/version_lag"] for r in rows]
+    assert all(0 <= x <= max_staleness for x in lags), lags
+    assert all(r["async/queued"] <= max_staleness for r in rows)
+    assert rows[-1]["async/lag_count/0"] + sum(
+        rows[-1].get(f"async/lag_count/{k}", 0) for k in range(1, max_staleness + 1)) == 5
+    if slow == "train":
+        assert max_staleness in lags, lags
+    else:  # the trainer waits for the sampler's sleep
+        assert sum(r["async/trainer_wait_s"] for r in rows[1:]) > 2.0
+
+
+def test_resume_regenerates_in_flight_rollouts_deterministically(tmp_path):
+    """Async at staleness 0, checkpointed every iteration: 2 iterations, then the same workdir
+    extended to 4, equals 4 iterations in one go (the in-flight rollout of iteration 2 is
+    regenerated from the restored parameters and data position)."""
+    cfg = {"train.mode": "async", "train.max_staleness": 0, "checkpoint.every": 1}
+    whole, rows = _run(tmp_path, "whole", **cfg, **{"train.iterations": 4})
+    _run(tmp_path, "parts", **cfg, **{"train.iterations": 2})
+    wd = str(tmp_path / "parts")
+    parts, _ = train.train(_tiny(**{**SPLIT, **cfg, "train.iterations": 4}), wd)
+    rows_parts = read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    assert [_math(r) for r in rows_parts] == [_math(r) for r in rows]
+    assert _equal_trees(whole.params, parts.params)
+
+
+def test_weight_sync_equals_a_host_copy():
+    """Trainer-mesh parameters (tensor-sharded) onto a sampler mesh of other devices and
+    another layout: the values are the host copy's, each leaf keeps its spec and lives only on
+    the sampler's devices; the bytes counted are the tree's."""
+    devs = jax.devices()
+    src = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 4}, devs[4:])
+    dst = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, devs[:4])
+    rng = np.random.default_rng(0)
+    host = {"w": rng.normal(size=(8, 12)).astype(np.float32),
+            "b": rng.normal(size=(12,)).astype(np.float32),
+            "e": rng.normal(size=(16, 8)).astype(jnp.bfloat16)}
+    specs = {"w": P(None, "tensor"), "b": P(), "e": P("tensor", None)}
+    params = {k: jax.device_put(v, NamedSharding(src, specs[k])) for k, v in host.items()}
+    out, metrics = weight_sync.WeightSync(dst)(params)
+    for k, v in host.items():
+        assert np.array_equal(np.asarray(out[k]), v)
+        assert out[k].sharding.spec == specs[k] and out[k].sharding.mesh == dst
+        assert {d.id for d in out[k].devices()} <= {d.id for d in devs[:4]}
+    assert metrics["async/sync_bytes"] == 8 * 12 * 4 + 12 * 4 + 16 * 8 * 2
+    assert metrics["async/sync_s"] >= 0
+    src2 = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 2}, devs[4:6])
+    x = jax.device_put(np.zeros((6, 3), np.float32), NamedSharding(src2, P("tensor", None)))
+    with pytest.raises(ValueError, match=r"\['x'\] of shape \(6, 3\) is split by .* cannot "
+                                         r"split its dimension 6 evenly"):
+        weight_sync.target_shardings({"x": x}, src)  # tensor 4 does not divide 6
+
+
+def test_split_devices_per_process():
+    class D:
+        def __init__(self, i, p):
+            self.id, self.process_index = i, p
+    devs = [D(i, i // 4) for i in range(8)]
+    trainer, sampler = async_rollouts.split_devices(4, devs)
+    assert [d.id for d in sampler] == [0, 1, 4, 5] and [d.id for d in trainer] == [2, 3, 6, 7]
+    with pytest.raises(ValueError, match="not divisible by the 2 processes"):
+        async_rollouts.split_devices(3, devs)
+    assert async_rollouts.sampler_device_count(0.25, 8) == 2
+    assert async_rollouts.sampler_device_count(0.01, 8) == 1
+    assert async_rollouts.sampler_device_count(3.0, 8) == 3
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"train.mode": "pipelined"}, "train.mode='pipelined' is not valid; choose one of "
+                                  "['sync', 'async']"),
+    ({"train.mode": "async"}, "train.mode='async' needs sampler_mesh.devices > 0"),
+    ({"train.mode": "async", "sampler_mesh.devices": 4.0, "train.max_staleness": -1},
+     "train.max_staleness must be an int >= 0, got -1"),
+    ({"train.mode": "async", "sampler_mesh.devices": 4.0, "train.sync_every": 3,
+      "train.max_staleness": 1}, "train.max_staleness=1 is below train.sync_every=3 - 1"),
+    ({"train.sync_every": 2}, "train.sync_every=2 applies to train.mode='async' only"),
+    ({"sampler_mesh.devices": 2.5}, "sampler_mesh.devices=2.5 must be a device count"),
+    ({"sampler_mesh.devices": -1.0}, "sampler_mesh.devices must be in [0, inf), got -1.0"),
+    ({"sampler_mesh.tensor": 0}, "sampler_mesh sizes (data, fsdp, tensor) must be positive"),
+    ({"train.mode": "async", "sampler_mesh.devices": 4.0, "loss.method": "ppo_clip_recompute"},
+     "loss.method='ppo_clip_recompute' with train.mode='async' and train.max_staleness=1: its "
+     "pi_old is recomputed"),
+    ({"sampler_mesh.devices": 4.0, "rollout.mismatch.staleness": 2},
+     "rollout.mismatch.staleness=2 is not supported with a split layout"),
+    ({"sampler_mesh.devices": 4.0, "env.id": "trustrl:guess_number"},
+     "env.id='trustrl:guess_number' is not supported with a split layout"),
+])
+def test_bad_async_configs_name_the_field(overrides, needle):
+    with pytest.raises(ValueError) as e:
+        cv.validate(_tiny(**overrides))
+    assert needle in str(e.value), str(e.value)
+
+
+def test_a_recompute_method_is_fine_at_staleness_0():
+    cv.validate(_tiny(**{"train.mode": "async", "sampler_mesh.devices": 4.0,
+                         "train.max_staleness": 0, "loss.method": "ppo_clip_recompute"}))
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--config.sampler_mesh.devices=8", "--config.train.mode=async"],
+     "sampler_mesh.devices=8.0 gives the sampler 8 of 8 devices"),
+    (["--config.sampler_mesh.devices=4", "--config.mesh.data=2"],  # data 2 x tensor 4 = 8 > 4
+     "mesh does not fit the trainer's 4 devices"),
+    (["--config.sampler_mesh.devices=4", "--config.mesh.data=1", "--config.sampler_mesh.data=8"],
+     "sampler_mesh does not fit the sampler's 4 devices"),
+])
+def test_a_split_that_does_not_fit_the_devices_exits_2(tmp_path, subprocess_env, flags, needle):
+    out = _main([TINY, f"--workdir={tmp_path / 'run'}", *flags], subprocess_env, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert needle in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]

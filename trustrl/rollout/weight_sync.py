@@ -1,0 +1,60 @@
+"""Weight sync between disjoint sub-meshes (train.mode="async"; trustrl.training.async_rollouts).
+
+    sync = WeightSync(sampler_mesh)
+    params_sampler, metrics = sync(params_roll)   # trainer-mesh arrays -> sampler mesh
+
+The trainer's rollout-dtype parameters (``Run.rollout_params``: cast, or LoRA merged) keep
+their PartitionSpecs and move onto the sampler mesh with one ``jax.device_put`` to the same
+specs over the sampler's devices (the sampler's data / fsdp / tensor sizes may differ: a
+dimension the sampler's mesh cannot split evenly is a ValueError naming the leaf). The copy is
+timed to completion (``block_until_ready``) and its bytes counted (global sizes; every byte
+leaves the trainer's chips once).
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+def _axis_size(mesh, entry) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return int(np.prod([mesh.shape[n] for n in names if n is not None]))
+
+
+def target_shardings(tree, mesh):
+    """Each leaf's NamedSharding spec on ``mesh`` (replicated for a leaf without one)."""
+    def one(path, x):
+        spec = x.sharding.spec if isinstance(getattr(x, "sharding", None), NamedSharding) else P()
+        for dim, entry in zip(x.shape, spec):
+            if entry is not None and dim % _axis_size(mesh, entry):
+                raise ValueError(
+                    f"weight sync: {jax.tree_util.keystr(path)} of shape {tuple(x.shape)} is "
+                    f"split by {spec} but the sampler mesh {dict(mesh.shape)} cannot split "
+                    f"its dimension {dim} evenly; choose sampler_mesh sizes that divide it")
+        return NamedSharding(mesh, spec)
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def nbytes(tree) -> int:
+    """Bytes of a pytree's arrays at their global shapes."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+class WeightSync:
+    """Copies parameter trees onto ``mesh`` (the sampler's), keeping their specs."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+        self._shardings = None
+
+    def __call__(self, params):
+        """(params on the sampler mesh, {"async/sync_s", "async/sync_bytes"})."""
+        if self._shardings is None:  # the tree's layout is fixed for a run
+            self._shardings = target_shardings(params, self.mesh)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(jax.device_put(params, self._shardings))
+        return out, {"async/sync_s": time.perf_counter() - t0,
+                     "async/sync_bytes": float(nbytes(params))}
