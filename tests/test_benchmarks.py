@@ -293,3 +293,16 @@ def test_mismatch_dial_quick(capsys):
     assert math.isfinite(out["sampler_gap"]) and out["sampler_gap"] < 1e-4
     assert all(math.isfinite(t) and t > 0 for t in out["times"].values())
     assert "| rescored (trainer forward) | 0.000e+00 |" in capsys.readouterr().out
+
+
+def test_async_rl_quick(capsys):
+    """benchmarks/async_rl.py --quick runs both modes and prints its table (the speed-up is the
+    benchmark's number, not asserted); its iteration-time model on hand-computed phases."""
+    bench = _load_bench("async_rl")
+    row = bench.main(["--quick"])["balanced"]
+    assert all(math.isfinite(v) and v > 0 for k, v in row.items() if not k.startswith("err")), row
+    assert "| balanced (0.30 / 0.30) |" in capsys.readouterr().out
+    # rollout 1.2 s of which sampling 1.0, train 0.5: sequential 1.7; overlapped: the sampler
+    # (1.0) is the bottleneck, not the trainer's 0.2 + 0.5
+    assert bench.predict({"A": 1.2, "S": 1.0, "B": 0.5}) == (1.7, 1.0)
+    assert bench.predict({"A": 1.2, "S": 1.0, "B": 0.9}) == (2.1, pytest.approx(1.1))
