@@ -8,7 +8,10 @@ their PartitionSpecs and move onto the sampler mesh with one ``jax.device_put`` 
 specs over the sampler's devices (the sampler's data / fsdp / tensor sizes may differ: a
 dimension the sampler's mesh cannot split evenly is a ValueError naming the leaf). The copy is
 timed to completion (``block_until_ready``) and its bytes counted (global sizes; every byte
-leaves the trainer's chips once).
+leaves the trainer's chips once). With several processes JAX cannot reshard between different
+device sets across hosts (jax 0.10-0.12), so the sync goes through the hosts: every process
+gathers the tree (``multihost.to_host``, a collective) and places its own shards on the sampler
+mesh (``multihost.to_global``); the same values, by a slower path.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import time
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from trustrl.infra import multihost
 
 
 def _axis_size(mesh, entry) -> int:
@@ -55,6 +60,10 @@ class WeightSync:
         if self._shardings is None:  # the tree's layout is fixed for a run
             self._shardings = target_shardings(params, self.mesh)
         t0 = time.perf_counter()
-        out = jax.block_until_ready(jax.device_put(params, self._shardings))
+        if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+            out = jax.device_put(params, self._shardings)  # device to device
+        else:  # several processes: JAX reshards across hosts only within one device set
+            out = multihost.to_global(multihost.to_host(params), self._shardings)
+        out = jax.block_until_ready(out)
         return out, {"async/sync_s": time.perf_counter() - t0,
                      "async/sync_bytes": float(nbytes(params))}

@@ -86,6 +86,12 @@ def meshes(cfg, devices=None):
         raise ValueError(f"sampler_mesh.devices={cfg.sampler_mesh.devices} gives the sampler "
                          f"{n} of {len(devices)} devices; it needs at least 1 and must leave "
                          f"the trainer at least 1")
+    if cfg.train.mode == "async" and jax.process_count() > 1:
+        raise ValueError(
+            f"train.mode='async' with {jax.process_count()} processes is not supported yet: the "
+            f"sampler thread's cross-process collectives and the trainer's would need one order "
+            f"on every process (a 2 x 4 run deadlocked); use train.mode='sync' on the same "
+            f"split layout, or one process")
     trainer, sampler = split_devices(n, devices)
     axes = {a: cfg.sampler_mesh[a] for a in sharding.MESH_AXES}
     try:
