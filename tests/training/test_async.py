@@ -248,3 +248,42 @@ def test_two_processes_on_a_split_layout_equal_one_process(tmp_path, subprocess_
                              env=subprocess_env, timeout=300, out=out)
     assert code == 2 and "train.mode='async' with 2 processes is not supported" in \
         out.getvalue(), out.getvalue()[-3000:]
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_in_async_mode(tmp_path, subprocess_env):
+    """An async run (max_staleness 0, a checkpoint every iteration, a slow trainer) killed with
+    SIGKILL once 2 iterations are logged, then rerun: it resumes from its last checkpoint,
+    regenerates the rollouts that were in flight, and its metrics rows equal an uninterrupted
+    run's (each step written once)."""
+    import signal
+    import subprocess
+    import time
+
+    from test_multihost import REPO, _cli
+    flags = ["--config.mesh.data=1", "--config.sampler_mesh.devices=4",
+             "--config.train.mode=async", "--config.train.max_staleness=0",
+             "--config.train.iterations=5", "--config.eval.every=0",
+             "--config.checkpoint.every=1", "--config.train.emulate_train_s=0.5"]
+    ref = tmp_path / "ref"
+    done = subprocess.run(_cli(ref, *flags), cwd=REPO, env=subprocess_env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    wd = tmp_path / "killed"
+    p = subprocess.Popen(_cli(wd, *flags), cwd=REPO, env=subprocess_env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not ((wd / "metrics.jsonl").exists()
+               and len((wd / "metrics.jsonl").read_text().splitlines()) >= 2):
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    assert len((wd / "metrics.jsonl").read_text().splitlines()) < 5
+    done = subprocess.run(_cli(wd, *flags), cwd=REPO, env=subprocess_env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    want, got = (read_jsonl(str(d / "metrics.jsonl")) for d in (ref, wd))
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    assert [_math(r) for r in got] == [_math(r) for r in want]
