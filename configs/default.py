@@ -238,6 +238,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.mode = "sync"
     c.train.max_staleness = 1
     c.train.sync_every = 1
+    # async only: C > 0 decodes rollouts in segments of C tokens; a row still generating when
+    # new weights arrive continues with them (each token keeps the mu, and the version, of the
+    # weights that sampled it; trustrl.rollout.partial). 0: a rollout uses one version
+    c.train.partial_rollouts = 0
     # benchmark-only: seconds slept inside the sample / train phase (emulated device time that
     # takes no CPU; benchmarks/async_rl.py); 0 in every real run
     c.train.emulate_sample_s = 0.0

@@ -287,3 +287,74 @@ def test_kill_9_and_resume_in_async_mode(tmp_path, subprocess_env):
     want, got = (read_jsonl(str(d / "metrics.jsonl")) for d in (ref, wd))
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
     assert [_math(r) for r in got] == [_math(r) for r in want]
+
+
+def test_partial_rollouts_keep_each_tokens_mu_and_version(tmp_path, monkeypatch):
+    """train.partial_rollouts = 2 of 6 new tokens, max_staleness 2, the sampler slowed before
+    each segment so that the trainer publishes while rows are generating: some rows span two
+    versions. Every token's recorded mu equals the log-prob that the parameters of its
+    recorded version give it (the trainer's score program on the whole row), and each row's
+    versions never decrease along the row."""
+    import time
+    published, taken = {}, []
+    publish, take = async_rollouts.RolloutProducer.publish, async_rollouts.RolloutProducer.take
+    newest = async_rollouts.RolloutProducer._newest
+
+    def recording_publish(self, version, state):
+        out = publish(self, version, state)
+        published[version] = self._trainer_params[version]
+        return out
+
+    def recording_take(self, it):
+        out = take(self, it)
+        taken.append((out[0], self.run))
+        return out
+
+    def slow_newest(self):
+        time.sleep(0.4)
+        return newest(self)
+
+    monkeypatch.setattr(async_rollouts.RolloutProducer, "publish", recording_publish)
+    monkeypatch.setattr(async_rollouts.RolloutProducer, "take", recording_take)
+    monkeypatch.setattr(async_rollouts.RolloutProducer, "_newest", slow_newest)
+    _, rows = _run(tmp_path, "partial", **{"train.mode": "async", "train.max_staleness": 2,
+                                           "train.iterations": 6, "train.partial_rollouts": 2,
+                                           "rollout.overlong_penalty": 0.0,
+                                           "train.emulate_train_s": 0.6})
+    assert sum(r["async/partial_rows"] for r in rows) >= 1, rows
+    spans = 0
+    for item, run in taken:
+        v, host = item.token_versions, item.host
+        assert ((v >= 0) == (host.response_mask > 0)).all()
+        assert v[v >= 0].min() == item.version
+        for row in v:
+            row = row[row >= 0]
+            assert (np.diff(row) >= 0).all()
+            spans += int(row.size and row.max() > row.min())
+        batch = {k: jnp.asarray(x) for k, x in ts.rollout_batch(host, jnp.asarray(
+            np.zeros(len(item.rewards), np.float32))).items() if x is not None}
+        for version in np.unique(v[v >= 0]):
+            with jax.set_mesh(run.mesh):
+                mu = np.asarray(run.score(run.policy_params(published[int(version)]), batch))
+            sel = v == version
+            np.testing.assert_allclose(mu[sel], host.rollout_logp[sel], atol=2e-5)
+    assert spans >= 1
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"train.partial_rollouts": 2}, "train.partial_rollouts=2 applies to train.mode='async' "
+                                    "only"),
+    ({"train.partial_rollouts": 4}, "train.partial_rollouts=4 must be below rollout."
+                                    "max_new_tokens=4"),
+    ({"train.partial_rollouts": 2, "rollout.dynamic_sampling": True},
+     "train.partial_rollouts=2 is not supported with rollout.dynamic_sampling=True"),
+    ({"train.partial_rollouts": 2, "loss.method": "dppo_full_tv"},
+     "not supported with loss.method='dppo_full_tv': the full-vocabulary methods"),
+])
+def test_bad_partial_rollout_configs_name_the_field(overrides, needle):
+    base = {} if "train.partial_rollouts" in overrides and len(overrides) == 1 and \
+        overrides["train.partial_rollouts"] == 2 else {"train.mode": "async",
+                                                       "sampler_mesh.devices": 4.0}
+    with pytest.raises(ValueError) as e:
+        cv.validate(_tiny(**{**base, **overrides}))
+    assert needle in str(e.value), str(e.value)

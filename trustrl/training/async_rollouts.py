@@ -17,8 +17,11 @@ on the trainer mesh, then ``WeightSync`` onto the sampler mesh). The rollout of 
 may use version v only if j - v <= train.max_staleness: the producer waits for it
 (back-pressure) instead of sampling staler data, so at most max_staleness + 1 rollouts are ever
 queued and nothing is dropped. It samples with the newest version published when it starts
-the rollout; every row of a rollout records that version (``Item.version``; a rollout does not
-span a weight update: partial rollouts are not implemented).
+the rollout; every row of a rollout records that version (``Item.version``). With
+train.partial_rollouts = C > 0 (async) the rollout is decoded in segments of C tokens and a row
+still generating when a newer version is published continues with it
+(trustrl.rollout.partial): ``Item.token_versions`` records every token's version, so its mu
+stays the exact anchor per token, and ``Item.version`` is the oldest (the bound applies to it).
 
 mode="async" runs the producer in a host thread: it samples iteration j + 1.. on the sampler
 mesh while the trainer updates on iteration j (JAX's dispatch releases the GIL while the
@@ -48,6 +51,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.infra import sharding
+from trustrl.rollout.partial import Versioned
 from trustrl.rollout.weight_sync import WeightSync
 
 MODES = ("sync", "async")
@@ -123,6 +127,9 @@ class Item:
     data_state: dict      # the prompt iterator's state after this rollout (checkpointed)
     sample_s: float       # sampling (and rewards) wall time
     wait_s: float         # the producer's wait for an allowed version before sampling
+    # partial rollouts (train.partial_rollouts): the version of every response token [B, N]
+    # (-1 outside the response); ``version`` is then the oldest, the one the bound applies to
+    token_versions: Any = None
 
 
 class _Stopped(Exception):
@@ -140,6 +147,7 @@ class RolloutProducer:
         self.max_staleness = int(cfg.train.max_staleness) if self.asynchronous else 0
         self.sync_every = int(cfg.train.sync_every) if self.asynchronous else 1
         self.emulate_s = float(cfg.train.get("emulate_sample_s", 0.0))
+        self.partial = int(cfg.train.get("partial_rollouts", 0)) > 0 and self.asynchronous
         self.weight_sync = WeightSync(run.sampler_mesh)
         # the key chain runs on the sampler mesh (threefry: the same bits on any device)
         self._key = jax.random.wrap_key_data(jax.device_put(
@@ -194,11 +202,18 @@ class RolloutProducer:
             self._cond.notify_all()
         lag = it - item.version
         self.counts[lag] += 1
+        partial = {}
+        if item.token_versions is not None:
+            v = item.token_versions
+            on = v >= 0
+            span = np.where(on, v, -1).max(1) - np.where(on, v, np.iinfo(np.int32).max).min(1)
+            partial = {"async/partial_rows": float((span > 0).sum()),
+                       "async/token_lag_mean": float((it - v[on]).mean()) if on.any() else 0.0}
         busy = item.sample_s
         metrics = {"async/version_lag": float(lag), "async/queued": float(queued),
                    "async/trainer_wait_s": time.perf_counter() - t0 if self.asynchronous else 0.0,
                    "async/sampler_idle_frac": item.wait_s / max(item.wait_s + busy, 1e-9),
-                   "time/sample_s": busy,
+                   "time/sample_s": busy, **partial,
                    **{f"async/lag_count/{k}": float(n) for k, n in sorted(self.counts.items())}}
         return item, params, metrics
 
@@ -211,6 +226,12 @@ class RolloutProducer:
             self._thread.join()
 
     # -- producer side ------------------------------------------------------------------------
+    def _newest(self):
+        """(version, sampler-mesh parameters) published last: a partial rollout's next
+        segment continues with them."""
+        with self._cond:
+            return self._params
+
     def _produce_all(self):
         try:
             with jax.set_mesh(self.run.sampler_mesh):
@@ -239,11 +260,16 @@ class RolloutProducer:
             version, params = self._params
         t1 = time.perf_counter()
         with jax.set_mesh(self.run.sampler_mesh):
-            _, host, examples, rewards, extra = self.collect(params, k_roll)
+            _, host, examples, rewards, extra = self.collect(
+                Versioned(self._newest) if self.partial else params, k_roll)
         if self.emulate_s:
             time.sleep(self.emulate_s)
-        item = Item(j, version, host, examples, rewards, extra,
-                    self.run.prompt_iter.state(), time.perf_counter() - t1, t1 - t0)
+        token_versions = None
+        if self.partial:  # its first segment may have started on a newer version than chosen
+            token_versions = self.run.rollout_sampler.last_versions
+            version = self.run.rollout_sampler.first_version
+        item = Item(j, version, host, examples, rewards, extra, self.run.prompt_iter.state(),
+                    time.perf_counter() - t1, t1 - t0, token_versions)
         with self._cond:
             self._items[j] = item
             self._next = j + 1

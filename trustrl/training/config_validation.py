@@ -486,6 +486,7 @@ def _check_async(cfg):
     _choice("train.mode", t.mode, async_rollouts.MODES)
     _int(cfg, "train.max_staleness", 0)
     _int(cfg, "train.sync_every", 1)
+    chunk = _int(cfg, "train.partial_rollouts", 0)
     _float(cfg, "train.emulate_sample_s", 0)
     _float(cfg, "train.emulate_train_s", 0)
     n = _float(cfg, "sampler_mesh.devices", 0)
@@ -515,7 +516,27 @@ def _check_async(cfg):
                 f"current parameters, which are not the parameters that sampled a stale "
                 f"rollout, so its old log-probs are undefined there; use a mu-anchored method "
                 f"({', '.join(mu_anchored)}) or train.max_staleness=0")
-    elif t.sync_every != 1:
+        if chunk:
+            if chunk >= cfg.rollout.max_new_tokens:
+                raise ValueError(f"train.partial_rollouts={chunk} must be below rollout."
+                                 f"max_new_tokens={cfg.rollout.max_new_tokens} (the tokens "
+                                 f"per segment; 0 turns partial rollouts off)")
+            for field, on in (("rollout.dynamic_sampling", cfg.rollout.dynamic_sampling),
+                              ("model.num_experts", bool(cfg.model.get("num_experts", 0))),
+                              ("loss.method", _divergence(cfg) == "full")):
+                if on:
+                    raise ValueError(
+                        f"train.partial_rollouts={chunk} is not supported with {field}="
+                        f"{_get(cfg, field)!r}: " + {
+                            "rollout.dynamic_sampling": "its refill rounds would mix "
+                                                        "rollouts of several segments",
+                            "model.num_experts": "the routed experts (R3) of a re-prefilled "
+                                                 "prefix are not recorded",
+                            "loss.method": "the full-vocabulary methods recompute mu from "
+                                           "one version's parameters"}[field])
+    elif chunk:
+        raise ValueError(f"train.partial_rollouts={chunk} applies to train.mode='async' only")
+    if t.mode != "async" and t.sync_every != 1:
         raise ValueError(f"train.sync_every={t.sync_every} applies to train.mode='async' only; "
                          f"a sync run rolls out with the current parameters every iteration")
     if not n:

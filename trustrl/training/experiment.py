@@ -369,7 +369,7 @@ def build(cfg, workdir: str, mesh=None, sampler_mesh=None) -> Run:
         train_step=train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh),
         frozen=frozen, base_id=base_id, reward=reward, reference=reference,
         sampler_mesh=sampler_mesh, rollout_sampler=None if sampler_mesh is None else
-        samplers(cfg, tokenizer, roll_cfg, sampler_mesh)[0])
+        split_sampler(cfg, tokenizer, roll_cfg, sampler_mesh))
 
 
 def reward_scorer(cfg, mesh):
@@ -523,6 +523,17 @@ def samplers(cfg, tokenizer, roll_cfg, mesh) -> tuple[Sampler, Sampler]:
     return tuple(Sampler(policy.decode_model(roll_cfg),
                          _sampler_cfg(cfg, tokenizer, greedy=g, record_routes=moe, dial=not g),
                          batch_sharding=batch_sharding) for g in (False, True))
+
+
+def split_sampler(cfg, tokenizer, roll_cfg, sampler_mesh):
+    """A split layout's rollout sampler on the sampler mesh; decoding in segments that may
+    change weights (trustrl.rollout.partial) with train.partial_rollouts > 0 in async mode."""
+    sampler = samplers(cfg, tokenizer, roll_cfg, sampler_mesh)[0]
+    chunk = int(cfg.train.get("partial_rollouts", 0))
+    if chunk and cfg.train.mode == "async":
+        from trustrl.rollout.partial import PartialSampler
+        return PartialSampler(sampler, chunk)
+    return sampler
 
 
 def score_program(cfg, model_cfg, mesh):
