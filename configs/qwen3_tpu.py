@@ -15,6 +15,10 @@ docs/pod_memory.md (benchmarks/pod_memory.py). Launch on every worker:
 
     bash launch/tpu_pod.sh NAME ZONE configs/qwen3_tpu.py gs://BUCKET/runs/qwen3_8b_dppo
 
+`configs/qwen3_tpu.py:async`: the same run with train.mode="async" on a split layout of the
+same 32 chips (16 sample, 16 train; docs/async_rl.md has its aot_check table and the predicted
+speed-up).
+
 Before launching: put the HF checkpoint (config.json + safetensors) and the DAPO parquet on
 every worker's local disk (or a mounted bucket) and set model.hf_dir / task.manual_dir.
 """
@@ -24,7 +28,8 @@ from configs import default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    if arg not in (None, "", "async"):
+        raise ValueError(f"unknown variant {arg!r}; valid: '' (sync), 'async'")
     c = default.get_config("default")
     c.mesh = dict(data=1, fsdp=8, tensor=4)
     c.model.hf_dir = "/mnt/models/Qwen3-8B-Base"
@@ -56,4 +61,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.k = 32  # avg@32 / pass@32
     c.checkpoint.every = 10
     c.checkpoint.max_to_keep = 3
+    if arg == "async":  # half the slice samples while the other half trains (issue 33)
+        # 2 chips of each of the 8 hosts: 4 sampler replicas of 4 tensor-parallel chips
+        c.sampler_mesh = dict(devices=16.0, data=4, fsdp=1, tensor=4)
+        c.mesh = dict(data=1, fsdp=4, tensor=4)  # the trainer, on the other 16 chips
+        c.train.mode = "async"
+        c.train.max_staleness = 1
+        c.train.partial_rollouts = 2048
+        c.rollout.max_rows = 256  # the sync layout's KV cache per chip on half the chips
+        c.train.microbatches = 128  # 2 rows per chip per micro-batch, as on 32 chips
     return c

@@ -369,3 +369,30 @@ def test_reward_phase_and_its_params_held_through_the_run():
     assert "beside the largest policy phase (train: " in table and "of 1: fits" in table
     assert aot_check.report(list(rows.values()), 1e-6)[1].startswith(
         "aot_check: reward, train do(es) not fit")
+
+
+@pytest.mark.skipif(not (HAS_LIBTPU or LIBTPU_PATH), reason="libtpu is not installed (`make "
+                    "test` installs it into .venv/libtpu and sets TRUSTRL_LIBTPU_PATH)")
+def test_tpu_topology_compiles_an_async_split_layout(subprocess_env):
+    """train.mode=async on v5p 2x2x2: 2 chips of each of the 2 hosts sample (data 4), the other
+    4 train (tensor 4); each side's programs compile with splash on its own chips and fit. The
+    sampler holds the next rollout parameters (a sync arriving) and no train state; the
+    trainer holds no KV cache."""
+    env = _tpu_env(subprocess_env)
+    done = _run(["--config=configs/default.py:tiny", "--topology=v5p:2x2x2",
+                 "--config.mesh.data=1", "--config.sampler_mesh.devices=4",
+                 "--config.train.mode=async", "--config.rollout.max_rows=4"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sampler: 4 chips, mesh {'data': -1, 'fsdp': 1, 'tensor': 1}" in done.stdout
+    assert "trainer: 4 chips, mesh {'data': 1, 'fsdp': 1, 'tensor': 4}" in done.stdout
+    assert "attention 'auto' -> 'splash' on tpu" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("sampler:", "trainer:"))
+            and " | " in line]
+    assert [r.split()[0] for r in rows] == ["sampler:rollout", "trainer:init", "trainer:score",
+                                            "trainer:train", "trainer:eval", "trainer:eval_k"]
+    assert all(" yes " in line for line in rows), rows
+    held = [line for line in done.stdout.splitlines() if line.strip().startswith("held during")]
+    sampler_held = [h for h in held if "sampler:rollout" in h]
+    assert sampler_held and "next rollout params" in sampler_held[0]
+    assert "train state" not in sampler_held[0]
+    assert not any("KV cache" in h for h in held if "trainer:" in h)

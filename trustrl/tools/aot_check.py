@@ -62,6 +62,8 @@ else the preset hf_dir's last component names (.../Skywork-Reward-Llama-3.1-8B);
 memory then follows XLA:CPU's layouts, not a TPU's). TPU topologies need the libtpu that
 matches the pinned jax: ``pip install "libtpu==0.0.42.*"`` for jax 0.10.2 (jax[tpu]).
 Any config field can be overridden as in trustrl.main (``--config.train.microbatches=32``).
+A split layout (sampler_mesh.devices > 0, e.g. train.mode="async") compiles each side on its
+own chips (trustrl.tools.aot_async): rows "sampler:rollout" and "trainer:PHASE".
 """
 from __future__ import annotations
 
@@ -285,7 +287,8 @@ def per_chip_gib(tree) -> float:
 
 
 def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=print,
-          obs_len: int = OBS_LEN, reward_config: dict | None = None) -> list:
+          obs_len: int = OBS_LEN, reward_config: dict | None = None,
+          side: str | None = None) -> list:
     """Compiles the phases for cfg.mesh over ``devices``; returns one row dict per phase (per
     program of an environment run's multi-turn phases), each with the program's memory and
     ``held``: what the run keeps alive on the chip during it ({name: GiB per chip}, from the
@@ -293,7 +296,10 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     environment run's observation chunk (module docstring). ``reward_config``: the reward
     model's HF config (``reward_hf_config``), None without one; with it the "reward" phase
     is compiled and its params are held in every other phase (the row of the reward phase
-    carries them as ``reward_model_params``)."""
+    carries them as ``reward_model_params``). ``side``: one side of a split layout
+    (trustrl.tools.aot_async): "sampler" (only the rollout; it holds the rollout params and,
+    while a sync arrives, the next version's, not the train state) or "trainer" (everything
+    else; the sampler's KV cache is not on its chips)."""
     import dataclasses
 
     import jax
@@ -392,12 +398,13 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
 
     # what the run keeps on the chip between its programs (trustrl.training.loop._loop)
     rollout_cache = sampler.abstract_cache(slots, width)
-    held_state = {"train state": per_chip_gib(state)}
+    held_state = {} if side == "sampler" else {"train state": per_chip_gib(state)}
     held_frozen = {} if frozen is None else {"frozen base": per_chip_gib(frozen)}
     held_state.update(held_frozen)  # (the base stays on the chips for the whole run)
     # (the multi-turn sampler keeps no cache between its calls)
     held_cache = ({"rollout sampler's KV cache": per_chip_gib(rollout_cache)}
-                  if cfg.rollout.get("keep_kv_cache", False) and multi is None else {})
+                  if cfg.rollout.get("keep_kv_cache", False) and multi is None
+                  and side != "trainer" else {})
     held_roll = {"rollout params": per_chip_gib(roll_params)}
     prompts = {k: jax.ShapeDtypeStruct(shape, jnp.int32,
                                        sharding=sharding.batch_sharding(mesh, len(shape)))
@@ -472,7 +479,8 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
             record_multi("rollout", multi[0], rows)
         elif "rollout" in phases:
             what, lowered, _ = sampler.lower(roll_params, rows, width)
-            record("rollout", what, lambda: lowered, held_state)
+            record("rollout", what, lambda: lowered, held_state if side != "sampler" else {
+                "next rollout params (a weight sync arriving)": per_chip_gib(roll_params)})
         if rm is not None:  # after the rollout: the policy's state, rollout params and record
             record("reward", f"{rm['rows']} x {rm['width']} tokens per call, {rm['calls']} "
                    f"call(s) ({rm['dtype']})",
@@ -569,10 +577,16 @@ def main(argv):
     assumed = []
     log = lambda line: (print(line, flush=True), assumed.append(line.strip()[len("assumed: "):])
                         if line.strip().startswith("assumed: ") else None)
+    kw = dict(hf_config=hf_config, prompt_len=_PROMPT_LEN.value, obs_len=_OBS_LEN.value,
+              reward_config=reward_config)
     try:
-        rows = check(cfg, devices, hf_config=hf_config, prompt_len=_PROMPT_LEN.value,
-                     obs_len=_OBS_LEN.value, phases=_PHASES.value, log=log,
-                     reward_config=reward_config)
+        from trustrl.training import async_rollouts
+        if async_rollouts.split(cfg):  # a split layout: each side on its chips (aot_async)
+            from trustrl.tools import aot_async
+            rows = aot_async.split_check(cfg, devices, check=check, log=log,
+                                         phases=_PHASES.value, **kw)
+        else:
+            rows = check(cfg, devices, phases=_PHASES.value, log=log, **kw)
     except ValueError as e:
         _fail(str(e))
     table, verdict = report(rows, hbm)
