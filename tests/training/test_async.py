@@ -58,14 +58,20 @@ def test_stale_rollouts_record_the_mu_of_their_version(tmp_path, monkeypatch):
     versions. Every recorded mu equals the log-probs that the parameters of the rollout's
     version give the sampled tokens (recomputed by the trainer's score program), and not
     those of the newest parameters."""
-    taken = []
-    take = async_rollouts.RolloutProducer.take
+    taken, published = [], {}
+    take, publish = async_rollouts.RolloutProducer.take, async_rollouts.RolloutProducer.publish
+
+    def recording_publish(self, version, state):
+        out = publish(self, version, state)
+        published[version] = self._trainer_params[version]
+        return out
 
     def recording_take(self, it):
         item, params, metrics = take(self, it)
-        taken.append((item, params, self.run, self._trainer_params.get(max(self._trainer_params))))
+        taken.append((item, published[item.version], self.run, published[max(published)]))
         return item, params, metrics
 
+    monkeypatch.setattr(async_rollouts.RolloutProducer, "publish", recording_publish)
     monkeypatch.setattr(async_rollouts.RolloutProducer, "take", recording_take)
     _, rows = _run(tmp_path, "stale", **{"train.mode": "async", "train.max_staleness": 2,
                                          "train.iterations": 4, "train.emulate_train_s": 1.0})
@@ -358,3 +364,23 @@ def test_bad_partial_rollout_configs_name_the_field(overrides, needle):
     with pytest.raises(ValueError) as e:
         cv.validate(_tiny(**{**base, **overrides}))
     assert needle in str(e.value), str(e.value)
+
+
+def test_full_vocabulary_methods_train_on_the_rollouts_own_parameters(tmp_path, monkeypatch):
+    """dppo_full_tv recomputes mu from the rollout's parameters: with stale rollouts the train
+    step gets those of the rollout's version (kept per version on the trainer), not the
+    newest; other methods keep only the newest copy."""
+    seen = []
+    take = async_rollouts.RolloutProducer.take
+
+    def recording_take(self, it):
+        item, params, metrics = take(self, it)
+        seen.append((item.version, params is self._trainer_params[item.version],
+                     len(self._trainer_params)))
+        return item, params, metrics
+
+    monkeypatch.setattr(async_rollouts.RolloutProducer, "take", recording_take)
+    _run(tmp_path, "full", **{"train.mode": "async", "train.max_staleness": 1,
+                              "train.iterations": 4, "train.emulate_train_s": 0.5,
+                              "loss.method": "dppo_full_tv"})
+    assert all(same for _, same, _ in seen) and max(n for *_, n in seen) >= 2, seen

@@ -50,6 +50,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from trustrl.core import losses
 from trustrl.infra import sharding
 from trustrl.rollout.partial import Versioned
 from trustrl.rollout.weight_sync import WeightSync
@@ -148,6 +149,9 @@ class RolloutProducer:
         self.sync_every = int(cfg.train.sync_every) if self.asynchronous else 1
         self.emulate_s = float(cfg.train.get("emulate_sample_s", 0.0))
         self.partial = int(cfg.train.get("partial_rollouts", 0)) > 0 and self.asynchronous
+        # the train step reads a rollout's own parameters only for the full-vocabulary
+        # divergences (mu recomputed from them); otherwise the trainer keeps just the newest
+        self.keep_versions = losses.method_spec(cfg.loss.method).divergence == "full"
         self.weight_sync = WeightSync(run.sampler_mesh)
         # the key chain runs on the sampler mesh (threefry: the same bits on any device)
         self._key = jax.random.wrap_key_data(jax.device_put(
@@ -174,6 +178,8 @@ class RolloutProducer:
         on_sampler, metrics = self.weight_sync(params)
         with self._cond:
             self._params = (version, on_sampler)
+            if not self.keep_versions:
+                self._trainer_params.clear()
             self._trainer_params[version] = params
             self._cond.notify_all()
         if self.asynchronous and self._thread is None:
@@ -183,8 +189,10 @@ class RolloutProducer:
         return metrics
 
     def take(self, it: int):
-        """(Item of iteration it, the rollout parameters of its version on the trainer mesh,
-        metrics). Blocks in async mode until the producer has it; raises its error."""
+        """(Item of iteration it, the rollout parameters on the trainer mesh for the train step:
+        those of its version for the full-vocabulary divergences, else the newest, which the
+        step does not read; metrics). Blocks in async mode until the producer has it; raises
+        the producer's error."""
         t0 = time.perf_counter()
         if not self.asynchronous:
             self._produce(it)
@@ -196,9 +204,12 @@ class RolloutProducer:
                                    f"{self._error[0]}: {self._error[1]!r}") from self._error[1]
             item = self._items.pop(it)
             queued = len(self._items)
-            params = self._trainer_params[item.version]
-            for v in [v for v in self._trainer_params if v < item.version]:
-                del self._trainer_params[v]  # later rollouts never use older versions
+            if self.keep_versions:
+                params = self._trainer_params[item.version]
+                for v in [v for v in self._trainer_params if v < item.version]:
+                    del self._trainer_params[v]  # later rollouts never use older versions
+            else:  # (unused by the train step: see keep_versions)
+                params = self._trainer_params[max(self._trainer_params)]
             self._cond.notify_all()
         lag = it - item.version
         self.counts[lag] += 1
