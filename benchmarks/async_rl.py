@@ -20,6 +20,11 @@ advantages), train B = time/score_s + time/update_s (the weight sync included, a
 The goal: async within 1.15x of max(sample, train) + sync, and the model within 15% of both
 measurements.
 
+``--pod`` prints the same model on a pod slice (``pod_table``): with the train phase and
+the rollout's full-occupancy part scaling with their chips, a split can only beat the sync
+run on the same chips through the decode tail (rows still decoding while most slots idle),
+which does not shrink with chips; the table spans the rollout / train ratio and the tail.
+
 Measured 2026-12-07 on this repository's CPU VM (2 cores, jax 0.10.2; one study run beside it
 at nice 19), `python benchmarks/async_rl.py`: see docs/async_rl.md (the table this prints).
 """
@@ -80,11 +85,44 @@ def predict(p: dict) -> tuple[float, float]:
     return p["A"] + p["B"], max(p["S"], p["A"] - p["S"] + p["B"])
 
 
+def pod_iteration(rollout: float, train: float, tail: float, f: float, sync: float = 0.0):
+    """Async iteration time on a slice split f (sampler) / 1 - f (trainer), from the sync
+    run's phase times on the whole slice: the train phase and the rollout's full-occupancy
+    part scale with their chips (train / (1 - f), rollout (1 - tail) / f), the decode tail (the
+    fraction ``tail`` of the rollout's wall time in which its slots are not all busy: the last
+    long rows) does not shrink with chips and stays rollout x tail."""
+    return max(rollout * ((1 - tail) / f + tail), train / (1 - f) + sync)
+
+
+def pod_table(sync_s: float = 2.0, iteration_s: float = 1000.0):
+    """Predicted async speed-ups on a pod slice (docs/async_rl.md): sync iteration
+    rollout + train = ``iteration_s`` at rollout / train ratios r and decode tails, with the
+    best sampler share f (in steps of 1/32 of the slice, as whole chips of v5p-64) and with
+    the even split of configs/qwen3_tpu.py:async; the weight sync ``sync_s`` (16.4 GB of bf16
+    Qwen3-8B at the published 0.09-0.42 s per 1.5 GB: 1-4.6 s)."""
+    rows = []
+    print("| rollout / train (sync) | decode tail | speed-up, f = 1/2 | best f | speed-up, best f |")
+    print("|---|---|---|---|---|")
+    for r in (0.5, 1.0, 2.0):
+        rollout, train = iteration_s * r / (1 + r), iteration_s / (1 + r)
+        for tail in (0.0, 0.25, 0.5):
+            half = iteration_s / pod_iteration(rollout, train, tail, 0.5, sync_s)
+            f = min((k / 32 for k in range(1, 32)),
+                    key=lambda f: pod_iteration(rollout, train, tail, f, sync_s))
+            best = iteration_s / pod_iteration(rollout, train, tail, f, sync_s)
+            rows.append(dict(r=r, tail=tail, half=half, f=f, best=best))
+            print(f"| {r:g} | {tail:g} | {half:.2f}x | {f * 32:.0f}/32 | {best:.2f}x |")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--iterations", type=int, default=8)
+    ap.add_argument("--pod", action="store_true", help="only the pod model's table")
     a = ap.parse_args(argv)
+    if a.pod:
+        return pod_table()
     scale, iterations = (0.3, 4) if a.quick else (1.0, a.iterations)
     balances = {"balanced": BALANCES["balanced"]} if a.quick else BALANCES
     out = {}

@@ -306,3 +306,7 @@ def test_async_rl_quick(capsys):
     # (1.0) is the bottleneck, not the trainer's 0.2 + 0.5
     assert bench.predict({"A": 1.2, "S": 1.0, "B": 0.5}) == (1.7, 1.0)
     assert bench.predict({"A": 1.2, "S": 1.0, "B": 0.9}) == (2.1, pytest.approx(1.1))
+    # the pod model: rollout 600 s (half of it tail) + train 400 s on the slice; split in half:
+    # the sampler 600 x (0.5 / 0.5 + 0.5) = 900, the trainer 400 / 0.5 + 2 (sync) = 802
+    assert bench.pod_iteration(600.0, 400.0, 0.5, 0.5, 2.0) == 900.0
+    assert bench.pod_iteration(600.0, 400.0, 0.0, 0.5, 2.0) == 1200.0  # no tail: no gain
