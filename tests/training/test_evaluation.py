@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from trustrl.training import evaluation, loop as train
+from trustrl.training import evaluation, loop as train, rewarding
 from trustrl.rollout.record import FINISH_EOS, FINISH_LENGTH
 
 
@@ -41,6 +41,6 @@ def test_overlong_penalty(mode, want):
     cfg.rollout.overlong = mode
     cfg.rollout.overlong_penalty = -1.0
     r = types.SimpleNamespace(finish_reason=np.array([FINISH_EOS, FINISH_EOS, FINISH_LENGTH]))
-    got, metrics = train._rewards(_Env(), r, [{"answer": "x"}] * 3, 1, cfg)
+    got, metrics = rewarding.rollout_rewards(_Env(), r, [{"answer": "x"}] * 3, 1, cfg)
     np.testing.assert_array_equal(got, want)
     assert metrics == {}  # a verifier's reward: no reward-model diagnostics

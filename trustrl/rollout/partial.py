@@ -1,13 +1,13 @@
 """Partial rollouts: a row interrupted by a weight update continues with the new weights.
 
     sampler = PartialSampler(base_sampler, chunk=16)
-    rollout = sampler.generate(Versioned(latest), prompts, group_size, key)
+    rollout = sampler.generate(params, prompts, group_size, key)   # params.current()
     sampler.last_versions       # [B, N] int32: the parameter version that sampled each token
     sampler.first_version       # the version of the first segment (the oldest)
 
 The response is decoded in segments of ``chunk`` tokens. Before each segment the sampler asks
-``params.current()`` for the newest parameters it may use (trustrl.training.async_rollouts
-publishes them); the rows still generating continue from their prompt plus the tokens sampled so
+``params.current()`` for the newest (version, parameters) it may use
+(trustrl.training.async_rollouts.Versioned: what the trainer published last); the rows still generating continue from their prompt plus the tokens sampled so
 far, re-prefilled under the segment's parameters (the KV cache of older weights is not reused,
 as in AReaL's interruptible generation), so every token's recorded mu is exactly
 pi_version(token | its whole prefix) of the version that sampled it, the anchor DPPO's mask
@@ -24,8 +24,6 @@ R3), and the full-vocabulary divergences, which recompute mu from one version's 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
 import jax
 import numpy as np
 
@@ -35,12 +33,6 @@ from trustrl.rollout.sampler import Sampler
 
 RESPONSE_FIELDS = ("response_tokens", "response_mask", "rollout_logp", "rollout_topk_ids",
                    "rollout_topk_logp")
-
-
-@dataclasses.dataclass
-class Versioned:
-    """The parameters a segment may use: ``current() -> (version, params)``."""
-    current: Callable
 
 
 class PartialSampler:
@@ -75,7 +67,7 @@ class PartialSampler:
         axes = sh.spec[0] if isinstance(sh.spec[0], tuple) else (sh.spec[0],)
         return int(np.prod([sh.mesh.shape[a] for a in axes if a is not None]))
 
-    def generate(self, params: Versioned, prompts, group_size: int, key) -> Rollout:
+    def generate(self, params, prompts, group_size: int, key) -> Rollout:
         """A host (numpy) Rollout of max_new_tokens columns; ``last_versions`` its tokens'
         versions (-1 outside the response)."""
         n_total = self.cfg.max_new_tokens

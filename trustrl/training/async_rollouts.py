@@ -52,7 +52,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.core import losses
 from trustrl.infra import sharding
-from trustrl.rollout.partial import Versioned
 from trustrl.rollout.weight_sync import WeightSync
 
 MODES = ("sync", "async")
@@ -131,6 +130,13 @@ class Item:
     # partial rollouts (train.partial_rollouts): the version of every response token [B, N]
     # (-1 outside the response); ``version`` is then the oldest, the one the bound applies to
     token_versions: Any = None
+
+
+@dataclasses.dataclass
+class Versioned:
+    """What a partial rollout's segments ask for the newest weights (trustrl.rollout.partial):
+    ``current() -> (version, parameters on the sampler mesh)``."""
+    current: Callable
 
 
 class _Stopped(Exception):

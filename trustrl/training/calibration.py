@@ -20,16 +20,8 @@ from trustrl.infra import multihost, sharding
 from trustrl.rollout import mismatch
 from trustrl.rollout.record import mismatch_by_mu, mismatch_stats
 from trustrl.training import experiment, step as ts
+from trustrl.training.rewarding import rollout_rewards
 from trustrl.training.rollout_source import RolloutSource
-
-
-def _rewards(run, host, examples, g):
-    texts = run.env.decode_responses(host)
-    if run.reward is None:
-        return np.asarray(run.env.score(texts, [ex["answer"] for ex in examples
-                                                for _ in range(g)]), np.float32)
-    prompts = [run.env.prompt_messages(ex) for ex in examples for _ in range(g)]
-    return np.asarray(run.reward(prompts, texts, host.response_mask.sum(1))[0], np.float32)
 
 
 def calibrate(cfg, workdir: str, *, batches: int = 2, seed: int = 0) -> dict:
@@ -57,8 +49,9 @@ def calibrate(cfg, workdir: str, *, batches: int = 2, seed: int = 0) -> dict:
         if k:  # k optimizer steps on the first rollout's minibatches (params_roll stays mu)
             r, examples = rolls[0]
             host = multihost.to_host(r)
-            adv = np.asarray(adv_lib.compute_advantages(_rewards(run, host, examples, g), g,
-                                                        cfg.loss.advantage), np.float32)
+            rewards = rollout_rewards(run.env, host, examples, g, cfg, run.reward)[0]
+            adv = np.asarray(adv_lib.compute_advantages(rewards, g, cfg.loss.advantage),
+                             np.float32)
             batch = ts.rollout_batch(r, multihost.to_global(
                 adv, sharding.batch_sharding(run.mesh, adv.ndim)))
             batch, _ = source.rescore(batch, host)

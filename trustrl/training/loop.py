@@ -19,27 +19,11 @@ from trustrl.training import resume
 from trustrl.infra import multihost, preemption, sharding, storage, workdir_lock
 from trustrl.training import config_validation as cv
 from trustrl.training import async_rollouts, evaluation, experiment, rlhf, step as ts
+from trustrl.training.rewarding import rollout_rewards
 from trustrl.training.rollout_source import RolloutSource
 from trustrl.core import losses
 from trustrl.infra.metrics import MetricWriter
 from trustrl.rollout.record import FINISH_LENGTH, mismatch_stats, validate
-
-
-def _rewards(env, host_rollout, examples, group_size, cfg, reward=None):
-    """(rewards [B] float32, metrics): the task's verifier, or with ``reward`` (RLHF) the
-    reward model's shaped score of the decoded responses (trustrl.training.rlhf)."""
-    texts = env.decode_responses(host_rollout)
-    metrics = {}
-    if reward is None:
-        answers = [ex["answer"] for ex in examples for _ in range(group_size)]
-        rewards = env.score(texts, answers)
-    else:
-        prompts = [env.prompt_messages(ex) for ex in examples for _ in range(group_size)]
-        rewards, metrics = reward(prompts, texts, host_rollout.response_mask.sum(1))
-    if cfg.rollout.overlong == "penalty":
-        rewards = np.where(host_rollout.finish_reason == FINISH_LENGTH,
-                           cfg.rollout.overlong_penalty, rewards)
-    return rewards.astype(np.float32), metrics
 
 
 def _mean_metrics(rounds: list[dict]) -> dict:
@@ -60,7 +44,7 @@ def _collect(env, sampler, params_roll, prompt_iter, key, cfg, mesh, reward=None
         key, sub = jax.random.split(key)
         r = sampler.generate(params_roll, env.encode_prompts(examples), g, sub)
         host = multihost.to_host(r)
-        rew, rew_metrics = _rewards(env, host, examples, g, cfg, reward)
+        rew, rew_metrics = rollout_rewards(env, host, examples, g, cfg, reward)
         rounds.append(rew_metrics)
         if not cfg.rollout.dynamic_sampling:
             return r, host, examples, rew, rew_metrics
