@@ -297,11 +297,16 @@ def test_mismatch_dial_quick(capsys):
 
 def test_async_rl_quick(capsys):
     """benchmarks/async_rl.py --quick runs both modes and prints its table (the speed-up is the
-    benchmark's number, not asserted); its iteration-time model on hand-computed phases."""
+    benchmark's number, not asserted)."""
     bench = _load_bench("async_rl")
     row = bench.main(["--quick"])["balanced"]
     assert all(math.isfinite(v) and v > 0 for k, v in row.items() if not k.startswith("err")), row
     assert "| balanced (0.30 / 0.30) |" in capsys.readouterr().out
+
+
+def test_async_rl_model_by_hand(capsys):
+    """The iteration-time models of benchmarks/async_rl.py on hand-computed phases."""
+    bench = _load_bench("async_rl")
     # rollout 1.2 s of which sampling 1.0, train 0.5: sequential 1.7; overlapped: the sampler
     # (1.0) is the bottleneck, not the trainer's 0.2 + 0.5
     assert bench.predict({"A": 1.2, "S": 1.0, "B": 0.5}) == (1.7, 1.0)
@@ -310,3 +315,6 @@ def test_async_rl_quick(capsys):
     # the sampler 600 x (0.5 / 0.5 + 0.5) = 900, the trainer 400 / 0.5 + 2 (sync) = 802
     assert bench.pod_iteration(600.0, 400.0, 0.5, 0.5, 2.0) == 900.0
     assert bench.pod_iteration(600.0, 400.0, 0.0, 0.5, 2.0) == 1200.0  # no tail: no gain
+    rows = bench.main(["--pod"])
+    assert "| 1 | 0.5 | 1.00x | 13/32 | 1.16x |" in capsys.readouterr().out
+    assert all(r["best"] >= r["half"] for r in rows)
