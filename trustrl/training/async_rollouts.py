@@ -90,12 +90,6 @@ def meshes(cfg, devices=None):
         raise ValueError(f"sampler_mesh.devices={cfg.sampler_mesh.devices} gives the sampler "
                          f"{n} of {len(devices)} devices; it needs at least 1 and must leave "
                          f"the trainer at least 1")
-    if cfg.train.mode == "async" and jax.process_count() > 1:
-        raise ValueError(
-            f"train.mode='async' with {jax.process_count()} processes is not supported yet: the "
-            f"sampler thread's cross-process collectives and the trainer's would need one order "
-            f"on every process (a 2 x 4 run deadlocked); use train.mode='sync' on the same "
-            f"split layout, or one process")
     trainer, sampler = split_devices(n, devices)
     axes = {a: cfg.sampler_mesh[a] for a in sharding.MESH_AXES}
     try:
@@ -114,6 +108,19 @@ def split(cfg) -> bool:
     """Whether cfg splits its devices (sampler_mesh.devices > 0; always for mode="async")."""
     sm = cfg.get("sampler_mesh")
     return sm is not None and bool(sm.get("devices", 0))
+
+
+def use_distributed_barriers():
+    """With several processes the two threads' programs run on disjoint meshes and must never
+    wait for each other: a program over every device would. Orbax's checkpoint barriers are
+    such programs by default (multihost_utils.sync_global_devices, a psum over all devices),
+    which the sampler's programs could interleave with in another order on each process: they
+    are switched to the distributed client's barrier (its key-value service, no device).
+    multihost.to_host gathers on the array's own mesh for the same reason."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # a library caller: Orbax reads the flag's value
+        flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
 
 
 @dataclasses.dataclass
@@ -151,6 +158,8 @@ class RolloutProducer:
         extra metrics)``: one iteration's rollout on the sampler mesh (loop._collect)."""
         self.cfg, self.run, self.collect = cfg, run, collect
         self.asynchronous = cfg.train.mode == "async"
+        if self.asynchronous and jax.process_count() > 1:
+            use_distributed_barriers()
         self.max_staleness = int(cfg.train.max_staleness) if self.asynchronous else 0
         self.sync_every = int(cfg.train.sync_every) if self.asynchronous else 1
         self.emulate_s = float(cfg.train.get("emulate_sample_s", 0.0))
