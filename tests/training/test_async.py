@@ -212,15 +212,12 @@ def test_a_split_that_does_not_fit_the_devices_exits_2(tmp_path, subprocess_env,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_two_processes_on_a_split_layout_equal_one_process(tmp_path, subprocess_env, mode):
-    """2 processes x 4 devices == 1 x 8 on a split layout: the sampler takes 2 devices of each
-    process (data 4), the trainer the other 2 of each (fsdp 2 across the processes x tensor 2),
-    so the weight sync goes through the hosts. Async: max_staleness 1, a slow sampler
-    (emulated 1 s; the lag is then 0, 1, 1, ...: the sampler starts each rollout as soon as
-    the previous is done, before the trainer has trained on it) and a checkpoint every
-    iteration while the sampler samples (the barriers that deadlocked with a psum over all
-    devices). Metrics to rtol = atol = 1e-5 as in tests/infra/test_multiprocess.py."""
+def test_two_processes_on_a_split_layout_equal_one_process(tmp_path, subprocess_env):
+    """2 processes x 4 devices == 1 x 8 on a split layout (train.mode sync): the sampler takes
+    2 devices of each process (data 4), the trainer the other 2 of each (fsdp 2 across the
+    processes x tensor 2), so the weight sync goes through the hosts. Metrics to rtol = atol =
+    1e-5 as in tests/infra/test_multiprocess.py. Async with several processes exits 2 (its
+    threads' cross-process collectives deadlocked on CPU: docs/async_rl.md)."""
     import io
     import subprocess
     import sys
@@ -229,11 +226,7 @@ def test_two_processes_on_a_split_layout_equal_one_process(tmp_path, subprocess_
     from test_multihost import REPO
     flags = ["--config=configs/default.py:tiny", "--config.mesh.data=1", "--config.mesh.fsdp=2",
              "--config.mesh.tensor=2", "--config.sampler_mesh.devices=4",
-             "--config.eval.every=0", "--config.warmstart.steps=0", "--config.train.iterations=3",
-             f"--config.train.mode={mode}"]
-    if mode == "async":
-        flags += ["--config.train.max_staleness=1", "--config.train.emulate_sample_s=1.0",
-                  "--config.checkpoint.every=1"]
+             "--config.eval.every=0", "--config.warmstart.steps=0", "--config.train.iterations=2"]
     one = tmp_path / "one"
     done = subprocess.run([sys.executable, "-m", "trustrl.main", f"--workdir={one}", *flags],
                           cwd=REPO, env=subprocess_env, capture_output=True, text=True,
@@ -245,18 +238,22 @@ def test_two_processes_on_a_split_layout_equal_one_process(tmp_path, subprocess_
                              out=out)
     assert code == 0, out.getvalue()[-4000:]
     want, got = (read_jsonl(str(d / "metrics.jsonl")) for d in (one, two))
-    if mode == "async":
-        assert [r["async/version_lag"] for r in got] == [0.0, 1.0, 1.0]
     compared = 0
     for a, b in zip(want, got, strict=True):
         assert set(a) == set(b)
         for k, v in a.items():
             if k.startswith(("time/", "async/sync_s", "async/sampler_idle",
-                             "async/trainer_wait", "async/queued")):  # wall times
+                             "async/trainer_wait")):  # wall times
                 continue
             assert np.isclose(b[k], v, rtol=1e-5, atol=1e-5), (a["step"], k, v, b[k])
             compared += 1
     assert compared > 30 and want[-1]["async/sync_bytes"] > 0
+    out = io.StringIO()
+    code = local_cluster.run([sys.executable, "-m", "trustrl.main", f"--workdir={tmp_path / 'a'}",
+                              "--multihost", *flags, "--config.train.mode=async"], 2, 4,
+                             env=subprocess_env, timeout=300, out=out)
+    assert code == 2 and "train.mode='async' with 2 processes is not supported" in \
+        out.getvalue(), out.getvalue()[-3000:]
 
 
 @pytest.mark.slow

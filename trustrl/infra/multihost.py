@@ -35,7 +35,6 @@ import time
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 PEER_TIMEOUT_S = float(os.environ.get("TRUSTRL_PEER_TIMEOUT_S", "60"))
@@ -254,23 +253,10 @@ def primary_first(name: str):
         yield
 
 
-def _replicate_on(mesh):
-    """A jitted identity replicating its input over ``mesh`` (its own devices only)."""
-    if mesh not in _REPLICATE:
-        _REPLICATE[mesh] = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
-    return _REPLICATE[mesh]
-
-
-_REPLICATE = {}
-
-
 def _leaf_to_host(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         if x.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
-        if isinstance(x.sharding, NamedSharding):  # gathered on its own mesh's devices, so a
-            # program on another (disjoint) mesh may run meanwhile: async_rollouts' two threads
-            return np.asarray(_replicate_on(x.sharding.mesh)(x).addressable_data(0))
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 

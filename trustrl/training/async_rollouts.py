@@ -90,6 +90,12 @@ def meshes(cfg, devices=None):
         raise ValueError(f"sampler_mesh.devices={cfg.sampler_mesh.devices} gives the sampler "
                          f"{n} of {len(devices)} devices; it needs at least 1 and must leave "
                          f"the trainer at least 1")
+    if cfg.train.mode == "async" and jax.process_count() > 1:
+        raise ValueError(
+            f"train.mode='async' with {jax.process_count()} processes is not supported yet: on "
+            f"the CPU backend the two threads' cross-process collectives share the processes' "
+            f"gloo communicator and deadlocked (docs/async_rl.md); untested on TPU. Use "
+            f"train.mode='sync' on the same split layout, or one process")
     trainer, sampler = split_devices(n, devices)
     axes = {a: cfg.sampler_mesh[a] for a in sharding.MESH_AXES}
     try:
@@ -110,17 +116,13 @@ def split(cfg) -> bool:
     return sm is not None and bool(sm.get("devices", 0))
 
 
-def use_distributed_barriers():
-    """With several processes the two threads' programs run on disjoint meshes and must never
-    wait for each other: a program over every device would. Orbax's checkpoint barriers are
-    such programs by default (multihost_utils.sync_global_devices, a psum over all devices),
-    which the sampler's programs could interleave with in another order on each process: they
-    are switched to the distributed client's barrier (its key-value service, no device).
-    multihost.to_host gathers on the array's own mesh for the same reason."""
-    from absl import flags
-    if not flags.FLAGS.is_parsed():  # a library caller: Orbax reads the flag's value
-        flags.FLAGS.mark_as_parsed()
-    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+def local_device(mesh):
+    """This process's first device of ``mesh``: a thread's default device, so that the
+    arrays it makes without a sharding (keys, permutations, scalars) and the programs on them
+    stay on its own mesh. On another mesh's device they would queue behind that mesh's
+    programs; with several processes behind a program that waits for this thread's peer, a
+    deadlock (the trainer's keys on a sampler device did)."""
+    return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
 
 
 @dataclasses.dataclass
@@ -158,8 +160,6 @@ class RolloutProducer:
         extra metrics)``: one iteration's rollout on the sampler mesh (loop._collect)."""
         self.cfg, self.run, self.collect = cfg, run, collect
         self.asynchronous = cfg.train.mode == "async"
-        if self.asynchronous and jax.process_count() > 1:
-            use_distributed_barriers()
         self.max_staleness = int(cfg.train.max_staleness) if self.asynchronous else 0
         self.sync_every = int(cfg.train.sync_every) if self.asynchronous else 1
         self.emulate_s = float(cfg.train.get("emulate_sample_s", 0.0))
@@ -260,7 +260,8 @@ class RolloutProducer:
 
     def _produce_all(self):
         try:
-            with jax.set_mesh(self.run.sampler_mesh):
+            with jax.set_mesh(self.run.sampler_mesh), jax.default_device(
+                    local_device(self.run.sampler_mesh)):
                 while self._next < self._end:
                     self._produce(self._next)
         except _Stopped:
@@ -274,7 +275,8 @@ class RolloutProducer:
         if j != self._next:
             raise RuntimeError(f"rollout of iteration {j} requested, the producer is at "
                                f"{self._next}")
-        with jax.set_mesh(self.run.sampler_mesh):  # the thread's context too (async)
+        with jax.set_mesh(self.run.sampler_mesh), jax.default_device(
+                local_device(self.run.sampler_mesh)):  # (the thread's own context in async)
             self._key, k_roll, _, _ = jax.random.split(self._key, 4)  # the loop's key chain
         t0 = time.perf_counter()
         with self._cond:  # back-pressure: an allowed version, then sample with the newest
@@ -285,7 +287,8 @@ class RolloutProducer:
                 raise _Stopped
             version, params = self._params
         t1 = time.perf_counter()
-        with jax.set_mesh(self.run.sampler_mesh):
+        with jax.set_mesh(self.run.sampler_mesh), jax.default_device(
+                local_device(self.run.sampler_mesh)):
             _, host, examples, rewards, extra = self.collect(
                 Versioned(self._newest) if self.partial else params, k_roll)
         if self.emulate_s:

@@ -204,8 +204,14 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
         producer = async_rollouts.RolloutProducer(cfg, run, functools.partial(
             _collect_on_sampler, cfg, run), start, key)
     try:
-        return _iterations(cfg, run, ckpt, writer, bar, watcher, state, key, start, source,
-                           producer, need_old, replay, routing)
+        if producer is None:
+            return _iterations(cfg, run, ckpt, writer, bar, watcher, state, key, start, source,
+                               producer, need_old, replay, routing)
+        # the trainer's own default device; the key made anew there (uncommitted, same bits)
+        with jax.default_device(async_rollouts.local_device(run.mesh)):
+            key = jax.random.wrap_key_data(jnp.asarray(np.asarray(jax.random.key_data(key))))
+            return _iterations(cfg, run, ckpt, writer, bar, watcher, state, key, start, source,
+                               producer, need_old, replay, routing)
     finally:
         if producer is not None:
             producer.close()
