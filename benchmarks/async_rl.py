@@ -25,8 +25,16 @@ the rollout's full-occupancy part scaling with their chips, a split can only bea
 run on the same chips through the decode tail (rows still decoding while most slots idle),
 which does not shrink with chips; the table spans the rollout / train ratio and the tail.
 
-Measured 2026-12-07 on this repository's CPU VM (2 cores, jax 0.10.2; one study run beside it
-at nice 19), `python benchmarks/async_rl.py`: see docs/async_rl.md (the table this prints).
+Measured 2026-12-07 at commit b399a12 on this repository's CPU VM (2 cores, jax 0.10.2; one
+study run beside it at nice 19), `python benchmarks/async_rl.py`:
+
+    | phases (emulated sample / train s) | sync iteration s | async iteration s | speed-up | async / (max(sample, train) + sync) | model sync s (err) | model async s (err) | model speed-up |
+    |---|---|---|---|---|---|---|---|
+    | balanced (1.00 / 1.00) | 2.133 | 1.096 | 1.95x | 1.021 | 2.128 (-0.2%) | 1.065 (-2.8%) | 2.00x |
+    | sample-heavy (1.50 / 0.50) | 2.154 | 1.609 | 1.34x | 1.018 | 2.153 (-0.0%) | 1.572 (-2.3%) | 1.37x |
+    | train-heavy (0.50 / 1.50) | 2.144 | 1.593 | 1.35x | 1.021 | 2.149 (+0.3%) | 1.566 (-1.7%) | 1.37x |
+
+(docs/async_rl.md; `--pod`: the pod model's table there.)
 """
 from __future__ import annotations
 
