@@ -96,8 +96,9 @@ def test_stale_rollouts_record_the_mu_of_their_version(tmp_path, monkeypatch):
 @pytest.mark.parametrize("slow,max_staleness", [("train", 1), ("sample", 2)])
 def test_the_staleness_bound_holds_under_a_slow_phase(tmp_path, slow, max_staleness):
     """A slow trainer lets the sampler run ahead until the bound stops it (lag reaches the
-    bound, never exceeds it, at most bound + 1 rollouts queued); a slow sampler makes the
-    trainer wait for fresh rollouts (lag stays below the bound)."""
+    bound, never exceeds it, at most bound rollouts queued behind the one taken); under a slow
+    sampler the bound holds too, and the delay is inside the sample phase. (How long the
+    trainer waits is a wall time, not asserted.)"""
     _, rows = _run(tmp_path, slow, **{"train.mode": "async", "train.max_staleness": max_staleness,
                                       "train.iterations": 5, f"train.emulate_{slow}_s": 1.0})
     lags = [r["async/version_lag"] for r in rows]
@@ -107,8 +108,8 @@ def test_the_staleness_bound_holds_under_a_slow_phase(tmp_path, slow, max_stalen
         rows[-1].get(f"async/lag_count/{k}", 0) for k in range(1, max_staleness + 1)) == 5
     if slow == "train":
         assert max_staleness in lags, lags
-    else:  # the trainer waits for the sampler's sleep
-        assert sum(r["async/trainer_wait_s"] for r in rows[1:]) > 2.0
+    else:
+        assert all(r["time/sample_s"] >= 1.0 for r in rows), rows
 
 
 def test_resume_regenerates_in_flight_rollouts_deterministically(tmp_path):
