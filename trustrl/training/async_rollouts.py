@@ -260,10 +260,8 @@ class RolloutProducer:
 
     def _produce_all(self):
         try:
-            with jax.set_mesh(self.run.sampler_mesh), jax.default_device(
-                    local_device(self.run.sampler_mesh)):
-                while self._next < self._end:
-                    self._produce(self._next)
+            while self._next < self._end:
+                self._produce(self._next)
         except _Stopped:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the trainer, which raises it
@@ -272,12 +270,17 @@ class RolloutProducer:
                 self._cond.notify_all()
 
     def _produce(self, j: int):
+        """Samples iteration j under the sampler mesh's context and default device: in the
+        producer thread (async), or inline in the trainer's (sync)."""
         if j != self._next:
             raise RuntimeError(f"rollout of iteration {j} requested, the producer is at "
                                f"{self._next}")
         with jax.set_mesh(self.run.sampler_mesh), jax.default_device(
-                local_device(self.run.sampler_mesh)):  # (the thread's own context in async)
-            self._key, k_roll, _, _ = jax.random.split(self._key, 4)  # the loop's key chain
+                local_device(self.run.sampler_mesh)):
+            self._sample(j)
+
+    def _sample(self, j: int):
+        self._key, k_roll, _, _ = jax.random.split(self._key, 4)  # the loop's key chain
         t0 = time.perf_counter()
         with self._cond:  # back-pressure: an allowed version, then sample with the newest
             while not self._stop and (self._params is None
@@ -287,10 +290,8 @@ class RolloutProducer:
                 raise _Stopped
             version, params = self._params
         t1 = time.perf_counter()
-        with jax.set_mesh(self.run.sampler_mesh), jax.default_device(
-                local_device(self.run.sampler_mesh)):
-            _, host, examples, rewards, extra = self.collect(
-                Versioned(self._newest) if self.partial else params, k_roll)
+        _, host, examples, rewards, extra = self.collect(
+            Versioned(self._newest) if self.partial else params, k_roll)
         if self.emulate_s:
             time.sleep(self.emulate_s)
         token_versions = None
