@@ -18,20 +18,10 @@ def split_check(cfg, devices, *, check, log=print, phases, **kw) -> list:
     """Rows of ``check`` (aot_check.check) for both sides of cfg's split layout."""
     from trustrl.infra import sharding
     from trustrl.training import async_rollouts
-    n = async_rollouts.sampler_device_count(cfg.sampler_mesh.devices, len(devices))
-    if not 0 < n < len(devices):
-        raise ValueError(f"sampler_mesh.devices={cfg.sampler_mesh.devices} gives the sampler {n} "
-                         f"of {len(devices)} chips; it needs at least 1 and must leave the "
-                         f"trainer at least 1")
-    trainer, sampler = async_rollouts.split_devices(n, devices)
+    t_mesh, s_mesh = async_rollouts.meshes(cfg, devices)  # the run's split, its errors
+    trainer, sampler = list(t_mesh.devices.flat), list(s_mesh.devices.flat)
     s_cfg = cfg.copy_and_resolve_references()
     s_cfg.mesh = {a: cfg.sampler_mesh[a] for a in sharding.MESH_AXES}
-    for name, c, devs in (("sampler", s_cfg, sampler), ("trainer", cfg, trainer)):
-        try:
-            sharding.make_mesh(c.mesh, devs)
-        except ValueError as e:
-            raise ValueError(f"{'sampler_mesh' if name == 'sampler' else 'mesh'} does not fit "
-                             f"the {name}'s {len(devs)} chips: {e}") from None
     rows = []
     log(f"sampler: {len(sampler)} chips, mesh {dict(s_cfg.mesh)}")
     if "rollout" in phases:
