@@ -245,6 +245,15 @@ def _float(cfg, name, low=None, high=None, *, open_low=False, open_high=False, i
     return v
 
 
+def _check_mesh_sizes(cfg, group: str, what: str):
+    """cfg.<group>'s data / fsdp / tensor: positive ints, at most one -1 (filled in later)."""
+    sizes = [_get(cfg, f"{group}.{a}") for a in ("data", "fsdp", "tensor")]
+    if (any(isinstance(v, bool) or not isinstance(v, int) for v in sizes)
+            or sum(v == -1 for v in sizes) > 1 or any(v == 0 or v < -1 for v in sizes)):
+        raise ValueError(f"{what} must be positive ints with at most one -1, got "
+                         f"{dict(cfg[group])}")
+
+
 def _typed(cfg, names, kind):
     for name in names:
         v = _get(cfg, name)
@@ -421,11 +430,7 @@ def validate(cfg):
     # 0 would keep no checkpoint: a rerun would silently start over and append to metrics.jsonl
     _int(cfg, "checkpoint.max_to_keep", 1)
 
-    sizes = [_get(cfg, f"mesh.{a}") for a in ("data", "fsdp", "tensor")]
-    if (any(isinstance(s, bool) or not isinstance(s, int) for s in sizes)
-            or sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes)):
-        raise ValueError(f"mesh sizes must be positive ints with at most one -1, got "
-                         f"{dict(cfg.mesh)}")
+    _check_mesh_sizes(cfg, "mesh", "mesh sizes")
     shards = _batch_shards(cfg)
     if cfg.rollout.max_rows and shards and cfg.rollout.max_rows % shards:
         raise ValueError(f"rollout.max_rows={cfg.rollout.max_rows} is not divisible by the "
@@ -493,11 +498,7 @@ def _check_async(cfg):
     if n >= 1 and n != int(n):
         raise ValueError(f"sampler_mesh.devices={n} must be a device count (a whole number) "
                          f"or a fraction of the devices in (0, 1)")
-    sizes = [_get(cfg, f"sampler_mesh.{a}") for a in ("data", "fsdp", "tensor")]
-    if (any(isinstance(v, bool) or not isinstance(v, int) for v in sizes)
-            or sum(v == -1 for v in sizes) > 1 or any(v == 0 or v < -1 for v in sizes)):
-        raise ValueError(f"sampler_mesh sizes (data, fsdp, tensor) must be positive ints with at "
-                         f"most one -1, got {dict(cfg.sampler_mesh)}")
+    _check_mesh_sizes(cfg, "sampler_mesh", "sampler_mesh sizes (data, fsdp, tensor)")
     if t.mode == "async":
         if not n:
             raise ValueError("train.mode='async' needs sampler_mesh.devices > 0: the devices "
