@@ -22,10 +22,9 @@ from __future__ import annotations
 import json
 import re
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
-from trustrl.infra import integrity, storage
+from trustrl.infra import integrity, sharding, storage
 
 MANIFEST = "trustrl_manifest.json"
 
@@ -95,10 +94,8 @@ def _cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"
 
 
-def state_nbytes(state) -> int:
-    """Bytes of the arrays of a pytree (global shapes), i.e. about one checkpoint's size."""
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(state) if hasattr(x, "shape"))
+# bytes of the arrays of a pytree (global shapes), i.e. about one checkpoint's size
+state_nbytes = sharding.nbytes
 
 
 class Checkpointer:

@@ -93,6 +93,19 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules=LOGICAL
     return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
 
 
+def axis_size(mesh: Mesh, entry) -> int:
+    """How many shards one PartitionSpec entry (None, an axis name or a tuple of them) splits a
+    dimension into on ``mesh``."""
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[n] for n in names if n is not None)
+
+
+def nbytes(tree) -> int:
+    """Bytes of a pytree's arrays at their global shapes (leaves without a shape: none)."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a [batch, ...] array: batch over data+fsdp, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

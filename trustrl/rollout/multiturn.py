@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trustrl.core import divergences
+from trustrl.infra import sharding
 from trustrl.model import transformer
 from trustrl.rollout import sampler as sampler_lib, trajectory
 from trustrl.rollout.sampler import SamplerConfig, check_int
@@ -249,8 +250,7 @@ class MultiTurnSampler:
         count divides the batch axes)."""
         if self.batch_sharding is None:
             return fn
-        mesh, axes = self.batch_sharding.mesh, self.batch_sharding.spec[0]
-        shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+        shards = sharding.axis_size(self.batch_sharding.mesh, self.batch_sharding.spec[0])
 
         def wrapped(*args, **kwargs):
             out = fn(*args, **kwargs)

@@ -27,7 +27,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from trustrl.infra import multihost
+from trustrl.infra import multihost, sharding
 from trustrl.rollout.record import FINISH_LENGTH, Rollout
 from trustrl.rollout.sampler import Sampler
 
@@ -62,10 +62,7 @@ class PartialSampler:
 
     def _shards(self) -> int:
         sh = self.base.batch_sharding
-        if sh is None:
-            return 1
-        axes = sh.spec[0] if isinstance(sh.spec[0], tuple) else (sh.spec[0],)
-        return int(np.prod([sh.mesh.shape[a] for a in axes if a is not None]))
+        return 1 if sh is None else sharding.axis_size(sh.mesh, sh.spec[0])
 
     def generate(self, params, prompts, group_size: int, key) -> Rollout:
         """A host (numpy) Rollout of max_new_tokens columns; ``last_versions`` its tokens'

@@ -18,15 +18,9 @@ from __future__ import annotations
 import time
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trustrl.infra import multihost
-
-
-def _axis_size(mesh, entry) -> int:
-    names = entry if isinstance(entry, tuple) else (entry,)
-    return int(np.prod([mesh.shape[n] for n in names if n is not None]))
+from trustrl.infra import multihost, sharding
 
 
 def target_shardings(tree, mesh):
@@ -34,18 +28,13 @@ def target_shardings(tree, mesh):
     def one(path, x):
         spec = x.sharding.spec if isinstance(getattr(x, "sharding", None), NamedSharding) else P()
         for dim, entry in zip(x.shape, spec):
-            if entry is not None and dim % _axis_size(mesh, entry):
+            if entry is not None and dim % sharding.axis_size(mesh, entry):
                 raise ValueError(
                     f"weight sync: {jax.tree_util.keystr(path)} of shape {tuple(x.shape)} is "
                     f"split by {spec} but the sampler mesh {dict(mesh.shape)} cannot split "
                     f"its dimension {dim} evenly; choose sampler_mesh sizes that divide it")
         return NamedSharding(mesh, spec)
     return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def nbytes(tree) -> int:
-    """Bytes of a pytree's arrays at their global shapes."""
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 class WeightSync:
@@ -66,4 +55,4 @@ class WeightSync:
             out = multihost.to_global(multihost.to_host(params), self._shardings)
         out = jax.block_until_ready(out)
         return out, {"async/sync_s": time.perf_counter() - t0,
-                     "async/sync_bytes": float(nbytes(params))}
+                     "async/sync_bytes": float(sharding.nbytes(params))}
