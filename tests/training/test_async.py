@@ -348,22 +348,22 @@ def test_partial_rollouts_keep_each_tokens_mu_and_version(tmp_path, monkeypatch)
     assert spans >= 1
 
 
+ASYNC = {"train.mode": "async", "sampler_mesh.devices": 4.0}
+
+
 @pytest.mark.parametrize("overrides,needle", [
     ({"train.partial_rollouts": 2}, "train.partial_rollouts=2 applies to train.mode='async' "
                                     "only"),
-    ({"train.partial_rollouts": 4}, "train.partial_rollouts=4 must be below rollout."
-                                    "max_new_tokens=4"),
-    ({"train.partial_rollouts": 2, "rollout.dynamic_sampling": True},
+    ({**ASYNC, "train.partial_rollouts": 4}, "train.partial_rollouts=4 must be below rollout."
+                                             "max_new_tokens=4"),
+    ({**ASYNC, "train.partial_rollouts": 2, "rollout.dynamic_sampling": True},
      "train.partial_rollouts=2 is not supported with rollout.dynamic_sampling=True"),
-    ({"train.partial_rollouts": 2, "loss.method": "dppo_full_tv"},
+    ({**ASYNC, "train.partial_rollouts": 2, "loss.method": "dppo_full_tv"},
      "not supported with loss.method='dppo_full_tv': the full-vocabulary methods"),
 ])
 def test_bad_partial_rollout_configs_name_the_field(overrides, needle):
-    base = {} if "train.partial_rollouts" in overrides and len(overrides) == 1 and \
-        overrides["train.partial_rollouts"] == 2 else {"train.mode": "async",
-                                                       "sampler_mesh.devices": 4.0}
     with pytest.raises(ValueError) as e:
-        cv.validate(_tiny(**{**base, **overrides}))
+        cv.validate(_tiny(**overrides))
     assert needle in str(e.value), str(e.value)
 
 
