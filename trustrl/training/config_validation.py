@@ -549,8 +549,9 @@ def _check_async(cfg):
     for field, on in unsupported:
         if on:
             raise ValueError(f"{field}={_get(cfg, field)!r} is not supported with a split layout "
-                             f"(sampler_mesh.devices={n}, train.mode={t.mode!r}) yet; "
-                             f"train.max_staleness is the split layout's staleness")
+                             f"(sampler_mesh.devices={n}, train.mode={t.mode!r}) yet"
+                             + ("; train.max_staleness is the split layout's staleness"
+                                if field == "rollout.mismatch.staleness" else ""))
 
 
 def _check_reward_model(cfg, data):
