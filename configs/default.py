@@ -39,8 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # a split layout (trustrl.training.async_rollouts): devices > 0 (a count, or a fraction in
     # (0, 1)) gives the rollout sampler that many devices with this layout; `mesh` then lays
     # out the trainer over the rest. Needed by train.mode="async"; with "sync", the sequential
-    # baseline of the same layout
-    c.sampler_mesh = dict(devices=0.0, data=-1, fsdp=1, tensor=1)
+    # baseline of the same layout. replicas R > 1: the sampler devices form R independent
+    # meshes of this layout, replica r sampling prompts r * P / R .. (r + 1) * P / R; with
+    # several processes each replica lies on one process (needed by async with several)
+    c.sampler_mesh = dict(devices=0.0, data=-1, fsdp=1, tensor=1, replicas=1)
 
     c.model = ml_collections.ConfigDict()
     c.model.hf_dir = ""  # local Hugging Face dir to load (empty: build from the fields below)
@@ -238,6 +240,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.mode = "sync"
     c.train.max_staleness = 1
     c.train.sync_every = 1
+    # which allowed version a rollout samples with: "newest" (the newest published when it
+    # starts: the freshest, timing decides) or "scheduled" (rollout j uses the oldest version
+    # >= j - max_staleness: reproducible; needed by async with several processes)
+    c.train.rollout_version = "newest"
     # async only: C > 0 decodes rollouts in segments of C tokens; a row still generating when
     # new weights arrive continues with them (each token keeps the mu, and the version, of the
     # weights that sampled it; trustrl.rollout.partial). 0: a rollout uses one version

@@ -62,12 +62,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.every = 10
     c.checkpoint.max_to_keep = 3
     if arg == "async":  # half the slice samples while the other half trains (issue 33)
-        # 2 chips of each of the 8 hosts: 4 sampler replicas of 4 tensor-parallel chips
-        c.sampler_mesh = dict(devices=16.0, data=4, fsdp=1, tensor=4)
+        # 2 chips of each of the 8 hosts: one sampler replica of 2 tensor-parallel chips per
+        # host (async with several processes needs a replica per process and scheduled
+        # versions: docs/async_rl.md)
+        c.sampler_mesh = dict(devices=16.0, data=1, fsdp=1, tensor=2, replicas=8)
         c.mesh = dict(data=1, fsdp=4, tensor=4)  # the trainer, on the other 16 chips
         c.train.mode = "async"
         c.train.max_staleness = 1
+        c.train.rollout_version = "scheduled"
         c.train.partial_rollouts = 2048
-        c.rollout.max_rows = 256  # the sync layout's KV cache per chip on half the chips
+        # per replica: 8 x 32 slots decode at once, the sync layout's KV cache per chip on half
+        # the chips (its 256 slots over data 4 x tensor 4; here over tensor 2)
+        c.rollout.max_rows = 32
         c.train.microbatches = 128  # 2 rows per chip per micro-batch, as on 32 chips
     return c

@@ -374,16 +374,19 @@ def test_reward_phase_and_its_params_held_through_the_run():
 @pytest.mark.skipif(not (HAS_LIBTPU or LIBTPU_PATH), reason="libtpu is not installed (`make "
                     "test` installs it into .venv/libtpu and sets TRUSTRL_LIBTPU_PATH)")
 def test_tpu_topology_compiles_an_async_split_layout(subprocess_env):
-    """train.mode=async on v5p 2x2x2: 2 chips of each of the 2 hosts sample (data 4), the other
-    4 train (tensor 4); each side's programs compile with splash on its own chips and fit. The
-    sampler holds the next rollout parameters (a sync arriving) and no train state; the
-    trainer holds no KV cache."""
+    """train.mode=async on v5p 2x2x2 (2 hosts): 2 chips of each host sample as one replica per
+    host (data 2, 2 of the 4 prompts each), the other 4 train (tensor 4); each side's programs
+    compile with splash on its own chips and fit. The sampler holds the next rollout
+    parameters (a sync arriving) and no train state; the trainer holds no KV cache. One
+    sampler mesh across the 2 hosts is refused in async (exit 2, naming the field)."""
     env = _tpu_env(subprocess_env)
-    done = _run(["--config=configs/default.py:tiny", "--topology=v5p:2x2x2",
-                 "--config.mesh.data=1", "--config.sampler_mesh.devices=4",
-                 "--config.train.mode=async", "--config.rollout.max_rows=4"], env)
+    flags = ["--config=configs/default.py:tiny", "--topology=v5p:2x2x2", "--config.mesh.data=1",
+             "--config.sampler_mesh.devices=4", "--config.train.mode=async",
+             "--config.rollout.max_rows=4", "--config.train.rollout_version=scheduled"]
+    done = _run([*flags, "--config.sampler_mesh.replicas=2"], env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "sampler: 4 chips, mesh {'data': -1, 'fsdp': 1, 'tensor': 1}" in done.stdout
+    assert ("sampler: 2 chips, mesh {'data': -1, 'fsdp': 1, 'tensor': 1} (replica 1 of 2, 2 "
+            "prompts each)") in done.stdout
     assert "trainer: 4 chips, mesh {'data': 1, 'fsdp': 1, 'tensor': 4}" in done.stdout
     assert "attention 'auto' -> 'splash' on tpu" in done.stdout
     rows = [line for line in done.stdout.splitlines() if line.startswith(("sampler:", "trainer:"))
@@ -396,3 +399,6 @@ def test_tpu_topology_compiles_an_async_split_layout(subprocess_env):
     assert sampler_held and "next rollout params" in sampler_held[0]
     assert "train state" not in sampler_held[0]
     assert not any("KV cache" in h for h in held if "trainer:" in h)
+    done = _run(flags, env)
+    assert done.returncode == 2 and "sampler_mesh.replicas=1 must be a multiple of 2" in \
+        done.stderr, done.stderr[-3000:]

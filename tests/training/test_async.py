@@ -112,6 +112,24 @@ def test_the_staleness_bound_holds_under_a_slow_phase(tmp_path, slow, max_stalen
         assert all(r["time/sample_s"] >= 1.0 for r in rows), rows
 
 
+def test_a_scheduled_run_is_reproducible_whichever_phase_is_slow(tmp_path):
+    """train.rollout_version='scheduled' on 2 sampler replicas, max_staleness 2: rollout j
+    samples with version max(0, j - 2) however the phases are timed, so a slow trainer and a
+    slow sampler give the same run (every metric but the times, and the final state,
+    bitwise); the newest-version policy under a slow trainer lags less."""
+    flags = {"train.mode": "async", "train.max_staleness": 2, "train.iterations": 5,
+             "sampler_mesh.replicas": 2, "train.rollout_version": "scheduled"}
+    s_a, rows_a = _run(tmp_path, "slow_trainer", **flags, **{"train.emulate_train_s": 0.5})
+    s_b, rows_b = _run(tmp_path, "slow_sampler", **flags, **{"train.emulate_sample_s": 0.5})
+    assert [r["async/version_lag"] for r in rows_a] == [0.0, 1.0, 2.0, 2.0, 2.0]
+    assert [_math(r) for r in rows_a] == [_math(r) for r in rows_b]
+    assert _equal_trees(s_a.params, s_b.params)
+    assert all(r["train/grad_norm"] > 0 for r in rows_a)
+    _, rows_n = _run(tmp_path, "newest", **{**flags, "train.rollout_version": "newest",
+                                            "train.emulate_sample_s": 0.5})
+    assert sum(r["async/version_lag"] for r in rows_n) < 7.0  # the sampler is the slow phase
+
+
 def test_resume_regenerates_in_flight_rollouts_deterministically(tmp_path):
     """Async at staleness 0, checkpointed every iteration: 2 iterations, then the same workdir
     extended to 4, equals 4 iterations in one go (the in-flight rollout of iteration 2 is
@@ -165,6 +183,38 @@ def test_split_devices_per_process():
     assert async_rollouts.sampler_device_count(0.25, 8) == 2
     assert async_rollouts.sampler_device_count(0.01, 8) == 1
     assert async_rollouts.sampler_device_count(3.0, 8) == 3
+    groups = async_rollouts.replica_groups(sampler, 2)  # one replica on each process
+    assert [[d.id for d in g] for g in groups] == [[0, 1], [4, 5]]
+    assert [[d.id for d in g] for g in async_rollouts.replica_groups(sampler, 1)] == \
+        [[0, 1, 4, 5]]  # one replica across both processes
+    with pytest.raises(ValueError, match="sampler_mesh.replicas=3 is not a multiple of the 2 "
+                                         "processes"):
+        async_rollouts.replica_groups(sampler, 3)
+
+
+def test_async_with_several_processes_needs_a_replica_per_process_and_a_schedule(monkeypatch):
+    """meshes() on 2 x 4 devices: async needs replicas on each process (one mesh across them
+    deadlocked) and train.rollout_version='scheduled' (the newest version a process has seen
+    depends on its timing); both errors name the field. 2 x 4 with replicas 2 splits."""
+    class D:  # jax.sharding.Mesh only reshapes the device objects
+        def __init__(self, i):
+            self.id, self.process_index = i, i // 4
+    devs = [D(i) for i in range(8)]
+    flags = {**SPLIT, "train.mode": "async", "mesh.tensor": 2, "mesh.fsdp": 2, "mesh.data": 1}
+    with pytest.raises(ValueError, match=r"train.mode='async' with 2 processes needs sampler "
+                                         r"replicas .* sampler_mesh.replicas=1 must be a "
+                                         r"multiple of 2"):
+        async_rollouts.meshes(_tiny(**flags), devs)
+    with pytest.raises(ValueError, match="needs train.rollout_version='scheduled' \\(got "
+                                         "'newest'\\)"):
+        async_rollouts.meshes(_tiny(**flags, **{"sampler_mesh.replicas": 2}), devs)
+    t_mesh, s_meshes = async_rollouts.meshes(_tiny(**flags, **{
+        "sampler_mesh.replicas": 2, "train.rollout_version": "scheduled"}), devs)
+    assert [d.id for d in t_mesh.devices.flat] == [2, 3, 6, 7]
+    assert [[d.id for d in m.devices.flat] for m in s_meshes] == [[0, 1], [4, 5]]
+    assert all(dict(m.shape) == {"data": 2, "fsdp": 1, "tensor": 1} for m in s_meshes)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert [r for r, _ in async_rollouts.own_replicas(s_meshes)] == [1]
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -186,6 +236,18 @@ def test_split_devices_per_process():
      "rollout.mismatch.staleness=2 is not supported with a split layout"),
     ({"sampler_mesh.devices": 4.0, "env.id": "trustrl:guess_number"},
      "env.id='trustrl:guess_number' is not supported with a split layout"),
+    ({"train.rollout_version": "oldest"}, "train.rollout_version='oldest' is not valid; choose "
+                                          "one of ['newest', 'scheduled']"),
+    ({"train.rollout_version": "scheduled"}, "train.rollout_version='scheduled' applies to "
+                                             "train.mode='async' only"),
+    ({"sampler_mesh.replicas": 2}, "sampler_mesh.replicas=2 needs a split layout"),
+    ({"sampler_mesh.devices": 4.0, "sampler_mesh.replicas": 0},
+     "sampler_mesh.replicas must be an int >= 1, got 0"),
+    ({"sampler_mesh.devices": 4.0, "sampler_mesh.replicas": 3}, "rollout.prompts_per_iter=4 is "
+                                                                "not divisible by sampler_mesh."
+                                                                "replicas=3"),
+    ({"sampler_mesh.devices": 4.0, "sampler_mesh.replicas": 2, "rollout.dynamic_sampling": True},
+     "rollout.dynamic_sampling=True is not supported with sampler_mesh.replicas=2"),
 ])
 def test_bad_async_configs_name_the_field(overrides, needle):
     with pytest.raises(ValueError) as e:
@@ -213,12 +275,15 @@ def test_a_split_that_does_not_fit_the_devices_exits_2(tmp_path, subprocess_env,
 
 
 @pytest.mark.slow
-def test_two_processes_on_a_split_layout_equal_one_process(tmp_path, subprocess_env):
-    """2 processes x 4 devices == 1 x 8 on a split layout (train.mode sync): the sampler takes
-    2 devices of each process (data 4), the trainer the other 2 of each (fsdp 2 across the
-    processes x tensor 2), so the weight sync goes through the hosts. Metrics to rtol = atol =
-    1e-5 as in tests/infra/test_multiprocess.py. Async with several processes exits 2 (its
-    threads' cross-process collectives deadlocked on CPU: docs/async_rl.md)."""
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_two_processes_on_a_split_layout_equal_one_process(tmp_path, subprocess_env, mode):
+    """2 processes x 4 devices == 1 x 8 on a split layout; the trainer takes 2 devices of each
+    process (fsdp 2 across the processes x tensor 2), so the weight sync goes through the
+    hosts. Sync: one sampler mesh on the other 2 of each process (data 4). Async: two sampler
+    replicas (one per process, data 2), train.rollout_version='scheduled', max_staleness 1, a
+    slow sampler (emulated 1 s) and a checkpoint every iteration while the sampler samples;
+    the rows of both replicas are gathered by the trainer. Metrics to rtol = atol = 1e-5 as in
+    tests/infra/test_multiprocess.py."""
     import io
     import subprocess
     import sys
@@ -227,7 +292,12 @@ def test_two_processes_on_a_split_layout_equal_one_process(tmp_path, subprocess_
     from test_multihost import REPO
     flags = ["--config=configs/default.py:tiny", "--config.mesh.data=1", "--config.mesh.fsdp=2",
              "--config.mesh.tensor=2", "--config.sampler_mesh.devices=4",
-             "--config.eval.every=0", "--config.warmstart.steps=0", "--config.train.iterations=2"]
+             "--config.eval.every=0", "--config.warmstart.steps=0", "--config.train.iterations=3",
+             f"--config.train.mode={mode}"]
+    if mode == "async":
+        flags += ["--config.sampler_mesh.replicas=2", "--config.train.rollout_version=scheduled",
+                  "--config.train.max_staleness=1", "--config.train.emulate_sample_s=1.0",
+                  "--config.checkpoint.every=1"]
     one = tmp_path / "one"
     done = subprocess.run([sys.executable, "-m", "trustrl.main", f"--workdir={one}", *flags],
                           cwd=REPO, env=subprocess_env, capture_output=True, text=True,
@@ -239,22 +309,18 @@ def test_two_processes_on_a_split_layout_equal_one_process(tmp_path, subprocess_
                              out=out)
     assert code == 0, out.getvalue()[-4000:]
     want, got = (read_jsonl(str(d / "metrics.jsonl")) for d in (one, two))
+    if mode == "async":
+        assert [r["async/version_lag"] for r in got] == [0.0, 1.0, 1.0]
     compared = 0
     for a, b in zip(want, got, strict=True):
         assert set(a) == set(b)
         for k, v in a.items():
             if k.startswith(("time/", "async/sync_s", "async/sampler_idle",
-                             "async/trainer_wait")):  # wall times
+                             "async/trainer_wait", "async/queued")):  # wall times
                 continue
             assert np.isclose(b[k], v, rtol=1e-5, atol=1e-5), (a["step"], k, v, b[k])
             compared += 1
     assert compared > 30 and want[-1]["async/sync_bytes"] > 0
-    out = io.StringIO()
-    code = local_cluster.run([sys.executable, "-m", "trustrl.main", f"--workdir={tmp_path / 'a'}",
-                              "--multihost", *flags, "--config.train.mode=async"], 2, 4,
-                             env=subprocess_env, timeout=300, out=out)
-    assert code == 2 and "train.mode='async' with 2 processes is not supported" in \
-        out.getvalue(), out.getvalue()[-3000:]
 
 
 @pytest.mark.slow
@@ -317,9 +383,9 @@ def test_partial_rollouts_keep_each_tokens_mu_and_version(tmp_path, monkeypatch)
         taken.append((out[0], self.run))
         return out
 
-    def slow_newest(self):
+    def slow_newest(self, replica):
         time.sleep(0.4)
-        return newest(self)
+        return newest(self, replica)
 
     monkeypatch.setattr(async_rollouts.RolloutProducer, "publish", recording_publish)
     monkeypatch.setattr(async_rollouts.RolloutProducer, "take", recording_take)

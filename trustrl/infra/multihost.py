@@ -35,6 +35,7 @@ import time
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 PEER_TIMEOUT_S = float(os.environ.get("TRUSTRL_PEER_TIMEOUT_S", "60"))
@@ -253,12 +254,52 @@ def primary_first(name: str):
         yield
 
 
+_REPLICATE = {}
+
+
+def _replicate_on(mesh):
+    """A jitted identity that replicates its inputs over ``mesh`` (its own devices only)."""
+    if mesh not in _REPLICATE:
+        _REPLICATE[mesh] = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
+    return _REPLICATE[mesh]
+
+
 def _leaf_to_host(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         if x.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
+        if isinstance(x.sharding, NamedSharding):  # gathered on its own mesh's devices: a
+            # split layout's other mesh (trustrl.training.async_rollouts) is not involved
+            with jax.set_mesh(x.sharding.mesh):  # not the caller's context mesh
+                return np.asarray(_replicate_on(x.sharding.mesh)(x).addressable_data(0))
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def gather_rows(tree, mesh):
+    """The numpy leaves of ``tree`` (the same shapes on every process) concatenated along
+    their first axis in process order, on every process: an all-gather over one device of
+    ``mesh`` per process (a collective: every process calls it, in the same order). With one
+    process, ``tree`` as it is."""
+    n = jax.process_count()
+    if n == 1:
+        return tree
+    first = {}
+    for d in mesh.devices.flat:
+        first.setdefault(d.process_index, d)
+    if len(first) != n:
+        raise ValueError(f"gather_rows: the mesh has devices of {len(first)} of the {n} "
+                         f"processes; it needs one of each")
+    procs = jax.sharding.Mesh(np.asarray([first[p] for p in sorted(first)]), ("processes",))
+    rows = NamedSharding(procs, P("processes"))
+    mine = first[jax.process_index()]
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [jax.make_array_from_single_device_arrays(
+        (n * np.shape(x)[0], *np.shape(x)[1:]), rows, [jax.device_put(np.asarray(x), mine)])
+        for x in leaves]
+    with jax.set_mesh(procs):  # not the caller's context mesh
+        out = _replicate_on(procs)(arrays)
+    return jax.tree.unflatten(treedef, [np.asarray(a.addressable_data(0)) for a in out])
 
 
 def to_host(tree):

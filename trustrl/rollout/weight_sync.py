@@ -2,6 +2,8 @@
 
     sync = WeightSync(sampler_mesh)
     params_sampler, metrics = sync(params_roll)   # trainer-mesh arrays -> sampler mesh
+    sync = WeightSync([mesh_0, mesh_1])           # several sampler replicas' meshes
+    [params_0, params_1], metrics = sync(params_roll)
 
 The trainer's rollout-dtype parameters (``Run.rollout_params``: cast, or LoRA merged) keep
 their PartitionSpecs and move onto the sampler mesh with one ``jax.device_put`` to the same
@@ -11,7 +13,8 @@ timed to completion (``block_until_ready``) and its bytes counted (global sizes;
 leaves the trainer's chips once). With several processes JAX cannot reshard between different
 device sets across hosts (jax 0.10-0.12), so the sync goes through the hosts: every process
 gathers the tree (``multihost.to_host``, a collective) and places its own shards on the sampler
-mesh (``multihost.to_global``); the same values, by a slower path.
+mesh (``multihost.to_global``); the same values, by a slower path. Several replicas' meshes
+(a list) each receive the whole tree; the host gather is done once.
 """
 from __future__ import annotations
 
@@ -38,21 +41,26 @@ def target_shardings(tree, mesh):
 
 
 class WeightSync:
-    """Copies parameter trees onto ``mesh`` (the sampler's), keeping their specs."""
+    """Copies parameter trees onto ``mesh`` (the sampler's; or a list of meshes, one copy on
+    each), keeping their specs."""
 
     def __init__(self, mesh):
-        self.mesh = mesh
+        self.single = not isinstance(mesh, (list, tuple))
+        self.meshes = [mesh] if self.single else list(mesh)
         self._shardings = None
 
     def __call__(self, params):
-        """(params on the sampler mesh, {"async/sync_s", "async/sync_bytes"})."""
+        """(params on the sampler mesh, or a list: one per mesh; {"async/sync_s",
+        "async/sync_bytes"}: the bytes of one copy)."""
         if self._shardings is None:  # the tree's layout is fixed for a run
-            self._shardings = target_shardings(params, self.mesh)
+            self._shardings = [target_shardings(params, m) for m in self.meshes]
         t0 = time.perf_counter()
         if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
-            out = jax.device_put(params, self._shardings)  # device to device
+            out = [jax.device_put(params, s) for s in self._shardings]  # device to device
         else:  # several processes: JAX reshards across hosts only within one device set
-            out = multihost.to_global(multihost.to_host(params), self._shardings)
+            host = multihost.to_host(params)
+            out = [multihost.to_global(host, s) for s in self._shardings]
         out = jax.block_until_ready(out)
-        return out, {"async/sync_s": time.perf_counter() - t0,
-                     "async/sync_bytes": float(sharding.nbytes(params))}
+        return out[0] if self.single else out, {
+            "async/sync_s": time.perf_counter() - t0,
+            "async/sync_bytes": float(sharding.nbytes(params))}

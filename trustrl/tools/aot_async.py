@@ -18,12 +18,16 @@ def split_check(cfg, devices, *, check, log=print, phases, **kw) -> list:
     """Rows of ``check`` (aot_check.check) for both sides of cfg's split layout."""
     from trustrl.infra import sharding
     from trustrl.training import async_rollouts
-    t_mesh, s_mesh = async_rollouts.meshes(cfg, devices)  # the run's split, its errors
-    trainer, sampler = list(t_mesh.devices.flat), list(s_mesh.devices.flat)
+    t_mesh, s_meshes = async_rollouts.meshes(cfg, devices)  # the run's split, its errors
+    trainer, sampler = list(t_mesh.devices.flat), list(s_meshes[0].devices.flat)
     s_cfg = cfg.copy_and_resolve_references()
     s_cfg.mesh = {a: cfg.sampler_mesh[a] for a in sharding.MESH_AXES}
+    replicas = len(s_meshes)  # identical: the first one's program is every replica's
+    s_cfg.rollout.prompts_per_iter = cfg.rollout.prompts_per_iter // replicas
     rows = []
-    log(f"sampler: {len(sampler)} chips, mesh {dict(s_cfg.mesh)}")
+    log(f"sampler: {len(sampler)} chips, mesh {dict(s_cfg.mesh)}"
+        + (f" (replica 1 of {replicas}, {s_cfg.rollout.prompts_per_iter} prompts each)"
+           if replicas > 1 else ""))
     if "rollout" in phases:
         rows += [{**r, "phase": f"sampler:{r['phase']}"} for r in check(
             s_cfg, sampler, phases=("rollout",), side="sampler", log=log, **kw)]

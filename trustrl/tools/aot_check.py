@@ -286,6 +286,19 @@ def per_chip_gib(tree) -> float:
     return total / GiB
 
 
+def _sampler_held(cfg, params_gib: float) -> dict:
+    """What a split layout's sampler holds beside the rollout parameters it samples with: the
+    next version (a weight sync arriving); with train.rollout_version="scheduled" the newer
+    versions a later rollout will be given: ceil(max_staleness / sync_every) copies (>= 1)."""
+    t = cfg.train
+    copies = 1
+    if t.mode == "async" and t.get("rollout_version", "newest") == "scheduled":
+        copies = max(1, -(-int(t.max_staleness) // int(t.sync_every)))
+    what = ("next rollout params (a weight sync arriving)" if copies == 1 else
+            f"{copies} newer rollout param versions (scheduled)")
+    return {what: copies * params_gib}
+
+
 def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=print,
           obs_len: int = OBS_LEN, reward_config: dict | None = None,
           side: str | None = None) -> list:
@@ -479,8 +492,8 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
             record_multi("rollout", multi[0], rows)
         elif "rollout" in phases:
             what, lowered, _ = sampler.lower(roll_params, rows, width)
-            record("rollout", what, lambda: lowered, held_state if side != "sampler" else {
-                "next rollout params (a weight sync arriving)": per_chip_gib(roll_params)})
+            record("rollout", what, lambda: lowered, held_state if side != "sampler" else
+                   _sampler_held(cfg, per_chip_gib(roll_params)))
         if rm is not None:  # after the rollout: the policy's state, rollout params and record
             record("reward", f"{rm['rows']} x {rm['width']} tokens per call, {rm['calls']} "
                    f"call(s) ({rm['dtype']})",

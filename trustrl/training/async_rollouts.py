@@ -1,9 +1,13 @@
 """Rollouts from a sampler sub-mesh: train.mode="async", and "sync" on a split layout.
 
 With ``sampler_mesh.devices`` > 0 the run's devices split into a trainer mesh (``mesh``'s
-layout over the rest) and a sampler mesh (``sampler_mesh``'s layout), inside the same
-multi-controller program (no Pathways). The loop then takes each iteration's rollout from a
-``RolloutProducer`` and hands it the trainer's parameters after its updates:
+layout over the rest) and ``sampler_mesh.replicas`` sampler meshes (``sampler_mesh``'s layout
+each), inside the same multi-controller program (no Pathways). Replica r samples prompts
+r * P / R .. (r + 1) * P / R of each iteration; with several processes each replica lies on one
+process, so the sampler thread never runs a cross-process program (a single sampler mesh may
+span the processes in sync mode; in async its collectives beside the trainer's deadlocked on
+CPU). The loop takes each iteration's rollout from a ``RolloutProducer`` and hands it the
+trainer's parameters after its updates:
 
     producer = RolloutProducer(cfg, run, collect, start, key)
     producer.publish(start, state)          # version `start`: the parameters the run starts at
@@ -13,15 +17,19 @@ multi-controller program (no Pathways). The loop then takes each iteration's rol
     producer.close()
 
 Versions. Version v is the trainer's parameters after v iterations (their rollout dtypes, cast
-on the trainer mesh, then ``WeightSync`` onto the sampler mesh). The rollout of iteration j
-may use version v only if j - v <= train.max_staleness: the producer waits for it
-(back-pressure) instead of sampling staler data, so at most max_staleness + 1 rollouts are ever
-queued and nothing is dropped. It samples with the newest version published when it starts
-the rollout; every row of a rollout records that version (``Item.version``). With
-train.partial_rollouts = C > 0 (async) the rollout is decoded in segments of C tokens and a row
-still generating when a newer version is published continues with it
-(trustrl.rollout.partial): ``Item.token_versions`` records every token's version, so its mu
-stays the exact anchor per token, and ``Item.version`` is the oldest (the bound applies to it).
+on the trainer mesh, then ``WeightSync`` onto every replica). The rollout of iteration j may
+use version v only if j - v <= train.max_staleness: the producer waits for one (back-pressure)
+instead of sampling staler data, so at most max_staleness + 1 rollouts are ever queued and
+nothing is dropped. Of the allowed versions published when it starts the rollout it takes the
+newest (train.rollout_version="newest": the freshest; which one depends on timing) or the
+oldest ("scheduled": rollout j gets the first published version >= j - max_staleness,
+whatever the timing, so a run is reproducible and every process picks the same one; the
+sampler keeps the newer versions until their rollouts). Every row of a rollout records its
+version (``Item.version``). With train.partial_rollouts = C > 0 (async) the rollout is decoded
+in segments of C tokens and a row still generating when a newer version is published
+continues with it (trustrl.rollout.partial): ``Item.token_versions`` records every token's
+version, so its mu stays the exact anchor per token, and ``Item.version`` is the oldest (the
+bound applies to it).
 
 mode="async" runs the producer in a host thread: it samples iteration j + 1.. on the sampler
 mesh while the trainer updates on iteration j (JAX's dispatch releases the GIL while the
@@ -35,6 +43,11 @@ item carries the iterator's state after it, which the loop checkpoints. A resume
 regenerates the rollouts that were in flight from the restored parameters and data position,
 deterministically (in flight = sampled, not yet trained on; they are not saved).
 
+Several processes. Each process samples its own replicas; the trainer thread joins every
+replica's rows in ``take`` (``gather_parts``: the prompt width agreed through the coordination
+service, then one all-gather over the trainer's mesh), so every cross-process program is the
+trainer's, in the same order on every process.
+
 Benchmark-only: ``train.emulate_sample_s`` / ``train.emulate_train_s`` sleep inside the sample
 and train phases (device time that takes no CPU; benchmarks/async_rl.py).
 """
@@ -42,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import threading
 import time
 from typing import Any, Callable
@@ -51,10 +65,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.core import losses
-from trustrl.infra import sharding
+from trustrl.infra import multihost, sharding
 from trustrl.rollout.weight_sync import WeightSync
 
 MODES = ("sync", "async")
+# which allowed version a rollout samples with (train.rollout_version): the newest published
+# when it starts (timing decides), or the oldest the bound allows (a fixed schedule)
+VERSIONS = ("newest", "scheduled")
 _POLL_S = 0.05  # how often a waiting thread looks at the stop flag
 
 
@@ -73,6 +90,25 @@ def split_devices(n_sampler: int, devices) -> tuple[list, list]:
     return trainer, sampler
 
 
+def replica_groups(sampler: list, replicas: int) -> list[list]:
+    """``sampler`` (split_devices' order: each process's devices together) in ``replicas``
+    groups of equal size; with several processes each group lies on one process (a multiple of
+    the process count), replica r on process r // (replicas / processes). One replica may span
+    the processes."""
+    if replicas == 1:
+        return [list(sampler)]
+    procs = sorted({d.process_index for d in sampler})
+    if replicas % len(procs):
+        raise ValueError(f"sampler_mesh.replicas={replicas} is not a multiple of the "
+                         f"{len(procs)} processes (each process hosts the same number of "
+                         f"whole replicas)")
+    if len(sampler) % replicas:
+        raise ValueError(f"sampler_mesh.replicas={replicas} does not divide the sampler's "
+                         f"{len(sampler)} devices")
+    size = len(sampler) // replicas
+    return [sampler[i:i + size] for i in range(0, len(sampler), size)]
+
+
 def sampler_device_count(spec, n_devices: int) -> int:
     """sampler_mesh.devices: a count (a whole number >= 1), or a fraction in (0, 1) of the
     devices (rounded; at least 1)."""
@@ -81,7 +117,9 @@ def sampler_device_count(spec, n_devices: int) -> int:
 
 
 def meshes(cfg, devices=None):
-    """(trainer mesh, sampler mesh or None) of cfg over ``devices`` (default jax.devices())."""
+    """(trainer mesh, None) without a split layout, else (trainer mesh, the sampler replicas'
+    meshes: a tuple of sampler_mesh.replicas meshes of ``sampler_mesh``'s layout each) over
+    ``devices`` (default jax.devices())."""
     devices = list(jax.devices() if devices is None else devices)
     n = sampler_device_count(cfg.sampler_mesh.devices, len(devices)) if split(cfg) else 0
     if not n:
@@ -90,13 +128,23 @@ def meshes(cfg, devices=None):
         raise ValueError(f"sampler_mesh.devices={cfg.sampler_mesh.devices} gives the sampler "
                          f"{n} of {len(devices)} devices; it needs at least 1 and must leave "
                          f"the trainer at least 1")
-    if cfg.train.mode == "async" and jax.process_count() > 1:
-        raise ValueError(
-            f"train.mode='async' with {jax.process_count()} processes is not supported yet: on "
-            f"the CPU backend the two threads' cross-process collectives share the processes' "
-            f"gloo communicator and deadlocked (docs/async_rl.md); untested on TPU. Use "
-            f"train.mode='sync' on the same split layout, or one process")
+    replicas = int(cfg.sampler_mesh.get("replicas", 1))
+    procs = len({d.process_index for d in devices})
+    if cfg.train.mode == "async" and procs > 1:
+        if replicas % procs:
+            raise ValueError(
+                f"train.mode='async' with {procs} processes needs sampler replicas that each "
+                f"lie on one process: sampler_mesh.replicas={replicas} must be a multiple of "
+                f"{procs}. One sampler mesh across the processes would run its collectives "
+                f"beside the trainer's, which deadlocked on CPU (docs/async_rl.md)")
+        if cfg.train.get("rollout_version", "newest") != "scheduled":
+            raise ValueError(
+                f"train.mode='async' with {procs} processes needs train.rollout_version="
+                f"'scheduled' (got {cfg.train.get('rollout_version', 'newest')!r}): every "
+                f"process must sample each rollout with the same version, and the newest one "
+                f"a process has seen depends on its timing")
     trainer, sampler = split_devices(n, devices)
+    groups = replica_groups(sampler, replicas)
     axes = {a: cfg.sampler_mesh[a] for a in sharding.MESH_AXES}
     try:
         t_mesh = sharding.make_mesh(cfg.mesh, trainer)
@@ -104,10 +152,26 @@ def meshes(cfg, devices=None):
         raise ValueError(f"mesh does not fit the trainer's {len(trainer)} devices "
                          f"({len(devices)} minus sampler_mesh.devices={n}): {e}") from None
     try:
-        s_mesh = sharding.make_mesh(axes, sampler)
+        s_meshes = tuple(sharding.make_mesh(axes, g) for g in groups)
     except ValueError as e:
-        raise ValueError(f"sampler_mesh does not fit the sampler's {n} devices: {e}") from None
-    return t_mesh, s_mesh
+        what = f"each of the {replicas} replicas' {len(groups[0])}" if replicas > 1 else \
+            f"the sampler's {n}"
+        raise ValueError(f"sampler_mesh does not fit {what} devices: {e}") from None
+    rows = int(cfg.rollout.prompts_per_iter) // replicas * int(cfg.rollout.group_size)
+    shards = math.prod(s_meshes[0].shape[a] for a in ("data", "fsdp"))
+    if rows % shards:
+        raise ValueError(f"each sampler replica's {rows} rows (rollout.prompts_per_iter / "
+                         f"sampler_mesh.replicas x rollout.group_size) do not split over its "
+                         f"batch axes (data x fsdp = {shards})")
+    return t_mesh, s_meshes
+
+
+def own_replicas(s_meshes) -> list:
+    """[(replica index, mesh)] of the replicas with devices of this process (every process
+    shares a single replica that spans them)."""
+    me = jax.process_index()
+    return [(r, m) for r, m in enumerate(s_meshes)
+            if any(d.process_index == me for d in m.devices.flat)]
 
 
 def split(cfg) -> bool:
@@ -126,19 +190,82 @@ def local_device(mesh):
 
 
 @dataclasses.dataclass
+class Part:
+    """One sampler replica's share of a rollout (prompts r * P / R .. (r + 1) * P / R of the
+    iteration's P prompts, every row of their groups), on the host."""
+    replica: int
+    host: Any             # trustrl.rollout.record.Rollout (numpy)
+    rewards: Any          # [b] float32
+    version: int          # the version of its first tokens (the oldest)
+    token_versions: Any = None  # partial rollouts: [b, N] int32, -1 outside the response
+
+
+@dataclasses.dataclass
 class Item:
     iteration: int
-    version: int          # the trainer iterations in the parameters that sampled every row
-    host: Any             # the rollout (numpy; trustrl.rollout.record.Rollout)
-    examples: list
-    rewards: Any
+    parts: list           # this process's replicas' Parts (the trainer joins every process's)
+    examples: list        # the iteration's prompts (every replica's)
     extra: dict
     data_state: dict      # the prompt iterator's state after this rollout (checkpointed)
     sample_s: float       # sampling (and rewards) wall time
     wait_s: float         # the producer's wait for an allowed version before sampling
+    # set when the trainer takes it (RolloutProducer.take: every replica's rows joined)
+    version: int = -1     # the trainer iterations in the parameters of its oldest tokens
+    host: Any = None      # the rollout (numpy; trustrl.rollout.record.Rollout)
+    rewards: Any = None
     # partial rollouts (train.partial_rollouts): the version of every response token [B, N]
     # (-1 outside the response); ``version`` is then the oldest, the one the bound applies to
     token_versions: Any = None
+
+
+def join_parts(parts: list, group_size: int, width: int = 0):
+    """(host Rollout, rewards, per-row versions [B] int32, token versions or None) of
+    replica-ordered Parts: prompts left-padded to the widest part's width (or ``width``; the
+    routed experts' prompt columns too), rows concatenated, group_index renumbered."""
+    width = max([width] + [p.host.prompt_tokens.shape[1] for p in parts])
+    if len(parts) == 1 and parts[0].host.prompt_tokens.shape[1] == width:  # as sampled
+        p = parts[0]
+        return p.host, p.rewards, np.full(len(p.rewards), p.version, np.int32), \
+            p.token_versions
+
+    def pad(p):
+        extra = width - p.host.prompt_tokens.shape[1]
+        if not extra:
+            return p.host
+        left = lambda x: None if x is None else np.pad(x, [(0, 0), (extra, 0)] + [(0, 0)] * (
+            x.ndim - 2))
+        return p.host.replace(prompt_tokens=left(p.host.prompt_tokens),
+                              prompt_mask=left(p.host.prompt_mask),
+                              routed_experts=left(p.host.routed_experts))
+
+    host = jax.tree.map(lambda *xs: np.concatenate(xs), *[pad(p) for p in parts])
+    b = host.response_tokens.shape[0]
+    host = host.replace(group_index=np.repeat(np.arange(b // group_size, dtype=np.int32),
+                                              group_size))
+    rewards = np.concatenate([p.rewards for p in parts]).astype(np.float32)
+    versions = np.concatenate([np.full(len(p.rewards), p.version, np.int32) for p in parts])
+    tv = None
+    if parts[0].token_versions is not None:
+        tv = np.concatenate([p.token_versions for p in parts]).astype(np.int32)
+    return host, rewards, versions, tv
+
+
+def gather_parts(parts: list, replicas: int, mesh, name: str) -> list:
+    """Every replica's Part on every process, from each process's own (``parts``): the prompt
+    width agreed through the coordination service (``name``: new for each call), then the
+    rows gathered by an all-gather over ``mesh`` (the trainer's; a collective that the trainer
+    thread runs, in the same order on every process). Replica r lies on process r // (R / P),
+    so process order is replica order."""
+    width = max(int(w) for w in multihost.exchange(
+        f"{name}/width", str(max(p.host.prompt_tokens.shape[1] for p in parts))))
+    host, rewards, versions, tv = join_parts(parts, 1, width)
+    got = multihost.gather_rows({"host": host, "rewards": rewards, "versions": versions,
+                                 "token_versions": tv}, mesh)
+    b = len(got["rewards"]) // replicas
+    rows = lambda x, r: None if x is None else x[r * b:(r + 1) * b]
+    return [Part(r, jax.tree.map(lambda x, r=r: rows(x, r), got["host"]),
+                 rows(got["rewards"], r), int(got["versions"][r * b]),
+                 rows(got["token_versions"], r)) for r in range(replicas)]
 
 
 @dataclasses.dataclass
@@ -153,27 +280,35 @@ class _Stopped(Exception):
 
 
 class RolloutProducer:
-    """Samples iterations start.. on the sampler mesh (see the module docstring)."""
+    """Samples iterations start.. on the sampler replicas (see the module docstring)."""
 
     def __init__(self, cfg, run, collect: Callable, start: int, key):
-        """``collect(sampler_params, key) -> (rollout, host rollout, examples, rewards,
-        extra metrics)``: one iteration's rollout on the sampler mesh (loop._collect)."""
+        """``collect(parameters, key) -> (parts, examples, extra metrics)``: one iteration's
+        rollout on this process's sampler replicas (loop._collect_on_sampler); ``parameters``
+        one tree (or Versioned) per replica of ``run.sampler_replicas``."""
         self.cfg, self.run, self.collect = cfg, run, collect
         self.asynchronous = cfg.train.mode == "async"
         self.max_staleness = int(cfg.train.max_staleness) if self.asynchronous else 0
         self.sync_every = int(cfg.train.sync_every) if self.asynchronous else 1
+        self.scheduled = (self.asynchronous
+                          and cfg.train.get("rollout_version", "newest") == "scheduled")
         self.emulate_s = float(cfg.train.get("emulate_sample_s", 0.0))
         self.partial = int(cfg.train.get("partial_rollouts", 0)) > 0 and self.asynchronous
+        self.replicas = int(cfg.sampler_mesh.get("replicas", 1))
+        self.group_size = int(cfg.rollout.group_size)
         # the train step reads a rollout's own parameters only for the full-vocabulary
         # divergences (mu recomputed from them); otherwise the trainer keeps just the newest
         self.keep_versions = losses.method_spec(cfg.loss.method).divergence == "full"
-        self.weight_sync = WeightSync(run.sampler_mesh)
-        # the key chain runs on the sampler mesh (threefry: the same bits on any device)
+        meshes = [m for _, m, _ in run.sampler_replicas]
+        self.weight_sync = WeightSync(meshes)
+        # the key chain runs on the first replica's mesh (threefry: the same bits anywhere)
         self._key = jax.random.wrap_key_data(jax.device_put(
-            np.asarray(jax.random.key_data(key)), NamedSharding(run.sampler_mesh, P())))
+            np.asarray(jax.random.key_data(key)), NamedSharding(meshes[0], P())))
         self._next, self._end = start, int(cfg.train.iterations)
         self._cond = threading.Condition()
-        self._params = None          # (version, parameters on the sampler mesh)
+        # version -> its parameters on each replica: the newest only, or (scheduled) every
+        # version a later rollout may still be given
+        self._published = collections.OrderedDict()
         self._trainer_params = {}    # version -> the same parameters on the trainer mesh
         self._items = collections.OrderedDict()
         self._error = None
@@ -187,12 +322,15 @@ class RolloutProducer:
         return version % self.sync_every == 0 or version == self._end
 
     def publish(self, version: int, state) -> dict:
-        """Syncs the trainer's parameters after ``version`` iterations to the sampler; returns
-        the sync's metrics. Starts the producer thread on the first call (async)."""
+        """Syncs the trainer's parameters after ``version`` iterations to the sampler replicas;
+        returns the sync's metrics. Starts the producer thread on the first call (async)."""
         params = sharding.cpu_sync(self.run.rollout_params(state.params))
         on_sampler, metrics = self.weight_sync(params)
+        metrics["async/sync_bytes"] *= self.replicas  # every replica receives the whole tree
         with self._cond:
-            self._params = (version, on_sampler)
+            if not self.scheduled:
+                self._published.clear()
+            self._published[version] = on_sampler
             if not self.keep_versions:
                 self._trainer_params.clear()
             self._trainer_params[version] = params
@@ -204,10 +342,12 @@ class RolloutProducer:
         return metrics
 
     def take(self, it: int):
-        """(Item of iteration it, the rollout parameters on the trainer mesh for the train step:
-        those of its version for the full-vocabulary divergences, else the newest, which the
-        step does not read; metrics). Blocks in async mode until the producer has it; raises
-        the producer's error."""
+        """(Item of iteration it, every replica's rows joined, the rollout parameters on the
+        trainer mesh for the train step: those of its version for the full-vocabulary
+        divergences, else the newest, which the step does not read; metrics). Blocks in async
+        mode until the producer has it; raises the producer's error. With replicas on several
+        processes the rows are gathered here, by the trainer's thread (a collective on the
+        trainer's mesh: the sampler thread never runs one)."""
         t0 = time.perf_counter()
         if not self.asynchronous:
             self._produce(it)
@@ -219,13 +359,20 @@ class RolloutProducer:
                                    f"{self._error[0]}: {self._error[1]!r}") from self._error[1]
             item = self._items.pop(it)
             queued = len(self._items)
+            self._cond.notify_all()
+        parts = item.parts
+        if len(parts) < self.replicas:  # the other processes' replicas: gather
+            parts = gather_parts(parts, self.replicas, self.run.mesh, f"rollout/{it}")
+        item.host, item.rewards, versions, item.token_versions = join_parts(
+            parts, self.group_size)
+        item.version = int(versions.min())
+        with self._cond:
             if self.keep_versions:
                 params = self._trainer_params[item.version]
                 for v in [v for v in self._trainer_params if v < item.version]:
                     del self._trainer_params[v]  # later rollouts never use older versions
             else:  # (unused by the train step: see keep_versions)
                 params = self._trainer_params[max(self._trainer_params)]
-            self._cond.notify_all()
         lag = it - item.version
         self.counts[lag] += 1
         partial = {}
@@ -252,11 +399,20 @@ class RolloutProducer:
             self._thread.join()
 
     # -- producer side ------------------------------------------------------------------------
-    def _newest(self):
-        """(version, sampler-mesh parameters) published last: a partial rollout's next
-        segment continues with them."""
+    def _allowed(self, j: int):
+        """The version rollout j samples with (None while none is allowed yet): of the
+        published versions within the bound, the newest, or (scheduled) the oldest."""
+        ok = [v for v in self._published if j - v <= self.max_staleness]
+        if not ok:
+            return None
+        return min(ok) if self.scheduled else max(ok)
+
+    def _newest(self, replica: int):
+        """(version, replica's parameters) published last: a partial rollout's next segment
+        continues with them."""
         with self._cond:
-            return self._params
+            v = max(self._published)
+            return v, self._published[v][replica]
 
     def _produce_all(self):
         try:
@@ -270,38 +426,37 @@ class RolloutProducer:
                 self._cond.notify_all()
 
     def _produce(self, j: int):
-        """Samples iteration j under the sampler mesh's context and default device: in the
-        producer thread (async), or inline in the trainer's (sync)."""
+        """Samples iteration j under the first replica's mesh context and default device (each
+        replica's calls set their own): in the producer thread (async), or inline in the
+        trainer's (sync)."""
         if j != self._next:
             raise RuntimeError(f"rollout of iteration {j} requested, the producer is at "
                                f"{self._next}")
-        with jax.set_mesh(self.run.sampler_mesh), jax.default_device(
-                local_device(self.run.sampler_mesh)):
+        mesh = self.run.sampler_replicas[0][1]
+        with jax.set_mesh(mesh), jax.default_device(local_device(mesh)):
             self._sample(j)
 
     def _sample(self, j: int):
         self._key, k_roll, _, _ = jax.random.split(self._key, 4)  # the loop's key chain
         t0 = time.perf_counter()
-        with self._cond:  # back-pressure: an allowed version, then sample with the newest
-            while not self._stop and (self._params is None
-                                      or j - self._params[0] > self.max_staleness):
+        with self._cond:  # back-pressure: wait for an allowed version
+            while not self._stop and self._allowed(j) is None:
                 self._cond.wait(_POLL_S)
             if self._stop:
                 raise _Stopped
-            version, params = self._params
+            version = self._allowed(j)
+            params = self._published[version]
+            for v in [v for v in self._published if v < version]:
+                del self._published[v]  # later rollouts never use older versions
         t1 = time.perf_counter()
-        _, host, examples, rewards, extra = self.collect(
-            Versioned(self._newest) if self.partial else params, k_roll)
+        if self.partial:  # each segment asks for the newest version
+            params = [Versioned(lambda i=i: self._newest(i)) for i in range(len(params))]
+        parts, examples, extra = self.collect(params, k_roll, version)
         if self.emulate_s:
             time.sleep(self.emulate_s)
-        token_versions = None
-        if self.partial:  # its first segment may have started on a newer version than chosen
-            token_versions = self.run.rollout_sampler.last_versions
-            version = self.run.rollout_sampler.first_version
-        item = Item(j, version, host, examples, rewards, extra, self.run.prompt_iter.state(),
-                    time.perf_counter() - t1, t1 - t0, token_versions)
+        item = Item(j, parts, examples, extra, self.run.prompt_iter.state(),
+                    time.perf_counter() - t1, t1 - t0)
         with self._cond:
             self._items[j] = item
             self._next = j + 1
             self._cond.notify_all()
-

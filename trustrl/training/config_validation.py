@@ -499,6 +499,23 @@ def _check_async(cfg):
         raise ValueError(f"sampler_mesh.devices={n} must be a device count (a whole number) "
                          f"or a fraction of the devices in (0, 1)")
     _check_mesh_sizes(cfg, "sampler_mesh", "sampler_mesh sizes (data, fsdp, tensor)")
+    _choice("train.rollout_version", t.rollout_version, async_rollouts.VERSIONS)
+    replicas = _int(cfg, "sampler_mesh.replicas", 1)
+    if replicas > 1:
+        if not n:
+            raise ValueError(f"sampler_mesh.replicas={replicas} needs a split layout "
+                             f"(sampler_mesh.devices > 0): the replicas share its devices")
+        if cfg.rollout.prompts_per_iter % replicas:
+            raise ValueError(f"rollout.prompts_per_iter={cfg.rollout.prompts_per_iter} is not "
+                             f"divisible by sampler_mesh.replicas={replicas} (each replica "
+                             f"samples the same number of prompts)")
+        if cfg.rollout.dynamic_sampling:
+            raise ValueError(f"rollout.dynamic_sampling=True is not supported with sampler_mesh."
+                             f"replicas={replicas}: its refill rounds decide on every "
+                             f"replica's rewards; valid: sampler_mesh.replicas=1")
+    if t.mode != "async" and t.rollout_version != "newest":
+        raise ValueError(f"train.rollout_version={t.rollout_version!r} applies to train.mode="
+                         f"'async' only; a sync run rolls out with the current parameters")
     if t.mode == "async":
         if not n:
             raise ValueError("train.mode='async' needs sampler_mesh.devices > 0: the devices "
@@ -640,12 +657,12 @@ def check_environment(cfg, workdir: str, devices=None):
     devices = jax.devices() if devices is None else devices
     from trustrl.training import async_rollouts
     try:
-        mesh, sampler_mesh = async_rollouts.meshes(cfg, devices)
+        mesh, sampler_meshes = async_rollouts.meshes(cfg, devices)
     except ValueError as e:
         raise ValueError(f"mesh does not fit the {len(devices)} available devices: {e}") from None
     check_mesh_rows(cfg, dict(mesh.shape))
-    if sampler_mesh is not None:
-        check_mesh_rows(cfg, dict(sampler_mesh.shape))
+    if sampler_meshes is not None:  # every replica has the same layout
+        check_mesh_rows(cfg, dict(sampler_meshes[0].shape))
     if cfg.model.hf_dir:
         d = cfg.model.hf_dir
         if not os.path.isdir(d):

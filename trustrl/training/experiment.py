@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.training import config_validation as cv, filtering, optim, step as ts, warmstart
-from trustrl.training import episodes as episodes_lib, rlhf
+from trustrl.training import async_rollouts, episodes as episodes_lib, rlhf
 from trustrl.data import datasets as data, preferences, tasks
 from trustrl.model import hf, lora, policy, quant, reward_model
 from trustrl.model import transformer as model_lib
@@ -55,9 +55,9 @@ class Run:
     # and with reward_model.kl_coef > 0 the reference policy (the initial parameters)
     reward: Any = None
     reference: Any = None
-    # a split layout (sampler_mesh.devices > 0): the sampler's sub-mesh and its rollout sampler
-    sampler_mesh: Any = None
-    rollout_sampler: Sampler | None = None
+    # a split layout (sampler_mesh.devices > 0): this process's sampler replicas, each
+    # (replica index, its sub-mesh, its rollout sampler); None without one
+    sampler_replicas: tuple | None = None
 
     def policy_params(self, params=None):
         """The model's parameter tree for ``params`` (default: the state's): with LoRA, the
@@ -299,11 +299,12 @@ def data_fingerprint(env) -> str:
     return h.hexdigest()[:16]
 
 
-def build(cfg, workdir: str, mesh=None, sampler_mesh=None) -> Run:
+def build(cfg, workdir: str, mesh=None, sampler_meshes=None) -> Run:
     """Everything a run needs; ``mesh``: the device mesh of cfg.mesh (made here when None).
-    ``sampler_mesh``: a split layout's sampler sub-mesh (trustrl.training.async_rollouts); the
-    rollouts are then sampled there by ``Run.rollout_sampler``, and ``mesh`` (the trainer's)
-    runs everything else, evaluation included."""
+    ``sampler_meshes``: a split layout's sampler replicas' sub-meshes (all of them;
+    trustrl.training.async_rollouts.meshes); the rollouts are then sampled on this process's
+    replicas (``Run.sampler_replicas``), and ``mesh`` (the trainer's) runs everything else,
+    evaluation included."""
     mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
     # the reward model first: a directory that is not one fails before any data or warm start
     scorer = reward_scorer(cfg, mesh) if rlhf.enabled(cfg) else None
@@ -368,8 +369,9 @@ def build(cfg, workdir: str, mesh=None, sampler_mesh=None) -> Run:
         score=score_program(cfg, model_cfg, mesh),
         train_step=train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh),
         frozen=frozen, base_id=base_id, reward=reward, reference=reference,
-        sampler_mesh=sampler_mesh, rollout_sampler=None if sampler_mesh is None else
-        split_sampler(cfg, tokenizer, roll_cfg, sampler_mesh))
+        sampler_replicas=None if sampler_meshes is None else tuple(
+            (r, m, split_sampler(cfg, tokenizer, roll_cfg, m))
+            for r, m in async_rollouts.own_replicas(sampler_meshes)))
 
 
 def reward_scorer(cfg, mesh):

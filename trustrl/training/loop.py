@@ -12,6 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.core import advantages as adv_lib
 from trustrl.infra import checkpoint as ckpt_lib
@@ -115,10 +116,10 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False):
         for line in notices:
             print(line, flush=True)
         _check_storage(cfg, workdir)
-        mesh, sampler_mesh = async_rollouts.meshes(cfg)  # sampler_mesh: a split layout's
+        mesh, sampler_meshes = async_rollouts.meshes(cfg)  # a split layout's sampler replicas
         # under the mesh, the model's activation sharding constraints apply (batch over data+fsdp)
         with jax.set_mesh(mesh):
-            run = experiment.build(cfg, workdir, mesh, sampler_mesh)  # data, model, optimizer..
+            run = experiment.build(cfg, workdir, mesh, sampler_meshes)  # data, model, ..
             if jax.process_count() > 1:  # every process built or read the same examples
                 multihost.check_agree("data", {"data (sha256 of the train / test examples)":
                                                experiment.data_fingerprint(run.env)})
@@ -200,7 +201,7 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
               f"is not checkpointed; it refills from the restored parameters (rollout/staleness "
               f"logs the actual staleness)", flush=True)
     producer = None
-    if run.sampler_mesh is not None:  # rollouts from the sampler sub-mesh (sync or async)
+    if run.sampler_replicas is not None:  # rollouts from the sampler replicas (sync or async)
         producer = async_rollouts.RolloutProducer(cfg, run, functools.partial(
             _collect_on_sampler, cfg, run), start, key)
     try:
@@ -217,13 +218,45 @@ def _loop(cfg, run, ckpt, writer, bar, watcher, state, key, start):
             producer.close()
 
 
-def _collect_on_sampler(cfg, run, params, key):
-    """One iteration's rollout on a split layout's sampler mesh (async_rollouts)."""
-    out = _collect(run.env, run.rollout_sampler, params, run.prompt_iter, key, cfg,
-                   run.sampler_mesh, run.reward)
+def _collect_on_sampler(cfg, run, params, key, version):
+    """One iteration's rollout on this process's sampler replicas (async_rollouts): (Parts,
+    examples, extra metrics). One replica: ``_collect`` (dynamic sampling included). Several:
+    replica r samples prompts r * P / R .. (r + 1) * P / R with fold_in(key, r) (the key of
+    ``_collect``'s first round); every replica's call is dispatched before any is read."""
+    replicas = run.sampler_replicas
+    if int(cfg.sampler_mesh.get("replicas", 1)) == 1:  # one mesh (it may span the processes)
+        (r, mesh, sampler), = replicas
+        _, host, examples, rewards, extra = _collect(run.env, sampler, params[0],
+                                                     run.prompt_iter, key, cfg, mesh, run.reward)
+        parts = [_part(r, sampler, host, rewards, version)]
+    else:
+        examples, g = next(run.prompt_iter), cfg.rollout.group_size
+        n = len(examples) // int(cfg.sampler_mesh.replicas)
+        _, sub = jax.random.split(key)
+        outs, parts, extra = [], [], {}
+        for (r, mesh, sampler), p in zip(replicas, params):
+            k = jax.device_put(jax.random.fold_in(sub, r), NamedSharding(mesh, P()))
+            with jax.set_mesh(mesh), jax.default_device(async_rollouts.local_device(mesh)):
+                outs.append(sampler.generate(p, run.env.encode_prompts(
+                    examples[r * n:(r + 1) * n]), g, k))
+        for (r, _, sampler), out in zip(replicas, outs):
+            host = multihost.to_host(out)  # this process's devices only: no collective
+            rewards, _ = rollout_rewards(run.env, host, examples[r * n:(r + 1) * n], g, cfg,
+                                         run.reward)
+            parts.append(_part(r, sampler, host, rewards, version))
     if not cfg.rollout.get("keep_kv_cache", False):
-        run.rollout_sampler.release()
-    return out
+        for _, _, sampler in replicas:
+            sampler.release()
+    return parts, examples, extra
+
+
+def _part(r, sampler, host, rewards, version):
+    """Replica r's Part; a partial rollout's versions from its sampler (each replica has its
+    own)."""
+    if hasattr(sampler, "last_versions"):
+        return async_rollouts.Part(r, host, rewards, sampler.first_version,
+                                   sampler.last_versions)
+    return async_rollouts.Part(r, host, rewards, version)
 
 
 def _rollout(cfg, run, source, producer, state, it, k_roll, evaluates):

@@ -93,7 +93,8 @@ ADDED_FIELDS = {"rollout.max_rows": 0, "rollout.head_dtype": "", "rollout.contin
                 "rollout.mismatch.top_p_renorm": False,
                 # asynchronous RL (issue 33): sync on the whole mesh is what every older run did
                 "sampler_mesh.devices": 0.0, "sampler_mesh.data": -1, "sampler_mesh.fsdp": 1,
-                "sampler_mesh.tensor": 1, "train.mode": "sync", "train.max_staleness": 1,
+                "sampler_mesh.tensor": 1, "sampler_mesh.replicas": 1, "train.mode": "sync",
+                "train.max_staleness": 1, "train.rollout_version": "newest",
                 "train.sync_every": 1, "train.partial_rollouts": 0,
                 "train.emulate_sample_s": 0.0,
                 "train.emulate_train_s": 0.0}
