@@ -42,6 +42,53 @@ def finished(run_dir: str) -> bool:
     return bool(rows) and rows[-1]["step"] >= iterations
 
 
+def archive(workdir: str, entries, keep_dir: str) -> list[str]:
+    """Copies each finished run's config.json and metrics.jsonl (gzipped, as
+    KEEP_DIR/RUN/metrics.jsonl.gz) into ``keep_dir``, a tracked folder: a study that spans
+    sessions keeps its results when the workdir (ignored by git) is gone. Returns the runs
+    archived now (an archived run is not rewritten)."""
+    import gzip
+    import shutil
+    done = []
+    for e in entries:
+        name = sweep.run_name(e)
+        src, dst = os.path.join(workdir, name), os.path.join(keep_dir, name)
+        if not finished(src) or os.path.exists(os.path.join(dst, "metrics.jsonl.gz")):
+            continue
+        os.makedirs(dst, exist_ok=True)
+        shutil.copyfile(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
+        tmp = os.path.join(dst, "metrics.jsonl.gz.tmp")
+        with open(os.path.join(src, "metrics.jsonl"), "rb") as f, open(tmp, "wb") as raw, \
+                gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as g:
+            shutil.copyfileobj(f, g)
+        os.replace(tmp, os.path.join(dst, "metrics.jsonl.gz"))  # complete, or absent
+        done.append(name)
+    return done
+
+
+def unarchive(keep_dir: str, workdir: str, entries) -> list[str]:
+    """Restores the archived runs (``archive``) that ``workdir`` lacks or has unfinished: their
+    config.json and metrics.jsonl, so that they count as finished (not rerun) and enter the
+    tables and plots. A run folder already there is replaced only when unfinished (what a
+    killed run left). Returns the runs restored."""
+    import gzip
+    import shutil
+    done = []
+    for e in entries:
+        name = sweep.run_name(e)
+        src, dst = os.path.join(keep_dir, name), os.path.join(workdir, name)
+        if not os.path.exists(os.path.join(src, "metrics.jsonl.gz")) or finished(dst):
+            continue
+        shutil.rmtree(dst, ignore_errors=True)
+        os.makedirs(dst)
+        shutil.copyfile(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
+        with gzip.open(os.path.join(src, "metrics.jsonl.gz"), "rb") as g, \
+                open(os.path.join(dst, "metrics.jsonl"), "wb") as f:
+            shutil.copyfileobj(g, f)
+        done.append(name)
+    return done
+
+
 def run_missing(config: str, entries, workdir: str, variant: str = "", parallel: int = 2,
                 max_runs: int | None = None, cache_ready: bool = False) -> list[str]:
     """Runs the entries not finished yet (at most ``max_runs`` of them, in order) through

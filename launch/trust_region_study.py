@@ -2,10 +2,13 @@ r"""The pre-registered trust-region study (configs/trust_region_study.py; design
 and verdicts in docs/trust_region_family.md): runs its sweep in priority order, then summarises.
 
     python launch/trust_region_study.py --workdir=workdirs/tr_study [--parallel=2] \
-        [--max_runs=N] [--analyze_only] [--out=docs] [--small]
+        [--max_runs=N] [--analyze_only] [--out=docs] [--keep=docs/trust_region_runs] [--small]
 
 Runs already finished are skipped (a run cut short resumes from its checkpoint), so the study
-can be continued over several sessions; ``--max_runs`` starts at most N runs (the first N
+can be continued over several sessions. Every finished run's config.json and metrics.jsonl
+(gzipped) are archived in ``--keep`` (tracked by git: a new checkout has no workdir), and
+restored from there into the workdir first, so the tables always cover every finished run;
+``--max_runs`` starts at most N runs (the first N
 unfinished ones in priority order). Then writes OUT/trust_region_table.md (final / best
 training reward, collapse iteration, reached-0.9 iteration, held-out reward, mean and max
 pi - mu, masked fraction, wall time; mean +- spread over the finished seeds of each
@@ -37,6 +40,9 @@ def main(argv=None):
     p.add_argument("--max_runs", type=int, default=None)
     p.add_argument("--small", action="store_true", help="CI-sized variant")
     p.add_argument("--analyze_only", action="store_true")
+    p.add_argument("--keep", default=None,
+                   help="where finished runs are archived and restored from (default "
+                        "docs/trust_region_runs; none with --small unless given)")
     p.add_argument("--cache_ready", action="store_true",
                    help="the warm start and filter are already cached (e.g. by a calibration or "
                         "a pilot): start `parallel` runs at once from the first")
@@ -47,12 +53,23 @@ def main(argv=None):
         variant = "small"
         entries = [{"config_arg": n, "seed": 0} for n in ("cppo,d3,s4", "pg_is,d0,s0")]
         a.workdir = a.workdir.rstrip("/") + "_small"
+    keep = a.keep if a.keep is not None or a.small else "docs/trust_region_runs"
+    if keep:
+        restored = sanity.unarchive(keep, a.workdir, entries)
+        if restored:
+            print(f"restored {len(restored)} finished run(s) from {keep}")
+    failed = []
     if not a.analyze_only:
         failed = sanity.run_missing(CONFIG, entries, a.workdir, variant, a.parallel,
                                     a.max_runs, a.cache_ready)
         if failed:
             print(f"{len(failed)} run(s) failed; see their log.txt: {failed}")
-            return 1
+    if keep:
+        kept = sanity.archive(a.workdir, entries, keep)
+        if kept:
+            print(f"archived {len(kept)} finished run(s) in {keep}")
+    if failed:
+        return 1
     os.makedirs(a.out, exist_ok=True)
     prefix = "trust_region_small" if a.small else "trust_region"
     for name, fn in (("table", sanity.table), ("diagnostics", sanity.diagnostics)):

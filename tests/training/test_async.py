@@ -362,12 +362,14 @@ def test_kill_9_and_resume_in_async_mode(tmp_path, subprocess_env):
     assert [_math(r) for r in got] == [_math(r) for r in want]
 
 
-def test_partial_rollouts_keep_each_tokens_mu_and_version(tmp_path, monkeypatch):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_partial_rollouts_keep_each_tokens_mu_and_version(tmp_path, monkeypatch, replicas):
     """train.partial_rollouts = 2 of 6 new tokens, max_staleness 2, the sampler slowed before
     each segment so that the trainer publishes while rows are generating: some rows span two
     versions. Every token's recorded mu equals the log-prob that the parameters of its
     recorded version give it (the trainer's score program on the whole row), and each row's
-    versions never decrease along the row."""
+    versions never decrease along the row. With 2 sampler replicas each switches on its own
+    and the joined rollout keeps every token's version."""
     import time
     published, taken = {}, []
     publish, take = async_rollouts.RolloutProducer.publish, async_rollouts.RolloutProducer.take
@@ -393,7 +395,8 @@ def test_partial_rollouts_keep_each_tokens_mu_and_version(tmp_path, monkeypatch)
     _, rows = _run(tmp_path, "partial", **{"train.mode": "async", "train.max_staleness": 2,
                                            "train.iterations": 6, "train.partial_rollouts": 2,
                                            "rollout.overlong_penalty": 0.0,
-                                           "train.emulate_train_s": 0.6})
+                                           "train.emulate_train_s": 0.6,
+                                           "sampler_mesh.replicas": replicas})
     assert sum(r["async/partial_rows"] for r in rows) >= 1, rows
     spans = 0
     for item, run in taken:

@@ -50,3 +50,30 @@ def test_small_study_end_to_end(tmp_path, subprocess_env):
     table = (tmp_path / "out" / "trust_region_small_table.md").read_text()
     assert "| cppo,d3,s4 | 1 |" in table and "| pg_is,d0,s0 | 1 |" in table
     assert os.path.exists(tmp_path / "out" / "trust_region_small_plots" / "reward_mean.png")
+
+
+def test_finished_runs_are_archived_and_restored(tmp_path):
+    """launch/sanity.archive keeps each finished run's config.json and metrics.jsonl (gzipped)
+    in a tracked folder, once; unarchive restores them into a new workdir (a new checkout has
+    none) and replaces what a killed run left, so they count as finished and are not rerun."""
+    import json
+
+    from launch import sanity, sweep
+    entries = [{"config_arg": "pg_is,d0,s0", "seed": 0}, {"config_arg": "cppo,d3,s4", "seed": 0}]
+    work, keep = tmp_path / "work", tmp_path / "keep"
+    for e, last in zip(entries, (2, 1)):  # the second stopped at 1 of 2 iterations
+        d = work / sweep.run_name(e)
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"train": {"iterations": 2}}))
+        (d / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "reward/mean": 0.25 * s}) + "\n" for s in range(1, last + 1)))
+    done, unfinished = (sweep.run_name(e) for e in entries)
+    assert sanity.archive(str(work), entries, str(keep)) == [done]
+    assert (keep / done / "metrics.jsonl.gz").exists() and not (keep / unfinished).exists()
+    assert sanity.archive(str(work), entries, str(keep)) == []  # once
+    new = tmp_path / "new"
+    (new / done).mkdir(parents=True)  # what a killed run left: no metrics
+    assert sanity.unarchive(str(keep), str(new), entries) == [done]
+    assert sanity.finished(str(new / done)) and not (new / unfinished).exists()
+    assert (new / done / "metrics.jsonl").read_text() == (work / done / "metrics.jsonl").read_text()
+    assert sanity.unarchive(str(keep), str(new), entries) == []  # finished: left as it is
