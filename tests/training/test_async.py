@@ -368,8 +368,9 @@ def test_partial_rollouts_keep_each_tokens_mu_and_version(tmp_path, monkeypatch,
     each segment so that the trainer publishes while rows are generating: some rows span two
     versions. Every token's recorded mu equals the log-prob that the parameters of its
     recorded version give it (the trainer's score program on the whole row), and each row's
-    versions never decrease along the row. With 2 sampler replicas each switches on its own
-    and the joined rollout keeps every token's version."""
+    versions never decrease along the row. With 2 sampler replicas (and scheduled versions)
+    each switches on its own, the joined rollout keeps every token's version, and every
+    rollout's first segment has the scheduled version max(0, j - 2)."""
     import time
     published, taken = {}, []
     publish, take = async_rollouts.RolloutProducer.publish, async_rollouts.RolloutProducer.take
@@ -396,13 +397,17 @@ def test_partial_rollouts_keep_each_tokens_mu_and_version(tmp_path, monkeypatch,
                                            "train.iterations": 6, "train.partial_rollouts": 2,
                                            "rollout.overlong_penalty": 0.0,
                                            "train.emulate_train_s": 0.6,
-                                           "sampler_mesh.replicas": replicas})
+                                           "sampler_mesh.replicas": replicas,
+                                           "train.rollout_version": ("newest", "scheduled")[
+                                               replicas - 1]})
     assert sum(r["async/partial_rows"] for r in rows) >= 1, rows
     spans = 0
     for item, run in taken:
         v, host = item.token_versions, item.host
         assert ((v >= 0) == (host.response_mask > 0)).all()
         assert v[v >= 0].min() == item.version
+        if replicas == 2:
+            assert item.version == max(0, item.iteration - 2)
         for row in v:
             row = row[row >= 0]
             assert (np.diff(row) >= 0).all()

@@ -6,9 +6,10 @@
     sampler.first_version       # the version of the first segment (the oldest)
 
 The response is decoded in segments of ``chunk`` tokens. Before each segment the sampler asks
-``params.current()`` for the newest (version, parameters) it may use
-(trustrl.training.async_rollouts.Versioned: what the trainer published last); the rows still generating continue from their prompt plus the tokens sampled so
-far, re-prefilled under the segment's parameters (the KV cache of older weights is not reused,
+``params.current()`` for the (version, parameters) to use (trustrl.training.async_rollouts.
+Versioned: the version chosen for the rollout for the first segment, then the newest the
+trainer has published); the rows still generating continue from their prompt plus the tokens
+sampled so far, re-prefilled under the segment's parameters (the KV cache of older weights is not reused,
 as in AReaL's interruptible generation), so every token's recorded mu is exactly
 pi_version(token | its whole prefix) of the version that sampled it, the anchor DPPO's mask
 needs per token. The segments are one sampler's calls (``Sampler.generate`` with

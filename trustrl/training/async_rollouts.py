@@ -414,6 +414,18 @@ class RolloutProducer:
             v = max(self._published)
             return v, self._published[v][replica]
 
+    def _segments(self, replica: int, version: int, params):
+        """``current()`` of a partial rollout's replica: its first call (the first segment)
+        gives the version chosen for the rollout, every later call the newest published."""
+        first = [True]
+
+        def current():
+            if first[0]:
+                first[0] = False
+                return version, params
+            return self._newest(replica)
+        return current
+
     def _produce_all(self):
         try:
             while self._next < self._end:
@@ -449,8 +461,8 @@ class RolloutProducer:
             for v in [v for v in self._published if v < version]:
                 del self._published[v]  # later rollouts never use older versions
         t1 = time.perf_counter()
-        if self.partial:  # each segment asks for the newest version
-            params = [Versioned(lambda i=i: self._newest(i)) for i in range(len(params))]
+        if self.partial:  # the first segment: the version chosen; each later one: the newest
+            params = [Versioned(self._segments(i, version, p)) for i, p in enumerate(params)]
         parts, examples, extra = self.collect(params, k_roll, version)
         if self.emulate_s:
             time.sleep(self.emulate_s)
