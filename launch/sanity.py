@@ -42,12 +42,18 @@ def finished(run_dir: str) -> bool:
     return bool(rows) and rows[-1]["step"] >= iterations
 
 
+_KEPT = ("config.json", "log.txt", "filter.json")  # copied as they are (small)
+BASE = "_base"  # KEEP_DIR/_base: the warm-start and filter caches the runs started from
+
+
 def archive(workdir: str, entries, keep_dir: str) -> list[str]:
-    """Copies each finished run's config.json and metrics.jsonl (gzipped, as
-    KEEP_DIR/RUN/metrics.jsonl.gz) into ``keep_dir``, a tracked folder: a study that spans
-    sessions keeps its results when the workdir (ignored by git) is gone. Returns the runs
-    archived now (an archived run is not rewritten)."""
+    """Copies each finished run's config.json, log.txt, filter.json and metrics.jsonl (gzipped,
+    as KEEP_DIR/RUN/metrics.jsonl.gz) into ``keep_dir``, a tracked folder, and the warm-start /
+    filter caches its config names (warmstart.cache_dir) into KEEP_DIR/_base: a study that
+    spans sessions keeps its results and its base when the workdir (ignored by git) is gone.
+    Returns the runs archived now (an archived run or cache file is not rewritten)."""
     import gzip
+    import json
     import shutil
     done = []
     for e in entries:
@@ -56,32 +62,57 @@ def archive(workdir: str, entries, keep_dir: str) -> list[str]:
         if not finished(src) or os.path.exists(os.path.join(dst, "metrics.jsonl.gz")):
             continue
         os.makedirs(dst, exist_ok=True)
-        shutil.copyfile(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
+        for f in _KEPT:
+            if os.path.exists(os.path.join(src, f)):
+                shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
         tmp = os.path.join(dst, "metrics.jsonl.gz.tmp")
         with open(os.path.join(src, "metrics.jsonl"), "rb") as f, open(tmp, "wb") as raw, \
                 gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as g:
             shutil.copyfileobj(f, g)
         os.replace(tmp, os.path.join(dst, "metrics.jsonl.gz"))  # complete, or absent
+        with open(os.path.join(src, "config.json")) as f:
+            cache = json.load(f).get("warmstart", {}).get("cache_dir", "")
+        if cache and os.path.isdir(cache):
+            os.makedirs(os.path.join(keep_dir, BASE), exist_ok=True)
+            for f in sorted(os.listdir(cache)):
+                out = os.path.join(keep_dir, BASE, f)
+                if not os.path.exists(out) and not f.endswith(".tmp"):
+                    shutil.copyfile(os.path.join(cache, f), out + ".tmp")
+                    os.replace(out + ".tmp", out)
         done.append(name)
     return done
 
 
 def unarchive(keep_dir: str, workdir: str, entries) -> list[str]:
-    """Restores the archived runs (``archive``) that ``workdir`` lacks or has unfinished: their
-    config.json and metrics.jsonl, so that they count as finished (not rerun) and enter the
-    tables and plots. A run folder already there is replaced only when unfinished (what a
+    """Restores the archived runs (``archive``) that ``workdir`` lacks or has unfinished, so
+    that they count as finished (not rerun) and enter the tables and plots, and the archived
+    base into the cache folder of their configs where it is missing (so that new runs start
+    from the same base). A run folder already there is replaced only when unfinished (what a
     killed run left). Returns the runs restored."""
     import gzip
+    import json
     import shutil
     done = []
     for e in entries:
         name = sweep.run_name(e)
         src, dst = os.path.join(keep_dir, name), os.path.join(workdir, name)
-        if not os.path.exists(os.path.join(src, "metrics.jsonl.gz")) or finished(dst):
+        if not os.path.exists(os.path.join(src, "metrics.jsonl.gz")):
+            continue
+        with open(os.path.join(src, "config.json")) as f:
+            cache = json.load(f).get("warmstart", {}).get("cache_dir", "")
+        base = os.path.join(keep_dir, BASE)
+        if cache and os.path.isdir(base):
+            os.makedirs(cache, exist_ok=True)
+            for f in sorted(os.listdir(base)):
+                if not os.path.exists(os.path.join(cache, f)):
+                    shutil.copyfile(os.path.join(base, f), os.path.join(cache, f))
+        if finished(dst):
             continue
         shutil.rmtree(dst, ignore_errors=True)
         os.makedirs(dst)
-        shutil.copyfile(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
+        for f in _KEPT:
+            if os.path.exists(os.path.join(src, f)):
+                shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
         with gzip.open(os.path.join(src, "metrics.jsonl.gz"), "rb") as g, \
                 open(os.path.join(dst, "metrics.jsonl"), "wb") as f:
             shutil.copyfileobj(g, f)

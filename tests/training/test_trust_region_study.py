@@ -52,28 +52,39 @@ def test_small_study_end_to_end(tmp_path, subprocess_env):
     assert os.path.exists(tmp_path / "out" / "trust_region_small_plots" / "reward_mean.png")
 
 
-def test_finished_runs_are_archived_and_restored(tmp_path):
-    """launch/sanity.archive keeps each finished run's config.json and metrics.jsonl (gzipped)
-    in a tracked folder, once; unarchive restores them into a new workdir (a new checkout has
-    none) and replaces what a killed run left, so they count as finished and are not rerun."""
+def test_finished_runs_are_archived_and_restored(tmp_path, monkeypatch):
+    """launch/sanity.archive keeps each finished run's config.json, log.txt and metrics.jsonl
+    (gzipped) and the warm-start cache it started from in a tracked folder, once; unarchive
+    restores them into a new workdir and cache (a new checkout has neither) and replaces what a
+    killed run left, so they count as finished, are not rerun, and new runs share the base."""
     import json
 
     from launch import sanity, sweep
+    monkeypatch.chdir(tmp_path)  # the configs' cache_dir is relative, as in the study's
     entries = [{"config_arg": "pg_is,d0,s0", "seed": 0}, {"config_arg": "cppo,d3,s4", "seed": 0}]
-    work, keep = tmp_path / "work", tmp_path / "keep"
+    work, keep, cache = tmp_path / "work", tmp_path / "keep", tmp_path / "cache"
+    cache.mkdir()
+    (cache / "warmstart-abc.msgpack").write_bytes(b"base")
     for e, last in zip(entries, (2, 1)):  # the second stopped at 1 of 2 iterations
         d = work / sweep.run_name(e)
         d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps({"train": {"iterations": 2}}))
+        (d / "config.json").write_text(json.dumps({"train": {"iterations": 2},
+                                                   "warmstart": {"cache_dir": "cache"}}))
+        (d / "log.txt").write_text("warm start: 5 steps\n")
         (d / "metrics.jsonl").write_text("".join(
             json.dumps({"step": s, "reward/mean": 0.25 * s}) + "\n" for s in range(1, last + 1)))
     done, unfinished = (sweep.run_name(e) for e in entries)
     assert sanity.archive(str(work), entries, str(keep)) == [done]
     assert (keep / done / "metrics.jsonl.gz").exists() and not (keep / unfinished).exists()
+    assert (keep / done / "log.txt").read_text() == "warm start: 5 steps\n"
+    assert (keep / sanity.BASE / "warmstart-abc.msgpack").read_bytes() == b"base"
     assert sanity.archive(str(work), entries, str(keep)) == []  # once
+    import shutil
+    shutil.rmtree(cache)
     new = tmp_path / "new"
     (new / done).mkdir(parents=True)  # what a killed run left: no metrics
     assert sanity.unarchive(str(keep), str(new), entries) == [done]
     assert sanity.finished(str(new / done)) and not (new / unfinished).exists()
     assert (new / done / "metrics.jsonl").read_text() == (work / done / "metrics.jsonl").read_text()
+    assert (cache / "warmstart-abc.msgpack").read_bytes() == b"base"
     assert sanity.unarchive(str(keep), str(new), entries) == []  # finished: left as it is
