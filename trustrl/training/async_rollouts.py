@@ -238,10 +238,8 @@ def join_parts(parts: list, group_size: int, width: int = 0):
                               prompt_mask=left(p.host.prompt_mask),
                               routed_experts=left(p.host.routed_experts))
 
-    host = jax.tree.map(lambda *xs: np.concatenate(xs), *[pad(p) for p in parts])
-    b = host.response_tokens.shape[0]
-    host = host.replace(group_index=np.repeat(np.arange(b // group_size, dtype=np.int32),
-                                              group_size))
+    host = _renumbered(jax.tree.map(lambda *xs: np.concatenate(xs), *[pad(p) for p in parts]),
+                       group_size)
     rewards = np.concatenate([p.rewards for p in parts]).astype(np.float32)
     versions = np.concatenate([np.full(len(p.rewards), p.version, np.int32) for p in parts])
     tv = None
@@ -250,22 +248,26 @@ def join_parts(parts: list, group_size: int, width: int = 0):
     return host, rewards, versions, tv
 
 
-def gather_parts(parts: list, replicas: int, mesh, name: str) -> list:
-    """Every replica's Part on every process, from each process's own (``parts``): the prompt
-    width agreed through the coordination service (``name``: new for each call), then the
-    rows gathered by an all-gather over ``mesh`` (the trainer's; a collective that the trainer
-    thread runs, in the same order on every process). Replica r lies on process r // (R / P),
-    so process order is replica order."""
+def gather_parts(parts: list, group_size: int, mesh, name: str):
+    """``join_parts`` of every process's Parts, on every process, from each process's own
+    (``parts``): the prompt width agreed through the coordination service (``name``: new for
+    each call), this process's rows joined at it, then gathered by an all-gather over ``mesh``
+    (the trainer's; a collective that the trainer thread runs, in the same order on every
+    process). Replica r lies on process r // (R / P), so process order is replica order."""
     width = max(int(w) for w in multihost.exchange(
         f"{name}/width", str(max(p.host.prompt_tokens.shape[1] for p in parts))))
-    host, rewards, versions, tv = join_parts(parts, 1, width)
+    host, rewards, versions, tv = join_parts(parts, group_size, width)
     got = multihost.gather_rows({"host": host, "rewards": rewards, "versions": versions,
                                  "token_versions": tv}, mesh)
-    b = len(got["rewards"]) // replicas
-    rows = lambda x, r: None if x is None else x[r * b:(r + 1) * b]
-    return [Part(r, jax.tree.map(lambda x, r=r: rows(x, r), got["host"]),
-                 rows(got["rewards"], r), int(got["versions"][r * b]),
-                 rows(got["token_versions"], r)) for r in range(replicas)]
+    return (_renumbered(got["host"], group_size), got["rewards"], got["versions"],
+            got["token_versions"])
+
+
+def _renumbered(host, group_size: int):
+    """``host`` with group_index 0, 0, .., 1, 1, .. (group_size rows each)."""
+    b = host.response_tokens.shape[0]
+    return host.replace(group_index=np.repeat(np.arange(b // group_size, dtype=np.int32),
+                                              group_size))
 
 
 @dataclasses.dataclass
@@ -360,11 +362,11 @@ class RolloutProducer:
             item = self._items.pop(it)
             queued = len(self._items)
             self._cond.notify_all()
-        parts = item.parts
-        if len(parts) < self.replicas:  # the other processes' replicas: gather
-            parts = gather_parts(parts, self.replicas, self.run.mesh, f"rollout/{it}")
-        item.host, item.rewards, versions, item.token_versions = join_parts(
-            parts, self.group_size)
+        if len(item.parts) < self.replicas:  # the other processes' replicas: gather
+            joined = gather_parts(item.parts, self.group_size, self.run.mesh, f"rollout/{it}")
+        else:
+            joined = join_parts(item.parts, self.group_size)
+        item.host, item.rewards, versions, item.token_versions = joined
         item.version = int(versions.min())
         with self._cond:
             if self.keep_versions:
