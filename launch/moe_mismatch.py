@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
+from trustrl.model import policy  # noqa: E402
 from trustrl.model import transformer as M  # noqa: E402
 from trustrl.model import vocab_head  # noqa: E402
 from trustrl.training import experiment  # noqa: E402
@@ -51,10 +52,9 @@ def _cfg(moe: bool, seed: int):
 
 def _response_logp(params, model_cfg, r, temperature, routes=None):
     """log pi of the sampled response tokens, fp32 trainer forward (optionally replaying)."""
-    n = r.response_tokens.shape[1]
-    hidden = M.forward(params, model_cfg, r.tokens, r.positions, r.valid_mask, routes=routes)
-    p = r.tokens.shape[1] - n
-    logits = M.lm_head(params, model_cfg, hidden[:, p - 1:p - 1 + n]) / temperature
+    logits = policy.response_logits(params, model_cfg, r.tokens, r.positions, r.valid_mask,
+                                    num_response=r.response_tokens.shape[1],
+                                    temperature=temperature, routes=routes)
     return vocab_head.token_logp_and_entropy(logits, r.response_tokens)[0]
 
 

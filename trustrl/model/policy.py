@@ -154,66 +154,80 @@ def decode_step_routed(params, model_cfg: model_lib.ModelConfig, tokens, positio
 
 
 def response_hidden(params, model_cfg: model_lib.ModelConfig, tokens, positions, valid, *,
-                    num_response: int):
+                    num_response: int, routes=None, with_routing: bool = False):
     """Final-normed hidden states [B, N, E] that predict the N response tokens of [B, P + N]
-    sequences (positions P-1 .. P+N-2); the input of the (fused) vocabulary head."""
+    sequences (positions P-1 .. P+N-2); the input of the (fused) vocabulary head.
+
+    A mixture of experts: ``routes`` [B, P + N, M, k] replays these experts in its M sparse
+    layers (R3; None: the model routes); ``with_routing``: returns (hidden, the trunk's moe
+    dict: ids [B, P + N, M, k], per-layer "counts", "prob_sums" [M, X] and "tokens" [M] over
+    the valid tokens; ``transformer.forward_moe``)."""
     prompt_len = tokens.shape[1] - num_response
     if prompt_len < 1:
         raise ValueError(f"sequences of length {tokens.shape[1]} have no prompt before "
                          f"num_response={num_response} response tokens")
-    hidden = model_lib.forward(params, model_cfg, tokens, positions, valid)
+    if with_routing:
+        hidden, moe = model_lib.forward_moe(params, model_cfg, tokens, positions, valid,
+                                            routes=routes)
+        return response_logits_slice(hidden, prompt_len, num_response), moe
+    hidden = model_lib.forward(params, model_cfg, tokens, positions, valid, routes=routes)
     return response_logits_slice(hidden, prompt_len, num_response)
 
 
 def response_logits(params, model_cfg: model_lib.ModelConfig, tokens, positions, valid, *,
-                    num_response: int, temperature: float = 1.0):
+                    num_response: int, temperature: float = 1.0, routes=None):
     """Tempered logits [B, N, V] float32 predicting the N response tokens of [B, P + N] sequences.
 
     The plain head (the reference for trustrl.model.vocab_head, and what notebooks inspect): the
     vocabulary head runs only on the N hidden states that predict response tokens, not on the
     prompt. Logits are divided by the sampling ``temperature``, so log_softmax of them is the
-    distribution rollout_logp was recorded under.
+    distribution rollout_logp was recorded under. ``routes``: as ``response_hidden``'s.
     """
     hidden = response_hidden(params, model_cfg, tokens, positions, valid,
-                             num_response=num_response)
+                             num_response=num_response, routes=routes)
     logits = model_lib.lm_head(params, model_cfg, hidden)
     return logits if temperature == 1.0 else logits / temperature
 
 
 def response_head(params, model_cfg: model_lib.ModelConfig, batch, *, temperature: float = 1.0,
                   mu_params=None, mu_model_cfg=None, topk_ids=None, mesh=None,
-                  logp_grad=None, head: str = "fused", on_correction=None) -> dict:
+                  logp_grad=None, head: str = "fused", on_correction=None, routes=None,
+                  with_routing: bool = False):
     """The fused vocabulary head (trustrl.model.vocab_head) on the response positions of ``batch``
     (tokens / positions / valid / response_tokens): logp (differentiable), entropy, and with
     ``topk_ids`` log pi at those ids, with ``mu_params`` (frozen, at ``mu_model_cfg``'s
     precision) the exact TV / KL(mu || pi). No [tokens, vocab] array is kept. ``logp_grad``:
     the loss-fused head (see vocab_head.fused_head, also for ``on_correction``). ``head="plain"``:
     the same outputs from
-    [tokens, vocab] logits (vocab_head.plain_head, the reference; benchmarks measure it)."""
+    [tokens, vocab] logits (vocab_head.plain_head, the reference; benchmarks measure it).
+    A mixture of experts: ``routes`` (R3) replays experts in the policy's trunk and in mu's;
+    ``with_routing`` returns (outputs, the policy trunk's moe dict) (``response_hidden``)."""
     if head not in HEADS:
         raise ValueError(f"head={head!r} is not valid; choose one of {HEADS}")
     n = batch["response_tokens"].shape[1]
     args = (batch["tokens"], batch["positions"], batch["valid"])
-    hidden = response_hidden(params, model_cfg, *args, num_response=n)
+    hidden = response_hidden(params, model_cfg, *args, num_response=n, routes=routes,
+                             with_routing=with_routing)
+    hidden, moe = hidden if with_routing else (hidden, None)
     w, axis = vocab_head.head_weight(params, model_cfg)
     mu_hidden = mu_w = None
     if mu_params is not None:
         mu_cfg = model_cfg if mu_model_cfg is None else mu_model_cfg
         mu_params = jax.lax.stop_gradient(mu_params)
-        mu_hidden = response_hidden(mu_params, mu_cfg, *args, num_response=n)
+        mu_hidden = response_hidden(mu_params, mu_cfg, *args, num_response=n, routes=routes)
         mu_w = vocab_head.head_weight(mu_params, mu_cfg)[0]
     kwargs = dict(w_vocab_axis=axis, mu_hidden=mu_hidden, mu_w=mu_w, topk_ids=topk_ids,
                   temperature=temperature)
     if head == "plain":  # O(tokens x vocab) memory
-        return vocab_head.plain_head(hidden, w, batch["response_tokens"], **kwargs)
-    return vocab_head.fused_head(hidden, w, batch["response_tokens"], mesh=mesh,
-                                 token_chunk=model_cfg.head_token_chunk,
-                                 vocab_chunk=model_cfg.head_vocab_chunk, logp_grad=logp_grad,
-                                 on_correction=on_correction,
-                                 **kwargs)
+        out = vocab_head.plain_head(hidden, w, batch["response_tokens"], **kwargs)
+    else:
+        out = vocab_head.fused_head(hidden, w, batch["response_tokens"], mesh=mesh,
+                                    token_chunk=model_cfg.head_token_chunk,
+                                    vocab_chunk=model_cfg.head_vocab_chunk, logp_grad=logp_grad,
+                                    on_correction=on_correction, **kwargs)
+    return (out, moe) if with_routing else out
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "num_response", "temperature"))
 def response_logp(params, model_cfg, tokens, positions, valid, *, num_response: int,
                   temperature: float = 1.0):
     """Trainer-side log-probs [B, N] of the response tokens (the last N columns of ``tokens``),

@@ -68,8 +68,9 @@ def trained(model_cfg, tree):
 
 def policy_params(params, frozen=None):
     """The model's parameter tree from a TrainState's params: themselves, or with a LoRA
-    model's frozen base ``frozen`` joined (``lora.combine``: no copy)."""
-    return params if frozen is None else lora.combine(frozen, params)
+    model's frozen base ``frozen`` joined (``lora.combine``: no copy; its layer stack in
+    ``transformer.loop_storage``'s form)."""
+    return params if frozen is None else lora.combine(model_lib.loop_storage(frozen), params)
 
 
 def init_program(tx, shardings: TrainState | None = None):
@@ -165,43 +166,6 @@ def replay_routes(batch, model_cfg, routing_replay: bool):
     return routed.astype(jnp.int32)
 
 
-def moe_response_head(params, model_cfg, batch, *, routes=None, temperature: float = 1.0,
-                      mu_params=None, mu_model_cfg=None, topk_ids=None, mesh=None,
-                      logp_grad=None, head: str = "fused", on_correction=None):
-    """``policy.response_head`` for a mixture of experts: (the head's outputs, the trunk's
-    routing). The trunk runs ``transformer.forward_moe`` with ``routes`` (R3: replay; None:
-    route), so the second value is its moe dict (ids [b, T, M, k], per-layer "counts",
-    "prob_sums" [M, X], "tokens" [M] over the valid tokens). mu's hidden states (``mu_params``)
-    replay the same ``routes``. Otherwise the same head: for ``routes=None`` the outputs equal
-    ``policy.response_head``'s."""
-    if head not in policy.HEADS:
-        raise ValueError(f"head={head!r} is not valid; choose one of {policy.HEADS}")
-    n = batch["response_tokens"].shape[1]
-    args = (batch["tokens"], batch["positions"], batch["valid"])
-    prompt_len = args[0].shape[1] - n
-    if prompt_len < 1:
-        raise ValueError(f"sequences of length {args[0].shape[1]} have no prompt before "
-                         f"num_response={n} response tokens")
-    hidden, moe = model_lib.forward_moe(params, model_cfg, *args, routes=routes)
-    hidden = policy.response_logits_slice(hidden, prompt_len, n)
-    w, axis = vocab_head.head_weight(params, model_cfg)
-    mu_hidden = mu_w = None
-    if mu_params is not None:
-        mu_cfg = model_cfg if mu_model_cfg is None else mu_model_cfg
-        mu_params = jax.lax.stop_gradient(mu_params)
-        mu_hidden = policy.response_logits_slice(
-            model_lib.forward(mu_params, mu_cfg, *args, routes=routes), prompt_len, n)
-        mu_w = vocab_head.head_weight(mu_params, mu_cfg)[0]
-    kwargs = dict(w_vocab_axis=axis, mu_hidden=mu_hidden, mu_w=mu_w, topk_ids=topk_ids,
-                  temperature=temperature)
-    if head == "plain":
-        return vocab_head.plain_head(hidden, w, batch["response_tokens"], **kwargs), moe
-    return vocab_head.fused_head(hidden, w, batch["response_tokens"], mesh=mesh,
-                                 token_chunk=model_cfg.head_token_chunk,
-                                 vocab_chunk=model_cfg.head_vocab_chunk, logp_grad=logp_grad,
-                                 on_correction=on_correction, **kwargs), moe
-
-
 def strided_split(x, parts: int):
     """[b, ...] -> [parts, b / parts, ...], part i = rows i, i + parts, i + 2 parts, ... (a
     strided split keeps each device's rows on that device)."""
@@ -242,8 +206,8 @@ def score(params, batch, *, model_cfg, temperature: float = 1.0, mesh=None,
         keys += ("routed_experts",)
 
         def head(b):
-            return moe_response_head(params, model_cfg, b, routes=b["routed_experts"].astype(
-                jnp.int32), temperature=temperature, mesh=mesh)[0]["logp"]
+            return policy.response_head(params, model_cfg, b, routes=b["routed_experts"].astype(
+                jnp.int32), temperature=temperature, mesh=mesh)["logp"]
     else:
         def head(b):
             return policy.response_head(params, model_cfg, b, temperature=temperature,
@@ -276,7 +240,8 @@ def routing_metrics(params, batch, logp=None, *, model_cfg, temperature: float =
     prompt_len = batch["tokens"].shape[1] - n
 
     def own(b):
-        out, moe = moe_response_head(params, model_cfg, b, temperature=temperature, mesh=mesh)
+        out, moe = policy.response_head(params, model_cfg, b, temperature=temperature,
+                                        mesh=mesh, with_routing=True)
         return {"logp": out["logp"], "ids": policy.response_logits_slice(moe["ids"],
                                                                          prompt_len, n)}
 
@@ -355,10 +320,10 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
     a diagnostics callback of the loss-fused head (vocab_head.fused_head).
 
     A mixture of experts (``model_cfg.sparse_layers``) runs its trunk through
-    ``moe_response_head``. ``routing_replay`` (R3): every token goes to the experts in
-    ``batch["routed_experts"]`` with gate weights from this router's softmax at those ids (so
-    the router keeps its gradient); a batch without them is a ValueError. mu's hidden states (the
-    exact-divergence methods) replay them too. ``router_aux_loss_coef`` > 0 adds coef x
+    ``policy.response_head(with_routing=True)``. ``routing_replay`` (R3): every token goes to
+    the experts in ``batch["routed_experts"]`` with gate weights from this router's softmax at
+    those ids (so the router keeps its gradient); a batch without them is a ValueError. mu's
+    hidden states (the exact-divergence methods) replay them too. ``router_aux_loss_coef`` > 0 adds coef x
     ``moe.load_balancing_loss`` over all sparse layers, from forward_moe's sums over the batch's
     valid tokens (prompt and response columns: the ``valid`` mask); with micro-batches, the
     mean of the micro-batches' losses (as with Hugging Face's gradient accumulation). Logged
@@ -448,8 +413,9 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
             head="plain" if head == "plain" else "fused", on_correction=on_correction)
         sums = {}
         if is_moe:
-            out, moe = moe_response_head(params, model_cfg, batch, **head_kw,
-                                         routes=replay_routes(batch, model_cfg, routing_replay))
+            out, moe = policy.response_head(
+                params, model_cfg, batch, **head_kw, with_routing=True,
+                routes=replay_routes(batch, model_cfg, routing_replay))
             aux = moe_lib.load_balancing_loss(jnp.sum(moe["counts"], axis=0),
                                               jnp.sum(moe["prob_sums"], axis=0),
                                               jnp.sum(moe["tokens"]))
