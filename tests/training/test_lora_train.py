@@ -87,6 +87,49 @@ def test_the_lora_train_step_sharded_equals_unsharded():
                  got.params, want.params)
 
 
+def _stacked_f32_copies(hlo: str, shapes) -> list:
+    """HLO instructions producing a float32 array of a stacked base kernel's shape [L, ...]."""
+    out = []
+    for shape in shapes:
+        dims = ",".join(map(str, shape))
+        out += [line for line in hlo.splitlines() if f"= f32[{dims}]" in line]
+    return out
+
+
+def test_a_bf16_base_is_not_held_in_float32_by_the_cpu_step(monkeypatch):
+    """transformer.loop_storage: XLA:CPU would convert the bf16 layer stack to float32 before
+    slicing a layer and hoist that out of the layer loop (a float32 copy of the whole base);
+    the uint16 bit patterns it passes instead give the same step bitwise."""
+    base_cfg, cfg, base, adapters = _setup(num_layers=3, intermediate_size=48)
+    base_cfg, cfg = (dataclasses.replace(c, param_dtype="bfloat16", dtype="bfloat16")
+                     for c in (base_cfg, cfg))
+    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    tx = optim.make_optimizer(default.get_config("tiny").optim, 10)
+    roll = lora.merge(lora.combine(base, adapters), cfg)[0]
+    kw = dict(model_cfg=cfg, loss_cfg=_loss_cfg(), tx=tx, rollout_model_cfg=base_cfg)
+    stacked = [x.shape for x in jax.tree.leaves(base["layers"]) if x.ndim >= 3]
+    assert stacked and all(s[0] == 3 for s in stacked)
+
+    def run():
+        step = jax.jit(lambda s, b, r, f: ts.train_step(s, b, r, f, **kw))
+        args = (ts.init_train_state(adapters, tx), _batch(), roll, base)
+        return step(*args), step.lower(*args).compile().as_text()
+
+    # the storage form itself: bf16 leaves of the stack as uint16, the rest as they were
+    stored = M.loop_storage(base)
+    assert all(x.dtype == jnp.uint16 for x in jax.tree.leaves(stored["layers"]))
+    assert stored["embedding"] is base["embedding"]
+    (got, m_got), hlo = run()
+    assert _stacked_f32_copies(hlo, stacked) == []
+    assert "bitcast-convert" in hlo or "bitcast_convert" in hlo
+    monkeypatch.setattr(M, "loop_storage", lambda params: params)  # the plain bf16 stack
+    (want, m_want), hlo_plain = run()
+    assert _stacked_f32_copies(hlo_plain, stacked)  # what loop_storage removes
+    for k in m_want:
+        np.testing.assert_array_equal(np.asarray(m_got[k]), np.asarray(m_want[k]), err_msg=k)
+    jax.tree.map(np.testing.assert_array_equal, got.params, want.params)
+
+
 def _run_stub(base_id):
     return types.SimpleNamespace(base_id=base_id)
 

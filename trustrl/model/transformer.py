@@ -271,7 +271,29 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype=None):
     c = module.config
     value = module.param(name, nn.with_logical_partitioning(init, axes), shape,
                          jnp.dtype(dtype or c.param_dtype))
+    if value.dtype == _BITS:  # loop_storage's bit pattern
+        value = jax.lax.bitcast_convert_type(value, jnp.bfloat16)
     return jnp.asarray(value, dtype or c.compute_dtype)
+
+
+_BITS = jnp.uint16  # a bfloat16's bit pattern (loop_storage)
+
+
+def loop_storage(params):
+    """``params`` with the layer stack's (``params["layers"]``) bfloat16 leaves as their uint16
+    bit patterns when the program targets the CPU; the model reads them back bitwise
+    (``_param``), so the outputs are unchanged. Why: XLA:CPU computes bfloat16 in float32, and
+    its float normalisation converts a bf16 stack to float32 BEFORE slicing one layer out of
+    it, a conversion it then hoists out of the layer loop: a float32 copy of every layer's
+    weights held through the step (a frozen bf16 LoRA base on Qwen3-0.6B: 1.6 GiB, twice the
+    base; benchmarks/lora.py). An integer stack is sliced as it is and each layer's slice is
+    converted in its own iteration. Only for weights that get no gradient (a bit pattern has
+    none): the LoRA base (``training.step.policy_params``). Other platforms: ``params``."""
+    if "layers" not in params or attention_lib.target_platform() != "cpu":
+        return params
+    bits = jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, _BITS)
+                        if x.dtype == jnp.bfloat16 else x, params["layers"])
+    return {**params, "layers": bits}
 
 
 _normal = nn.initializers.normal(0.02)  # Hugging Face's initializer_range default
