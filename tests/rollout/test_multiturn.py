@@ -309,3 +309,20 @@ def test_fewer_rows_than_episodes_and_early_exits_play_the_same_greedy_episodes(
             assert counts.prefill_tokens == int(np.asarray(base.prompt_mask).sum())
     with pytest.raises(ValueError, match="exit_fraction must be a number in"):
         multiturn.MultiTurnConfig(exit_fraction=0)
+
+
+def test_turns_to_solve_counts_only_solved_episodes():
+    """A game that terminates on failure (return 0) is not a solve: the training metric uses
+    Trajectories.solved, as the evaluation does."""
+    tr = trajectory
+    traj = tr.Trajectories.assemble(
+        turn_index=np.zeros((3, 4), np.int32), rewards=[[0.0, 1.0], [0.0, 0.0, 0.0], [0.0]],
+        max_turns=3, finish=[tr.TERMINATED, tr.TERMINATED, tr.MAX_TURNS], seeds=[0, 1, 2],
+        turn_ends=np.zeros(len(tr.TURN_ENDS), np.int64), processed=[4, 4, 4])
+    assert traj.solved.tolist() == [True, False, False]
+    assert traj.metrics(np.ones((3, 4)))["episode/turns_to_solve"] == 2.0  # not (2 + 3) / 2
+    failed = tr.Trajectories.assemble(
+        turn_index=np.zeros((1, 4), np.int32), rewards=[[0.0]], max_turns=3,
+        finish=[tr.TERMINATED], seeds=[0], turn_ends=np.zeros(len(tr.TURN_ENDS), np.int64),
+        processed=[4])
+    assert "episode/turns_to_solve" not in failed.metrics(np.ones((1, 4)))

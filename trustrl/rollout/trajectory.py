@@ -70,7 +70,7 @@ class Trajectories:
 
     def metrics(self, response_mask) -> dict:
         """Turns per episode, tokens per turn, the observation / policy token ratio, how
-        episodes and turns ended (shares) and turns to solve (terminated episodes)."""
+        episodes and turns ended (shares) and turns to solve (``solved`` episodes)."""
         mask = np.asarray(response_mask) > 0
         policy = mask.sum()
         obs = ((self.turn_index >= 0) & ~mask).sum()
@@ -84,8 +84,8 @@ class Trajectories:
         ends = max(int(self.turn_ends.sum()), 1)
         for i, name in enumerate(TURN_ENDS):
             out[f"episode/turn_end_{name}"] = float(self.turn_ends[i] / ends)
-        solved = self.finish == TERMINATED
-        if solved.any():  # left out otherwise (not a NaN in the metrics)
+        solved = self.solved  # as the evaluation's: an episode the environment ended in failure
+        if solved.any():  # is not solved (left out otherwise, not a NaN in the metrics)
             out["episode/turns_to_solve"] = float(self.num_turns[solved].mean())
         return out
 
