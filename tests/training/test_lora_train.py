@@ -119,6 +119,10 @@ def test_a_bf16_base_is_not_held_in_float32_by_the_cpu_step(monkeypatch):
     stored = M.loop_storage(base)
     assert all(x.dtype == jnp.uint16 for x in jax.tree.leaves(stored["layers"]))
     assert stored["embedding"] is base["embedding"]
+    # ... and only inside the train step: the joined tree others use (export, scoring) holds
+    # the weights themselves
+    joined = ts.policy_params(adapters, base)
+    assert {x.dtype for x in jax.tree.leaves(lora.split(joined)[0])} == {jnp.dtype(jnp.bfloat16)}
     (got, m_got), hlo = run()
     assert _stacked_f32_copies(hlo, stacked) == []
     assert "bitcast-convert" in hlo or "bitcast_convert" in hlo

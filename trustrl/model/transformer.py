@@ -288,7 +288,8 @@ def loop_storage(params):
     weights held through the step (a frozen bf16 LoRA base on Qwen3-0.6B: 1.6 GiB, twice the
     base; benchmarks/lora.py). An integer stack is sliced as it is and each layer's slice is
     converted in its own iteration. Only for weights that get no gradient (a bit pattern has
-    none): the LoRA base (``training.step.policy_params``). Other platforms: ``params``."""
+    none), and only inside a traced program (the arrays it returns are bit patterns, not
+    weights): the LoRA base in ``training.step.train_step``. Other platforms: ``params``."""
     if "layers" not in params or attention_lib.target_platform() != "cpu":
         return params
     bits = jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, _BITS)

@@ -68,9 +68,8 @@ def trained(model_cfg, tree):
 
 def policy_params(params, frozen=None):
     """The model's parameter tree from a TrainState's params: themselves, or with a LoRA
-    model's frozen base ``frozen`` joined (``lora.combine``: no copy; its layer stack in
-    ``transformer.loop_storage``'s form)."""
-    return params if frozen is None else lora.combine(model_lib.loop_storage(frozen), params)
+    model's frozen base ``frozen`` joined (``lora.combine``: no copy)."""
+    return params if frozen is None else lora.combine(frozen, params)
 
 
 def init_program(tx, shardings: TrainState | None = None):
@@ -380,6 +379,10 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
         batch = {**batch, "m2po_blocked": losses.m2po_blocked(
             batch["old_logp"], batch["rollout_logp"], batch["response_mask"],
             loss_kw["params"]["m2po_threshold"]).astype(jnp.float32)}
+
+    # the frozen base's layer stack as transformer.loop_storage passes it (on CPU: bit patterns,
+    # so XLA does not hold a float32 copy of a bf16 base); inside this program only
+    frozen = None if frozen is None else model_lib.loop_storage(frozen)
 
     def loss_fn(params, batch):
         params = policy_params(params, frozen)
