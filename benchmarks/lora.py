@@ -44,17 +44,21 @@ Measured 2026-12-06 on this repository's CPU VM (2 cores of an AMD EPYC, 23 GiB,
 shared with other sessions, load average 6-14); `python benchmarks/lora.py --parts memory` and
 `--parts time,merge,decode --repeats 7` (docs/lora_performance.md has every row and the why):
 
-    memory, GiB (sum = args + out + temp; x full)   full     LoRA bf16        LoRA int8
+    memory, GiB (sum = args + out + temp; x full; rerun 2026-12-07 at bdb7f8a, after
+    transformer.loop_storage: the LoRA bf16 column was 7.58 / 60.83 / 60.98 GiB before)
+                                                   full     LoRA bf16        LoRA int8
     Qwen3-0.6B 16 x (512 + 512) and 1 x (1,024 + 15,360, same numbers)
-                                                   20.87    7.58 (0.363x)    5.53 (0.265x)
-    Qwen3-8B   16 x (512 + 512)                   252.51   60.83 (0.241x)   28.65 (0.113x)
-    Qwen3-8B   1 x (1,024 + 15,360)               252.51   60.98 (0.242x)   28.64 (0.113x)
+                                                   20.87    6.76 (0.324x)    5.53 (0.265x)
+    Qwen3-8B   16 x (512 + 512)                   252.51   47.77 (0.189x)   28.49 (0.113x)
+    Qwen3-8B   1 x (1,024 + 15,360)               252.51   48.04 (0.190x)   28.64 (0.113x)
     weight-shaped dots, jaxpr / compiled HLO: full 9 / 9, LoRA 2 / 0 (the fused vocab head's
     dW in the jaxpr, removed by XLA)
 
     train step, CPU model, fp32      full       LoRA r16         LoRA r32
     16 x (64 + 192) tokens          8,380 ms   8,884 (1.06x)    7,823 (0.93x)
     8 x (32 + 96) (--time_batch)    1,036 ms   1,048 (1.01x)    1,083 (1.05x)
+    --time_model=qwen3-0.6b-width (2026-12-07, db0d694, idle VM, --repeats 3)
+    16 x (64 + 192) tokens          5,795 ms   4,747 (0.82x)    4,815 (0.83x)
 
     rollout params per iteration    CPU model: cast 1.4 ms, merge + cast 7.8 ms;
                                     Qwen3-0.6B: cast 2,291 ms, merge + cast (bf16 base) 5,777 ms
@@ -95,6 +99,11 @@ VARIANTS = (("full", "float32", False, ""), ("LoRA bf16", "bfloat16", True, ""),
 SMALL = dict(num_layers=4, hidden_size=256, intermediate_size=768, num_heads=8, num_kv_heads=4,
              head_dim=32)
 SMALL_VOCAB, SMALL_BATCH = 512, (16, 64, 192)
+# --time_model: the time part's model layouts (vocabulary SMALL_VOCAB); "qwen3-0.6b-width" is two
+# layers of Qwen3-0.6B's width (hidden 1,024, SwiGLU 3,072, 16 heads / 8 KV heads of 128)
+TIME_MODELS = {"cpu": SMALL,
+               "qwen3-0.6b-width": dict(num_layers=2, hidden_size=1024, intermediate_size=3072,
+                                        num_heads=16, num_kv_heads=8, head_dim=128)}
 QUICK_MODEL = dict(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4,
                    num_kv_heads=2, head_dim=8)
 QUICK_VOCAB, QUICK_BATCH = 64, (4, 8, 8)
@@ -299,16 +308,18 @@ def print_memory(rows):
 
 # ------------------------------------------------------------------------- time, merge, decode
 
-def small_model(quick: bool, param_dtype="float32", dtype="float32"):
-    layout, vocab = (QUICK_MODEL, QUICK_VOCAB) if quick else (SMALL, SMALL_VOCAB)
+def small_model(quick: bool, param_dtype="float32", dtype="float32", layout=None):
+    layout, vocab = (QUICK_MODEL, QUICK_VOCAB) if quick else (layout or SMALL, SMALL_VOCAB)
     c = default.get_config("default")
     c.model.update(layout, param_dtype=param_dtype, dtype=dtype)
     return experiment.model_config(c, vocab), layout
 
 
-def time_rows(quick: bool, devices, repeats: int, ranks=(16, 32), batch=None) -> list:
-    """Train-step seconds, full vs LoRA r in ``ranks`` (alpha 2r, all projections), fp32."""
-    model_cfg, layout = small_model(quick)
+def time_rows(quick: bool, devices, repeats: int, ranks=(16, 32), batch=None,
+              model: str = "cpu") -> list:
+    """Train-step seconds, full vs LoRA r in ``ranks`` (alpha 2r, all projections), fp32, on
+    the ``TIME_MODELS[model]`` layout."""
+    model_cfg, layout = small_model(quick, layout=TIME_MODELS[model])
     rows, prompt, new = batch or (QUICK_BATCH if quick else SMALL_BATCH)
     built = {"full": build(run_config(rows, prompt, new, model=layout), model_cfg, prompt,
                            devices, concrete=True)}
@@ -403,6 +414,8 @@ def main(argv=None):
     p.add_argument("--parts", default="memory,time,merge,decode")
     p.add_argument("--time_batch", default="", help="time: ROWS,PROMPT,NEW (default "
                    f"{','.join(map(str, SMALL_BATCH))})")
+    p.add_argument("--time_model", default="cpu", choices=tuple(TIME_MODELS),
+                   help="time: the model layout (cpu: the d = 256 CPU model)")
     p.add_argument("--models", default="qwen3-0.6b,qwen3-8b", help="memory: model presets")
     p.add_argument("--topology", default="", help="memory: compile for one chip of this TPU "
                    "topology (e.g. v5p:1x1x1; libtpu's compile-only devices, as aot_check) "
@@ -424,9 +437,11 @@ def main(argv=None):
     if "time" in parts:
         out["time"] = rows = time_rows(
             a.quick, devices, a.repeats, ranks=(32,) if a.quick else (16, 32),
-            batch=tuple(int(x) for x in a.time_batch.split(",")) if a.time_batch else None)
+            batch=tuple(int(x) for x in a.time_batch.split(",")) if a.time_batch else None,
+            model=a.time_model)
         r0 = rows[0]
-        print(f"train step, {r0['tokens']} tokens, fp32, best of {a.repeats}:")
+        print(f"train step, {a.time_model} model, {r0['tokens']} tokens, fp32, best of "
+              f"{a.repeats}:")
         print("| step | trained parameters | ms | x full |\n|---|---|---|---|")
         for r in rows:
             print(f"| {r['variant']} | {r['trained']:,} | {r['ms']:.1f} | {r['ratio']:.2f}x |")
