@@ -316,8 +316,32 @@ def test_tpu_topology_compiles_the_small_moe_preset_with_routing_replay(subproce
     assert "routed experts recorded (replayed)" in done.stdout
     rows = [line for line in done.stdout.splitlines() if line.split(" ")[0] in aot_check.PHASES
             and " | " in line]
-    assert [r.split()[0] for r in rows] == ["init", "rollout", "score", "train"]
+    assert [r.split()[0] for r in rows] == ["init", "rollout", "score", "routing", "train"]
     assert all(" yes " in line for line in rows), rows
+
+
+def test_the_routing_metrics_program_is_compiled_for_a_moe_run_only():
+    """The per-iteration routing metrics (loop.routing_program) are a phase of a mixture of
+    experts whose rollout records its experts, held like the score pass; a dense run has none."""
+    import jax
+    cfg = default.get_config("tiny_moe")
+    cfg.mesh = dict(data=2, fsdp=2, tensor=2)
+    cfg.rollout.prompts_per_iter, cfg.rollout.group_size = 4, 2
+    hf, _ = aot_check.model_hf_config(cfg, None)
+    rows = aot_check.check(cfg, jax.devices()[:8], hf_config=hf, prompt_len=16,
+                           phases=("score", "routing"), log=lambda *_: None)
+    assert [r["phase"] for r in rows] == ["score", "routing"]
+    routing = rows[1]
+    assert "routing metrics of 8 x" in routing["shape"] and routing["total"] > 0
+    # held as in the score pass, but the recorded experts are the program's own argument
+    assert set(routing["held"]) == set(rows[0]["held"]) - {"rollout record's routed experts"}
+    assert "rollout record's routed experts" in rows[0]["held"]
+    dense = default.get_config("tiny")
+    dense.mesh = dict(data=8, fsdp=1, tensor=1)
+    hf, _ = aot_check.model_hf_config(dense, None)
+    assert [r["phase"] for r in aot_check.check(dense, jax.devices()[:8], hf_config=hf,
+                                                 prompt_len=16, phases=("score", "routing"),
+                                                 log=lambda *_: None)] == ["score"]
 
 
 # --- reward models (issue 31) -------------------------------------------------------------------

@@ -49,7 +49,9 @@ rollout.keep_kv_cache, the rollout sampler's KV cache during the score pass and 
 step), computed from the abstract arrays of the same objects; the largest sum is the
 iteration's peak. A LoRA run (model.lora.rank > 0): the train state holds only the adapters and
 their moments; the frozen base (model.lora.base_quant: int8 / fp8 kernels) is an argument of
-the merge, score and train programs and held beside the others. Exits 1, naming the phases,
+the merge, score and train programs and held beside the others. A mixture of experts whose
+rollout records its experts also compiles the per-iteration routing metrics (phase "routing",
+``training.loop.routing_program``, after the score pass). Exits 1, naming the phases,
 when one does not fit (--hbm_gib, default the TPU compiler's own limit for the chip,
 HBM_GIB); 2 on bad flags.
 
@@ -124,7 +126,8 @@ _LLAMA31_8B_RM = dict(architectures=["LlamaForSequenceClassification"], model_ty
                       rms_norm_eps=1e-5, max_position_embeddings=131072,
                       tie_word_embeddings=False, num_labels=1, pad_token_id=None)
 REWARD_MODELS = {"llama3.1-8b": _LLAMA31_8B_RM, "skywork-reward-llama-3.1-8b": _LLAMA31_8B_RM}
-PHASES = ("init", "merge", "rollout", "reward", "score", "train", "eval")  # merge: LoRA only
+PHASES = ("init", "merge", "rollout", "reward", "score", "routing", "train", "eval")
+# merge: LoRA only; routing: a mixture of experts whose rollout records its experts
 OBS_LEN = 256  # environment runs: observation tokens per appended chunk (--obs_len)
 
 
@@ -426,12 +429,13 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
     # (the Rollout's own arrays)
     held_batch = {"iteration's batch": per_chip_gib(iteration),
                   "rollout record's prompts": per_chip_gib(prompts)}
-    held_routes = {}
-    if sampler.cfg.record_routes and not replayed:  # kept by the Rollout for the routing metrics
+    held_routes, routes = {}, None
+    if sampler.cfg.record_routes:  # the rollout's recorded experts
         from trustrl.rollout.record import routes_dtype
         routes = jax.ShapeDtypeStruct(
             (rows, width + n_new, len(model_cfg.sparse_layers), model_cfg.num_experts_per_tok),
             routes_dtype(model_cfg.num_experts), sharding=sharding.batch_sharding(mesh, 4))
+    if routes is not None and not replayed:  # kept by the Rollout for the routing metrics
         held_routes = {"rollout record's routed experts": per_chip_gib(routes)}
         held_batch.update(held_routes)
     rm = None  # the reward model: held through the whole run, scored after each rollout
@@ -509,6 +513,15 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
                    lambda: score.lower(policy_params, iteration),
                    {"optimizer state": per_chip_gib(state.opt_state), **held_roll,
                     **held_cache, **held_routes})
+        if "routing" in phases and routes is not None:  # loop: after the score pass
+            from trustrl.training import loop as loop_lib
+            routing = loop_lib.routing_program(cfg, model_cfg, mesh)
+            recorded = {**iteration, "routed_experts": routes}
+            record("routing", f"routing metrics of {rows} x ({width} + {n_new}) tokens in "
+                   f"{cv.score_microbatches(cfg)} part(s)",
+                   lambda: routing.lower(policy_params, recorded, iteration.get("old_logp")),
+                   {"optimizer state": per_chip_gib(state.opt_state), **held_roll,
+                    **held_cache})
         if "train" in phases:  # the donated state is an argument; the iteration's batch is kept
             step = experiment.train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh)
             record("train", f"{mb_rows} x ({width} + {n_new}) tokens, "
