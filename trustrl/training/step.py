@@ -234,33 +234,39 @@ def routing_metrics(params, batch, logp=None, *, model_cfg, temperature: float =
     if not model_cfg.sparse_layers:
         raise ValueError(f"routing metrics need a mixture-of-experts model; this model (family "
                          f"{model_cfg.family!r}) has no sparse layers")
-    recorded = replay_routes(batch, model_cfg, True)  # checks presence and shape
+    replay_routes(batch, model_cfg, True)  # checks presence and shape
+    recorded = batch["routed_experts"]  # as recorded (uint8 for <= 256 experts): cast per part
     n = batch["response_tokens"].shape[1]
     prompt_len = batch["tokens"].shape[1] - n
 
     def own(b):
+        # per part: the trainer's expert ids are compared with the recorded ones here and only
+        # the count of flipped layers per token leaves (the iteration's [b, N, M, k] ids
+        # would not fit beside the score pass's state on a pod: aot_check's "routing" phase)
         out, moe = policy.response_head(params, model_cfg, b, temperature=temperature,
                                         mesh=mesh, with_routing=True)
-        return {"logp": out["logp"], "ids": policy.response_logits_slice(moe["ids"],
-                                                                         prompt_len, n)}
+        mine = policy.response_logits_slice(moe["ids"], prompt_len, n)
+        rec = policy.response_logits_slice(b["routed_experts"], prompt_len, n).astype(jnp.int32)
+        flip = jnp.any(jnp.sort(rec, axis=-1) != jnp.sort(mine, axis=-1), axis=-1)  # [b,N,M]
+        return {"logp": out["logp"], "flips": jnp.sum(flip, axis=-1, dtype=jnp.int32)}
 
-    mine = _in_parts(own, batch, _SCORE_KEYS, microbatches, "routing metrics pass")
+    mine = _in_parts(own, {**batch, "routed_experts": recorded},
+                     _SCORE_KEYS + ("routed_experts",), microbatches, "routing metrics pass")
     if logp is None:
         logp = mine["logp"] if not routing_replay else score(
             params, batch, model_cfg=model_cfg, temperature=temperature, mesh=mesh,
             microbatches=microbatches, routing_replay=True)
-    rec = policy.response_logits_slice(recorded, prompt_len, n)
-    flip = jnp.any(jnp.sort(rec, axis=-1) != jnp.sort(mine["ids"], axis=-1), axis=-1)  # [b,N,M]
+    layers = len(model_cfg.sparse_layers)
     mask = batch["response_mask"] > 0
     maskf = mask.astype(jnp.float32)
     tokens = jnp.sum(maskf)
-    flipped = (jnp.any(flip, axis=-1) & mask).astype(jnp.float32)
+    flipped = ((mine["flips"] > 0) & mask).astype(jnp.float32)
     kept = maskf - flipped
     d = jnp.abs(jnp.asarray(logp, jnp.float32) - jnp.asarray(batch["rollout_logp"], jnp.float32))
     d = jnp.where(mask, d, 0.0)
     return {
-        "moe/routing_mismatch": jnp.sum(flip * maskf[..., None]) / jnp.maximum(
-            tokens * flip.shape[-1], 1.0),
+        "moe/routing_mismatch": jnp.sum(mine["flips"] * maskf) / jnp.maximum(
+            tokens * layers, 1.0),
         "moe/routing_flip_tokens": jnp.sum(flipped) / jnp.maximum(tokens, 1.0),
         "moe/logp_absdiff_flipped": jnp.sum(d * flipped) / jnp.maximum(jnp.sum(flipped), 1.0),
         "moe/logp_absdiff_unflipped": jnp.sum(d * kept) / jnp.maximum(jnp.sum(kept), 1.0),
