@@ -517,7 +517,7 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
             from trustrl.training import loop as loop_lib
             routing = loop_lib.routing_program(cfg, model_cfg, mesh)
             recorded = {**iteration, "routed_experts": routes}
-            record("routing", f"routing metrics of {rows} x ({width} + {n_new}) tokens in "
+            record("routing", f"{rows} x ({width} + {n_new}) tokens in "
                    f"{cv.score_microbatches(cfg)} part(s)",
                    lambda: routing.lower(policy_params, recorded, iteration.get("old_logp")),
                    {"optimizer state": per_chip_gib(state.opt_state), **held_roll,
