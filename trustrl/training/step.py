@@ -29,7 +29,6 @@ from trustrl.model import lora
 from trustrl.model import moe as moe_lib
 from trustrl.model import policy
 from trustrl.model import transformer as model_lib
-from trustrl.model import vocab_head
 from trustrl.rollout.record import Rollout, routes_dtype
 
 # The train step's vocabulary head: "loss_fused" (the fused head handed the loss's d loss / d logp,
@@ -328,8 +327,8 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
     ``policy.response_head(with_routing=True)``. ``routing_replay`` (R3): every token goes to
     the experts in ``batch["routed_experts"]`` with gate weights from this router's softmax at
     those ids (so the router keeps its gradient); a batch without them is a ValueError. mu's
-    hidden states (the exact-divergence methods) replay them too. ``router_aux_loss_coef`` > 0 adds coef x
-    ``moe.load_balancing_loss`` over all sparse layers, from forward_moe's sums over the batch's
+    hidden states (the exact-divergence methods) replay them too. ``router_aux_loss_coef`` > 0
+    adds coef x ``moe.load_balancing_loss`` over all sparse layers, from forward_moe's sums over the batch's
     valid tokens (prompt and response columns: the ``valid`` mask); with micro-batches, the
     mean of the micro-batches' losses (as with Hugging Face's gradient accumulation). Logged
     either way: moe/aux_loss (the unscaled loss; ``loss/value`` includes coef x it) and the
