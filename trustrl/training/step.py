@@ -328,9 +328,9 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
     the experts in ``batch["routed_experts"]`` with gate weights from this router's softmax at
     those ids (so the router keeps its gradient); a batch without them is a ValueError. mu's
     hidden states (the exact-divergence methods) replay them too. ``router_aux_loss_coef`` > 0
-    adds coef x ``moe.load_balancing_loss`` over all sparse layers, from forward_moe's sums over the batch's
-    valid tokens (prompt and response columns: the ``valid`` mask); with micro-batches, the
-    mean of the micro-batches' losses (as with Hugging Face's gradient accumulation). Logged
+    adds coef x ``moe.load_balancing_loss`` over all sparse layers, from forward_moe's sums
+    over the batch's valid tokens (prompt and response columns: the ``valid`` mask); with
+    micro-batches, the mean of the micro-batches' losses (as with Hugging Face's gradient accumulation). Logged
     either way: moe/aux_loss (the unscaled loss; ``loss/value`` includes coef x it) and the
     expert load of ``moe_load_metrics`` over the whole minibatch. Dense models: no new metrics.
     """
