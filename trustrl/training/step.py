@@ -330,9 +330,10 @@ def train_step(state: TrainState, batch: dict, rollout_params, frozen=None, *, m
     hidden states (the exact-divergence methods) replay them too. ``router_aux_loss_coef`` > 0
     adds coef x ``moe.load_balancing_loss`` over all sparse layers, from forward_moe's sums
     over the batch's valid tokens (prompt and response columns: the ``valid`` mask); with
-    micro-batches, the mean of the micro-batches' losses (as with Hugging Face's gradient accumulation). Logged
-    either way: moe/aux_loss (the unscaled loss; ``loss/value`` includes coef x it) and the
-    expert load of ``moe_load_metrics`` over the whole minibatch. Dense models: no new metrics.
+    micro-batches, the mean of the micro-batches' losses (as with Hugging Face's gradient
+    accumulation). Logged either way: moe/aux_loss (the unscaled loss; ``loss/value`` includes
+    coef x it) and the expert load of ``moe_load_metrics`` over the whole minibatch. Dense
+    models: no new metrics.
     """
     method = loss_cfg.method
     spec = losses.method_spec(method)
