@@ -506,22 +506,22 @@ def check(cfg, devices, *, hf_config: dict, prompt_len: int, phases=PHASES, log=
                        ("rollout record (~ the iteration's batch)" if k == "iteration's batch"
                         else k): v for k, v in held_batch.items()}})
             out[-1]["reward_model_params"] = held_rm["reward model params"]
+        # the score pass and the routing metrics: forward passes of the whole iteration
+        in_parts = (f"{rows} x ({width} + {n_new}) tokens in {cv.score_microbatches(cfg)} "
+                    f"part(s)")
+        held_scoring = {"optimizer state": per_chip_gib(state.opt_state), **held_roll,
+                        **held_cache}
         if "score" in phases and scored:
             score = experiment.score_program(cfg, model_cfg, mesh)
-            record("score", f"{rows} x ({width} + {n_new}) tokens in "
-                   f"{cv.score_microbatches(cfg)} part(s)",
-                   lambda: score.lower(policy_params, iteration),
-                   {"optimizer state": per_chip_gib(state.opt_state), **held_roll,
-                    **held_cache, **held_routes})
+            record("score", in_parts, lambda: score.lower(policy_params, iteration),
+                   {**held_scoring, **held_routes})
         if "routing" in phases and routes is not None:  # loop: after the score pass
             from trustrl.training import loop as loop_lib
             routing = loop_lib.routing_program(cfg, model_cfg, mesh)
-            recorded = {**iteration, "routed_experts": routes}
-            record("routing", f"{rows} x ({width} + {n_new}) tokens in "
-                   f"{cv.score_microbatches(cfg)} part(s)",
+            recorded = {**iteration, "routed_experts": routes}  # its argument, not held
+            record("routing", in_parts,
                    lambda: routing.lower(policy_params, recorded, iteration.get("old_logp")),
-                   {"optimizer state": per_chip_gib(state.opt_state), **held_roll,
-                    **held_cache})
+                   held_scoring)
         if "train" in phases:  # the donated state is an argument; the iteration's batch is kept
             step = experiment.train_step_program(cfg, model_cfg, roll_cfg, tx, state_sh, mesh)
             record("train", f"{mb_rows} x ({width} + {n_new}) tokens, "

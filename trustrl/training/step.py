@@ -234,7 +234,6 @@ def routing_metrics(params, batch, logp=None, *, model_cfg, temperature: float =
         raise ValueError(f"routing metrics need a mixture-of-experts model; this model (family "
                          f"{model_cfg.family!r}) has no sparse layers")
     replay_routes(batch, model_cfg, True)  # checks presence and shape
-    recorded = batch["routed_experts"]  # as recorded (uint8 for <= 256 experts): cast per part
     n = batch["response_tokens"].shape[1]
     prompt_len = batch["tokens"].shape[1] - n
 
@@ -245,12 +244,13 @@ def routing_metrics(params, batch, logp=None, *, model_cfg, temperature: float =
         out, moe = policy.response_head(params, model_cfg, b, temperature=temperature,
                                         mesh=mesh, with_routing=True)
         mine = policy.response_logits_slice(moe["ids"], prompt_len, n)
+        # the recorded ids as recorded (uint8 for <= 256 experts) until this part
         rec = policy.response_logits_slice(b["routed_experts"], prompt_len, n).astype(jnp.int32)
         flip = jnp.any(jnp.sort(rec, axis=-1) != jnp.sort(mine, axis=-1), axis=-1)  # [b,N,M]
         return {"logp": out["logp"], "flips": jnp.sum(flip, axis=-1, dtype=jnp.int32)}
 
-    mine = _in_parts(own, {**batch, "routed_experts": recorded},
-                     _SCORE_KEYS + ("routed_experts",), microbatches, "routing metrics pass")
+    mine = _in_parts(own, batch, _SCORE_KEYS + ("routed_experts",), microbatches,
+                     "routing metrics pass")
     if logp is None:
         logp = mine["logp"] if not routing_replay else score(
             params, batch, model_cfg=model_cfg, temperature=temperature, mesh=mesh,
