@@ -82,6 +82,38 @@ def test_remat_policies_and_backends_keep_value_and_grad(remat, attention):
                  M.unstack_layers(g1, scanned), g0)
 
 
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_a_bf16_scan_saves_its_layer_inputs_as_bit_patterns_on_cpu(monkeypatch, remat):
+    """transformer.bits_residual: XLA:CPU would convert the forward scan's bf16 [L, B, T, E]
+    stack of saved layer inputs to float32 before the backward loop slices it (a float32 copy
+    of the whole stack). Saved as uint16 bit patterns, the stack is held once, as 16-bit, and
+    the value and every gradient are the same bitwise."""
+    _, _, scanned, stacked = _pair(dtype="bfloat16", remat=remat)
+    tokens, valid = _left_padded()
+    dims = f"3,{tokens.shape[0]},{tokens.shape[1] - 1},{scanned.hidden_size}"  # L, B, T, E
+
+    def run():
+        f = jax.jit(jax.value_and_grad(_loss), static_argnums=1)  # a fresh trace each time
+        hlo = f.lower(stacked, scanned, tokens, valid).compile().as_text()
+        stacks = {dt: sum(f"= {dt}[{dims}]" in line for line in hlo.splitlines())
+                  for dt in ("u16", "bf16", "f32")}
+        return f(stacked, scanned, tokens, valid), stacks
+
+    assert M.bits_residual(scanned)
+    assert not M.bits_residual(dataclasses.replace(scanned, dtype="float32"))
+    assert not M.bits_residual(dataclasses.replace(scanned, remat="none"))
+    assert not M.bits_residual(dataclasses.replace(scanned, scan_layers=False))
+    got, stacks = run()
+    assert stacks["u16"] and not stacks["bf16"] and not stacks["f32"], stacks
+    monkeypatch.setattr(M, "bits_residual", lambda config: False)  # the plain bf16 residuals
+    want, plain = run()
+    assert plain["bf16"] and plain["f32"] and not plain["u16"], plain  # what it removes
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    jax.tree.map(np.testing.assert_array_equal, got[1], want[1])
+    assert np.isfinite(float(got[0])) and any(np.abs(np.asarray(g, np.float32)).max() > 0
+                                                for g in jax.tree.leaves(got[1]))
+
+
 def test_remat_bool_compatibility_and_validation():
     assert M.ModelConfig.tiny(V, remat=True).remat == "full"
     assert M.ModelConfig.tiny(V, remat=False) == M.ModelConfig.tiny(V, remat="none")

@@ -54,6 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trustrl.model import attention as attention_lib
@@ -574,6 +575,8 @@ class Block(nn.Module):
         """-> (x, cache_kv); with cache_kv None this is also ``nn.scan``'s (carry, outputs).
         ``routes`` [B, T, k]: the experts to replay in a sparse layer (None: route)."""
         c = self.config
+        if bits_residual(c):
+            x = _through_bits(x)
         h, cache_kv = Attention(c, name="attn")(RMSNorm(c, c.hidden_size, name="input_norm")(x),
                                                 cos, sin, valid, mask, cache_kv, index)
         x = _constrain_hidden(x + h)
@@ -583,6 +586,51 @@ class Block(nn.Module):
         else:
             x = x + Mlp(c, name="mlp")(normed)
         return _constrain_hidden(x), cache_kv
+
+
+_INPUT_BITS = "layer_input_bits"  # the checkpoint name of a layer input's bit pattern
+
+
+def bits_residual(config: ModelConfig) -> bool:
+    """Whether each scanned layer's input is saved for the backward pass as its uint16 bit
+    pattern instead of as bfloat16 (``_through_bits``; the values and gradients are the same
+    bitwise). Only for a remat'd bf16 scan traced for the CPU. Why: the backward loop slices
+    its saved layer inputs out of the [L, B, T, E] stack the forward scan wrote, and XLA:CPU's
+    float normalisation converts a bf16 stack to float32 before slicing it, a conversion it
+    hoists out of the loop: a float32 copy of the whole stack held through the backward pass
+    (Qwen3-0.6B at 16 x 1,024 tokens: 1.75 GiB for a 0.88 GiB stack; benchmarks/lora.py). An
+    integer stack is sliced as it is. The same problem for weights: ``loop_storage``."""
+    return (config.scan_layers and config.remat != "none"
+            and config.compute_dtype == jnp.bfloat16
+            and attention_lib.target_platform() == "cpu")
+
+
+def _via_bits(x):
+    bits = checkpoint_name(jax.lax.bitcast_convert_type(x, _BITS), _INPUT_BITS)
+    return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
+@jax.custom_jvp
+def _through_bits(x):
+    """The identity on a bf16 ``x`` that passes it through its bit pattern, named
+    ``_INPUT_BITS`` so that the remat policy saves the pattern and recomputes from it, not from
+    ``x``. The tangent passes straight through (an integer has none). The rule computes the
+    primal inline (not by calling this function), so the policy sees the name."""
+    return _via_bits(x)
+
+
+@_through_bits.defjvp
+def _through_bits_jvp(primals, tangents):
+    return _via_bits(primals[0]), tangents[0]
+
+
+def _remat_policy(config: ModelConfig):
+    policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    base = policy[config.remat]
+    if not bits_residual(config):
+        return base
+    names = jax.checkpoint_policies.save_only_these_names(_INPUT_BITS)
+    return names if base is None else jax.checkpoint_policies.save_from_both_policies(base, names)
 
 
 def _constrain_hidden(x):
@@ -613,7 +661,7 @@ class Transformer(nn.Module):
         if c.scan_layers:  # one "layers" module whose parameters have a leading [L] axis
             # prevent_cse=False is safe (and faster) inside scan, as the jax.checkpoint docs say.
             block = (Block if c.remat == "none"
-                     else nn.remat(Block, policy=policy[c.remat], prevent_cse=False))
+                     else nn.remat(Block, policy=_remat_policy(c), prevent_cse=False))
             # (cos, sin, valid, mask, cache_kv, index) broadcast; routes [L, B, T, k] scanned
             self.layers = nn.scan(
                 block, variable_axes={"params": 0, "intermediates": 0},
