@@ -44,13 +44,14 @@ Measured 2026-12-06 on this repository's CPU VM (2 cores of an AMD EPYC, 23 GiB,
 shared with other sessions, load average 6-14); `python benchmarks/lora.py --parts memory` and
 `--parts time,merge,decode --repeats 7` (docs/lora_performance.md has every row and the why):
 
-    memory, GiB (sum = args + out + temp; x full; rerun 2026-12-07 at bdb7f8a, after
-    transformer.loop_storage: the LoRA bf16 column was 7.58 / 60.83 / 60.98 GiB before)
+    memory, GiB (sum = args + out + temp; x full; rerun 2026-12-07 16:32 at 7ddaab0, after
+    transformer.bits_residual; at bdb7f8a, after loop_storage, 0.6B was 20.87 / 6.76 / 5.53
+    and 8B LoRA 47.77-48.04 / 28.49-28.64; before loop_storage LoRA bf16 7.58 / 60.83 / 60.98)
                                                    full     LoRA bf16        LoRA int8
-    Qwen3-0.6B 16 x (512 + 512) and 1 x (1,024 + 15,360, same numbers)
-                                                   20.87    6.76 (0.324x)    5.53 (0.265x)
-    Qwen3-8B   16 x (512 + 512)                   252.51   47.77 (0.189x)   28.49 (0.113x)
-    Qwen3-8B   1 x (1,024 + 15,360)               252.51   48.04 (0.190x)   28.64 (0.113x)
+    Qwen3-0.6B 16 x (512 + 512)                    20.00    5.86 (0.293x)    4.63 (0.231x)
+    Qwen3-0.6B 1 x (1,024 + 15,360)                19.99    5.85 (0.293x)    4.63 (0.231x)
+    Qwen3-8B   16 x (512 + 512)                   252.51   43.52 (0.172x)   24.12 (0.096x)
+    Qwen3-8B   1 x (1,024 + 15,360)               252.51   43.54 (0.172x)   24.14 (0.096x)
     weight-shaped dots, jaxpr / compiled HLO: full 9 / 9, LoRA 2 / 0 (the fused vocab head's
     dW in the jaxpr, removed by XLA)
 
