@@ -49,6 +49,11 @@ fused head to 0.01 GiB (14.21 / 15.89 GiB at 1 x 16k, 14.21 / 15.86 GiB at 16 x 
 dppo_binary_tv, measured 2026-12-02, idle VM (total GiB): 128 x (512 + 512): 1 -> 42.71,
 8 -> 16.67, 32 -> 14.09 (3.03x less); 16 x (512 + 512): 1 -> 14.21, 4 -> 14.08, 16 -> 13.51
 (there the float32 gradients, the accumulator and the bf16 weights dominate, not activations).
+
+Rerun 2026-12-07 at 7ddaab0 (transformer.bits_residual: the saved layer inputs as uint16 bit
+patterns, so XLA:CPU holds no float32 copy of their stack): the defaults are 13.34 GiB at
+16 x (512 + 512) and 13.33 GiB at 1 x (1,024 + 15,360) (were 14.21); dppo_full_tv 14.89 / 14.84;
+the rows rerun and those not: docs/performance.md, "Rerun at 7ddaab0".
 """
 from __future__ import annotations
 
