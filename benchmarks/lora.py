@@ -60,6 +60,12 @@ shared with other sessions, load average 6-14); `python benchmarks/lora.py --par
     8 x (32 + 96) (--time_batch)    1,036 ms   1,048 (1.01x)    1,083 (1.05x)
     --time_model=qwen3-0.6b-width (2026-12-07, db0d694, idle VM, --repeats 3)
     16 x (64 + 192) tokens          5,795 ms   4,747 (0.82x)    4,815 (0.83x)
+    --time_model=qwen3-8b-width --time_batch 8,32,96 (2026-12-07, 7ddaab0, two study runs
+    beside it; --repeats 3, then 5)
+    8 x (32 + 96) tokens           15,484 ms  11,396 (0.74x)   10,100 (0.65x)
+                                   18,417 ms  11,559 (0.63x)   11,708 (0.64x)
+    (LoRA / full ~ 0.75 + r (d_in + d_out) / (d_in d_out) with full remat: <= 0.8x needs
+    d >~ 1,280 at r 32; docs/lora_performance.md section 2)
 
     rollout params per iteration    CPU model: cast 1.4 ms, merge + cast 7.8 ms;
                                     Qwen3-0.6B: cast 2,291 ms, merge + cast (bf16 base) 5,777 ms
@@ -101,10 +107,13 @@ SMALL = dict(num_layers=4, hidden_size=256, intermediate_size=768, num_heads=8, 
              head_dim=32)
 SMALL_VOCAB, SMALL_BATCH = 512, (16, 64, 192)
 # --time_model: the time part's model layouts (vocabulary SMALL_VOCAB); "qwen3-0.6b-width" is two
-# layers of Qwen3-0.6B's width (hidden 1,024, SwiGLU 3,072, 16 heads / 8 KV heads of 128)
+# layers of Qwen3-0.6B's width (hidden 1,024, SwiGLU 3,072, 16 heads / 8 KV heads of 128),
+# "qwen3-8b-width" one layer of Qwen3-8B's (hidden 4,096, SwiGLU 12,288, 32 / 8 heads of 128)
 TIME_MODELS = {"cpu": SMALL,
                "qwen3-0.6b-width": dict(num_layers=2, hidden_size=1024, intermediate_size=3072,
-                                        num_heads=16, num_kv_heads=8, head_dim=128)}
+                                        num_heads=16, num_kv_heads=8, head_dim=128),
+               "qwen3-8b-width": dict(num_layers=1, hidden_size=4096, intermediate_size=12288,
+                                      num_heads=32, num_kv_heads=8, head_dim=128)}
 QUICK_MODEL = dict(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4,
                    num_kv_heads=2, head_dim=8)
 QUICK_VOCAB, QUICK_BATCH = 64, (4, 8, 8)
