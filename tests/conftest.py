@@ -188,6 +188,9 @@ _EXTENDED = (
     "test_benchmarks.py::test_rollout_head_quick",
     "test_benchmarks.py::test_loss_overhead_quick_tiny",
     "test_benchmarks.py::test_multiturn_quick",  # issue 30's benchmark smoke run (~25 CPU-s)
+    # bits_residual's equality under the "dots" remat policy (~15 CPU-s); "full" (the default
+    # policy) stays in CI
+    "model/test_scan.py::test_a_bf16_scan_saves_its_layer_inputs_as_bit_patterns_on_cpu[dots]",
     # CI's fresh-clone run of 2026-12-06 took 1,315 s (the goal is < 1,200 s) before issue 30's
     # tests: the loss-fused head's equality for the methods whose loss repeats another's path
     # (CI keeps dppo_binary_tv, dppo_topk_kl, dppo_full_tv, ppo_clip_recompute and cispo), the
