@@ -625,8 +625,10 @@ def _through_bits_jvp(primals, tangents):
 
 
 def _remat_policy(config: ModelConfig):
-    policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-    base = policy[config.remat]
+    """The jax.checkpoint policy of ``config.remat`` ("full" or "dots"; REMAT_POLICIES), plus
+    saving the bit patterns of ``bits_residual``."""
+    base = {"full": None,
+            "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[config.remat]
     if not bits_residual(config):
         return base
     names = jax.checkpoint_policies.save_only_these_names(_INPUT_BITS)
@@ -657,7 +659,6 @@ class Transformer(nn.Module):
         self.embedding = _param(self, "embedding", _normal, (c.vocab_size, c.hidden_size),
                                 ("vocab", "embed"),
                                 dtype=c.head_dtype if c.tie_word_embeddings else None)
-        policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
         if c.scan_layers:  # one "layers" module whose parameters have a leading [L] axis
             # prevent_cse=False is safe (and faster) inside scan, as the jax.checkpoint docs say.
             block = (Block if c.remat == "none"
@@ -669,7 +670,7 @@ class Transformer(nn.Module):
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(c, sparse=bool(c.sparse_layers))
         else:
-            block = Block if c.remat == "none" else nn.remat(Block, policy=policy[c.remat])
+            block = Block if c.remat == "none" else nn.remat(Block, policy=_remat_policy(c))
             sparse = set(c.sparse_layers)  # layers_0, layers_1, ...
             self.layers = [block(c, sparse=i in sparse) for i in range(c.num_layers)]
         self.final_norm = RMSNorm(c, c.hidden_size)
