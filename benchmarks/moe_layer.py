@@ -39,6 +39,17 @@ shared with other sessions; commands as above, --repeats 5, load average ~2):
   the dense MLP is three large matmuls. Measured pieces (same VM): a loop of 64-row tile
   matmuls is 1.5-2.3x one [16384, 512] x [512, 192] matmul; the gathers / scatters that sort
   and unsort the pairs are ~3 % of the layer.
+
+Tried and dropped (2026-12-07, same VM, two other CPU jobs running: ratios only roughly
+comparable): a "padded" dropless backend, each expert's first ceil(N k / X) pairs (rounded to 8)
+as one batched [X, C, E] einsum and only the pairs past that through the blocked loop.
+`--tokens 2048`: padded 3.15x, blocked 2.73x; `--tokens 16384 --no_reference --repeats 2`:
+padded 2.31x, blocked 2.40x. A batched [128, 128, 512] x [128, 512, 192] einsum alone took
+2.0x one matmul of the same flops (47 vs 24 ms), at 1,024 rows per expert 0.86x. At 16,384
+tokens the layer is bound by memory traffic, not by its matmuls: the sorted pairs [N k, E] (and
+their outputs and cotangents) are k = 8 copies of the hidden states, about 2.5x the float32
+activation bytes of the dense MLP's [N, k F] intermediates, and on this VM one pass over a
+[131072, 512] float32 array takes ~135 ms (an elementwise op), a row gather of it ~160-230 ms.
 """
 from __future__ import annotations
 
@@ -91,7 +102,7 @@ def inputs(shape, seed: int = 0):
              jax.random.normal(keys[8], (k * f, e)) * s))
 
 
-def step_fns(shape, arrays):
+def step_fns(shape, arrays, reference: bool = True):
     """name -> no-argument callable: one jitted forward + backward."""
     k = shape[3]
     x, probe = arrays["x"], arrays["probe"]
@@ -106,7 +117,8 @@ def step_fns(shape, arrays):
     if ragged_dot_bytes(shape) <= RAGGED_DOT_MAX_BYTES:
         runs["ragged (ragged_dot)"] = grad_of(moe_fn("ragged", "ragged_dot"), arrays["moe"])
     runs["dense MLP (same active params)"] = grad_of(dense_mlp, arrays["mlp"])
-    runs["one-hot reference"] = grad_of(moe_fn("dense"), arrays["moe"])
+    if reference:
+        runs["one-hot reference"] = grad_of(moe_fn("dense"), arrays["moe"])
     return runs
 
 
@@ -120,15 +132,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes (the smoke test)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=0, help="tokens N (default: the shape's)")
+    p.add_argument("--no_reference", action="store_true",
+                   help="leave out the one-hot reference row (14x the dense MLP's flops and "
+                        "more; the blocked backend is then the gradients' reference)")
     args = p.parse_args(argv)
     shape = QUICK if args.quick else FULL
+    if args.tokens:
+        shape = (args.tokens,) + shape[1:]
     n, e, x, k, f = shape
     arrays = inputs(shape)
-    runs = step_fns(shape, arrays)
+    runs = step_fns(shape, arrays, reference=not args.no_reference)
     best, outs = bench_common.best_of(runs, args.repeats)
-    # the grouped matmul's gradients equal the one-hot reference's (same routing)
-    ref = outs["one-hot reference"]
-    for name in ("ragged (blocked)", "ragged (ragged_dot)")[:len(runs) - 2]:
+    # the grouped matmuls' gradients equal the one-hot reference's (same routing), or without
+    # it the "blocked" backend's (itself tested against the reference)
+    ref_name = "ragged (blocked)" if args.no_reference else "one-hot reference"
+    ref = outs[ref_name]
+    for name in [r for r in runs if r.startswith("ragged") and r != ref_name]:
         for a, b in zip(outs[name], ref):
             err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
             if err > 1e-4:
