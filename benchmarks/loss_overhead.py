@@ -109,6 +109,12 @@ study run beside it (load average ~2): dppo_binary_tv 8.2 ms, cppo 27.1 ms (3.3x
 (associative_scan, ~4 ms each at 1M tokens on this CPU) and counts for the clipped quantile
 (the per-row sort runs only when some row's quantile falls inside [delta_b, 2 delta_b]; with a
 sort every time it was 212 ms).
+
+MinPRO (minpro_clip, issue 32), --methods dppo_binary_tv,minpro_clip (,ppo_clip) at B=1024,
+T=1024, median of 15, 2026-12-07, two study runs beside it (load average 4.6-5.6), two runs:
+dppo_binary_tv 11.6 / 7.0 ms, minpro_clip 14.0 / 16.4 ms (1.20x / 2.35x; +metrics 1.03x /
+1.13x), ppo_clip 6.4 / 5.2 ms. NOT within 1.1x: the prefix minimum along the response is an
+associative_scan (as CPPO's prefix sums); the rest is ppo_clip's work.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 r"""Every paper method on the embedded default task (CPU): ``--config=configs/methods.py:NAME``.
 
 NAME is one of PAPER_METHODS (thresholds from the paper's sanity test, sec. 5) or of
-FAMILY_METHODS (icepop, kpop, opsm, geo_seq_mask, drpo, m2po, cppo: issue 32's methods at their
-references' defaults):
+FAMILY_METHODS (icepop, kpop, opsm, geo_seq_mask, drpo, m2po, cppo, minpro_clip: issue 32's
+methods at their references' defaults):
 
     dppo_binary_tv   DPPO Binary-TV, delta 0.15          dppo_binary_kl   DPPO Binary-KL, delta 0.05
     dppo_topk_tv     DPPO Top-K-TV (K=20), delta 0.15    dppo_topk_kl     DPPO Top-K-KL (K=20), 0.05
@@ -35,9 +35,11 @@ PAPER_METHODS = {
 }
 # the trust-region family after DPPO (issue 32, docs/trust_region_family.md): each method's own
 # parameters at the references' defaults (losses.PARAMS / configs/default.py's loss.<name>);
-# delta_low / delta_high are the GRPO clip of opsm and m2po (unused by the others)
+# delta_low / delta_high are the GRPO clip of opsm, m2po and minpro_clip (unused by the others;
+# 0.2 / 0.28 in minpro_clip's reference tests: the MinPRO paper's own values are unknown)
 FAMILY_METHODS = {name: (name, 0.2, 0.28, INF)
-                  for name in ("icepop", "kpop", "opsm", "geo_seq_mask", "drpo", "m2po", "cppo")}
+                  for name in ("icepop", "kpop", "opsm", "geo_seq_mask", "drpo", "m2po", "cppo",
+                               "minpro_clip")}
 CONFIGS = {**PAPER_METHODS, **FAMILY_METHODS}
 
 

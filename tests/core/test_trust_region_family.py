@@ -13,7 +13,7 @@ import pytest
 from trustrl.core import losses
 from trustrl.core.losses import METHODS, policy_loss, policy_loss_terms
 
-NEW = ("icepop", "kpop", "opsm", "geo_seq_mask", "drpo", "m2po", "cppo")
+NEW = ("icepop", "kpop", "opsm", "geo_seq_mask", "drpo", "m2po", "cppo", "minpro_clip")
 
 
 def grad(method, pi, mu, adv, mask=None, agg="token-sum", **kw):
@@ -267,7 +267,7 @@ def test_logp_grad_is_autodiff(method):
 
 def test_sequence_level_methods_are_not_elementwise():
     assert METHODS["icepop"].elementwise and METHODS["kpop"].elementwise
-    for method in ("opsm", "geo_seq_mask", "cppo"):
+    for method in ("opsm", "geo_seq_mask", "cppo", "minpro_clip"):
         assert not METHODS[method].elementwise
         with pytest.raises(ValueError, match=method):
             losses.logp_grad(jnp.zeros(3), jnp.zeros(3), jnp.ones(3), jnp.ones(3),
@@ -617,3 +617,69 @@ def test_cppo_clipped_quantile_takes_the_fast_path_only_where_the_clip_decides()
             assert got[i, 0] == pytest.approx(want, rel=1e-6), (b, got[i, 0], want)
     empty = losses._clipped_row_quantile(jnp.zeros((1, 4)), jnp.zeros((1, 4)), 0.9, low, high)
     assert float(empty[0, 0]) == pytest.approx(low)
+
+
+# ------------------------------------------------------------------------------- minpro_clip
+
+def miles_minpro_grad(logp, rollout, adv, loss_mask, eps, eps_high):
+    """Yifei-Zuo/miles @ 8d16871a, miles/backends/training_utils/loss_hub/math_utils.py
+    compute_minpro_prefix_min (per sample: ratios with mask-0 tokens +inf, cummin, shifted one
+    right with +inf, inf -> 1) and compute_minpro_loss (combined = prefix_min * ratio, the
+    torch.maximum of -combined A and -clamp(combined, 1 - eps, 1 + eps_high) A), old = the
+    rollout log-probs (--use-rollout-logprobs), summed over tokens times the loss mask: the
+    gradient written out, -A rho_bar r where pg1 >= pg2, 0 where the clamp is active."""
+    out = []
+    for lp, lo, a, lm in zip(logp, rollout, adv, loss_mask):
+        ratio = np.exp(np.clip(lp - lo, -20, 20))
+        masked = np.where(lm > 0, ratio, np.inf)
+        inclusive = np.minimum.accumulate(masked)
+        exclusive = np.concatenate([[np.inf], inclusive[:-1]])
+        prefix = np.where(np.isinf(exclusive), 1.0, exclusive)
+        combined = prefix * ratio
+        pg1 = -combined * a
+        pg2 = -np.clip(combined, 1 - eps, 1 + eps_high) * a
+        out.append(np.where(pg1 >= pg2, -a * combined, 0.0) * lm)
+    return np.stack(out)
+
+
+def test_minpro_clip_hand():
+    # one row: pi / mu = 0.5, 2, 0.9, 1 on tokens 1..4, token 2 masked (a prompt / observation
+    # token): rho_bar = 1, 0.5, 0.5, 0.5 (token 2 transparent, the first has no prefix)
+    pi, mu = [[0.25, 0.4, 0.45, 0.3]], [[0.5, 0.2, 0.5, 0.3]]
+    mask = [[1.0, 0.0, 1.0, 1.0]]
+    lp, lmu = jnp.log(jnp.asarray(pi)), jnp.log(jnp.asarray(mu))
+    x = losses._Inputs(lp, lmu, jnp.ones((1, 4)), jnp.asarray(mask), losses._ratio(lp, lmu),
+                       None, None, 0.2, 0.28, None, {})
+    np.testing.assert_allclose(losses._minpro_prefix(x), [[1.0, 0.5, 0.5, 0.5]], rtol=1e-6)
+    # A > 0: c = 0.5, 1.0, 0.45, 0.5 (c on the masked token is never used): nothing above
+    # 1.28, so every response token keeps the gradient -A c
+    g = grad("minpro_clip", pi, mu, [[1.0] * 4], mask=mask)
+    np.testing.assert_allclose(g, [[-0.5, 0.0, -0.45, -0.5]], rtol=1e-5)
+    # A < 0: c < 0.8 is clipped, so tokens 1, 3 and 4 are blocked
+    g = grad("minpro_clip", pi, mu, [[-1.0] * 4], mask=mask)
+    np.testing.assert_array_equal(g, np.zeros((1, 4)))
+    # r = 1.8 then 1: c = 1.8 (no prefix) and 1.8 * 1 (the prefix minimum 1.8), both > 1.28
+    g1 = grad("minpro_clip", [[0.9, 0.2]], [[0.5, 0.2]], [[1.0, 1.0]])
+    np.testing.assert_array_equal(g1, np.zeros((1, 2)))
+    # r = 0.5 then 2: c = 0.5 and 0.5 * 2 = 1, both kept (ppo_clip blocks r = 2 > 1.28)
+    g2 = grad("minpro_clip", [[0.25, 0.4]], [[0.5, 0.2]], [[1.0, 1.0]])
+    np.testing.assert_allclose(g2, [[-0.5, -1.0]], rtol=1e-5)
+    np.testing.assert_allclose(grad("ppo_clip", [[0.25, 0.4]], [[0.5, 0.2]], [[1.0, 1.0]]),
+                               [[-0.5, 0.0]], rtol=1e-5)
+    # rho_bar = 1 everywhere (ratios >= 1 before each token) -> ppo_clip's gradient
+    pi2, mu2 = [[0.3, 0.5, 0.2]], [[0.3, 0.4, 0.2]]
+    for a in (1.0, -1.0):
+        np.testing.assert_allclose(grad("minpro_clip", pi2, mu2, [[a] * 3]),
+                                   grad("ppo_clip", pi2, mu2, [[a] * 3]), rtol=1e-6)
+
+
+def test_minpro_clip_matches_miles():
+    f64 = lambda a: np.asarray(a, np.float64)
+    for seed, scale in ((5, 0.3), (6, 0.8)):
+        lp, lmu, adv, mask = _batch(seed, scale=scale)
+        mask = mask * (np.arange(lp.shape[1]) % 4 != 1)  # mask-0 tokens inside the rows too
+        want = miles_minpro_grad(f64(lp), f64(lmu), f64(adv)[:, None], f64(mask), 0.2, 0.28)
+        got = _ours("minpro_clip", lp, lmu, adv, mask, "token-sum")
+        live = (mask > 0) & (np.broadcast_to(adv[:, None], mask.shape) != 0)
+        assert 0.05 < np.mean(want[live] == 0) < 0.95  # the clip does bite, not everywhere
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)

@@ -291,6 +291,49 @@ def _m_cppo(x: _Inputs):
     return ~keep, z
 
 
+def _minpro_prefix(x: _Inputs):
+    """MinPRO's prefix factor rho_bar_t [B, T]: the smallest r_i = pi / mu (clamped, stop-
+    gradient) over the row's response tokens BEFORE t (exclusive; mask-0 tokens transparent),
+    1 where there is none."""
+    masked = jnp.where(x.mask > 0, x.ratio, jnp.inf)
+    inclusive = jax.lax.associative_scan(jnp.minimum, masked, axis=-1)
+    exclusive = jnp.concatenate([jnp.full_like(masked[..., :1], jnp.inf), inclusive[..., :-1]],
+                                axis=-1)
+    return jnp.where(jnp.isinf(exclusive), 1.0, exclusive)
+
+
+def _minpro_ratio(x: _Inputs):
+    """MinPRO's combined ratio rho_bar_t r_t (the row's weight; see _m_minpro_clip)."""
+    return _minpro_prefix(x) * x.ratio
+
+
+def _m_minpro_clip(x: _Inputs):
+    """MinPRO (arXiv 2601.22718) with the PPO / GRPO hard clip on the combined ratio, the
+    variant of the only reference code found. Over a row's response tokens (mask 1, in order),
+
+        r_t = exp(clip(log pi_t - log mu_t, -20, 20)),
+        rho_bar_t = min_{i < t} r_i   (earlier response tokens only; 1 for the first),
+        c_t = sg(rho_bar_t) r_t,
+        L_t = max(-c_t A_t, -clip(c_t, 1 - eps_low, 1 + eps_high) A_t),
+
+    so d L_t / d log pi_t = -rho_bar_t r_t A_t unless the clip is active (blocked: A_t > 0 and
+    c_t > 1 + eps_high, or A_t < 0 and c_t < 1 - eps_low, strict), and 0 there. Here: the
+    PPO clip test on c_t blocks (eps = delta_low / delta_high, as ppo_clip) and the weight is
+    min(c_t, C) (C = is_cap; inf, none, in the reference). Reported divergence: |c_t - 1|.
+
+    Source: Yifei-Zuo/miles @ 8d16871a, miles/backends/training_utils/loss_hub/math_utils.py
+    compute_minpro_prefix_min (torch.cummin over ratios with mask-0 tokens +inf, shifted one
+    to the right, inf -> 1; detached) and compute_minpro_loss (the formula above; torch.maximum
+    of the two surrogates), with eps_clip / eps_clip_high 0.2 / 0.28 in its
+    tests/fast/backends/training_utils/loss/test_minpro_loss.py @ edff1704. Its docstring: the
+    paper wraps rho_bar_t r_t in a CISPO-style soft clip and this kernel, "matching xorl's
+    minpro_loss.py", applies the hard min-rule instead. That soft-clip form (the paper's) is
+    not implemented: the paper's method section could not be read, so its exact clip is
+    unknown. Sequence-level (a prefix minimum along the row): not elementwise."""
+    c = _minpro_ratio(x)
+    return _clip_block(x.adv, c, x.delta_low, x.delta_high), jnp.abs(c - 1.0)
+
+
 def m2po_blocked(old_logp, rollout_logp, mask, threshold):
     """M2PO's batch-level mask (arXiv 2510.01161), [B, T] bool: over ALL response tokens of the
     given batch, m2_t = (log mu_t - log pi_old_t)^2; sorted descending, the k largest are
@@ -424,11 +467,14 @@ class Method(NamedTuple):
     needs_alpha: bool = False    # relax_*: the mu cutoff alpha
     ratio_clip: bool = False     # delta_low is a ratio-clip epsilon, so it must be < 1
     elementwise: bool = True     # the mask is per token (logp_grad, the loss-fused head); not
-    #                              trm_seq, opsm, geo_seq_mask, cppo (read the whole sequence)
+    #                              trm_seq, opsm, geo_seq_mask, cppo, minpro_clip (read the row)
     params: tuple = ()           # the PARAMS this method reads (loss.<name> in the config)
     # A differentiable per-token term added to the loss (drpo): (_Inputs, logp) -> (value [B, T],
     # its derivative w.r.t. logp [B, T], stop-gradient, for logp_grad); None: none. Elementwise.
     penalty: Callable | None = None
+    # The weight before the cap, _Inputs -> [B, T] stop-gradient; None: r = pi / mu (minpro_clip:
+    # rho_bar r)
+    weight: Callable | None = None
 
 
 METHODS = {
@@ -464,6 +510,9 @@ METHODS = {
     # position-weighted Binary-TV with a cumulative prefix budget per sequence
     "cppo": Method(_m_cppo, elementwise=False, params=("cppo_delta", "cppo_w_min",
                                                        "cppo_delta_b")),
+    # the GRPO clip on rho_bar r (the prefix minimum of the earlier ratios times r), weight rho_bar r
+    "minpro_clip": Method(_m_minpro_clip, ratio_clip=True, elementwise=False,
+                          weight=_minpro_ratio),
 }
 
 
@@ -619,8 +668,9 @@ def _coef(logp, rollout_logp, advantages, mask, *, method, delta_low, delta_high
         weight = jnp.clip(ratio, 1 - delta_low, 1 + delta_high)
         truncated = (ratio < 1 - delta_low) | (ratio > 1 + delta_high)
     else:
-        weight = jnp.minimum(ratio, is_cap)
-        truncated = ratio > is_cap
+        raw = ratio if METHODS[method].weight is None else METHODS[method].weight(x)
+        weight = jnp.minimum(raw, is_cap)
+        truncated = raw > is_cap
     weight = jnp.minimum(weight, is_cap)
     coef = jax.lax.stop_gradient(keep * weight * adv)
     return x, (blocked, div_used, weight, truncated, coef)
@@ -633,7 +683,7 @@ def logp_grad(logp, rollout_logp, advantages, agg_weight, *, method, delta_low, 
     elementwise over any token shape: what autodiff of policy_loss_terms' loss_sum / denom gives,
     computed without a backward pass (the loss-fused vocabulary head, trustrl.model.vocab_head,
     uses it inside its forward chunks). Not for the sequence-level
-    masks (Method.elementwise False: trm_seq, opsm, geo_seq_mask)."""
+    masks (Method.elementwise False: trm_seq, opsm, geo_seq_mask, cppo, minpro_clip)."""
     if method not in METHODS or not METHODS[method].elementwise:
         raise ValueError(f"logp_grad is elementwise; method {method!r} is not (valid: "
                          f"{', '.join(m for m, spec in METHODS.items() if spec.elementwise)})")
