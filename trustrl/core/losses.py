@@ -20,7 +20,9 @@ gradient wherever r < C; compare gradients, not loss values.
 
 One method adds a differentiable per-token term to that surrogate (Method.penalty): drpo's
 advantage-weighted quadratic |A| mu (r - 1)^2 / (2 eps), whose derivative w.r.t. logp is known
-in closed form, so logp_grad and the loss-fused head stay exact.
+in closed form, so logp_grad and the loss-fused head stay exact. One method's weight is not
+min(r, C) (Method.weight): minpro_clip's min(rho_bar r, C), rho_bar the smallest ratio of the
+row's earlier response tokens.
 
 Numerics: everything in float32; log-ratios are clamped to +-LOG_RATIO_CLAMP before exp, so the
 largest representable ratio is e^20 (a token whose true ratio is larger gets weight e^20 when
