@@ -255,6 +255,12 @@ _EXTENDED = (
     # test_async_rl_model_by_hand). The async 2 x 4 == 1 x 8 run (~35 s) stays in CI.
     "training/test_async.py::test_two_processes_on_a_split_layout_equal_one_process[sync]",
     "test_benchmarks.py::test_async_rl_quick",
+    # CI's last run took 1,181 s (the goal is < 1,200 s) before issue 32's minpro_clip tests:
+    # partial rollouts with 2 replicas (the 1-replica case stays) and the async schedule's
+    # reproducibility under a slow phase (the staleness bound under a slow phase, staleness 0 ==
+    # sync bitwise and the kill -9 resume stay), ~60 CPU-s
+    "training/test_async.py::test_partial_rollouts_keep_each_tokens_mu_and_version[2]",
+    "training/test_async.py::test_a_scheduled_run_is_reproducible_whichever_phase_is_slow",
 )
 
 
