@@ -31,8 +31,19 @@ median of 15, load average 4.7-5.9, two runs):
     m2po           | 426.8 / 408.7      | 49x   / 53x       | 480.1 / 447.2   | 10.4x / 10.4x
 
 drpo: the penalty's exp / square and its backward, near the 1.1x goal (met with metrics, not in
-isolation). m2po: NOT met: its minibatch mask sorts all 1M m2 values (XLA:CPU's sort, ~0.4 s);
+isolation). m2po: NOT met: its minibatch mask sorted all 1M m2 values (XLA:CPU's sort, ~0.4 s);
 the train step computes it once per minibatch, outside the micro-batch loop.
+
+m2po without the sort (2026-12-07: losses.m2po_blocked bisects the cut over float32 bit
+patterns, 32 masked sums; same command, load average 5.8, two study runs on the 2 cores):
+
+    method         |      ms | vs dppo_binary_tv | ms +metrics | vs dppo +metrics
+    dppo_binary_tv |   7.97  | 1                 |  41.5       | 1
+    drpo           |   9.21  | 1.16x             |  48.1       | 1.16x
+    m2po           |  36.1   | 4.5x  (was 49-53x)|  56.4       | 1.36x (was 10.4x)
+
+Still NOT within 1.1x: 32 passes over the minibatch's m2 (~1 ms each here) against dppo's
+two exps; the standalone mask went from ~600 ms to ~55-90 ms in /tmp runs of both versions.
 
 The script sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before importing jax, so the
 sharded rows run on 8 simulated CPU devices on any machine.

@@ -418,6 +418,11 @@ def test_m2po_hand():
     # threshold 1e-4: only the last suffix (m2 = 0) is below it: the three largest blocked
     got = losses.m2po_blocked(jnp.asarray(old), jnp.asarray(mu), jnp.asarray(mask), 1e-4)
     assert np.asarray(got).tolist() == [[True, True, True, False, False]]
+    # no suffix is below the threshold: one token stays, the LAST of the smallest tie (m2 .01
+    # at 1 and 2; the stable descending sort puts 1 before 2, so 1 is blocked)
+    mu2 = old - np.array([[0.5, 0.1, 0.1, 0.5, 0.9]], np.float32)
+    got = losses.m2po_blocked(jnp.asarray(old), jnp.asarray(mu2), jnp.asarray(mask), 1e-3)
+    assert np.asarray(got).tolist() == [[True, True, False, True, False]]
     # gradient: pi = pi_old (the PPO clip on pi / pi_old inactive), weight pi / mu, A = 1
     lp = jnp.asarray(old)
     g = jax.grad(lambda x: policy_loss(x, jnp.asarray(mu), jnp.ones(1), jnp.asarray(mask),
@@ -425,6 +430,37 @@ def test_m2po_hand():
                                        agg="token-sum", old_logp=lp)[0])(lp)
     r = np.exp(old - mu)
     np.testing.assert_allclose(np.asarray(g), -r * [[0, 1, 1, 1, 0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_m2po_sort_free_cut_matches_the_stable_sort(ties):
+    """m2po_blocked finds the cut by bisection, not a sort: against the float64 transcription of
+    AReaL's stable sort on batches with and without ties (m2 on a 1/64 grid: many equal
+    values, the cut inside a tie; dyadic, so float32 keeps them equal), padding, an
+    all-padding batch and thresholds that block none / all but one token."""
+    rng = np.random.default_rng(11 + ties)
+    f64 = lambda a: np.asarray(a, np.float64)
+    seen_tie_cut = 0
+    for trial in range(12):
+        shape = (int(rng.integers(1, 9)), int(rng.integers(1, 70)))
+        old = rng.normal(-1, 1, shape)
+        step = rng.normal(0, [0.05, 0.3, 1.0][trial % 3], shape)
+        if ties:  # dyadic grids: f32 differences and squares are exact, ties survive
+            old, step = np.round(old * 8) / 8, np.round(step * 8) / 8
+        old, mu = old.astype(np.float32), (old + step).astype(np.float32)
+        mask = (rng.random(shape) < 0.8).astype(np.float32)
+        if trial == 0:
+            mask[:] = 0
+        for thr in (0.04, 0.013, 1e-6, 50.0):
+            keep = areal_m2po_mask(f64(mu), f64(old), f64(mask), thr)
+            blocked = np.asarray(losses.m2po_blocked(old, mu, mask, thr))
+            np.testing.assert_array_equal(~blocked & (mask > 0), keep, err_msg=f"{trial} {thr}")
+            assert not (blocked & (mask == 0)).any()
+            m2 = np.square(f64(mu) - f64(old))[mask > 0]
+            if blocked.sum() and keep.sum():
+                cut = m2[np.asarray(blocked)[mask > 0]].min()
+                seen_tie_cut += bool((m2[keep[mask > 0]] == cut).any())
+    assert seen_tie_cut > 0 if ties else seen_tie_cut == 0  # the tie branch ran (or could not)
 
 
 def test_m2po_matches_areal_and_is_exact_over_microbatches():
