@@ -206,6 +206,23 @@ def test_tpu_topology_compiles_every_phase_with_splash(subprocess_env):
 
 @pytest.mark.skipif(not (HAS_LIBTPU or LIBTPU_PATH), reason="libtpu is not installed (`make "
                     "test` installs it into .venv/libtpu and sets TRUSTRL_LIBTPU_PATH)")
+@pytest.mark.parametrize("method", ["m2po", "cppo", "minpro_clip"])
+def test_tpu_topology_compiles_the_sequence_level_losses(method, subprocess_env):
+    """The train step of the losses that are not elementwise, compiled for a TPU topology with
+    the minibatch sharded over the chips: m2po's batch-level bisection (a fori_loop of sums
+    over every shard), cppo's prefix sums and clipped quantile (a lax.cond around a sort),
+    minpro_clip's prefix minimum (associative scans along the row); ~11 s each."""
+    done = _run(["--config=configs/default.py:tiny", "--topology=v5p:2x2x2", "--phases=train",
+                 f"--config.loss.method={method}"], _tpu_env(subprocess_env))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(8 chips, TPU v5" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith("train") and
+            " | " in line]
+    assert len(rows) == 1 and " yes " in rows[0], rows
+
+
+@pytest.mark.skipif(not (HAS_LIBTPU or LIBTPU_PATH), reason="libtpu is not installed (`make "
+                    "test` installs it into .venv/libtpu and sets TRUSTRL_LIBTPU_PATH)")
 def test_tpu_topology_compiles_the_multi_turn_programs(subprocess_env):
     """An environment run's rollout for a TPU topology from this CPU host: the multi-turn
     sampler's prefill, decode loop and observation append (row-indexed KV-cache writes, a
