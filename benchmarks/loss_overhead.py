@@ -119,7 +119,10 @@ study run beside it (load average ~2): dppo_binary_tv 8.2 ms, cppo 27.1 ms (3.3x
 / 60.1 ms, 1.45x). NOT within 1.1x: the row needs two prefix sums along the response
 (associative_scan, ~4 ms each at 1M tokens on this CPU) and counts for the clipped quantile
 (the per-row sort runs only when some row's quantile falls inside [delta_b, 2 delta_b]; with a
-sort every time it was 212 ms).
+sort every time it was 212 ms). Since the prefix sums are blocked triangular matmuls
+(losses._prefix_sum; 2026-12-07 later, --methods dppo_binary_tv,cppo,minpro_clip, two study runs
+beside it, load average 5.3): dppo_binary_tv 9.35 ms, cppo 21.6 ms (2.3x; +metrics 54.9 / 43.9
+ms, 1.25x), minpro_clip 14.7 ms (1.58x; +metrics 1.05x). Still NOT within 1.1x.
 
 MinPRO (minpro_clip, issue 32), --methods dppo_binary_tv,minpro_clip (,ppo_clip) at B=1024,
 T=1024, median of 15, 2026-12-07, two study runs beside it (load average 4.6-5.6), two runs:

@@ -622,6 +622,20 @@ def test_cppo_matches_unirl():
                 assert 0.05 < np.mean(~keep) < 0.95, np.mean(~keep)
 
 
+@pytest.mark.parametrize("shape", [(3, 1), (2, 31), (4, 32), (2, 33), (5, 1000), (2, 3, 77)])
+def test_cppo_prefix_sum_in_blocks(shape):
+    """cppo's prefix sums (a triangular matmul per block of 32, then the blocks' totals): equal
+    to a float64 cumsum, and bit-exact on 0 / 1 counts, at lengths that are not multiples of
+    the block and with leading axes."""
+    rng = np.random.default_rng(len(shape) * 100 + shape[-1])
+    v = rng.random(shape).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(losses._prefix_sum(jnp.asarray(v))),
+                               np.cumsum(v.astype(np.float64), -1), rtol=1e-5)
+    m = (rng.random(shape) < 0.5).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(losses._prefix_sum(jnp.asarray(m))),
+                                  np.cumsum(m, -1))
+
+
 def test_cppo_row_quantile_is_numpys_linear():
     rng = np.random.default_rng(0)
     v = rng.uniform(size=(5, 7)).astype(np.float32)

@@ -30,7 +30,6 @@ is_cap = inf).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -253,6 +252,26 @@ def _clipped_row_quantile(v, mask, q: float, low: float, high: float):
         decided, fast, jnp.clip(_row_quantile(v, mask, q), low, high)).astype(jnp.float32))
 
 
+PREFIX_BLOCK = 32  # _prefix_sum's block
+
+
+def _prefix_sum(v):
+    """Inclusive prefix sum along the last axis, in blocks of PREFIX_BLOCK: within a block a
+    matmul with the upper-triangular ones (f32, precision HIGHEST: no bf16 passes on TPU), then
+    the block totals' prefix (an associative scan over T / PREFIX_BLOCK) added. Exact for
+    0 / 1 counts (integers below 2^24); for other values the rounding of any summation order.
+    On XLA:CPU at [1024, 1024] ~1.2 ms against ~3-5 ms for lax.associative_scan and ~6-11 ms
+    for jnp.cumsum (a reduce-window)."""
+    *lead, t = v.shape
+    k = PREFIX_BLOCK
+    nb = -(-t // k)
+    x = jnp.pad(v, [(0, 0)] * len(lead) + [(0, nb * k - t)]).reshape(*lead, nb, k)
+    tri = jnp.triu(jnp.ones((k, k), v.dtype))  # [j, i] = 1 where j <= i
+    within = jnp.matmul(x, tri, precision=jax.lax.Precision.HIGHEST)
+    before = jax.lax.associative_scan(jnp.add, within[..., -1], axis=-1) - within[..., -1]
+    return (within + before[..., None]).reshape(*lead, nb * k)[..., :t]
+
+
 def _m_cppo(x: _Inputs):
     """CPPO (arXiv 2606.10968): a position-weighted Binary-TV threshold with a cumulative prefix
     budget. Over a row's response tokens (the mask: t = 1 .. T in order, T = their number),
@@ -278,9 +297,9 @@ def _m_cppo(x: _Inputs):
     m = (x.mask > 0).astype(jnp.float32)
     d = jnp.abs(jnp.exp(x.logp) - jnp.exp(x.rollout_logp)) * m
     n = jnp.sum(m, axis=-1, keepdims=True)
-    # prefix sums along the row (associative_scan: ~2.5x XLA:CPU's cumsum); W_{t-1} in closed
-    # form, sum_{i<t} (1 - c (i - 1) / (T - 1)) = (t - 1) - c (t - 1) (t - 2) / (2 (T - 1))
-    scan = functools.partial(jax.lax.associative_scan, jnp.add, axis=-1)
+    # prefix sums along the row (_prefix_sum); W_{t-1} in closed form,
+    # sum_{i<t} (1 - c (i - 1) / (T - 1)) = (t - 1) - c (t - 1) (t - 2) / (2 (T - 1))
+    scan = _prefix_sum
     pos = scan(m)  # t of each response token (1-based; exact: small integers)
     c, span = 1.0 - p["cppo_w_min"], jnp.maximum(n - 1.0, 1.0)
     w = (1.0 - c * (pos - 1.0) / span) * m
