@@ -355,6 +355,7 @@ def _m_minpro_clip(x: _Inputs):
     return _clip_block(x.adv, c, x.delta_low, x.delta_high), jnp.abs(c - 1.0)
 
 
+@jax.jit  # eager callers compile the bisection once per shape, not per call
 def m2po_blocked(old_logp, rollout_logp, mask, threshold):
     """M2PO's batch-level mask (arXiv 2510.01161), [B, T] bool: over ALL response tokens of the
     given batch, m2_t = (log mu_t - log pi_old_t)^2; sorted descending, the k largest are
