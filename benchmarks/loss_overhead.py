@@ -44,6 +44,10 @@ patterns, 32 masked sums; same command, load average 5.8, two study runs on the 
 
 Still NOT within 1.1x: 32 passes over the minibatch's m2 (~1 ms each here) against dppo's
 two exps; the standalone mask went from ~600 ms to ~55-90 ms in /tmp runs of both versions.
+With the tie rank as an int32 associative_scan instead of jnp.cumsum (1-D cumsum of 1M: ~8-12
+ms on XLA:CPU; the scan ~2-3 ms), same command with --methods dppo_binary_tv,m2po,cppo on an
+idle VM (load average 1.3, 2026-12-08): dppo_binary_tv 4.43 ms, m2po 19.1 ms (4.3x; +metrics
+36.2 / 25.1 ms, 1.44x), cppo 8.08 ms (1.83x; +metrics 1.10x).
 
 The script sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before importing jax, so the
 sharded rows run on 8 simulated CPU devices on any machine.
