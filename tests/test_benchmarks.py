@@ -271,6 +271,20 @@ def test_multiturn_quick(capsys):
     assert f"{out['naive_ratio']:.2f}x |" in printed
 
 
+@pytest.mark.slow
+def test_cache_writes_quick(capsys):
+    """benchmarks/cache_writes.py --quick: the single- and multi-turn bf16 rollouts with float
+    writes and with bit copies give the same tokens, log-probs and top-K (the script compares
+    them), with finite positive times."""
+    rows = _load_bench("cache_writes").main(["--quick"])
+    printed = capsys.readouterr().out
+    assert "| model | workload | float writes s | bit copies s | speed-up |" in printed
+    assert [r["workload"].split(",")[0] for r in rows] == ["single-turn", "multi-turn 2"]
+    for r in rows:
+        assert r["same"] is True, r
+        assert math.isfinite(r["floats"]) and r["floats"] > 0 and r["bits"] > 0
+
+
 def test_reward_model_quick(capsys):
     """benchmarks/reward_model.py --quick: the three rows (the trainer's scoring pass, the reward
     model's program, its end-to-end call) with finite positive ratios; the script checks that the

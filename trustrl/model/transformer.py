@@ -266,6 +266,26 @@ class KVCache(NamedTuple):
 # ----------------------------------------------------------------------------- building blocks
 
 
+def bitwise_on_cpu(write):
+    """``write(buf, *updates) -> buf`` (a cache write: scatter, dynamic_update_slice, select;
+    the updates cast to buf's dtype) run on the bit patterns of a 16-bit float ``buf`` when the
+    program is lowered for XLA:CPU. XLA:CPU has no bf16 scatter or dynamic_update_slice: it
+    converts the whole buffer to float32 and back around each, a pass over every layer's cache
+    per decode step (and never in place). A copy of bits is exact: the same values bit for
+    bit. Other platforms (TPU, GPU) write the floats as they are."""
+    def wrapped(buf, *updates):
+        updates = [u.astype(buf.dtype) for u in updates]
+        if jnp.dtype(buf.dtype).itemsize != 2 or not jnp.issubdtype(buf.dtype, jnp.floating):
+            return write(buf, *updates)
+        bits = jax.lax.bitcast_convert_type
+
+        def on_bits(buf, *updates):
+            out = write(bits(buf, jnp.uint16), *(bits(u, jnp.uint16) for u in updates))
+            return bits(out, buf.dtype)
+        return jax.lax.platform_dependent(buf, *updates, cpu=on_bits, default=write)
+    return wrapped
+
+
 def _param(module: nn.Module, name: str, init, shape, axes, dtype=None):
     """A parameter created with logical axis names, returned cast to the compute dtype;
     ``dtype``: storage and returned dtype instead (the head under ``head_dtype``)."""
@@ -465,13 +485,12 @@ class Attention(nn.Module):
                 # columns on v5p: 31.9 GiB of loop temporaries, 0.66 with the triples)
                 at = (jnp.arange(b)[:, None, None], jnp.arange(k)[None, None, :],
                       index[:, :, None])
-                k_cache = k_cache.at[at].set(key.astype(k_cache.dtype), mode="drop")
-                v_cache = v_cache.at[at].set(val.astype(v_cache.dtype), mode="drop")
+                put = bitwise_on_cpu(lambda buf, x: buf.at[at].set(x, mode="drop"))
+                k_cache, v_cache = put(k_cache, key), put(v_cache, val)
             else:
-                k_cache = jax.lax.dynamic_update_slice(
-                    k_cache, key.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, index, 0))
-                v_cache = jax.lax.dynamic_update_slice(
-                    v_cache, val.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
+                put = bitwise_on_cpu(lambda buf, x: jax.lax.dynamic_update_slice(
+                    buf, x.transpose(0, 2, 1, 3), (0, 0, index, 0)))
+                k_cache, v_cache = put(k_cache, key), put(v_cache, val)
             cache_kv = (k_cache, v_cache)
         if mask is None:
             out = attention_lib.attend(q, key, val, valid, backend=c.attention,
@@ -833,10 +852,11 @@ def insert_rows(cache: KVCache, new: KVCache, slots) -> KVCache:
         shift = jnp.where(start == jnp.minimum(first, s - p), first - start, first - s)
         windows.append((start, shift, (j - shift >= 0) & (j - shift < p)))
 
+    @bitwise_on_cpu
     def put(buf, x):  # buf [B, K, S, D], x [R, K, P, D]
         # jnp.roll, not a gather (jnp.take): a gather feeding the updates made the TPU compiler
         # copy the whole buffer
-        vals = [jnp.roll(x.astype(buf.dtype), shift, axis=2) for _, shift, _ in windows]
+        vals = [jnp.roll(x, shift, axis=2) for _, shift, _ in windows]
         for i in range(x.shape[0]):
             row = jnp.minimum(slots[i], b - 1)
             for (start, _, ok), val in zip(windows, vals):
