@@ -67,6 +67,22 @@ recorded top-K 20, median of 5:
     4 x 32, 160                    15.0       153.3      168.3          426.4              2.53x
     processed == prompt + trajectory for all 64 episodes of both (asserted).
 
+Rerun at d8716f5 (bf16 cache writes as bit copies on CPU: the single-turn baseline ~1.9x
+faster, the multi-turn call 0.99-1.20x in benchmarks/cache_writes.py's A/B), 2026-12-08, idle VM
+(the study paused), defaults:
+
+    3 x 6, 40    single, same policy  1,088 tokens  17 steps  0.044 s   2.56 ms / step   1.00x
+                 single, same steps   1,152         18        0.047     2.64             1.03x
+                 multi-turn           1,066         18        0.107     5.95             2.51x
+    4 x 32, 160  single, same policy  7,808        122        0.337     2.76             1.00x
+                 single, same steps   8,192        128        0.323     2.52             0.91x
+                 multi-turn           7,796        128        0.609     4.76             1.81x
+
+    split: 3 x 6, 40: prefill 12%, loop 73%, TokenEnv.step 3%, other host 12%; 4 x 32, 160:
+    prefill 2%, loop 94%, TokenEnv.step 1%, other host 3%. Goal 1 missed at both limits: the
+    row-indexed cache's per-row scatter still costs XLA:CPU a copy of every layer's cache per
+    step (docs/environments.md).
+
 Rerun at 238f8fc (the cache written as (row, kv head, column) triples, bit-identical), idle VM:
 2.35x and 1.40x (multi-turn 0.110 s vs 0.048 s; 0.734 s vs 0.524 s).
 Seven runs of 4b815a5 on the same VM gave 2.13-2.43x (3 x 6, 40) and 1.16-1.54x (4 x 32, 160):

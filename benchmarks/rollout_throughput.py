@@ -55,8 +55,19 @@ Python / dispatch) and an in-place, heads-first KV cache. What was fixed on the 
   attention still spans the whole cache (prompt bucket + max_new_tokens slots): SmolLM2 batch 32
   pays ~10 ms (fp32) / 13 ms (bf16) per step for 144 slots against 16; splitting the loop into
   phases with growing static windows would save about a third of that for several times the
-  compile time, so it was left out. bf16 is slower than fp32 on the tiny model (conversions
-  dominate at width 128).
+  compile time, so it was left out. bf16 was slower than fp32 on the tiny model (conversions
+  dominate at width 128): see the rerun below.
+
+Rerun at d8716f5 (bf16 cache writes as bit copies on CPU: XLA:CPU had converted every layer's
+whole bf16 cache to f32 and back at each write), 2026-12-08, tiny only, best of 27, load average
+0.7-1.1, on a VM slower than on 12-04 (compare ratios, not tok/s):
+
+    model                      | batch | transformers fp32 tok/s | trustrl fp32 |  ratio | trustrl bf16 |  ratio
+    tiny (4L, d=128, V=512)    |     1 |                     590 |         5684 |  9.63x |         7679 | 13.01x
+    tiny (4L, d=128, V=512)    |    32 |                   10329 |        23597 |  2.28x |        29416 |  2.85x
+
+  bf16 / fp32 of trustrl at batch 32: 1.25x (0.49x above). SmolLM2 was not rerun: the A/B of
+  benchmarks/cache_writes.py measured it unchanged (1.00x; bound by its matmuls).
 
 On a LOADED machine (other jobs on the 2 cores) transformers' numbers collapse (torch's OpenMP
 threads stall at every parallel region: SmolLM2 batch 32 took 2-4 s per step with 2 threads, 0.22
