@@ -67,6 +67,12 @@ recorded top-K 20, median of 5:
     4 x 32, 160                    15.0       153.3      168.3          426.4              2.53x
     processed == prompt + trajectory for all 64 episodes of both (asserted).
 
+With the round region (the loop writes at one shared column; trustrl/rollout/multiturn.py's
+docstring), 2026-12-08, idle VM, five runs of each against the code before it (three
+alternating): multi-turn / single-turn 2.14-2.28x (median 2.19x) at 3 x 6, 40 and 1.49-1.78x
+(1.57x) at 4 x 32, 160, against 2.25-2.59x (2.38x) and 1.81-2.32x (1.96x) before. Goal 1 is
+still missed at both limits.
+
 Rerun at d8716f5 (bf16 cache writes as bit copies on CPU: the single-turn baseline ~1.9x
 faster, the multi-turn call 0.99-1.20x in benchmarks/cache_writes.py's A/B), 2026-12-08, idle VM
 (the study paused), defaults:

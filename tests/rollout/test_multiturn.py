@@ -297,8 +297,10 @@ def test_fewer_rows_than_episodes_and_early_exits_play_the_same_greedy_episodes(
 
     base, traj0, c0 = play(0, 1.0)
     assert c0.appends >= 1 and (traj0.num_turns > 1).any()
+    merges = 0  # exits that only moved the round region (rows still generating)
     for max_rows, frac in ((2, 1.0), (0, 1e-6), (4, 1e-6)):
         r, traj, counts = play(max_rows, frac)
+        merges += counts.merges
         np.testing.assert_array_equal(r.response_tokens, base.response_tokens)
         np.testing.assert_array_equal(r.response_mask, base.response_mask)
         np.testing.assert_array_equal(r.rollout_topk_ids, base.rollout_topk_ids)
@@ -307,6 +309,7 @@ def test_fewer_rows_than_episodes_and_early_exits_play_the_same_greedy_episodes(
         np.testing.assert_array_equal(traj.processed, traj0.processed)
         if max_rows:  # the refilled rows' prompts were prefilled through appends
             assert counts.prefill_tokens == int(np.asarray(base.prompt_mask).sum())
+    assert merges >= 1
     with pytest.raises(ValueError, match="exit_fraction must be a number in"):
         multiturn.MultiTurnConfig(exit_fraction=0)
 
@@ -326,3 +329,64 @@ def test_turns_to_solve_counts_only_solved_episodes():
         finish=[tr.TERMINATED], seeds=[0], turn_ends=np.zeros(len(tr.TURN_ENDS), np.int64),
         processed=[4])
     assert "episode/turns_to_solve" not in failed.metrics(np.ones((1, 4)))
+
+
+def test_round_region_moves_into_each_rows_next_columns():
+    """The loop writes at a shared column of the round region; _from_loop moves each row's
+    valid round tokens, in order, to its own next columns (a numpy reference), clears the
+    region, and advances the rows' columns; keys and values bit for bit (bf16)."""
+    from trustrl.model import transformer as M
+    b, kh, s, d, width = 3, 2, 14, 4, 5
+    rng = np.random.default_rng(0)
+    cols = np.array([4, 9, 6], np.int32)  # row 1 is the longest: the region is 9 .. 13
+    valid = np.zeros((b, s), bool)
+    for i, c in enumerate(cols):
+        valid[i, :c] = rng.random(c) < 0.8  # rows may have holes (reset / padding)
+    ok = rng.random((b, width)) < 0.6
+    ok[1, 0] = True  # the longest row's first round token stays where it is
+    valid[:, 9:9 + width] = ok
+    bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+    k = [jnp.asarray(rng.normal(size=(b, kh, s, d)), jnp.bfloat16) for _ in range(2)]
+    v = [jnp.asarray(rng.normal(size=(b, kh, s, d)), jnp.bfloat16) for _ in range(2)]
+    cache = M.KVCache(tuple(k), tuple(v), jnp.asarray(valid), jnp.int32(9 + width))
+    got, new_cols = jax.jit(multiturn._from_loop, static_argnums=2)(cache, jnp.asarray(cols),
+                                                                     width)
+    want_valid = valid.copy()
+    want_valid[:, 9:] = False
+    want_k = [np.asarray(bits(x)).copy() for x in k]
+    for i in range(b):
+        src = [9 + j for j in range(width) if ok[i, j]]
+        for r, col in enumerate(src):
+            want_valid[i, cols[i] + r] = True
+            for w, x in zip(want_k, k):
+                w[i, :, cols[i] + r] = np.asarray(bits(x))[i, :, col]
+    np.testing.assert_array_equal(np.asarray(new_cols), cols + ok.sum(1))
+    np.testing.assert_array_equal(np.asarray(got.index), cols + ok.sum(1))
+    np.testing.assert_array_equal(np.asarray(got.valid), want_valid)
+    for w, x in zip(want_k, got.k):
+        rows_cols = want_valid  # the garbage of empty slots is not compared
+        np.testing.assert_array_equal(np.asarray(bits(x))[np.broadcast_to(
+            rows_cols[:, None, :, None], w.shape)], w[np.broadcast_to(
+                rows_cols[:, None, :, None], w.shape)])
+    assert ok.sum() > 3 and (ok.sum(1) > 0).all()
+
+
+def test_the_loop_writes_the_cache_at_a_shared_column(tiny):
+    """The compiled CPU decode loop updates the KV cache with dynamic_update_slice at one
+    column, not a per-row scatter (which cost XLA:CPU a copy of every layer's cache a step)."""
+    import re
+    cfg, params = tiny
+    mts = multiturn.MultiTurnSampler(policy.decode_model(cfg), SamplerConfig(record_topk=2),
+                                     multiturn.MultiTurnConfig(max_turns=2, max_turn_tokens=3,
+                                                               max_total_tokens=12))
+    toks, valid = jnp.ones((4, 8), jnp.int32), jnp.ones((4, 8), jnp.int32)
+    logits, cache = mts._prefill(params, toks, valid, length=8 + 12 + 3)
+    s = multiturn._initial_state(logits, cache, jax.random.key(0), valid, 12, 2)
+    assert s.cache.index.shape == () and int(s.cache.index) == 8 and s.cols.tolist() == [8] * 4
+    hlo = mts._loop_fn(0).lower(params, s).compile().as_text()
+    shape = re.compile(rf"\[4,{cfg.num_kv_heads},23,{cfg.head_dim}\]")  # the cache
+    scatters = [ln for ln in hlo.splitlines() if "scatter(" in ln and shape.search(ln)]
+    updates = [ln for ln in hlo.splitlines() if "dynamic-update-slice(" in ln
+               and shape.search(ln)]
+    assert not scatters, scatters[:2]
+    assert len(updates) >= 2 * cfg.num_layers  # keys and values of every layer

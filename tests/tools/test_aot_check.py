@@ -266,13 +266,14 @@ def test_multi_turn_sampler_lowers_its_programs_on_the_mesh():
                                      multiturn.MultiTurnConfig(max_total_tokens=32))
     with jax.set_mesh(mesh):
         progs = mts.lower(params, 8, 16, 5, sharding.batch_sharding(mesh))
-    assert [(name, what) for name, what, _ in progs] == [
-        ("prefill", "4 rows x 16 into a 16 + 32 cache"),  # max_rows=4 of the 8 episodes
-        ("loop", "4 rows x (16 + 32) tokens, <= 4 turns"),
-        ("append", "4 rows x 8 tokens onto the 16 + 32 cache")]  # min_obs_bucket 8
+    assert [(name, what) for name, what, _ in progs] == [  # + the round region, 16 columns
+        ("prefill", "4 rows x 16 into a 16 + 32 + 16 cache"),  # max_rows=4 of the 8 episodes
+        ("loop", "4 rows x (16 + 32 + 16) tokens, <= 4 turns"),
+        ("append", "4 rows x 8 tokens onto the 16 + 32 + 16 cache")]  # min_obs_bucket 8
     state = progs[1][2].args_info[0][1]
-    assert state.cache.k[0].shape == (4, roll_cfg.num_kv_heads, 48, roll_cfg.head_dim)
-    assert state.cache.index.shape == (4,)  # row-indexed: one write column per row
+    assert state.cache.k[0].shape == (4, roll_cfg.num_kv_heads, 64, roll_cfg.head_dim)
+    assert state.cache.index.shape == ()  # the loop writes at one shared column
+    assert state.cols.shape == (4,)  # each row's own next column (row-indexed)
     assert state.cache.k[0].donated and state.tokens.donated
     layout = progs[1][2].compile().input_shardings[0][1]
     assert layout.cache.k[0].spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor",

@@ -15,9 +15,16 @@ onto their KV caches, each row at its own next column, then the loop resumes on 
 Nothing of an earlier turn is ever processed again (no re-prefill), and the policy's tokens are
 never decoded and re-encoded (TokenEnv decodes them only to give the environment its text).
 
-Cache: row-indexed (``transformer.row_indexed``): each row writes its valid tokens at its own
-next columns, so a waiting or finished row, or a shorter observation, uses no column: the prompt
-(compact from column 0), then the trajectory; P + ``max_total_tokens`` columns. Limits:
+Cache: row-indexed (``transformer.row_indexed``): each row keeps its valid tokens compact at its
+own columns, so a waiting or finished row, or a shorter observation, uses no column: the prompt
+(compact from column 0), then the trajectory. The loop itself writes at ONE shared column per
+step (a dynamic_update_slice, as the single-turn sampler: a per-row scatter cost XLA:CPU a copy
+of every layer's cache per step), into the round region: the R = ``max_turn_tokens`` columns
+after the longest row (rows that do not generate write an empty slot there). Decode attention
+needs only validity (keys carry their RoPE positions), so where a token sits does not matter to
+it. The next append (or ``_merge``) moves each row's round tokens to its own next columns, so
+the rows stay compact; P + ``max_total_tokens`` + R columns. A loop call lasts at most R steps:
+turns start only at appends, and every turn ends within ``max_turn_tokens``. Limits:
 ``max_turns`` policy turns, ``max_turn_tokens`` policy tokens per turn (the turn is then closed
 by the template's end-of-turn token, a template token) and ``max_total_tokens`` trajectory
 tokens after the prompt (policy and observation together).
@@ -76,6 +83,7 @@ class LoopState(NamedTuple):
     mode: jax.Array       # [B] GEN / WAIT / DONE
     turn_len: jax.Array   # [B] policy tokens of the current turn
     turn_end: jax.Array   # [B] why the last turn ended (trajectory.TURN_ENDS index)
+    cols: jax.Array       # [B] each row's next compact cache column (before the round region)
     tokens: jax.Array     # [B, N] trajectory tokens
     mask: jax.Array       # [B, N] 1 on policy tokens
     logp: jax.Array       # [B, N]
@@ -123,7 +131,48 @@ def _loop(params, s: LoopState, *, model, cfg: SamplerConfig, mt: MultiTurnConfi
     return jax.lax.while_loop(cond, body, s)
 
 
-def _append(params, s: LoopState, chunk, valid, mode, reset, *, model):
+def _to_loop(cache, cols):
+    """A row-indexed cache (each row's next column ``cols`` [B]) in the loop's layout: the
+    shared write column is the round region's first, one past the longest row."""
+    if not isinstance(cache, transformer.KVCache):
+        return cache
+    return cache._replace(index=jnp.max(cols).astype(jnp.int32))
+
+
+def _from_loop(cache, cols, width: int):
+    """The loop's cache back to row-indexed: each row's valid tokens of the round region
+    (``width`` columns from max(cols)) moved to its own next columns, in order; -> (cache, new
+    cols). The round's tokens are read before any is written, so a row whose own columns
+    overlap the region (the longest) is moved correctly."""
+    if not isinstance(cache, transformer.KVCache):
+        return cache, cols
+    start = jnp.max(cols).astype(jnp.int32)
+    b, s = cache.valid.shape
+    ok = jax.lax.dynamic_slice(cache.valid, (0, start), (b, width))
+    rank = jnp.cumsum(ok, axis=1, dtype=jnp.int32) - ok
+    dest = jnp.where(ok, cols[:, None] + rank, s)  # [B, R]; not a token: dropped
+    valid = jax.lax.dynamic_update_slice(cache.valid, jnp.zeros_like(ok), (0, start))
+    valid = valid.at[jnp.arange(b)[:, None], dest].set(True, mode="drop")
+
+    def move(buf):  # buf [B, K, S, D]: (row, kv head, column) triples, as the decode writes
+        kh, d = buf.shape[1], buf.shape[3]
+        src = jax.lax.dynamic_slice(buf, (0, 0, start, 0), (b, kh, width, d))
+        at = (jnp.arange(b)[:, None, None], jnp.arange(kh)[None, None, :], dest[:, :, None])
+        put = transformer.bitwise_on_cpu(lambda x, v: x.at[at].set(v, mode="drop"))
+        return put(buf, src.transpose(0, 2, 1, 3))
+    new_cols = (cols + jnp.sum(ok, axis=1, dtype=jnp.int32)).astype(cols.dtype)
+    return cache._replace(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)),
+                          valid=valid, index=new_cols), new_cols
+
+
+def _merge(s: LoopState, *, width: int) -> LoopState:
+    """Moves the round region into the rows and starts a new one (a host exit with nothing to
+    append while rows still generate)."""
+    cache, cols = _from_loop(s.cache, s.cols, width)
+    return s._replace(cache=_to_loop(cache, cols), cols=cols)
+
+
+def _append(params, s: LoopState, chunk, valid, mode, reset, *, model, width: int):
     """Writes ``chunk`` [B, Q] (``valid``: the real ids, left-aligned) onto each row's cache at
     its own next columns in one forward; rows with a chunk take the logits after it. A chunk is
     an observation (also written into the row's trajectory, response_mask 0) or, for rows with
@@ -132,7 +181,7 @@ def _append(params, s: LoopState, chunk, valid, mode, reset, *, model):
     ``mode``: every row's new mode (the host's decision); rows that waited start a new turn."""
     n = s.tokens.shape[1]
     rows = jnp.arange(s.t.shape[0])[:, None]
-    cache = s.cache
+    cache, _ = _from_loop(s.cache, s.cols, width)
     if isinstance(cache, transformer.KVCache):
         cache = cache._replace(valid=jnp.where(reset[:, None], False, cache.valid),
                                index=jnp.where(reset, 0, cache.index))
@@ -142,9 +191,13 @@ def _append(params, s: LoopState, chunk, valid, mode, reset, *, model):
     logits, cache = model.extend(params, chunk, pos[:, None] + before, valid, cache)
     has = jnp.any(valid > 0, axis=1)
     length = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    # each row's next compact cache column (a cache of another kind: its prompt + trajectory)
+    cache_cols = (cache.index if isinstance(cache, transformer.KVCache)
+                  else jnp.where(reset, 0, s.cols) + length)
     cols = jnp.where((valid > 0) & ~reset[:, None], t[:, None] + before, n)
     return s._replace(
-        logits=jnp.where(has[:, None], logits, s.logits), cache=cache,
+        logits=jnp.where(has[:, None], logits, s.logits), cache=_to_loop(cache, cache_cols),
+        cols=cache_cols,
         tokens=keep(s.tokens).at[rows, cols].set(chunk, mode="drop"), mask=keep(s.mask),
         logp=keep(s.logp), topk_ids=keep(s.topk_ids), topk_logp=keep(s.topk_logp),
         t=t + jnp.where(reset, 0, length), pos=pos + length, mode=mode,
@@ -174,10 +227,13 @@ def _prefill(params, tokens, valid, *, model, length: int):
 
 def _initial_state(logits, cache, key, valid, n: int, k: int) -> LoopState:
     """The loop's first state after the prefill: every row generating from its prompt's end,
-    empty [B, N] trajectory buffers (top-K [B, N, K])."""
+    empty [B, N] trajectory buffers (top-K [B, N, K]), the cache in the loop's layout."""
     b = valid.shape[0]
     z = lambda *shape, dt=jnp.int32: jnp.zeros(shape, dt)
-    return LoopState(logits=logits, cache=cache, key=key, step=jnp.int32(0), t=z(b),
+    cols = (cache.index if isinstance(cache, transformer.KVCache)
+            else jnp.sum(valid, axis=1, dtype=jnp.int32))
+    return LoopState(logits=logits, cache=_to_loop(cache, cols), key=key, step=jnp.int32(0),
+                     cols=cols, t=z(b),
                      pos=jnp.asarray(valid.sum(1), jnp.int32), mode=jnp.full((b,), GEN),
                      turn_len=z(b), turn_end=z(b), tokens=z(b, n), mask=z(b, n),
                      logp=z(b, n, dt=jnp.float32), topk_ids=z(b, n, k),
@@ -209,11 +265,14 @@ def batch_layout(tree, batch_sharding):
 
 @dataclasses.dataclass
 class Counts:
-    """What a call did: loop steps, host round trips, observation appends, prefill tokens."""
+    """What a call did: loop steps, host round trips, observation appends, prefill tokens,
+    round-region moves without an append (an exit where rows still generate and the waiting
+    ones ended with no episode pending)."""
     steps: int = 0
     exits: int = 0
     appends: int = 0
     prefill_tokens: int = 0
+    merges: int = 0
 
 
 class MultiTurnSampler:
@@ -240,8 +299,11 @@ class MultiTurnSampler:
         self.batch_sharding = batch_sharding
         self._prefill = jax.jit(self._constrained(functools.partial(_prefill, model=model)),
                                 static_argnames="length")
-        self._append = jax.jit(self._constrained(functools.partial(_append, model=model)),
-                               donate_argnums=(1,))
+        self.round_width = min(mt.max_turn_tokens, mt.max_total_tokens)  # R: see the module doc
+        self._append = jax.jit(self._constrained(functools.partial(
+            _append, model=model, width=self.round_width)), donate_argnums=(1,))
+        self._merge = jax.jit(self._constrained(functools.partial(
+            _merge, width=self.round_width)), donate_argnums=(0,))
         self._loops = {}
         self.counts = Counts()
 
@@ -276,8 +338,10 @@ class MultiTurnSampler:
         [(name, description, jax Lowered)] for
 
             prefill  the first prompts into a new row-indexed cache of width + max_total_tokens
+                     + R columns (R: the round region, ``round_width``)
             loop     the decode loop (one token per GEN row per step) on the donated LoopState
-            append   one [rows, Q] observation / prompt chunk, Q = obs_bucket(obs_len)
+            append   the round region moved into the rows, then one [rows, Q] observation /
+                     prompt chunk, Q = obs_bucket(obs_len)
 
         The rows: min(rows, max_rows) as in ``run``. ``eot``: the end-of-turn id, a constant
         of the loop's stop test only (any id compiles the same program). For
@@ -285,24 +349,27 @@ class MultiTurnSampler:
         cfg, mt = self.cfg, self.mt
         b = min(rows, cfg.max_rows) if cfg.max_rows else rows
         n, k, q = mt.max_total_tokens, max(cfg.record_topk, 1), obs_bucket(obs_len, mt)
+        r = self.round_width
         abstract = lambda tree: jax.tree.map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree,
             batch_layout(tree, batch_sharding))
         ints = lambda *shape, dt=jnp.int32: abstract(jax.ShapeDtypeStruct(shape, dt))
         tok = ints(b, width)
-        prefill = self._prefill.lower(params, tok, tok, length=width + n)
+        prefill = self._prefill.lower(params, tok, tok, length=width + n + r)
 
         def initial(params, toks, valid):  # run's first LoopState (its shapes and dtypes)
-            logits, cache = _prefill(params, toks, valid, model=self.model, length=width + n)
+            logits, cache = _prefill(params, toks, valid, model=self.model,
+                                     length=width + n + r)
             return _initial_state(logits, cache, jax.random.key(0), valid, n, k)
 
         state = abstract(jax.eval_shape(initial, params, tok, tok))
         loop = self._loop_fn(eot).lower(params, state)
         append = self._append.lower(params, state, ints(b, q), ints(b, q), ints(b),
                                     ints(b, dt=jnp.bool_))
-        return [("prefill", f"{b} rows x {width} into a {width} + {n} cache", prefill),
-                ("loop", f"{b} rows x ({width} + {n}) tokens, <= {mt.max_turns} turns", loop),
-                ("append", f"{b} rows x {q} tokens onto the {width} + {n} cache", append)]
+        cache = f"{width} + {n} + {r}"
+        return [("prefill", f"{b} rows x {width} into a {cache} cache", prefill),
+                ("loop", f"{b} rows x ({cache}) tokens, <= {mt.max_turns} turns", loop),
+                ("append", f"{b} rows x {q} tokens onto the {cache} cache", append)]
 
     def run(self, params, envs: Sequence, seeds: Sequence[int], group_size: int, key):
         """``envs``: one TokenEnv per episode (E = len(seeds) x group_size; the group_size
@@ -328,7 +395,7 @@ class MultiTurnSampler:
         width = sampler_lib.prompt_bucket(max(len(p) for p in prompts), cfg)
         toks, valid = sampler_lib.left_pad(prompts[:b], width)
         logits, cache = self._prefill(params, jnp.asarray(toks), jnp.asarray(valid),
-                                      length=width + n)
+                                      length=width + n + self.round_width)
         self.counts = Counts(prefill_tokens=int(valid.sum()))
         # the loop donates its state: the caller's key is not handed in (a derived one is)
         s = _initial_state(logits, cache, jax.random.fold_in(key, 0), valid, n, k)
@@ -343,10 +410,16 @@ class MultiTurnSampler:
         starts = [[0] for _ in range(e_all)]  # trajectory column of each turn's 1st policy token
         finish = np.full(e_all, -1, np.int64)
         turn_ends = np.zeros(len(trajectory.TURN_ENDS), np.int64)
+        steps = 0
         while True:
             s = loop(params, s)
             self.counts.exits += 1
-            mode, t, turn_end, tokens = jax.device_get((s.mode, s.t, s.turn_end, s.tokens))
+            mode, t, turn_end, tokens, step = jax.device_get(
+                (s.mode, s.t, s.turn_end, s.tokens, s.step))
+            if step - steps > self.round_width:  # the round region would have wrapped
+                raise RuntimeError(f"multi-turn loop call took {step - steps} steps, more than "
+                                   f"its round region's {self.round_width} columns (a bug)")
+            steps = int(step)
             waiting = np.flatnonzero(mode == WAIT)
             if waiting.size == 0:
                 break
@@ -377,7 +450,8 @@ class MultiTurnSampler:
                         episode[i], pending = pending, pending + 1
                         chunks[i], reset[i], mode[i] = prompts[episode[i]].tolist(), True, GEN
             if not chunks:  # every waiting episode ended and none is pending
-                s = s._replace(mode=jnp.asarray(mode))
+                s = self._merge(s._replace(mode=jnp.asarray(mode)))
+                self.counts.merges += 1
                 continue
             q = obs_bucket(max(len(v) for v in chunks.values()), mt)
             ids, ok = np.zeros((b, q), np.int32), np.zeros((b, q), np.int32)
