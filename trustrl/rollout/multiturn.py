@@ -154,12 +154,10 @@ def _from_loop(cache, cols, width: int):
     valid = jax.lax.dynamic_update_slice(cache.valid, jnp.zeros_like(ok), (0, start))
     valid = valid.at[jnp.arange(b)[:, None], dest].set(True, mode="drop")
 
-    def move(buf):  # buf [B, K, S, D]: (row, kv head, column) triples, as the decode writes
+    def move(buf):  # buf [B, K, S, D]
         kh, d = buf.shape[1], buf.shape[3]
         src = jax.lax.dynamic_slice(buf, (0, 0, start, 0), (b, kh, width, d))
-        at = (jnp.arange(b)[:, None, None], jnp.arange(kh)[None, None, :], dest[:, :, None])
-        put = transformer.bitwise_on_cpu(lambda x, v: x.at[at].set(v, mode="drop"))
-        return put(buf, src.transpose(0, 2, 1, 3))
+        return transformer.write_columns(buf, dest, src.transpose(0, 2, 1, 3))
     new_cols = (cols + jnp.sum(ok, axis=1, dtype=jnp.int32)).astype(cols.dtype)
     return cache._replace(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)),
                           valid=valid, index=new_cols), new_cols
